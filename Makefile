@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-SOURCES := pyproject.toml setup.py $(wildcard src_cython/*.pyx src_cython/*.pxi src_cython/*.pxd)
+SOURCES := pyproject.toml setup.py $(wildcard src_cython/*.pyx src_cython/*.pxi src_cython/async_wf/*.pxd)
 
 .PHONY: install demo test test-fast test-slow lint bench bench-core debug clean
 

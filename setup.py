@@ -29,7 +29,7 @@ extensions = cythonize(
         Extension(
             "async_wf._core",
             ["src_cython/_core.pyx"],
-            depends=sorted(glob("src_cython/*")),
+            depends=sorted(glob("src_cython/**/*.p*", recursive=True)),
             define_macros=macros,
             extra_compile_args=["-O0", "-g"] if debug else ["-O3"],
         )

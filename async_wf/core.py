@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import TYPE_CHECKING
 
 from async_wf._pycore import (
     CANCELLED,
@@ -38,7 +39,10 @@ __all__ = [
     "PyCore",
 ]
 
-Core: type[PyCore]
+if TYPE_CHECKING:
+    from async_wf._core import Core as _CCoreType
+
+Core: type[PyCore] | type[_CCoreType]
 if os.environ.get("ASYNC_WF_NO_EXTENSIONS", "") not in ("", "0"):
     Core = PyCore
     CORE_IMPL = "python"
