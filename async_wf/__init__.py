@@ -1,0 +1,52 @@
+"""async_wf: an asyncio-native task runtime for Python workflows.
+
+``submit(fn, *args)`` returns an awaitable future at once; futures passed as
+arguments become dependencies; ``await`` gives the result::
+
+    import async_wf
+
+    async def main():
+        async with async_wf.Runtime() as rt:
+            a = rt.submit(load, "x.csv")
+            b = rt.submit(clean, a)          # runs when a is done, gets its value
+            print(await b)
+
+    async_wf.run(main())
+"""
+
+from async_wf._api import Runtime, as_completed, current_runtime, gather, run, submit, wait
+from async_wf._errors import (
+    DependencyError,
+    RuntimeClosedError,
+    TaskTimeoutError,
+    WorkflowAborted,
+)
+from async_wf._executor import Executor, ExecutorFuture
+from async_wf._futures import TaskFuture
+from async_wf._options import TaskOptions
+from async_wf._task import TaskFunction, task
+from async_wf.core import CORE_IMPL
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CORE_IMPL",
+    "DependencyError",
+    "Executor",
+    "ExecutorFuture",
+    "Runtime",
+    "RuntimeClosedError",
+    "TaskFunction",
+    "TaskFuture",
+    "TaskOptions",
+    "TaskTimeoutError",
+    "WorkflowAborted",
+    "__version__",
+    "as_completed",
+    "current_runtime",
+    "gather",
+    "run",
+    "submit",
+    "task",
+    "wait",
+]

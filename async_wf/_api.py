@@ -1,0 +1,313 @@
+"""The public face: Runtime, submit, gather, wait, as_completed, run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import os
+import ssl as _ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from typing import Any, Literal, TypeVar
+
+from async_wf._errors import RuntimeClosedError
+from async_wf._futures import TaskFuture
+from async_wf._scheduler import Scheduler
+from async_wf._task import current_scheduler
+from async_wf.transport import Transport
+from async_wf.transport.local import LocalTransport
+
+T = TypeVar("T")
+
+__all__ = ["Runtime", "as_completed", "current_runtime", "gather", "run", "submit", "wait"]
+
+_current_runtime: contextvars.ContextVar[Runtime | None] = contextvars.ContextVar(
+    "async_wf_current_runtime", default=None
+)
+
+
+class Runtime:
+    """A task runtime living inside the caller's event loop.
+
+    Use it as ``async with Runtime() as rt:``; inside the block
+    ``rt.submit`` (or ``async_wf.submit``, or calling a ``@task`` function)
+    starts tasks and returns their futures at once. Leaving the block
+    normally waits for every task still running; leaving it with an
+    exception cancels what has not finished.
+
+    Args:
+        threads: size of the thread pool for blocking functions, when tasks
+            run in this process (default: ``min(32, cpu_count + 4)``).
+        workers: start this many worker processes and run tasks on them,
+            over TCP (see ``async_wf.transport.tcp``); stopped on exit.
+        listen: ``tcp://host:port`` on which to accept workers started by
+            hand (``async-wf worker --connect ...``); implies the TCP
+            transport. Default: loopback only, on a free port.
+        token_file: with ``listen``: the file holding the secret that
+            external workers must prove they know; created (mode 0600) with
+            a fresh secret if missing.
+        ssl: a server ``ssl.SSLContext`` to require TLS from workers.
+        wait_on_exit: wait for outstanding tasks when the block exits
+            normally (True) or cancel them (False).
+        transport: a ``Transport`` instance to run tasks with.
+        **tcp_options: further options of ``TcpTransport`` (``slots``,
+            ``prefetch``, ``heartbeat``, ``no_worker_timeout``, ...).
+
+    Raises:
+        ValueError: an argument breaks its rule.
+        TypeError: an unknown option.
+    """
+
+    def __init__(
+        self,
+        *,
+        threads: int | None = None,
+        workers: int | None = None,
+        listen: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
+        ssl: _ssl.SSLContext | None = None,
+        wait_on_exit: bool = True,
+        transport: Transport | None = None,
+        **tcp_options: Any,
+    ) -> None:
+        tcp = workers is not None or listen is not None or token_file is not None or ssl is not None
+        if transport is not None and (tcp or tcp_options or threads is not None):
+            raise ValueError("give transport= alone, or the options of a built-in transport")
+        if tcp or tcp_options:
+            if threads is not None:
+                raise ValueError(
+                    "threads= applies to in-process execution; with workers use slots="
+                )
+            from async_wf.transport.tcp import TcpTransport
+
+            transport = TcpTransport(
+                workers=0 if workers is None else workers,
+                listen=listen,
+                token_file=token_file,
+                ssl=ssl,
+                **tcp_options,
+            )
+        elif transport is None:
+            transport = LocalTransport(threads)
+        self._transport = transport
+        self._wait_on_exit = wait_on_exit
+        self._sched: Scheduler | None = None
+        self._tokens: tuple[contextvars.Token[Any], contextvars.Token[Any]] | None = None
+        self._closed = False
+
+    # -------------------------------------------------------------- lifecycle
+    async def start(self) -> Runtime:
+        """Start the runtime on the running loop and make it this context's current one.
+
+        Raises:
+            RuntimeError: it was started before.
+        """
+        if self._sched is not None or self._closed:
+            raise RuntimeError("a Runtime can be started only once")
+        loop = asyncio.get_running_loop()
+        sched = Scheduler(loop, self._transport)
+        self._tokens = (current_scheduler.set(sched), _current_runtime.set(self))
+        # the scheduler runs its callbacks in a context where it is current, so
+        # that tasks started from any callback (even a thread's wake-up) can
+        # submit nested tasks
+        sched.set_context(contextvars.copy_context())
+        self._sched = sched
+        await self._transport.start(sched, loop)
+        return self
+
+    async def close(self, *, cancel: bool = False) -> None:
+        """Stop: wait for outstanding tasks (or cancel them), then release resources.
+
+        Idempotent. Futures of tasks that could not be finished fail with
+        ``RuntimeClosedError``.
+        """
+        if self._closed or self._sched is None:
+            self._closed = True
+            return
+        self._closed = True
+        try:
+            await self._sched.close(cancel=cancel)
+        finally:
+            if self._tokens is not None:
+                try:
+                    current_scheduler.reset(self._tokens[0])
+                    _current_runtime.reset(self._tokens[1])
+                except ValueError:
+                    # closed from another context than it was started in
+                    current_scheduler.set(None)
+                    _current_runtime.set(None)
+                self._tokens = None
+
+    async def __aenter__(self) -> Runtime:
+        return await self.start()
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        await self.close(cancel=exc_type is not None or not self._wait_on_exit)
+
+    # ------------------------------------------------------------------- work
+    def _scheduler(self) -> Scheduler:
+        sched = self._sched
+        if sched is None:
+            raise RuntimeClosedError("the runtime is not started; use 'async with Runtime()'")
+        return sched
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Submit ``fn(*args, **kwargs)`` as a task; return its ``TaskFuture`` at once.
+
+        Futures among the arguments (at any depth in lists, tuples, dicts and
+        sets) become dependencies: the task starts when they are done and
+        receives their values. ``fn`` may be a plain function (runs in a
+        thread), an ``async def`` function (runs on the loop) or a ``@task``.
+
+        Raises:
+            TypeError: ``fn`` is not callable.
+            ValueError: an argument is a future of another runtime.
+            RuntimeClosedError: the runtime is not running.
+            WorkflowAborted: the runtime was aborted by a failed task.
+        """
+        sched = self._sched
+        if sched is None:
+            raise RuntimeClosedError("the runtime is not started; use 'async with Runtime()'")
+        return sched.submit(fn, args, kwargs)
+
+    async def barrier(self) -> None:
+        """Wait until every task submitted so far has finished, failed or been cancelled.
+
+        It does not raise for failed tasks; their futures do.
+        """
+        await self._scheduler().wait_idle()
+
+    def statistics(self) -> dict[str, Any]:
+        """Counts and rates of this runtime.
+
+        Returns:
+            A dict with ``submitted``, ``waiting``, ``ready``, ``running``,
+            ``finished``, ``failed``, ``cancelled``, ``retried``,
+            ``ready_queue`` (ready-queue length), ``elapsed_s``, ``tasks_per_s``
+            (finished tasks per second since start) and ``core`` ("cython" or
+            "python").
+        """
+        stats = self._scheduler().statistics()
+        stats.update(self._transport.statistics())
+        return stats
+
+    @property
+    def transport(self) -> Transport:
+        """The transport that runs this runtime's tasks."""
+        return self._transport
+
+
+def current_runtime() -> Runtime:
+    """Return the runtime entered in this context.
+
+    Raises:
+        RuntimeError: no runtime is running here.
+    """
+    rt = _current_runtime.get()
+    # a closing runtime still serves the tasks it waits for (they may submit)
+    if rt is None or rt._sched is None or (rt._closed and not rt._sched.accepting):
+        raise RuntimeError("no async_wf runtime is running here; use 'async with Runtime()'")
+    return rt
+
+
+def submit(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
+    """Submit a task to the runtime of the current context; see ``Runtime.submit``.
+
+    Raises:
+        RuntimeError: no runtime is running in this context.
+    """
+    sched = current_scheduler.get()
+    if sched is None:
+        raise RuntimeError("no async_wf runtime is running here; use 'async with Runtime()'")
+    return sched.submit(fn, args, kwargs)
+
+
+async def gather(*futs: Awaitable[Any], return_exceptions: bool = False) -> list[Any]:
+    """Wait for all ``futs``; return their results in order.
+
+    Like ``asyncio.gather`` but returns a list. With ``return_exceptions``,
+    exceptions take the place of results instead of being raised.
+    """
+    return list(await asyncio.gather(*futs, return_exceptions=return_exceptions))
+
+
+async def wait(
+    futs: Iterable[asyncio.Future[Any]],
+    *,
+    timeout: float | None = None,
+    return_when: Literal["FIRST_COMPLETED", "FIRST_EXCEPTION", "ALL_COMPLETED"] = "ALL_COMPLETED",
+) -> tuple[set[asyncio.Future[Any]], set[asyncio.Future[Any]]]:
+    """Wait for futures; return ``(done, pending)``, as ``asyncio.wait`` does.
+
+    Raises:
+        ValueError: ``futs`` is empty or ``return_when`` is not one of the three.
+    """
+    fs = set(futs)
+    if not fs:
+        raise ValueError("wait needs at least one future, got none")
+    if return_when not in ("FIRST_COMPLETED", "FIRST_EXCEPTION", "ALL_COMPLETED"):
+        raise ValueError(
+            "return_when must be 'FIRST_COMPLETED', 'FIRST_EXCEPTION' or 'ALL_COMPLETED', "
+            f"got {return_when!r}"
+        )
+    return await asyncio.wait(fs, timeout=timeout, return_when=return_when)
+
+
+async def as_completed(
+    futs: Iterable[asyncio.Future[T]], *, timeout: float | None = None
+) -> AsyncIterator[asyncio.Future[T]]:
+    """Yield the futures themselves, each as soon as it is done.
+
+    ``async for f in as_completed(futs): f.result()``. Unlike
+    ``asyncio.as_completed`` it yields the original futures, so a caller can
+    tell which one finished.
+
+    Raises:
+        TimeoutError: ``timeout`` seconds passed before all were done.
+    """
+    fs = list(dict.fromkeys(futs))
+    if not fs:
+        return
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[asyncio.Future[T]] = asyncio.Queue()
+    for f in fs:
+        f.add_done_callback(q.put_nowait)
+    deadline = None if timeout is None else loop.time() + timeout
+    try:
+        for _ in range(len(fs)):
+            if deadline is None:
+                yield await q.get()
+            else:
+                left = deadline - loop.time()
+                try:
+                    yield await asyncio.wait_for(q.get(), max(left, 0))
+                except TimeoutError:
+                    raise TimeoutError(
+                        f"as_completed: {len(fs)} futures not all done after {timeout} s"
+                    ) from None
+    finally:
+        for f in fs:
+            f.remove_done_callback(q.put_nowait)
+
+
+def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
+    """Run an async ``main()`` to completion on uvloop when installed, else asyncio.
+
+    Args:
+        main: the coroutine, e.g. ``main()``.
+        debug: asyncio debug mode.
+
+    Raises:
+        RuntimeError: called from a running event loop.
+    """
+    # checked before a loop is made, as asyncio.run does: the Runner would
+    # otherwise fail again while closing its new loop
+    if asyncio._get_running_loop() is not None:
+        raise RuntimeError("async_wf.run() cannot be called from a running event loop")
+    try:
+        import uvloop
+    except ImportError:
+        factory = None
+    else:
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(debug=debug, loop_factory=factory) as runner:
+        return runner.run(main)

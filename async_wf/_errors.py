@@ -1,0 +1,54 @@
+"""Exception types of async_wf.
+
+A task's own exception reaches the awaiting caller as itself (same type,
+same traceback) with a note naming the task; the types here describe what
+the runtime adds on top: a task that could not run because an input failed,
+a task that ran out of time, a runtime that was aborted or closed.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import BrokenExecutor
+
+
+class DependencyError(Exception):
+    """A task did not run because a task it depends on failed.
+
+    ``__cause__`` is the exception of the failed upstream task.
+
+    Attributes:
+        task: name of the task that did not run.
+        upstream: name of the failed task it (transitively) depends on.
+    """
+
+    def __init__(self, task: str, upstream: str) -> None:
+        super().__init__(f"task {task!r} did not run: upstream task {upstream!r} failed")
+        self.task = task
+        self.upstream = upstream
+
+    def __reduce__(self) -> tuple[type[DependencyError], tuple[str, str]]:
+        return (type(self), (self.task, self.upstream))
+
+
+class TaskTimeoutError(TimeoutError):
+    """A task ran longer than its ``timeout``; counts as a failure of that task."""
+
+    def __init__(self, task: str, timeout: float) -> None:
+        super().__init__(f"task {task!r} exceeded its timeout of {timeout:g} s")
+        self.task = task
+        self.timeout = timeout
+
+    def __reduce__(self) -> tuple[type[TaskTimeoutError], tuple[str, float]]:
+        return (type(self), (self.task, self.timeout))
+
+
+class WorkflowAborted(BrokenExecutor):
+    """The runtime stopped because a task with ``on_failure="abort"`` failed.
+
+    Every future that was pending then fails with this error; ``__cause__``
+    is the exception of the task that caused the abort.
+    """
+
+
+class RuntimeClosedError(RuntimeError):
+    """The runtime is not running: not started yet, or already shut down."""

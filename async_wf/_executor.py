@@ -1,0 +1,205 @@
+"""A ``concurrent.futures.Executor`` face for code that is not async.
+
+The executor runs a ``Runtime`` on an event loop in a background thread.
+``submit`` hands the call over to that loop and returns a
+``concurrent.futures.Future`` at once; such futures, passed as arguments to
+later ``submit`` calls, become dependencies exactly like ``TaskFuture``s do.
+
+Hand-over is batched: calls queue in a deque, and the loop is woken (one
+self-pipe write) only when the deque goes from empty to non-empty, so a
+burst of ``submit`` calls costs one wake-up. Calls are taken in order, so a
+future passed as an argument always belongs to a call that was handed over
+before the one using it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures as cf
+import contextlib
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from async_wf._api import Runtime, run
+from async_wf._errors import RuntimeClosedError
+from async_wf._futures import TaskFuture, collect, replace_in
+
+__all__ = ["Executor", "ExecutorFuture"]
+
+
+class ExecutorFuture(cf.Future[Any]):
+    """The ``concurrent.futures.Future`` of a task submitted through ``Executor``.
+
+    It becomes RUNNING when the runtime has accepted the task: from then on
+    ``cancel()`` returns False, as for any running ``concurrent.futures``
+    future.
+    """
+
+    _task: TaskFuture | None = None
+
+
+def _as_task(f: ExecutorFuture) -> TaskFuture:
+    t = f._task
+    if t is None:
+        raise ValueError(
+            f"argument {f!r} is a future that was not accepted by this executor's runtime "
+            "(another executor's, or cancelled before it started)"
+        )
+    return t
+
+
+class Executor(cf.Executor):
+    """Run tasks on an async_wf runtime from synchronous code.
+
+    A drop-in for ``ProcessPoolExecutor`` or ``mpi4py.futures.MPIPoolExecutor``::
+
+        with async_wf.Executor(max_workers=4) as ex:
+            a = ex.submit(load, path)
+            b = ex.submit(process, a)      # waits for a, receives its value
+            print(b.result())
+
+    Args:
+        max_workers: threads for blocking functions (``Runtime(threads=...)``).
+        **runtime_options: passed on to ``Runtime``.
+    """
+
+    def __init__(self, max_workers: int | None = None, **runtime_options: Any) -> None:
+        if max_workers is not None and (
+            isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1
+        ):
+            raise ValueError(f"max_workers must be an int >= 1, got {max_workers!r}")
+        self._rt = Runtime(threads=max_workers, **runtime_options)
+        self._inbox: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._lock = threading.Lock()
+        self._shutdown = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._start_error: BaseException | None = None
+        self._cancel_on_close = False
+        self._thread = threading.Thread(target=self._main, name="async_wf-executor", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            raise RuntimeError("the executor's runtime failed to start") from self._start_error
+
+    # ----------------------------------------------------------- loop thread
+    def _main(self) -> None:
+        async def body() -> None:
+            try:
+                self._loop = asyncio.get_running_loop()
+                self._stop = asyncio.Event()
+                await self._rt.start()
+            except BaseException as exc:
+                self._start_error = exc
+                self._started.set()
+                return
+            self._started.set()
+            try:
+                await self._stop.wait()
+            finally:
+                self._drain()
+                sched = self._rt._sched
+                if self._cancel_on_close and sched is not None:
+                    # as concurrent.futures does: cancel what has not started
+                    # and let the running tasks finish
+                    sched.cancel_all()
+                await self._rt.close()
+
+        run(body())
+
+    def _drain(self) -> None:
+        with self._lock:
+            items = list(self._inbox)
+            self._inbox.clear()
+        rt = self._rt
+        for cfut, fn, args, kwargs in items:
+            if not cfut.set_running_or_notify_cancel():
+                continue
+            try:
+                found: list[ExecutorFuture] = []
+                if collect(args, ExecutorFuture, found):
+                    args = replace_in(args, ExecutorFuture, _as_task)
+                if collect(kwargs, ExecutorFuture, found):
+                    kwargs = replace_in(kwargs, ExecutorFuture, _as_task)
+                tf = rt.submit(fn, *args, **kwargs)
+            except BaseException as exc:
+                cfut.set_exception(exc)
+                continue
+            cfut._task = tf
+            tf.add_done_callback(_Relay(cfut))
+
+    # ---------------------------------------------------------------- caller
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> ExecutorFuture:
+        """Submit ``fn(*args, **kwargs)``; return a ``concurrent.futures.Future`` at once.
+
+        Raises:
+            RuntimeError: after ``shutdown`` ("cannot submit after shutdown").
+            TypeError: ``fn`` is not callable.
+        """
+        if not callable(fn):
+            raise TypeError(f"submit needs a callable, got {type(fn).__name__}: {fn!r}")
+        fut = ExecutorFuture()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeClosedError("cannot submit after shutdown")
+            wake = not self._inbox
+            self._inbox.append((fut, fn, args, kwargs))
+        if wake:
+            loop = self._loop
+            assert loop is not None
+            loop.call_soon_threadsafe(self._drain)
+        return fut
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting tasks; with ``wait``, return when all have finished.
+
+        Args:
+            wait: block until the runtime has stopped.
+            cancel_futures: cancel every task that has not started.
+        """
+        with self._lock:
+            again = self._shutdown
+            self._shutdown = True
+            if cancel_futures:
+                for item in self._inbox:
+                    item[0].cancel()
+        if again:
+            # joined outside the lock: the loop thread takes it to drain the inbox
+            if wait:
+                self._thread.join()
+            return
+        self._cancel_on_close = cancel_futures
+        loop = self._loop
+        stop = self._stop
+        if loop is not None and stop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop has already stopped
+                loop.call_soon_threadsafe(stop.set)
+        if wait:
+            self._thread.join()
+
+    def statistics(self) -> dict[str, Any]:
+        """The runtime's statistics (see ``Runtime.statistics``)."""
+        return self._rt.statistics()
+
+
+class _Relay:
+    """Copies a TaskFuture's outcome into its ExecutorFuture (on the loop thread)."""
+
+    __slots__ = ("cfut",)
+
+    def __init__(self, cfut: ExecutorFuture) -> None:
+        self.cfut = cfut
+
+    def __call__(self, tf: asyncio.Future[Any]) -> None:
+        cfut = self.cfut
+        if tf.cancelled():
+            cfut.set_exception(cf.CancelledError("the task was cancelled"))
+            return
+        exc = tf.exception()
+        if exc is not None:
+            cfut.set_exception(exc)
+        else:
+            cfut.set_result(tf.result())

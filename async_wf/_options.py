@@ -1,0 +1,65 @@
+"""Per-task options, validated once when a task function is declared."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+ON_FAILURE = ("fail", "cancel_successors", "ignore", "abort")
+_PRIO_LIMIT = 1 << 31
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """Options of a task; see ``async_wf.task`` for their meaning."""
+
+    name: str | None = None
+    retries: int = 0
+    timeout: float | None = None
+    on_failure: str = "fail"
+    default: Any = None
+    priority: int = 0
+    inline: bool = False
+    _has_default: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.name is not None and not isinstance(self.name, str):
+            raise TypeError(f"name must be a str, got {type(self.name).__name__}")
+        if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {self.retries!r}")
+        if self.timeout is not None:
+            if isinstance(self.timeout, bool) or not isinstance(self.timeout, int | float):
+                raise TypeError(f"timeout must be a number of seconds, got {self.timeout!r}")
+            if not (self.timeout > 0 and math.isfinite(self.timeout)):
+                raise ValueError(f"timeout must be > 0 seconds and finite, got {self.timeout!r}")
+        if self.on_failure not in ON_FAILURE:
+            raise ValueError(
+                f"on_failure must be one of {', '.join(map(repr, ON_FAILURE))}, "
+                f"got {self.on_failure!r}"
+            )
+        if (
+            not isinstance(self.priority, int)
+            or isinstance(self.priority, bool)
+            or not -_PRIO_LIMIT <= self.priority < _PRIO_LIMIT
+        ):
+            raise ValueError(f"priority must be a signed 32-bit int, got {self.priority!r}")
+        if self.inline and self.timeout is not None:
+            raise ValueError(
+                f"timeout={self.timeout!r} needs a task that can be interrupted; an inline "
+                "task runs on the event loop and cannot be"
+            )
+        if self._has_default and self.on_failure != "ignore":
+            raise ValueError(
+                "default= only applies with on_failure='ignore', "
+                f"got on_failure={self.on_failure!r}"
+            )
+
+    def merged(self, **changes: Any) -> TaskOptions:
+        """Return a copy with ``changes`` applied and validated."""
+        if "default" in changes:
+            changes["_has_default"] = True
+        return replace(self, **changes)
+
+
+DEFAULT_OPTIONS = TaskOptions()

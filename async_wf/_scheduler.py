@@ -1,0 +1,548 @@
+"""The scheduler: the asyncio side of the runtime, owner of the task graph.
+
+It turns ``submit`` calls into core tasks, hands ready tasks to a transport,
+and turns what the transport reports back into resolved futures, retries
+and failure policies.
+
+The pump
+    Everything that changes the graph in bulk happens in one callback, the
+    pump, scheduled with ``call_soon`` at most once at a time. Successful
+    results reported by the transport are only buffered; the pump then
+    finishes them in the core with one ``finish_many`` call and pops what
+    became ready with one ``pop``. When thousands of tasks complete in the
+    same loop iteration this turns thousands of core calls into two, and it
+    keeps the order of events deterministic: a loop iteration of results,
+    then one dispatch. A pump dispatches at most ``batch`` tasks and
+    reschedules itself if more are ready, so that a flood of ready tasks
+    cannot starve I/O and other callbacks of the loop.
+
+Failures are rare and are handled at once, outside the pump, because they
+may have to resolve many futures (a whole cascade of dependents).
+
+Invariants
+    ``_tasks`` maps the core handle of every task that is not yet terminal
+    to its future; a future leaves ``_tasks`` in the same step in which it
+    is resolved and its handle is forgotten in the core, so a done future is
+    never a live core task and never named as an input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from types import FunctionType
+from typing import TYPE_CHECKING, Any
+
+from async_wf import core as _corepick
+from async_wf._errors import DependencyError, RuntimeClosedError, WorkflowAborted
+from async_wf._futures import TaskFuture, collect, replace_in
+from async_wf._options import DEFAULT_OPTIONS, TaskOptions
+from async_wf._task import TaskFunction
+
+if TYPE_CHECKING:
+    from async_wf.transport import Transport
+
+log = logging.getLogger("async_wf")
+
+# task kinds: how a transport must run the function
+ASYNC = 0  # async def: a coroutine on an event loop
+THREAD = 1  # blocking function: a thread (or a worker's slot)
+INLINE = 2  # small function run directly on the scheduler's loop
+
+_CO_COROUTINE = inspect.CO_COROUTINE
+_OPEN, _CLOSING, _CLOSED, _ABORTED = range(4)
+
+
+def kind_of(fn: Callable[..., Any], opts: TaskOptions) -> int:
+    """Return how ``fn`` must run: ASYNC, THREAD or INLINE."""
+    if type(fn) is FunctionType:
+        is_async = bool(fn.__code__.co_flags & _CO_COROUTINE)
+    else:
+        is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - an object with async __call__
+        )
+    if is_async:
+        return ASYNC
+    return INLINE if opts.inline else THREAD
+
+
+def _value(fut: TaskFuture) -> Any:
+    """The value a dependent task receives for ``fut``."""
+    if fut._ignored:
+        return fut._opts.default
+    return fut.result()
+
+
+class Scheduler:
+    """Owns the task graph of one runtime and drives one transport.
+
+    Lives on one event loop; every method must be called from that loop's
+    thread (``submit`` checks it).
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        transport: Transport,
+        *,
+        batch: int = 4096,
+    ) -> None:
+        self._loop = loop
+        self._transport = transport
+        self._ctx = contextvars.copy_context()
+        self._batch = batch
+        self._core = _corepick.Core()
+        self._tasks: dict[int, TaskFuture] = {}
+        self._done_buf: list[tuple[TaskFuture, Any]] = []
+        self._pump_pending = False
+        self._idle_waiters: list[asyncio.Future[None]] = []
+        self._state = _OPEN
+        self._abort_exc: BaseException | None = None
+        self._next_id = 0
+        self._t0 = time.perf_counter()
+        # cumulative counters; the core only knows the tasks it still holds
+        self.n_submitted = 0
+        self.n_finished = 0
+        self.n_failed = 0
+        self.n_cancelled = 0
+        self.n_retried = 0
+
+    def set_context(self, ctx: contextvars.Context) -> None:
+        """Run the scheduler's callbacks (and so the tasks they start) in ``ctx``."""
+        self._ctx = ctx
+
+    # ------------------------------------------------------------------ submit
+    def submit(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> TaskFuture:
+        """Create a task for ``fn(*args, **kwargs)``; return its future at once."""
+        if self._state != _OPEN:
+            self._raise_not_open()
+        if asyncio._get_running_loop() is not self._loop:
+            raise RuntimeError(
+                "submit must be called from the runtime's event loop thread; "
+                "from other threads use async_wf.Executor"
+            )
+        if type(fn) is TaskFunction:
+            opts = fn._opts
+            kind = fn._kind
+            fn = fn._fn
+        else:
+            if not callable(fn):
+                raise TypeError(f"submit needs a callable, got {type(fn).__name__}: {fn!r}")
+            opts = DEFAULT_OPTIONS
+            kind = kind_of(fn, opts)
+        found: list[TaskFuture] = []
+        subst = False
+        if args and collect(args, TaskFuture, found):
+            subst = True
+        if kwargs and collect(kwargs, TaskFuture, found):
+            subst = True
+        inputs: list[int] = []
+        failed_dep: TaskFuture | None = None
+        cancelled_dep: TaskFuture | None = None
+        for dep in found:
+            if dep._sched is not self:
+                raise ValueError(
+                    f"argument {dep!r} is a future of another runtime; "
+                    "futures can only be passed within the runtime that made them"
+                )
+            if not dep.done():
+                inputs.append(dep._handle)
+            elif dep.cancelled():
+                cancelled_dep = dep
+            elif not dep._ignored and dep.exception() is not None:
+                failed_dep = dep
+
+        self._next_id += 1
+        self.n_submitted += 1
+        fut = TaskFuture(loop=self._loop)
+        fut._sched = self
+        fut._fn = fn
+        fut._args = args
+        fut._kwargs = kwargs
+        fut._opts = opts
+        fut._kind = kind
+        fut._subst = subst
+        fut._id = self._next_id
+        fut._attempt = 1
+        fut._run = None
+        fut._timer = None
+        fut._timed_out = False
+        fut._ignored = False
+        fut._lost = 0
+        if failed_dep is not None or cancelled_dep is not None:
+            fut._handle = -1
+            self._resolve_unrun(fut, failed_dep, cancelled_dep)
+            return fut
+        h = self._core.add(inputs, opts.priority)
+        fut._handle = h
+        self._tasks[h] = fut
+        if not self._pump_pending:
+            self._pump_pending = True
+            self._loop.call_soon(self._pump, context=self._ctx)
+        return fut
+
+    def _raise_not_open(self) -> None:
+        if self._state == _ABORTED:
+            raise WorkflowAborted(
+                "cannot submit: the runtime was aborted by a failed task"
+            ) from self._abort_exc
+        raise RuntimeClosedError("cannot submit: the runtime is shut down")
+
+    def _resolve_unrun(
+        self, fut: TaskFuture, failed: TaskFuture | None, cancelled: TaskFuture | None
+    ) -> None:
+        """Resolve a task whose input had already failed or been cancelled."""
+        fut._args = ()
+        fut._kwargs = {}
+        if failed is not None:
+            cause = failed.exception()
+            upstream = failed.name
+            if (
+                isinstance(cause, DependencyError)
+                and cause.task == upstream
+                and cause.__cause__ is not None
+            ):
+                # the input did not run either: name the task that failed and
+                # chain its exception, as the cascade in task_error does
+                upstream = cause.upstream
+                cause = cause.__cause__
+            elif failed._opts.on_failure == "cancel_successors":
+                # as if submitted before the failure, when the cascade cancels
+                fut._cancel_now(f"upstream task {upstream!r} failed")
+                self.n_cancelled += 1
+                return
+            err = DependencyError(fut.name, upstream)
+            err.__cause__ = cause
+            fut.set_exception(err)
+            fut._log_traceback = False
+            self.n_failed += 1
+        else:
+            assert cancelled is not None
+            fut._cancel_now(f"input task {cancelled.name!r} was cancelled")
+            self.n_cancelled += 1
+
+    # -------------------------------------------------------------------- pump
+    def _kick(self) -> None:
+        if not self._pump_pending and self._state <= _CLOSING:
+            self._pump_pending = True
+            self._loop.call_soon(self._pump, context=self._ctx)
+
+    def _pump(self) -> None:
+        self._pump_pending = False
+        if self._state > _CLOSING:
+            return
+        if self._done_buf:
+            self._flush_done()
+        cap = self._transport.capacity()
+        if cap > 0:
+            n = self._batch if cap > self._batch else cap
+            handles = self._core.pop(n)
+            if handles:
+                tasks = self._tasks
+                futs = [tasks[h] for h in handles]
+                for f in futs:
+                    if f._subst:
+                        f._args = replace_in(f._args, TaskFuture, _value)
+                        f._kwargs = replace_in(f._kwargs, TaskFuture, _value)
+                        f._subst = False
+                self._transport.dispatch(futs)
+                if len(handles) == n:
+                    self._kick()
+        if not self._tasks and self._idle_waiters:
+            self._wake_idle()
+
+    def _flush_done(self) -> None:
+        buf = self._done_buf
+        self._done_buf = []
+        handles = []
+        for fut, value in buf:
+            if fut.done():
+                continue  # resolved meanwhile (failed by a transport giving up)
+            fut.set_result(value)
+            fut._args = ()
+            fut._kwargs = {}
+            fut._run = None
+            handles.append(fut._handle)
+        core = self._core
+        core.finish_many(handles)
+        core.forget(handles)
+        tasks = self._tasks
+        for h in handles:
+            del tasks[h]
+        self.n_finished += len(handles)
+
+    def _wake_idle(self) -> None:
+        waiters = self._idle_waiters
+        self._idle_waiters = []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    # ------------------------------------------------ reports from transports
+    def task_ok(self, fut: TaskFuture, value: Any) -> None:
+        """A transport reports that the current attempt of ``fut`` returned ``value``."""
+        self._done_buf.append((fut, value))
+        if not self._pump_pending:
+            self._pump_pending = True
+            self._loop.call_soon(self._pump, context=self._ctx)
+
+    def task_error(self, fut: TaskFuture, exc: BaseException) -> None:
+        """A transport reports that the current attempt of ``fut`` raised ``exc``."""
+        if fut.done() or self._state > _CLOSING:
+            return
+        opts = fut._opts
+        name = fut.name
+        exc.add_note(
+            f"async_wf: raised by task {name!r} (#{fut._id}, attempt {fut._attempt}"
+            f" of {opts.retries + 1})"
+        )
+        if fut._attempt <= opts.retries:
+            fut._attempt += 1
+            self.n_retried += 1
+            log.info("task %r (#%d) failed, retrying (%s)", name, fut._id, exc)
+            self._core.requeue(fut._handle)
+            self._kick()
+            return
+        policy = opts.on_failure
+        h = fut._handle
+        core = self._core
+        tasks = self._tasks
+        if policy == "ignore":
+            log.warning("task %r (#%d) failed, ignored: %r", name, fut._id, exc)
+            fut._ignored = True
+            fut.set_exception(exc)
+            fut._log_traceback = False
+            self.n_failed += 1
+            del tasks[h]
+            core.finish_many((h,))
+            core.forget((h,))
+            self._kick()
+            return
+        if policy == "abort":
+            self._abort(fut, exc)
+            return
+        cancel = policy == "cancel_successors"
+        succ = core.fail(h, cancel)
+        del tasks[h]
+        fut.set_exception(exc)
+        self.n_failed += 1
+        for s in succ:
+            sf = tasks.pop(s)
+            sf._args = ()
+            sf._kwargs = {}
+            if cancel:
+                sf._cancel_now(f"upstream task {name!r} failed")
+            else:
+                err = DependencyError(sf.name, name)
+                err.__cause__ = exc
+                sf.set_exception(err)
+                sf._log_traceback = False
+        if cancel:
+            self.n_cancelled += len(succ)
+        else:
+            self.n_failed += len(succ)
+        core.forget((h,))
+        core.forget(succ)
+        self._kick()
+
+    def task_requeue(self, fut: TaskFuture) -> None:
+        """A transport lost the worker running ``fut``: run it again elsewhere.
+
+        Unlike a failure, this does not count against the task's retries.
+        """
+        if fut.done() or self._state > _CLOSING:
+            return
+        self._core.requeue(fut._handle)
+        self._kick()
+
+    def wake(self) -> None:
+        """A transport has more capacity now: dispatch what is ready."""
+        self._kick()
+
+    def pending(self) -> int:
+        """Number of tasks submitted and not yet done."""
+        return len(self._tasks)
+
+    def fail_pending(self, make_error: Callable[[TaskFuture], BaseException]) -> None:
+        """Fail every pending task with ``make_error(fut)`` (a transport gave up on them).
+
+        Tasks go in submission order, so a task whose input fails here gets a
+        ``DependencyError`` rather than its own error.
+        """
+        for f in list(self._tasks.values()):
+            if not f.done() and self._tasks.get(f._handle) is f:
+                self._fail_unstarted(f, make_error(f))
+
+    def task_cancelled(self, fut: TaskFuture, msg: Any = None) -> None:
+        """A transport reports that the running task of ``fut`` was cancelled."""
+        if fut.done() or self._state > _CLOSING:
+            return
+        h = fut._handle
+        core = self._core
+        # the core cancels only tasks that have not started: step back first
+        core.requeue(h)
+        self._cancel_in_core(fut, msg)
+
+    def _cancel_in_core(self, fut: TaskFuture, msg: Any) -> None:
+        h = fut._handle
+        core = self._core
+        tasks = self._tasks
+        succ = core.cancel(h)
+        del tasks[h]
+        fut._args = ()
+        fut._kwargs = {}
+        fut._cancel_now(msg)
+        for s in succ:
+            sf = tasks.pop(s)
+            sf._args = ()
+            sf._kwargs = {}
+            sf._cancel_now(f"input task {fut.name!r} was cancelled")
+        self.n_cancelled += 1 + len(succ)
+        core.forget((h,))
+        core.forget(succ)
+        self._kick()
+
+    def _fail_unstarted(self, fut: TaskFuture, exc: BaseException) -> None:
+        h = fut._handle
+        core = self._core
+        tasks = self._tasks
+        succ = core.fail(h, False)
+        del tasks[h]
+        fut._args = ()
+        fut._kwargs = {}
+        fut.set_exception(exc)
+        self.n_failed += 1
+        for s in succ:
+            sf = tasks.pop(s)
+            sf._args = ()
+            sf._kwargs = {}
+            err = DependencyError(sf.name, fut.name)
+            err.__cause__ = exc
+            sf.set_exception(err)
+            sf._log_traceback = False
+        self.n_failed += len(succ)
+        core.forget((h,))
+        core.forget(succ)
+        self._kick()
+
+    # ------------------------------------------------------------ cancelling
+    def _cancel(self, fut: TaskFuture, msg: Any) -> bool:
+        if self._state > _CLOSING or fut._handle < 0:
+            return False
+        st = self._core.state(fut._handle)
+        if st == _corepick.WAITING or st == _corepick.READY:
+            self._cancel_in_core(fut, msg)
+            return True
+        if st == _corepick.RUNNING:
+            return self._transport.cancel_running(fut, msg)
+        return False
+
+    # ----------------------------------------------------------------- abort
+    def _abort(self, culprit: TaskFuture, exc: BaseException) -> None:
+        log.error("task %r (#%d) failed with on_failure='abort': aborting", culprit.name,
+                  culprit._id)
+        self._state = _ABORTED
+        self._abort_exc = exc
+        tasks = self._tasks
+        self._tasks = {}
+        self._done_buf = []
+        culprit.set_exception(exc)
+        self.n_failed += 1
+        for f in tasks.values():
+            if f is culprit or f.done():
+                continue
+            self._transport.cancel_running(f, "runtime aborted")
+            err = WorkflowAborted(
+                f"task {f.name!r} did not complete: the runtime was aborted "
+                f"because task {culprit.name!r} failed"
+            )
+            err.__cause__ = exc
+            f.set_exception(err)
+            f._log_traceback = False
+            f._args = ()
+            f._kwargs = {}
+            self.n_failed += 1
+        self._core = _corepick.Core()
+        self._wake_idle()
+
+    # ------------------------------------------------------------- lifecycle
+    async def wait_idle(self) -> None:
+        """Wait until every task submitted so far is done (or the runtime stops)."""
+        while self._tasks and self._state <= _CLOSING:
+            w: asyncio.Future[None] = self._loop.create_future()
+            self._idle_waiters.append(w)
+            self._kick()
+            await w
+
+    def cancel_all(self) -> None:
+        """Cancel every task that can still be cancelled."""
+        for f in list(self._tasks.values()):
+            if not f.done():
+                f.cancel("runtime shutting down")
+
+    async def close(self, *, cancel: bool) -> None:
+        """Wait for (or cancel) the pending tasks, stop accepting tasks, stop the transport.
+
+        While it waits, tasks are still accepted: a running task may submit
+        subtasks (a dynamic graph), and they are waited for too.
+        """
+        if self._state >= _CLOSED:
+            if self._state == _ABORTED:
+                await self._transport.close()
+            return
+        try:
+            if cancel:
+                self._state = _CLOSING
+                self.cancel_all()
+                # let cancelled coroutines run their cleanup
+                await asyncio.sleep(0)
+            else:
+                await self.wait_idle()
+        finally:
+            self._state = _CLOSED
+            self._fail_leftovers()
+            await self._transport.close()
+
+    def _fail_leftovers(self) -> None:
+        tasks = self._tasks
+        self._tasks = {}
+        for f in tasks.values():
+            if not f.done():
+                self._transport.cancel_running(f, "runtime closed")
+                err = RuntimeClosedError(
+                    f"task {f.name!r} did not complete: the runtime was shut down"
+                )
+                f.set_exception(err)
+                f._log_traceback = False
+                self.n_failed += 1
+        self._wake_idle()
+
+    @property
+    def accepting(self) -> bool:
+        """True while ``submit`` is allowed."""
+        return self._state == _OPEN
+
+    def statistics(self) -> dict[str, Any]:
+        """Counts by state and the rate of finished tasks; see ``Runtime.statistics``."""
+        waiting, ready, running, _, _, _ = self._core.counts()
+        elapsed = time.perf_counter() - self._t0
+        return {
+            "submitted": self.n_submitted,
+            "waiting": waiting,
+            "ready": ready,
+            "running": running,
+            "finished": self.n_finished,
+            "failed": self.n_failed,
+            "cancelled": self.n_cancelled,
+            "retried": self.n_retried,
+            "ready_queue": ready,
+            "elapsed_s": elapsed,
+            "tasks_per_s": self.n_finished / elapsed if elapsed > 0 else 0.0,
+            "core": _corepick.CORE_IMPL,
+        }

@@ -1,0 +1,177 @@
+"""The ``task`` decorator and the context that knows the current runtime."""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+
+from async_wf._options import TaskOptions
+
+if TYPE_CHECKING:
+    from async_wf._futures import TaskFuture
+    from async_wf._scheduler import Scheduler
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: the scheduler of the runtime entered in this context (None outside any)
+current_scheduler: contextvars.ContextVar[Scheduler | None] = contextvars.ContextVar(
+    "async_wf_current_scheduler", default=None
+)
+
+
+class TaskFunction(Generic[P, R]):
+    """A function declared as a task with ``@async_wf.task(...)``.
+
+    Calling it inside a running runtime submits it there and returns a
+    ``TaskFuture``; calling it anywhere else runs the function as it is, so
+    the same code can be run and tested serially.
+    """
+
+    __slots__ = ("__dict__", "__weakref__", "_fn", "_kind", "_opts")
+
+    def __init__(self, fn: Callable[P, R], opts: TaskOptions) -> None:
+        from async_wf._scheduler import kind_of
+
+        if not callable(fn):
+            raise TypeError(f"task needs a callable, got {type(fn).__name__}: {fn!r}")
+        if isinstance(fn, TaskFunction):
+            fn = fn._fn
+        self._fn: Callable[P, R] = fn
+        self._opts = opts
+        self._kind = kind_of(fn, opts)
+        functools.update_wrapper(self, fn)
+
+    @property
+    def task_options(self) -> TaskOptions:
+        """The options this task is submitted with."""
+        return self._opts
+
+    def options(self, **changes: Any) -> TaskFunction[P, R]:
+        """Return the same task with some options changed, e.g. ``f.options(retries=3)``.
+
+        Raises:
+            ValueError: an option value breaks its rule.
+            TypeError: an option does not exist.
+        """
+        return TaskFunction(self._fn, self._opts.merged(**changes))
+
+    def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskFuture:
+        """Submit to the current runtime; unlike a call, fails outside a runtime.
+
+        Raises:
+            RuntimeError: no runtime is running in this context.
+        """
+        sched = current_scheduler.get()
+        if sched is None:
+            raise RuntimeError(
+                "no async_wf runtime is running here; cannot submit "
+                f"{getattr(self._fn, '__qualname__', self._fn)!r}"
+            )
+        return sched.submit(self, args, kwargs)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Submit inside a running runtime (returns a TaskFuture), else call the function."""
+        sched = current_scheduler.get()
+        if sched is None or not sched.accepting:
+            return self._fn(*args, **kwargs)
+        return sched.submit(self, args, kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TaskFunction, (self._fn, self._opts))
+
+    def __repr__(self) -> str:
+        return f"<async_wf task {getattr(self._fn, '__qualname__', self._fn)!r} {self._opts}>"
+
+
+_UNSET: Any = object()
+
+
+@overload
+def task(fn: Callable[P, R], /) -> TaskFunction[P, R]: ...
+
+
+@overload
+def task(
+    fn: None = None,
+    /,
+    *,
+    name: str | None = None,
+    retries: int = 0,
+    timeout: float | None = None,
+    on_failure: str = "fail",
+    default: Any = _UNSET,
+    priority: int = 0,
+    inline: bool = False,
+) -> Callable[[Callable[P, R]], TaskFunction[P, R]]: ...
+
+
+@overload
+def task(
+    fn: Callable[P, R],
+    /,
+    *,
+    name: str | None = None,
+    retries: int = 0,
+    timeout: float | None = None,
+    on_failure: str = "fail",
+    default: Any = _UNSET,
+    priority: int = 0,
+    inline: bool = False,
+) -> TaskFunction[P, R]: ...
+
+
+def task(
+    fn: Callable[P, R] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    retries: int = 0,
+    timeout: float | None = None,
+    on_failure: str = "fail",
+    default: Any = _UNSET,
+    priority: int = 0,
+    inline: bool = False,
+) -> TaskFunction[P, R] | Callable[[Callable[P, R]], TaskFunction[P, R]]:
+    """Declare a function as a task, with options.
+
+    Use as ``@task``, ``@task(retries=2)``, or ``task(fn, retries=2)`` to
+    wrap an existing function without decorating it.
+
+    Args:
+        fn: the function (plain or ``async def``).
+        name: the task's name in errors and statistics (default: qualified name).
+        retries: how many times to re-run the task after it raises (>= 0).
+        timeout: seconds one attempt may take; running longer is a failure
+            (``TaskTimeoutError``). An ``async def`` task is cancelled; a
+            blocking function cannot be stopped, so it runs on in its thread
+            and its result is discarded.
+        on_failure: what a failure (after retries) does to the rest:
+            ``"fail"`` (default; dependents fail with ``DependencyError``),
+            ``"cancel_successors"`` (dependents are cancelled), ``"ignore"``
+            (dependents run and receive ``default``), ``"abort"`` (the runtime
+            stops and every pending future fails with ``WorkflowAborted``).
+        default: the value dependents receive with ``on_failure="ignore"``.
+        priority: higher-priority ready tasks are dispatched first
+            (signed 32-bit; ties go in order of readiness).
+        inline: run a plain function directly on the event loop instead of a
+            thread: for tiny functions, where a thread costs more than the work.
+
+    Raises:
+        ValueError: an option breaks its rule (the message names the value).
+    """
+    opts = TaskOptions(
+        name=name,
+        retries=retries,
+        timeout=timeout,
+        on_failure=on_failure,
+        default=None if default is _UNSET else default,
+        priority=priority,
+        inline=inline,
+        _has_default=default is not _UNSET,
+    )
+    if fn is None:
+        return lambda f: TaskFunction(f, opts)
+    return TaskFunction(fn, opts)

@@ -1,0 +1,154 @@
+"""A pool of threads for blocking task functions, reporting to an event loop in batches.
+
+Threads pull work: items wait in one heap ordered by (priority, arrival),
+and a thread that becomes free takes the best item there is at that moment.
+So priorities are exact for blocking tasks too, without handing work to
+threads in advance. The heap, the results list and the claim check share one
+lock, which keeps every hand-over simple to reason about.
+
+Each outcome is appended to a shared list; the thread that makes the list
+non-empty wakes the loop (one ``call_soon_threadsafe``, one self-pipe write)
+and the loop then takes the whole list. A burst of short tasks therefore
+costs a few wake-ups, not one per task.
+
+An optional ``claim(token)`` callback runs under the lock just as a thread
+takes an item; returning False skips the item (it was cancelled, or timed
+out, while queued) and reports ``(token, SKIPPED, None, 0.0)``. Each outcome
+carries the seconds the call took, so that callers can learn which
+functions are short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import threading
+import traceback
+from collections.abc import Callable
+from time import perf_counter
+from typing import Any
+
+OK = 0
+ERROR = 1
+SKIPPED = 2
+
+Outcome = tuple[Any, int, Any, float]  # token, status, value, seconds the call took
+
+
+class ThreadPool:
+    """Threads that run blocking calls and hand outcomes back to ``loop`` in batches.
+
+    Args:
+        nthreads: the most threads ever started (they start on demand).
+        loop: the loop that ``deliver`` runs on.
+        deliver: called on the loop with a list of ``(token, status, value,
+            seconds)``; for ERROR the value is ``(exception, formatted traceback)``.
+        claim: called under the lock as a thread takes an item; False skips it.
+        name: prefix of the threads' names.
+    """
+
+    def __init__(
+        self,
+        nthreads: int,
+        loop: asyncio.AbstractEventLoop,
+        deliver: Callable[[list[Outcome]], None],
+        claim: Callable[[Any], bool] | None = None,
+        name: str = "async_wf",
+    ) -> None:
+        self.nthreads = nthreads
+        self.lock = threading.Lock()
+        self._cond = threading.Condition(self.lock)
+        self._loop = loop
+        self._deliver = deliver
+        self._claim = claim
+        self._name = name
+        self._heap: list[tuple[int, int, Any, Callable[..., Any], Any, Any]] = []
+        self._seq = 0
+        self._idle = 0
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+        self._results: list[Outcome] = []
+        self._wake_pending = False
+
+    def put(
+        self, token: Any, fn: Callable[..., Any], args: Any, kwargs: Any, priority: int = 0
+    ) -> None:
+        """Queue ``fn(*args, **kwargs)``; its outcome comes back tagged with ``token``.
+
+        Higher ``priority`` is taken first; FIFO among equal priorities.
+        """
+        with self.lock:
+            self._seq += 1
+            heapq.heappush(self._heap, (-priority, self._seq, token, fn, args, kwargs))
+            if self._idle:
+                self._cond.notify()
+                return
+            if len(self._threads) < self.nthreads:
+                t = threading.Thread(
+                    target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True
+                )
+                self._threads.append(t)
+                t.start()
+
+    def waiting(self) -> int:
+        """Items queued and not yet taken by a thread."""
+        return len(self._heap)
+
+    def _work(self) -> None:
+        heap = self._heap
+        claim = self._claim
+        while True:
+            with self.lock:
+                while not heap:
+                    if self._stopping:
+                        return
+                    self._idle += 1
+                    self._cond.wait()
+                    self._idle -= 1
+                _, _, token, fn, args, kwargs = heapq.heappop(heap)
+                run = claim is None or claim(token)
+            outcome: Outcome
+            if not run:
+                outcome = (token, SKIPPED, None, 0.0)
+            else:
+                t0 = perf_counter()
+                try:
+                    outcome = (token, OK, fn(*args, **kwargs), perf_counter() - t0)
+                except BaseException as exc:  # a thread has nowhere to propagate to
+                    outcome = (token, ERROR, (exc, traceback.format_exc()), perf_counter() - t0)
+            # an idle thread must not keep its last task (and so its result) alive
+            del fn, args, kwargs, token
+            if not self._report(outcome):
+                return
+            del outcome
+
+    def _report(self, outcome: Outcome) -> bool:
+        with self.lock:
+            self._results.append(outcome)
+            wake = not self._wake_pending
+            self._wake_pending = True
+        if wake:
+            try:
+                self._loop.call_soon_threadsafe(self._take)
+            except RuntimeError:
+                return False  # the loop is closed: nobody is waiting any more
+        return True
+
+    def _take(self) -> None:
+        with self.lock:
+            items = self._results
+            self._results = []
+            self._wake_pending = False
+        self._deliver(items)
+
+    def close(self, drop_queued: bool = False) -> None:
+        """Let every thread exit once the queue is empty (now, with ``drop_queued``).
+
+        A call already running is never interrupted.
+        """
+        with self.lock:
+            self._stopping = True
+            if drop_queued:
+                self._heap.clear()
+            self._cond.notify_all()
+        self._threads = []

@@ -1,0 +1,55 @@
+"""Transports: where ready tasks run.
+
+A transport receives batches of ready tasks from the scheduler, runs them,
+and reports each attempt's outcome back through ``Scheduler.task_ok``,
+``task_error`` or ``task_cancelled``. It says how many more tasks it can take
+right now through ``capacity``, which is how the scheduler applies flow
+control: tasks it cannot take stay in the core's ready queue, in priority
+order, rather than in an unbounded queue of the transport's.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from async_wf._futures import TaskFuture
+    from async_wf._scheduler import Scheduler
+
+__all__ = ["Transport"]
+
+
+class Transport(abc.ABC):
+    """Interface between the scheduler and whatever runs the tasks."""
+
+    @abc.abstractmethod
+    async def start(self, sched: Scheduler, loop: asyncio.AbstractEventLoop) -> None:
+        """Get ready to run tasks for ``sched`` on ``loop``."""
+
+    @abc.abstractmethod
+    def capacity(self) -> int:
+        """How many more tasks ``dispatch`` may be given now."""
+
+    @abc.abstractmethod
+    def dispatch(self, futs: list[TaskFuture]) -> None:
+        """Start running these tasks (their arguments are already resolved)."""
+
+    @abc.abstractmethod
+    def cancel_running(self, fut: TaskFuture, msg: Any) -> bool:
+        """Try to stop a task that was dispatched; True if the request took.
+
+        The transport reports the outcome later with ``task_cancelled`` (or
+        with the result, if the task finished anyway), or has already done so
+        by the time this returns.
+        """
+
+    def statistics(self) -> dict[str, Any]:
+        """Transport-specific counters merged into ``Runtime.statistics()``."""
+        return {}
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release everything: threads, processes, connections."""

@@ -1,0 +1,238 @@
+"""In-process transport: coroutines on the caller's loop, blocking functions in threads.
+
+``async def`` tasks become ``asyncio`` tasks on the runtime's own loop: the
+fastest path for fine-grained async work, with no limit on how many run at
+once. Blocking functions run in ``_threads.ThreadPool`` rather than
+``loop.run_in_executor``, for two reasons:
+
+* results come back in batches: a thread that finishes a task appends the
+  outcome to a list and wakes the loop only if no wake-up is pending, so a
+  thousand short tasks cost a handful of self-pipe writes, not a thousand;
+* priorities hold exactly: threads pull the best waiting task from a heap
+  ordered like the core's ready queue at the moment they become free, so a
+  high-priority task that becomes ready late overtakes the queued ones.
+
+The timeout of a blocking task counts from the moment a thread starts it:
+its timer is armed at dispatch and, when it fires early (the task was still
+queued, or started later), re-armed for the time that is left.
+``inline`` tasks run right in the dispatching callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from async_wf._errors import TaskTimeoutError
+from async_wf._scheduler import ASYNC, THREAD
+from async_wf._threads import ERROR, OK, Outcome, ThreadPool
+from async_wf.transport import Transport
+
+if TYPE_CHECKING:
+    from async_wf._futures import TaskFuture
+    from async_wf._scheduler import Scheduler
+
+__all__ = ["LocalTransport"]
+
+# states of a thread task's current attempt, kept in TaskFuture._run
+_QUEUED = "queued"  # in the pool's queue, not yet taken by a thread
+_STARTED = "started"
+_DROPPED = "dropped"  # cancelled before a thread picked it up
+
+
+def default_threads() -> int:
+    """The default size of the thread pool (as concurrent.futures chooses it)."""
+    return min(32, (os.cpu_count() or 1) + 4)
+
+
+class LocalTransport(Transport):
+    """Runs tasks in this process: see the module docstring."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        if threads is None:
+            threads = default_threads()
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be an int >= 1, got {threads!r}")
+        self._max_threads = threads
+        self._pool: ThreadPool | None = None
+        self._sched: Scheduler | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self, sched: Scheduler, loop: asyncio.AbstractEventLoop) -> None:
+        """Bind to the scheduler and loop; threads start lazily when first needed."""
+        self._sched = sched
+        self._loop = loop
+        self._pool = ThreadPool(self._max_threads, loop, self._deliver, claim=self._claim)
+
+    def capacity(self) -> int:
+        """Unbounded: coroutines are cheap and thread tasks queue here by priority."""
+        return 1 << 30
+
+    # --------------------------------------------------------------- dispatch
+    def dispatch(self, futs: list[TaskFuture]) -> None:
+        """Start these tasks: coroutines now, blocking ones as threads free up."""
+        sched = self._sched
+        loop = self._loop
+        pool = self._pool
+        assert sched is not None and loop is not None and pool is not None
+        for fut in futs:
+            kind = fut._kind
+            fut._timed_out = False
+            if kind == ASYNC:
+                # the function is called inside the task, so that a task
+                # cancelled before its first step leaves no coroutine unawaited
+                fut._run = loop.create_task(self._run_async(fut))
+                timeout = fut._opts.timeout
+                if timeout is not None:
+                    fut._timer = loop.call_later(timeout, self._on_timeout, fut, fut._attempt)
+            elif kind == THREAD:
+                fut._run = _QUEUED
+                fn = fut._fn
+                assert fn is not None
+                pool.put((fut, fut._attempt), fn, fut._args, fut._kwargs, fut._opts.priority)
+                timeout = fut._opts.timeout
+                if timeout is not None:
+                    fut._timer = loop.call_later(timeout, self._on_timeout, fut, fut._attempt)
+            else:
+                fut._run = _STARTED
+                try:
+                    value = fut._fn(*fut._args, **fut._kwargs)  # type: ignore[misc]
+                except Exception as exc:
+                    sched.task_error(fut, exc)
+                else:
+                    sched.task_ok(fut, value)
+
+    async def _run_async(self, fut: TaskFuture) -> None:
+        # Reporting from inside the task, rather than from a done callback,
+        # saves a loop callback, a partial and a result lookup per task; a
+        # task cancelled before it ever ran is reported by _cancel_async.
+        sched = self._sched
+        assert sched is not None
+        try:
+            value = await fut._fn(*fut._args, **fut._kwargs)  # type: ignore[misc]
+        except asyncio.CancelledError as exc:
+            if fut._run is not asyncio.current_task():
+                return  # an earlier attempt, already given up on
+            self._stop_timer(fut)
+            if fut._timed_out:
+                sched.task_error(fut, TaskTimeoutError(fut.name, fut._opts.timeout or 0.0))
+            else:
+                sched.task_cancelled(fut, exc.args[0] if exc.args else None)
+        except BaseException as exc:
+            if fut._run is not asyncio.current_task():
+                return
+            self._stop_timer(fut)
+            sched.task_error(fut, exc)
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt, SystemExit: let the loop see them
+        else:
+            if fut._timer is not None or fut._timed_out:
+                if fut._run is not asyncio.current_task():
+                    return
+                self._stop_timer(fut)
+                if fut._timed_out:  # the coroutine swallowed its timeout cancellation
+                    sched.task_error(fut, TaskTimeoutError(fut.name, fut._opts.timeout or 0.0))
+                    return
+            sched.task_ok(fut, value)
+
+    @staticmethod
+    def _stop_timer(fut: TaskFuture) -> None:
+        if fut._timer is not None:
+            fut._timer.cancel()
+            fut._timer = None
+
+    def _on_timeout(self, fut: TaskFuture, attempt: int) -> None:
+        fut._timer = None
+        if fut.done() or fut._attempt != attempt:
+            return
+        if fut._kind == ASYNC:
+            fut._timed_out = True
+            self._cancel_async(fut, None)
+            return
+        pool = self._pool
+        assert pool is not None
+        with pool.lock:
+            run = fut._run
+            if run == _QUEUED:
+                left = fut._opts.timeout or 0.0  # not started: the clock has not begun
+            else:
+                left = (fut._opts.timeout or 0.0) - (time.monotonic() - fut._t0)
+            if left > 0:
+                loop = self._loop
+                assert loop is not None
+                fut._timer = loop.call_later(left, self._on_timeout, fut, attempt)
+                return
+        # a thread cannot be stopped: fail this attempt now, drop its result later
+        sched = self._sched
+        assert sched is not None
+        sched.task_error(fut, TaskTimeoutError(fut.name, fut._opts.timeout or 0.0))
+
+    # ----------------------------------------------------------------- threads
+    @staticmethod
+    def _claim(token: tuple[TaskFuture, int]) -> bool:
+        # runs under the pool's lock, as a thread takes the task
+        fut, attempt = token
+        if fut._run != _QUEUED or fut._attempt != attempt or fut.done():
+            return False
+        fut._run = _STARTED
+        fut._t0 = time.monotonic()
+        return True
+
+    def _deliver(self, items: list[Outcome]) -> None:
+        sched = self._sched
+        assert sched is not None
+        for (fut, attempt), status, value, _took in items:
+            if fut.done() or fut._attempt != attempt:
+                continue  # skipped, or an attempt already given up on
+            if status == OK:
+                self._stop_timer(fut)
+                sched.task_ok(fut, value)
+            elif status == ERROR:
+                self._stop_timer(fut)
+                sched.task_error(fut, value[0])
+
+    # -------------------------------------------------------------- cancelling
+    def cancel_running(self, fut: TaskFuture, msg: Any) -> bool:
+        """Cancel a dispatched task: coroutines always, thread tasks until one starts."""
+        sched = self._sched
+        assert sched is not None
+        if fut._kind == ASYNC:
+            return self._cancel_async(fut, msg)
+        if fut._kind != THREAD:
+            return False
+        pool = self._pool
+        assert pool is not None
+        with pool.lock:
+            if fut._run != _QUEUED:
+                return False
+            fut._run = _DROPPED
+        if fut._timer is not None:
+            fut._timer.cancel()
+            fut._timer = None
+        sched.task_cancelled(fut, msg)
+        return True
+
+    def _cancel_async(self, fut: TaskFuture, msg: Any) -> bool:
+        run = fut._run
+        if run is None or run.done() or not run.cancel(msg):
+            return False
+        if inspect.getcoroutinestate(run.get_coro()) == inspect.CORO_CREATED:
+            # cancelled before its first step: _run_async will never run, and
+            # it is what reports outcomes, so report here
+            fut._run = None
+            self._stop_timer(fut)
+            sched = self._sched
+            assert sched is not None
+            if fut._timed_out:
+                sched.task_error(fut, TaskTimeoutError(fut.name, fut._opts.timeout or 0.0))
+            else:
+                sched.task_cancelled(fut, msg)
+        return True
+
+    async def close(self) -> None:
+        """Stop the threads; queued tasks are dropped, running ones are not waited for."""
+        if self._pool is not None:
+            self._pool.close(drop_queued=True)

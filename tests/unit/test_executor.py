@@ -1,0 +1,250 @@
+"""``async_wf.Executor``: the ``concurrent.futures.Executor`` face for synchronous code."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from async_wf import DependencyError, Executor, ExecutorFuture, RuntimeClosedError, task
+
+# module-level functions, so that ProcessPoolExecutor can pickle them
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def total(xs: Any) -> int:
+    if isinstance(xs, dict):
+        return sum(xs.values())
+    return sum(xs)
+
+
+def fail(msg: str) -> None:
+    raise ValueError(msg)
+
+
+async def asquare(x: int) -> int:
+    await asyncio.sleep(0)
+    return x * x
+
+
+def workload(ex: cf.Executor) -> list[int]:
+    """The same code for any executor: the one-line switch."""
+    futs = [ex.submit(square, i) for i in range(8)]
+    mapped = list(ex.map(add, range(8), range(8, 16)))
+    return [f.result() for f in futs] + mapped
+
+
+def test_submit_and_result() -> None:
+    with Executor(max_workers=2) as ex:
+        fut = ex.submit(add, 1, b=2)
+        assert isinstance(fut, cf.Future)
+        assert isinstance(fut, ExecutorFuture)
+        assert fut.result(timeout=10) == 3
+        assert fut.done()
+        assert fut.exception() is None
+        assert ex.submit(asquare, 7).result(timeout=10) == 49
+
+
+def test_map_keeps_order() -> None:
+    with Executor() as ex:
+        assert list(ex.map(square, range(50), timeout=10)) == [i * i for i in range(50)]
+        assert list(ex.map(add, [1, 2], [10, 20])) == [11, 22]
+
+
+def test_futures_as_dependencies_also_nested() -> None:
+    with Executor() as ex:
+        a = ex.submit(square, 3)
+        b = ex.submit(square, 4)
+        c = ex.submit(add, a, b)
+        d = ex.submit(total, [a, b, c])
+        e = ex.submit(total, {"x": a, "y": c})
+        f = ex.submit(lambda x: x, [(a, {"k": frozenset([b])})])
+        assert c.result(timeout=10) == 25
+        assert d.result(timeout=10) == 9 + 16 + 25
+        assert e.result(timeout=10) == 34
+        assert f.result(timeout=10) == [(9, {"k": frozenset([16])})]
+
+
+def test_exceptions_propagate_and_dependents_fail() -> None:
+    with Executor() as ex:
+        bad = ex.submit(fail, "nope")
+        dep = ex.submit(add, bad, 1)
+        with pytest.raises(ValueError, match="nope"):
+            bad.result(timeout=10)
+        assert isinstance(bad.exception(timeout=10), ValueError)
+        with pytest.raises(DependencyError, match="upstream task 'fail' failed"):
+            dep.result(timeout=10)
+
+
+def test_task_options_apply_through_the_executor() -> None:
+    calls = []
+    lock = threading.Lock()
+
+    def flaky() -> int:
+        with lock:
+            calls.append(1)
+            n = len(calls)
+        if n < 3:
+            raise ValueError("again")
+        return n
+
+    with Executor() as ex:
+        assert ex.submit(task(flaky, retries=2)).result(timeout=10) == 3
+
+
+def test_cannot_submit_after_shutdown() -> None:
+    ex = Executor()
+    assert ex.submit(square, 2).result(timeout=10) == 4
+    ex.shutdown()
+    with pytest.raises(RuntimeError, match="cannot submit after shutdown"):
+        ex.submit(square, 2)
+    with pytest.raises(RuntimeClosedError):
+        ex.submit(square, 2)
+    ex.shutdown()  # a second shutdown is harmless
+
+
+def test_shutdown_waits_for_running_tasks() -> None:
+    release = threading.Event()
+    started = threading.Event()
+
+    def slow() -> str:
+        started.set()
+        release.wait(10)
+        return "done"
+
+    ex = Executor(max_workers=1)
+    fut = ex.submit(slow)
+    dep = ex.submit(add, fut, "!")
+    assert started.wait(10)
+    threading.Timer(0.01, release.set).start()
+    ex.shutdown(wait=True)
+    assert fut.result(timeout=0) == "done"
+    assert dep.result(timeout=0) == "done!"
+
+
+def test_shutdown_cancel_futures_cancels_what_has_not_started() -> None:
+    release = threading.Event()
+    started = threading.Event()
+    ran: list[int] = []
+
+    def blocker() -> str:
+        started.set()
+        release.wait(10)
+        return "blocker"
+
+    def record(i: int, *deps: Any) -> int:
+        ran.append(i)
+        return i
+
+    ex = Executor(max_workers=1)
+    hold = ex.submit(blocker)
+    assert started.wait(10)
+    waiting = [ex.submit(record, i, hold) for i in range(5)]
+    ex.shutdown(wait=False, cancel_futures=True)
+    release.set()
+    ex.shutdown(wait=True)
+    assert hold.result(timeout=0) == "blocker"
+    for fut in waiting:
+        assert fut.done()
+        with pytest.raises(cf.CancelledError):
+            fut.result(timeout=0)
+    assert ran == []
+
+
+def test_submit_refuses_non_callable() -> None:
+    with Executor() as ex, pytest.raises(TypeError, match="submit needs a callable, got int: 5"):
+        ex.submit(5)  # type: ignore[arg-type]
+
+
+def test_future_of_another_executor_is_refused() -> None:
+    with Executor() as ex1, Executor() as ex2:
+        a = ex1.submit(square, 2)
+        a.result(timeout=10)
+        b = ex2.submit(add, a, 1)
+        with pytest.raises(ValueError, match="future of another runtime"):
+            b.result(timeout=10)
+
+
+def test_invalid_max_workers() -> None:
+    with pytest.raises(ValueError, match="max_workers must be an int >= 1, got 0"):
+        Executor(max_workers=0)
+
+
+def test_tasks_run_on_uvloop_and_statistics() -> None:
+    async def loop_type() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    with Executor() as ex:
+        assert ex.submit(loop_type).result(timeout=10).startswith("uvloop")
+        ex.submit(square, 1).result(timeout=10)
+        stats = ex.statistics()
+    assert stats["submitted"] == 2
+    assert stats["finished"] == 2
+
+
+def test_many_threads_submitting_at_once() -> None:
+    with Executor() as ex:
+        results: list[list[int]] = []
+
+        def client(k: int) -> None:
+            results.append(
+                [f.result(timeout=10) for f in [ex.submit(add, k, i) for i in range(100)]]
+            )
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+    assert sorted(r[0] for r in results) == [0, 1, 2, 3]
+    assert all(len(r) == 100 for r in results)
+
+
+_SWITCH_SCRIPT = """
+import concurrent.futures as cf, json, multiprocessing as mp, sys
+sys.path.insert(0, sys.argv[1])
+from test_executor import workload
+# fork before any thread exists; the pool's children then need no re-import
+with cf.ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("fork")) as pool:
+    expected = workload(pool)
+import async_wf
+with async_wf.Executor(max_workers=2) as ex:
+    got = workload(ex)
+print(json.dumps([expected, got]))
+"""
+
+
+def test_same_results_as_process_pool_executor() -> None:
+    # run in a child interpreter: a process pool leaves helper processes (the
+    # resource tracker) behind, which other tests that count children would see
+    out = subprocess.run(
+        [sys.executable, "-c", _SWITCH_SCRIPT, str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    expected, got = json.loads(out.stdout)
+    assert got == expected
+    assert got[:8] == [i * i for i in range(8)]
+    assert got[8:] == [i + i + 8 for i in range(8)]
+
+
+def test_executor_is_a_concurrent_futures_executor() -> None:
+    assert issubclass(Executor, cf.Executor)
+    with Executor(max_workers=2) as ex:
+        assert workload(ex) == [i * i for i in range(8)] + [2 * i + 8 for i in range(8)]
