@@ -105,7 +105,7 @@ class Executor(cf.Executor):
                 if self._cancel_on_close and sched is not None:
                     # as concurrent.futures does: cancel what has not started
                     # and let the running tasks finish
-                    sched.cancel_all()
+                    sched.cancel_all(running=False)  # as concurrent.futures does
                 await self._rt.close()
 
         run(body())

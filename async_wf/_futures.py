@@ -85,15 +85,16 @@ class TaskFuture(asyncio.Future[Any]):
         return self._id
 
     def cancel(self, msg: Any = None) -> bool:
-        """Cancel the task if it can still be stopped, and its successors.
+        """Cancel the future, its task and, transitively, its successors.
 
-        A task that has not started is cancelled outright. A running
-        ``async def`` task in this process gets ``CancelledError`` raised
-        inside it. A blocking function already running in a thread cannot be
-        interrupted, and then this returns False.
+        A task that has not started never runs. A running ``async def`` task
+        gets ``CancelledError`` raised inside it. A blocking function already
+        running cannot be interrupted: as with ``loop.run_in_executor``, the
+        future is cancelled at once all the same (so whoever awaits it is
+        not held up) and the call's result is dropped when it ends.
 
         Returns:
-            True if the task was cancelled or the cancellation was delivered.
+            True, unless the future was already done.
         """
         if self.done():
             return False

@@ -440,7 +440,15 @@ class Scheduler:
             self._cancel_in_core(fut, msg)
             return True
         if st == _corepick.RUNNING:
-            return self._transport.cancel_running(fut, msg)
+            if self._transport.cancel_running(fut, msg):
+                return True  # the work stops and reports its cancellation itself
+            # Work that cannot be stopped (a blocking call already running):
+            # like a run_in_executor future, the future is cancelled now so
+            # that whoever awaits it, Ctrl-C included, is not held up until the
+            # call ends. Its eventual result is dropped.
+            if not fut.done():
+                self.task_cancelled(fut, msg)
+            return True
         return False
 
     # ----------------------------------------------------------------- abort
@@ -480,10 +488,13 @@ class Scheduler:
             self._kick()
             await w
 
-    def cancel_all(self) -> None:
-        """Cancel every task that can still be cancelled."""
+    def cancel_all(self, *, running: bool = True) -> None:
+        """Cancel every pending task; with ``running=False`` only those not started yet."""
+        core = self._core
         for f in list(self._tasks.values()):
-            if not f.done():
+            if f.done():
+                continue
+            if running or core.state(f._handle) in (_corepick.WAITING, _corepick.READY):
                 f.cancel("runtime shutting down")
 
     async def close(self, *, cancel: bool) -> None:

@@ -41,9 +41,10 @@ class Transport(abc.ABC):
     def cancel_running(self, fut: TaskFuture, msg: Any) -> bool:
         """Try to stop a task that was dispatched; True if the request took.
 
-        The transport reports the outcome later with ``task_cancelled`` (or
-        with the result, if the task finished anyway), or has already done so
-        by the time this returns.
+        True means the work will stop and the transport will report that
+        with ``task_cancelled`` (or has already done so). False means the
+        work cannot be stopped: the scheduler then cancels the future at
+        once, and any outcome reported for it later is ignored.
         """
 
     def statistics(self) -> dict[str, Any]:
