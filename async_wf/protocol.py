@@ -1,0 +1,556 @@
+"""The wire protocol between a scheduler and its worker processes.
+
+Frames
+    Every message is one frame: a fixed 16-byte header, a buffer table, a
+    payload, then zero or more out-of-band buffers::
+
+        header   magic b"aw" | kind u8 | flags u8 | nbufs u32 | body_len u64
+        table    nbufs x (stored_len u64, codec u8)
+        payload  body_len - table - buffers bytes (pickle, or raw for handshakes)
+        buffers  each stored_len bytes, raw or lz4 block-compressed
+
+    The decoder checks the magic, the kind, the body length against a
+    maximum (small until the peer is authenticated), the buffer count, and
+    that the table adds up, before it allocates the body. Any violation is a
+    ``ProtocolError``: the connection it came from is closed, nothing else.
+
+Authentication
+    No byte from a peer is unpickled before the peer has proved that it
+    holds the runtime's secret, and the worker does not unpickle anything
+    from a scheduler that has not proved it either (a worker runs what it
+    receives, so a fake scheduler is as dangerous as a fake worker):
+
+        scheduler -> worker   HELLO   version, nonce_s
+        worker -> scheduler   AUTH    version, nonce_w, HMAC(secret, "worker"|nonce_s|nonce_w), ...
+        scheduler -> worker   WELCOME HMAC(secret, "sched"|nonce_w|nonce_s), worker id, ...
+
+    Both sides compare MACs with ``hmac.compare_digest``. The secret never
+    travels. Handshake frames are fixed-layout structs, not pickles.
+
+Serialisation
+    Pickle protocol 5 with out-of-band buffers: a NumPy array's data goes
+    into the frame as a buffer of its own, written with ``writelines``
+    straight from the array's memory and received into one bytearray whose
+    slices become the arrays on the other side. Buffers of at least
+    ``compress_min`` bytes are lz4-compressed when a trial on their first
+    64 KiB shows it pays (ratio below 0.9); incompressible data costs one
+    small trial, not a full compression. The payload is zero-padded so
+    that the first buffer starts 16-byte aligned; later buffers are aligned
+    when the ones before them have sizes that are multiples of 16 (as
+    arrays of float64 of even length do), otherwise NumPy sees them as
+    unaligned (correct, but slower). Plain ``pickle`` is tried first
+    because it is several times faster than cloudpickle on batches of small
+    objects; cloudpickle takes over for what pickle refuses (lambdas,
+    closures, functions of ``__main__``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import io
+import logging
+import os
+import pickle
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+import lz4.block
+
+log = logging.getLogger("async_wf")
+
+PROTOCOL_VERSION = 1
+MAGIC = b"aw"
+
+# frame kinds
+HELLO = 1
+AUTH = 2
+WELCOME = 3
+TASKS = 4
+RESULTS = 5
+HEARTBEAT = 6
+SHUTDOWN = 7
+CANCEL = 8
+KIND_NAMES = {
+    HELLO: "HELLO",
+    AUTH: "AUTH",
+    WELCOME: "WELCOME",
+    TASKS: "TASKS",
+    RESULTS: "RESULTS",
+    HEARTBEAT: "HEARTBEAT",
+    SHUTDOWN: "SHUTDOWN",
+    CANCEL: "CANCEL",
+}
+
+HEADER = struct.Struct("!2sBBIQ")
+TABLE_ENTRY = struct.Struct("!QB")
+CODEC_RAW = 0
+CODEC_LZ4 = 1
+
+#: largest frame accepted before the peer is authenticated
+PREAUTH_MAX_FRAME = 4096
+#: default largest frame after authentication (ASYNC_WF_MAX_FRAME overrides)
+DEFAULT_MAX_FRAME = 1 << 31
+MAX_BUFFERS = 1 << 16
+DEFAULT_COMPRESS_MIN = 1 << 20
+_TRIAL = 1 << 16
+#: an lz4 block never decompresses to more than about 255 times its size
+_LZ4_MAX_RATIO = 256
+_JOIN_MAX = 1 << 16
+_ALIGN = 16
+
+NONCE_LEN = 32
+MAC_LEN = 32
+_HELLO = struct.Struct("!H32s")
+_AUTH = struct.Struct("!H32s32sII")  # version, nonce, mac, slots, pid (+ utf-8 name)
+_WELCOME = struct.Struct("!32sId")  # mac, worker id, heartbeat interval s
+
+
+class ProtocolError(Exception):
+    """A peer broke the protocol (bad frame, bad handshake): drop that connection."""
+
+
+class AuthenticationError(ProtocolError):
+    """A peer failed the HMAC challenge: it does not hold the runtime's secret."""
+
+
+# ------------------------------------------------------------------ secrets
+def new_secret() -> bytes:
+    """Return a fresh random 32-byte secret."""
+    return os.urandom(32)
+
+
+def read_token_file(path: str | os.PathLike[str]) -> bytes:
+    """Read a secret written by ``write_token_file`` (hex text).
+
+    Raises:
+        ValueError: the file does not hold a hex token of at least 16 bytes.
+    """
+    with open(path, encoding="ascii") as f:
+        text = f.read().strip()
+    try:
+        secret = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(f"token file {os.fspath(path)!r} must hold a hex token") from None
+    if len(secret) < 16:
+        raise ValueError(
+            f"token file {os.fspath(path)!r} holds a {len(secret)}-byte token; need >= 16"
+        )
+    return secret
+
+
+def write_token_file(path: str | os.PathLike[str], secret: bytes) -> None:
+    """Write ``secret`` as hex to a new file readable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(secret.hex() + "\n")
+
+
+def _mac(secret: bytes, role: bytes, a: bytes, b: bytes) -> bytes:
+    return hmac.new(secret, role + a + b, hashlib.sha256).digest()
+
+
+# ---------------------------------------------------------------- handshake
+def hello_payload() -> tuple[bytes, bytes]:
+    """Scheduler side: return (HELLO payload, its nonce)."""
+    nonce = os.urandom(NONCE_LEN)
+    return _HELLO.pack(PROTOCOL_VERSION, nonce), nonce
+
+
+def answer_hello(
+    payload: bytes, secret: bytes, slots: int, name: str
+) -> tuple[bytes, bytes, bytes]:
+    """Worker side: check HELLO; return (AUTH payload, scheduler nonce, worker nonce).
+
+    Raises:
+        ProtocolError: malformed HELLO or another protocol version.
+    """
+    if len(payload) != _HELLO.size:
+        raise ProtocolError(f"HELLO must be {_HELLO.size} bytes, got {len(payload)}")
+    version, nonce_s = _HELLO.unpack(payload)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"scheduler speaks protocol version {version}, this worker {PROTOCOL_VERSION}"
+        )
+    nonce_w = os.urandom(NONCE_LEN)
+    mac = _mac(secret, b"worker", nonce_s, nonce_w)
+    body = _AUTH.pack(PROTOCOL_VERSION, nonce_w, mac, slots, os.getpid())
+    return body + name.encode("utf-8")[:256], nonce_s, nonce_w
+
+
+def check_auth(payload: bytes, secret: bytes, nonce_s: bytes) -> tuple[int, int, str, bytes]:
+    """Scheduler side: verify AUTH; return (slots, pid, name, worker nonce).
+
+    Raises:
+        ProtocolError: malformed AUTH or another protocol version.
+        AuthenticationError: the MAC is wrong.
+    """
+    if not _AUTH.size <= len(payload) <= _AUTH.size + 256:
+        raise ProtocolError(f"AUTH must be {_AUTH.size} to {_AUTH.size + 256} bytes, "
+                            f"got {len(payload)}")
+    version, nonce_w, mac, slots, pid = _AUTH.unpack_from(payload)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"worker speaks protocol version {version}, this scheduler {PROTOCOL_VERSION}"
+        )
+    if not hmac.compare_digest(mac, _mac(secret, b"worker", nonce_s, nonce_w)):
+        raise AuthenticationError("worker failed the HMAC challenge (wrong token)")
+    if slots < 1:
+        raise ProtocolError(f"worker slots must be >= 1, got {slots}")
+    name = bytes(payload[_AUTH.size :]).decode("utf-8", "replace")
+    return slots, pid, name, nonce_w
+
+
+def welcome_payload(
+    secret: bytes, nonce_s: bytes, nonce_w: bytes, worker_id: int, heartbeat: float
+) -> bytes:
+    """Scheduler side: the WELCOME payload proving the scheduler holds the secret."""
+    return _WELCOME.pack(_mac(secret, b"sched", nonce_w, nonce_s), worker_id, heartbeat)
+
+
+def check_welcome(
+    payload: bytes, secret: bytes, nonce_s: bytes, nonce_w: bytes
+) -> tuple[int, float]:
+    """Worker side: verify WELCOME; return (worker id, heartbeat interval).
+
+    Raises:
+        ProtocolError: malformed WELCOME.
+        AuthenticationError: the scheduler's MAC is wrong.
+    """
+    if len(payload) != _WELCOME.size:
+        raise ProtocolError(f"WELCOME must be {_WELCOME.size} bytes, got {len(payload)}")
+    mac, worker_id, heartbeat = _WELCOME.unpack(payload)
+    if not hmac.compare_digest(mac, _mac(secret, b"sched", nonce_w, nonce_s)):
+        raise AuthenticationError("scheduler failed the HMAC challenge (wrong token)")
+    return worker_id, heartbeat
+
+
+# ----------------------------------------------------------------- encoding
+def dumps(obj: Any, compress_min: int = DEFAULT_COMPRESS_MIN) -> list[Any]:
+    """Serialise ``obj``; return the frame's parts after the header: table, payload, buffers.
+
+    Raises:
+        pickle.PicklingError (or what cloudpickle raises): ``obj`` cannot be pickled.
+    """
+    bufs: list[pickle.PickleBuffer] = []
+    try:
+        payload = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
+    except Exception:
+        bufs.clear()
+        f = io.BytesIO()
+        cloudpickle.CloudPickler(f, protocol=5, buffer_callback=bufs.append).dump(obj)
+        payload = f.getvalue()
+    if not bufs:
+        return [b"", payload]
+    table = bytearray()
+    out: list[Any] = [table, payload]
+    for pb in bufs:
+        mv = pb.raw()
+        codec = CODEC_RAW
+        data: Any = mv
+        if compress_min and mv.nbytes >= compress_min:
+            trial = lz4.block.compress(mv[:_TRIAL], store_size=False)
+            if len(trial) < 0.9 * min(_TRIAL, mv.nbytes):
+                data = lz4.block.compress(mv, store_size=True)
+                codec = CODEC_LZ4
+        table += TABLE_ENTRY.pack(len(data) if codec else mv.nbytes, codec)
+        out.append(data)
+    # Zero bytes after the pickle's STOP opcode are ignored by pickle.loads;
+    # they make the first buffer start 16-byte aligned in the received body
+    # (whose own memory is 16-byte aligned), so NumPy arrays built on it are
+    # aligned rather than flagged unaligned and slow.
+    pad = -(len(table) + len(payload)) % _ALIGN
+    if pad:
+        out[1] = payload + bytes(pad)
+    return out
+
+
+def frame(kind: int, parts: list[Any], nbufs: int | None = None) -> list[Any]:
+    """Prepend the header to ``parts`` (table, payload, buffers) for ``writelines``."""
+    if nbufs is None:
+        nbufs = len(parts) - 2
+    body_len = 0
+    for p in parts:
+        body_len += p.nbytes if isinstance(p, memoryview) else len(p)
+    return [HEADER.pack(MAGIC, kind, 0, nbufs, body_len), *parts]
+
+
+def raw_frame(kind: int, payload: bytes = b"") -> list[Any]:
+    """A frame with a raw payload and no buffers (handshakes, heartbeats)."""
+    return frame(kind, [b"", payload], 0)
+
+
+def encode(kind: int, obj: Any, compress_min: int = DEFAULT_COMPRESS_MIN) -> list[Any]:
+    """Serialise ``obj`` into a complete frame, as a list of parts for ``writelines``."""
+    return frame(kind, dumps(obj, compress_min))
+
+
+def loads(payload: memoryview | bytes, buffers: list[Any]) -> Any:
+    """Unpickle a payload with its out-of-band buffers.
+
+    Raises:
+        ProtocolError: the payload is not a valid pickle.
+    """
+    try:
+        return pickle.loads(payload, buffers=buffers)
+    except Exception as exc:
+        raise ProtocolError(f"undecodable payload: {type(exc).__name__}: {exc}") from exc
+
+
+# ----------------------------------------------------------------- decoding
+class FrameDecoder:
+    """Incremental frame decoder: give it bytes, get complete frames back.
+
+    Small frames are read through a staging buffer, many per ``recv``; a
+    frame too large for it gets a body buffer of its own, and the rest of
+    it is received straight into that buffer, so large payloads are not
+    copied after the kernel delivers them. A frame is returned as
+    ``(kind, payload, buffers)``: a memoryview and a list of memoryviews
+    (or bytes, for decompressed buffers).
+    """
+
+    STAGING = 1 << 16
+
+    def __init__(self, max_frame: int = PREAUTH_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._stage = bytearray(self.STAGING)
+        self._start = 0
+        self._end = 0
+        self._body: bytearray | None = None  # a large frame being received directly
+        self._body_got = 0
+        self._kind = 0
+        self._nbufs = 0
+
+    def get_buffer(self) -> memoryview:
+        """Where the next received bytes must be written."""
+        if self._body is not None:
+            return memoryview(self._body)[self._body_got :]
+        if self._start and self._end == len(self._stage):
+            n = self._end - self._start
+            self._stage[:n] = self._stage[self._start : self._end]
+            self._start, self._end = 0, n
+        return memoryview(self._stage)[self._end :]
+
+    def _header(self, mv: memoryview | bytearray, at: int) -> tuple[int, int, int]:
+        magic, kind, _flags, nbufs, body_len = HEADER.unpack_from(mv, at)
+        if magic != MAGIC:
+            raise ProtocolError(f"bad magic {bytes(magic)!r}; expected {MAGIC!r}")
+        if kind not in KIND_NAMES:
+            raise ProtocolError(f"unknown frame kind {kind}")
+        if body_len > self.max_frame:
+            raise ProtocolError(f"frame of {body_len} bytes exceeds the limit of {self.max_frame}")
+        if nbufs > MAX_BUFFERS or nbufs * TABLE_ENTRY.size > body_len:
+            raise ProtocolError(f"frame declares {nbufs} buffers in {body_len} bytes")
+        return kind, nbufs, body_len
+
+    def received(self, n: int) -> list[tuple[int, memoryview, list[Any]]]:
+        """Account for ``n`` bytes written into ``get_buffer()``; return completed frames.
+
+        Raises:
+            ProtocolError: the bytes do not form valid frames. The decoder
+                is then unusable, as is the connection.
+        """
+        out: list[tuple[int, memoryview, list[Any]]] = []
+        if self._body is not None:
+            self._body_got += n
+            if self._body_got < len(self._body):
+                return out
+            body = self._body
+            self._body = None
+            out.append(self._split(self._kind, self._nbufs, body))
+            return out
+        self._end += n
+        stage = self._stage
+        hsize = HEADER.size
+        while self._end - self._start >= hsize:
+            kind, nbufs, body_len = self._header(stage, self._start)
+            avail = self._end - self._start - hsize
+            begin = self._start + hsize
+            if avail >= body_len:
+                body = stage[begin : begin + body_len]
+                self._start = begin + body_len
+                out.append(self._split(kind, nbufs, body))
+                if kind <= WELCOME:
+                    # a handshake frame changes the limits (max_frame) that
+                    # the frames after it must be decoded under: stop here,
+                    # the caller handles it and calls received(0) for the rest
+                    break
+                continue
+            if hsize + body_len > len(stage):
+                # too large for staging: receive the rest straight into its own buffer
+                body = bytearray(body_len)
+                body[:avail] = stage[begin : self._end]
+                self._body = body
+                self._body_got = avail
+                self._kind = kind
+                self._nbufs = nbufs
+                self._start = self._end = 0
+                return out
+            break
+        if self._start == self._end:
+            self._start = self._end = 0
+        return out
+
+    @staticmethod
+    def _split(kind: int, nbufs: int, body: bytearray) -> tuple[int, memoryview, list[Any]]:
+        mv = memoryview(body)
+        tlen = nbufs * TABLE_ENTRY.size
+        entries = [TABLE_ENTRY.unpack_from(mv, i * TABLE_ENTRY.size) for i in range(nbufs)]
+        total = sum(e[0] for e in entries)
+        plen = len(body) - tlen - total
+        if plen < 0:
+            raise ProtocolError(
+                f"buffer table declares {total} bytes but the body holds {len(body) - tlen}"
+            )
+        payload = mv[tlen : tlen + plen]
+        buffers: list[Any] = []
+        pos = tlen + plen
+        for stored, codec in entries:
+            chunk = mv[pos : pos + stored]
+            pos += stored
+            if codec == CODEC_RAW:
+                buffers.append(chunk)
+            elif codec == CODEC_LZ4:
+                # lz4 allocates the size the block's header declares before it
+                # decompresses: a 20-byte buffer claiming 2 GiB would make it
+                # allocate 2 GiB, even before authentication; no real block
+                # expands more than _LZ4_MAX_RATIO-fold
+                declared = int.from_bytes(chunk[:4], "little") if stored >= 4 else -1
+                if not 0 <= declared <= _LZ4_MAX_RATIO * stored:
+                    raise ProtocolError(
+                        f"corrupt lz4 buffer: {stored} bytes cannot hold {declared} bytes"
+                    )
+                try:
+                    # a bytearray, so that arrays built on it are writable like
+                    # those on raw buffers
+                    buffers.append(lz4.block.decompress(chunk, return_bytearray=True))
+                except Exception as exc:
+                    raise ProtocolError(f"corrupt lz4 buffer: {exc}") from exc
+            else:
+                raise ProtocolError(f"unknown buffer codec {codec}")
+        return kind, payload, buffers
+
+    def feed(self, data: bytes) -> list[tuple[int, memoryview, list[Any]]]:
+        """Decode all complete frames in ``data`` (for tests and simple readers).
+
+        Raises:
+            ProtocolError: the bytes do not form valid frames.
+        """
+        out = []
+        view = memoryview(data)
+        while view.nbytes:
+            buf = self.get_buffer()
+            k = min(buf.nbytes, view.nbytes)
+            buf[:k] = view[:k]
+            view = view[k:]
+            frames = self.received(k)
+            while frames:
+                out.extend(frames)
+                frames = self.received(0) if frames[-1][0] <= WELCOME else []
+        return out
+
+
+FrameHandler = Callable[[int, memoryview, list[Any]], None]
+
+
+class FrameStream(asyncio.BufferedProtocol):
+    """One framed connection (either end): decodes into ``on_frame``, sends frames.
+
+    A ``ProtocolError`` raised while decoding, or by ``on_frame``, closes
+    this connection (and only it) and is logged with the peer's address.
+    """
+
+    def __init__(
+        self,
+        on_frame: FrameHandler,
+        on_lost: Callable[[FrameStream, BaseException | None], None],
+        max_frame: int = PREAUTH_MAX_FRAME,
+    ) -> None:
+        self.decoder = FrameDecoder(max_frame)
+        self.on_frame = on_frame
+        self.on_lost = on_lost
+        self.on_open: Callable[[FrameStream], None] | None = None
+        self.transport: asyncio.Transport | None = None
+        self.peer: Any = None
+        self.closed = False
+        self.write_paused = False
+        self.error: BaseException | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self.peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # not a TCP socket
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.on_open is not None:
+            self.on_open(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.bytes_in += nbytes
+        try:
+            frames = self.decoder.received(nbytes)
+            while frames:
+                for kind, payload, buffers in frames:
+                    if self.closed:
+                        return
+                    self.on_frame(kind, payload, buffers)
+                # the decoder stops after a handshake frame, so that what
+                # follows it (WELCOME then TASKS, in one read) is decoded
+                # under the limit that on_frame has just raised
+                frames = self.decoder.received(0) if frames[-1][0] <= WELCOME else []
+        except ProtocolError as exc:
+            self.abort(exc)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        self.on_lost(self, self.error or exc)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+
+    def send(self, parts: list[Any]) -> None:
+        """Write one frame (a list of parts, as ``encode`` returns)."""
+        if self.closed or self.transport is None:
+            return
+        total = 0
+        for p in parts:
+            total += p.nbytes if isinstance(p, memoryview) else len(p)
+        self.bytes_out += total
+        if total <= _JOIN_MAX:
+            # one small write beats a scatter list: the transport's writelines
+            # costs more per part than copying a few kilobytes once
+            self.transport.write(b"".join(parts))
+        else:
+            self.transport.writelines(parts)
+
+    def abort(self, reason: BaseException) -> None:
+        """Drop the connection at once because of ``reason`` (logged)."""
+        if self.closed:
+            return
+        self.error = reason
+        log.warning("closing connection from %s: %s", self.peer, reason)
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        """Close after pending writes are flushed."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()

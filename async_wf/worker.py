@@ -1,0 +1,444 @@
+"""The worker process: connects to a scheduler over TCP and runs the tasks it sends.
+
+    python -m async_wf.worker --connect tcp://host:7450 --slots 2 --token-file token
+    async-wf worker --connect tcp://host:7450 --slots 2 --token-file token
+
+``async def`` tasks run concurrently on the worker's own event loop, with no
+limit from ``--slots``; blocking functions run in ``--slots`` threads;
+``inline`` functions, and blocking functions that have proved short (see
+INLINE_BELOW), run on the loop. Outcomes are sent back in batches: all
+that finished in one loop iteration go in one RESULTS frame.
+
+The worker exits when the scheduler says SHUTDOWN, closes the connection, or
+falls silent for longer than the heartbeat timeout; a worker started by a
+runtime (``--parent-pid``) also exits when that process is gone, so no
+worker outlives its runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import pickle
+import socket
+import ssl
+import sys
+import time
+import traceback
+from time import perf_counter
+from typing import Any
+from urllib.parse import urlsplit
+
+from async_wf import protocol as P
+from async_wf._threads import ERROR, OK, SKIPPED, Outcome, ThreadPool
+
+log = logging.getLogger("async_wf.worker")
+
+# task kinds on the wire (same values as the scheduler's)
+K_ASYNC, K_THREAD, K_INLINE = 0, 1, 2
+# result statuses on the wire
+R_OK, R_ERROR, R_CANCELLED = 0, 1, 2
+
+# A blocking function whose calls average less than INLINE_BELOW seconds runs
+# on the worker's loop instead of a slot thread: for such a function the two
+# thread hand-offs cost more than the call. At most INLINE_BUDGET seconds of
+# such calls run per batch, so heartbeats and I/O keep flowing; a function
+# that turns slow drives its average up and goes back to the threads.
+INLINE_BELOW = 200e-6
+INLINE_BUDGET = 5e-3
+
+_NO_KWARGS: dict[str, Any] = {}  # never mutated: ** unpacking copies it
+
+TOKEN_ENV = "ASYNC_WF_TOKEN"
+SYS_PATH_ENV = "ASYNC_WF_SYS_PATH"
+
+
+class RemoteError(Exception):
+    """An exception from a worker that could not travel as itself.
+
+    Its message gives the original type and text; the worker's traceback is
+    in ``__cause__`` like for every remote exception.
+    """
+
+
+class RemoteTraceback(Exception):
+    """Carries a worker's formatted traceback; attached as ``__cause__``."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f"\n\n(traceback on the worker)\n{self.tb}"
+
+
+def parse_url(url: str) -> tuple[str, int]:
+    """Split ``tcp://host:port`` into (host, port).
+
+    Raises:
+        ValueError: the URL is not of that form.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
+        raise ValueError(f"address must look like tcp://host:port, got {url!r}")
+    return parts.hostname, parts.port
+
+
+def portable_exception(exc: BaseException) -> BaseException:
+    """Return ``exc`` if it survives a pickle round trip, else a ``RemoteError`` for it."""
+    try:
+        # the same pickling as the RESULTS frame (cloudpickle for classes of
+        # __main__), and a load too: an exception whose __init__ wants other
+        # arguments than its args pickles fine but cannot be unpickled, which
+        # would break the whole frame on the scheduler's side
+        parts = P.dumps(exc, 0)
+        back = pickle.loads(parts[1], buffers=parts[2:])
+        if isinstance(back, BaseException):
+            return exc
+    except Exception:
+        pass
+    return RemoteError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}")
+
+
+class Worker:
+    """One worker connection: handshake, task execution, batched results."""
+
+    def __init__(
+        self,
+        secret: bytes,
+        slots: int = 1,
+        name: str | None = None,
+        parent_pid: int | None = None,
+        max_frame: int = P.DEFAULT_MAX_FRAME,
+    ) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.secret = secret
+        self.slots = slots
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.parent_pid = parent_pid
+        self.max_frame = max_frame
+        self.worker_id = -1
+        self._state = "hello"
+        self._nonces = (b"", b"")
+        self._fns: dict[int, Any] = {}
+        self._fn_errors: dict[int, BaseException] = {}
+        self._dur: dict[int, float] = {}  # function id -> moving average of one call, s
+        self._async: dict[int, asyncio.Task[Any]] = {}
+        self._cancelled: set[int] = set()
+        self._out: list[tuple[int, int, Any, str | None]] = []
+        self._flush_pending = False
+        self._last_heard = time.monotonic()
+        self._heartbeat = 1.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stream: P.FrameStream | None = None
+        self._pool: ThreadPool | None = None
+        self._done: asyncio.Future[int] | None = None
+
+    async def run(
+        self, host: str, port: int, ssl_ctx: ssl.SSLContext | None = None
+    ) -> int:
+        """Connect, serve until told to stop; return the process exit code."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._done = loop.create_future()
+        self._pool = ThreadPool(self.slots, loop, self._on_thread_results,
+                                claim=self._claim, name="async_wf-worker")
+        stream = P.FrameStream(self._on_frame, self._on_lost)
+        self._stream = stream
+        await loop.create_connection(
+            lambda: stream, host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None
+        )
+        watchdog = loop.create_task(self._watch())
+        try:
+            return await self._done
+        finally:
+            watchdog.cancel()
+            for t in self._async.values():
+                t.cancel()
+            self._pool.close()
+            stream.close()
+
+    def _finish(self, code: int) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(code)
+
+    # ------------------------------------------------------------ connection
+    def _on_lost(self, stream: P.FrameStream, exc: BaseException | None) -> None:
+        if isinstance(exc, P.ProtocolError):
+            log.error("worker %s: %s", self.name, exc)
+            self._finish(1)
+        elif self._state != "ready":
+            # a scheduler closes the connection of a worker that fails its
+            # challenge: that is a failure to start, not a clean end
+            log.error("worker %s: the scheduler closed the connection during the handshake "
+                      "(wrong token?)", self.name)
+            self._finish(1)
+        else:
+            self._finish(0)
+
+    def _on_frame(self, kind: int, payload: memoryview, buffers: list[Any]) -> None:
+        self._last_heard = time.monotonic()
+        stream = self._stream
+        assert stream is not None
+        if self._state == "ready":
+            if kind == P.TASKS:
+                self._run_batch(P.loads(payload, buffers))
+            elif kind == P.HEARTBEAT:
+                pass
+            elif kind == P.CANCEL:
+                self._cancel(P.loads(payload, buffers))
+            elif kind == P.SHUTDOWN:
+                self._finish(0)
+            else:
+                raise P.ProtocolError(f"unexpected {P.KIND_NAMES[kind]} frame from scheduler")
+        elif self._state == "hello":
+            if kind != P.HELLO:
+                raise P.ProtocolError(f"expected HELLO, got {P.KIND_NAMES[kind]}")
+            auth, nonce_s, nonce_w = P.answer_hello(bytes(payload), self.secret, self.slots,
+                                                   self.name)
+            self._nonces = (nonce_s, nonce_w)
+            self._state = "welcome"
+            stream.send(P.raw_frame(P.AUTH, auth))
+        elif self._state == "welcome":
+            if kind != P.WELCOME:
+                raise P.ProtocolError(f"expected WELCOME, got {P.KIND_NAMES[kind]}")
+            self.worker_id, self._heartbeat = P.check_welcome(
+                bytes(payload), self.secret, *self._nonces
+            )
+            self._state = "ready"
+            stream.decoder.max_frame = self.max_frame
+            log.info("worker %s joined as #%d", self.name, self.worker_id)
+
+    async def _watch(self) -> None:
+        stream = self._stream
+        assert stream is not None
+        while True:
+            await asyncio.sleep(self._heartbeat)
+            if self._state == "ready":
+                stream.send(P.raw_frame(P.HEARTBEAT))
+            silent = time.monotonic() - self._last_heard
+            if silent > max(10 * self._heartbeat, 10.0):
+                log.error("worker %s: scheduler silent for %.0f s, exiting", self.name, silent)
+                self._finish(1)
+                return
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                log.error("worker %s: parent process %d is gone, exiting", self.name,
+                          self.parent_pid)
+                self._finish(1)
+                return
+
+    # ----------------------------------------------------------------- tasks
+    def _run_batch(self, msg: Any) -> None:
+        new_fns, batch = msg
+        for fid, blob in new_fns:
+            try:
+                self._fns[fid] = pickle.loads(blob)
+            except Exception as exc:
+                self._fn_errors[fid] = RemoteError(
+                    f"the task function could not be loaded on worker {self.name}: "
+                    f"{type(exc).__name__}: {exc}"
+                )
+        loop = self._loop
+        pool = self._pool
+        assert loop is not None and pool is not None
+        dur = self._dur
+        spent = 0.0
+        for rid, fid, kind, args, kw in batch:
+            kwargs = kw if kw is not None else _NO_KWARGS
+            fn = self._fns.get(fid)
+            if fn is None:
+                err = self._fn_errors.get(fid) or RemoteError(f"unknown function id {fid}")
+                self._report(rid, R_ERROR, err, None)
+                continue
+            if kind == K_ASYNC:
+                self._async[rid] = loop.create_task(self._run_async(rid, fn, args, kwargs))
+            elif kind == K_THREAD:
+                d = dur.get(fid)
+                if d is not None and d < INLINE_BELOW and spent < INLINE_BUDGET:
+                    spent += self._run_inline(rid, fid, fn, args, kwargs)
+                else:
+                    pool.put((rid, fid), fn, args, kwargs)
+            else:
+                self._run_inline(rid, -1, fn, args, kwargs)
+
+    def _run_inline(self, rid: int, fid: int, fn: Any, args: Any, kwargs: Any) -> float:
+        """Run ``fn`` on the loop thread; return the seconds it took."""
+        t0 = perf_counter()
+        try:
+            value = fn(*args, **kwargs)
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            self._report(rid, R_ERROR, exc, traceback.format_exc())
+        else:
+            self._report(rid, R_OK, value, None)
+        took = perf_counter() - t0
+        if fid >= 0:
+            self._learn(fid, took)
+        return took
+
+    def _learn(self, fid: int, took: float) -> None:
+        d = self._dur.get(fid)
+        self._dur[fid] = took if d is None else 0.8 * d + 0.2 * took
+
+    async def _run_async(self, rid: int, fn: Any, args: Any, kwargs: Any) -> None:
+        try:
+            value = await fn(*args, **kwargs)
+        except asyncio.CancelledError:
+            self._report(rid, R_CANCELLED, None, None)
+        except Exception as exc:
+            self._report(rid, R_ERROR, exc, traceback.format_exc())
+        else:
+            self._report(rid, R_OK, value, None)
+        finally:
+            self._async.pop(rid, None)
+
+    def _claim(self, token: tuple[int, int]) -> bool:
+        return token[0] not in self._cancelled
+
+    def _cancel(self, rids: list[int]) -> None:
+        pool = self._pool
+        assert pool is not None
+        for rid in rids:
+            t = self._async.get(rid)
+            if t is not None:
+                t.cancel()
+            else:
+                with pool.lock:
+                    self._cancelled.add(rid)
+
+    def _on_thread_results(self, items: list[Outcome]) -> None:
+        for (rid, fid), status, value, took in items:
+            if status != SKIPPED:
+                self._learn(fid, took)
+            if status == OK:
+                self._report(rid, R_OK, value, None)
+            elif status == ERROR:
+                exc, tb = value
+                self._report(rid, R_ERROR, exc, tb)
+            elif status == SKIPPED:
+                self._cancelled.discard(rid)
+                self._report(rid, R_CANCELLED, None, None)
+
+    def _report(self, rid: int, status: int, value: Any, tb: str | None) -> None:
+        if status == R_ERROR:
+            # checked one by one (errors are rare): one exception that cannot
+            # make the round trip must not break the frame of all the others
+            value = portable_exception(value)
+        self._out.append((rid, status, value, tb))
+        if not self._flush_pending:
+            self._flush_pending = True
+            loop = self._loop
+            assert loop is not None
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        out = self._out
+        self._out = []
+        stream = self._stream
+        if not out or stream is None:
+            return
+        try:
+            frame = P.encode(P.RESULTS, out)
+        except Exception:
+            frame = P.encode(P.RESULTS, [self._portable(item) for item in out])
+        stream.send(frame)
+
+    def _portable(self, item: tuple[int, int, Any, str | None]) -> tuple[int, int, Any, Any]:
+        rid, status, value, tb = item
+        if status == R_ERROR:
+            return rid, status, portable_exception(value), tb
+        try:
+            P.dumps(value)
+        except Exception as exc:
+            err = RemoteError(
+                f"the task's result could not be pickled: {type(exc).__name__}: {exc}"
+            )
+            return rid, R_ERROR, err, traceback.format_exc()
+        return item
+
+
+# --------------------------------------------------------------------- main
+def _secret_from(args: argparse.Namespace) -> bytes:
+    if args.token_file:
+        return P.read_token_file(args.token_file)
+    env = os.environ.get(TOKEN_ENV)
+    if env:
+        return bytes.fromhex(env)
+    raise SystemExit(f"async-wf worker: give --token-file or set {TOKEN_ENV}")
+
+
+def _ssl_from(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not (args.tls_ca or args.tls_cert):
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=args.tls_ca)
+    if args.tls_cert:
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    return ctx
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The worker's command-line options (shared with ``async-wf worker``)."""
+    p = parser or argparse.ArgumentParser(
+        prog="async-wf worker", description="Run an async_wf worker process."
+    )
+    p.add_argument("--connect", required=True, metavar="tcp://HOST:PORT",
+                   help="the scheduler's address")
+    p.add_argument("--slots", type=int, default=1,
+                   help="threads for blocking tasks (async tasks are not limited by it)")
+    p.add_argument("--token-file", help=f"file holding the runtime's token (else ${TOKEN_ENV})")
+    p.add_argument("--name", help="name shown in logs (default host:pid)")
+    p.add_argument("--tls-ca", help="CA file to verify the scheduler's TLS certificate")
+    p.add_argument("--tls-cert", help="client certificate for TLS")
+    p.add_argument("--tls-key", help="key of the client certificate")
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m async_wf.worker``."""
+    args = build_parser().parse_args(argv)
+    return run_from_args(args)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run a worker from parsed options; return the exit code."""
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
+    extra = os.environ.get(SYS_PATH_ENV)
+    if extra:
+        for p in reversed(extra.split(os.pathsep)):
+            if p and p not in sys.path:
+                sys.path.insert(0, p)
+    try:
+        host, port = parse_url(args.connect)
+    except ValueError as exc:
+        raise SystemExit(f"async-wf worker: {exc}") from None
+    if args.slots < 1:
+        raise SystemExit(f"async-wf worker: --slots must be >= 1, got {args.slots}")
+    worker = Worker(_secret_from(args), args.slots, args.name, args.parent_pid)
+    from async_wf._api import run
+
+    try:
+        return run(worker.run(host, port, _ssl_from(args)))
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"async-wf worker: cannot connect to {args.connect}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    # run the imported module, not this __main__ copy of it: the exceptions
+    # sent back (RemoteError) must pickle as async_wf.worker.RemoteError, a
+    # name the scheduler can load, not as __main__.RemoteError
+    from async_wf.worker import main as _main
+
+    sys.exit(_main())
