@@ -327,29 +327,7 @@ class Scheduler:
         if policy == "abort":
             self._abort(fut, exc)
             return
-        cancel = policy == "cancel_successors"
-        succ = core.fail(h, cancel)
-        del tasks[h]
-        fut.set_exception(exc)
-        self.n_failed += 1
-        for s in succ:
-            sf = tasks.pop(s)
-            sf._args = ()
-            sf._kwargs = {}
-            if cancel:
-                sf._cancel_now(f"upstream task {name!r} failed")
-            else:
-                err = DependencyError(sf.name, name)
-                err.__cause__ = exc
-                sf.set_exception(err)
-                sf._log_traceback = False
-        if cancel:
-            self.n_cancelled += len(succ)
-        else:
-            self.n_failed += len(succ)
-        core.forget((h,))
-        core.forget(succ)
-        self._kick()
+        self._fail_and_cascade(fut, exc, cancel=policy == "cancel_successors")
 
     def task_requeue(self, fut: TaskFuture) -> None:
         """A transport lost the worker running ``fut``: run it again elsewhere.
@@ -377,7 +355,7 @@ class Scheduler:
         """
         for f in list(self._tasks.values()):
             if not f.done() and self._tasks.get(f._handle) is f:
-                self._fail_unstarted(f, make_error(f))
+                self._fail_and_cascade(f, make_error(f), cancel=False)
 
     def task_cancelled(self, fut: TaskFuture, msg: Any = None) -> None:
         """A transport reports that the running task of ``fut`` was cancelled."""
@@ -408,11 +386,17 @@ class Scheduler:
         core.forget(succ)
         self._kick()
 
-    def _fail_unstarted(self, fut: TaskFuture, exc: BaseException) -> None:
+    def _fail_and_cascade(self, fut: TaskFuture, exc: BaseException, *, cancel: bool) -> None:
+        """Fail ``fut`` with ``exc``; its transitive dependents are cancelled or fail.
+
+        Dependents that fail get ``DependencyError`` naming ``fut`` with
+        ``exc`` as cause.
+        """
         h = fut._handle
         core = self._core
         tasks = self._tasks
-        succ = core.fail(h, False)
+        name = fut.name
+        succ = core.fail(h, cancel)
         del tasks[h]
         fut._args = ()
         fut._kwargs = {}
@@ -422,11 +406,17 @@ class Scheduler:
             sf = tasks.pop(s)
             sf._args = ()
             sf._kwargs = {}
-            err = DependencyError(sf.name, fut.name)
-            err.__cause__ = exc
-            sf.set_exception(err)
-            sf._log_traceback = False
-        self.n_failed += len(succ)
+            if cancel:
+                sf._cancel_now(f"upstream task {name!r} failed")
+            else:
+                err = DependencyError(sf.name, name)
+                err.__cause__ = exc
+                sf.set_exception(err)
+                sf._log_traceback = False
+        if cancel:
+            self.n_cancelled += len(succ)
+        else:
+            self.n_failed += len(succ)
         core.forget((h,))
         core.forget(succ)
         self._kick()

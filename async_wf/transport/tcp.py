@@ -569,7 +569,12 @@ class TcpTransport(Transport):
         sched.task_error(fut, TaskTimeoutError(fut.name, fut._opts.timeout or 0.0))
 
     def cancel_running(self, fut: TaskFuture, msg: Any) -> bool:
-        """Cancel a task still in the backlog, or an ``async def`` task on its worker."""
+        """Cancel a task still in the backlog, or an ``async def`` task on its worker.
+
+        A blocking task on a worker is skipped there if no slot has taken it
+        yet; either way this returns False for it, since its outcome cannot
+        be known now, and the scheduler cancels the future itself.
+        """
         sched = self._sched
         assert sched is not None
         run = fut._run
@@ -582,13 +587,15 @@ class TcpTransport(Transport):
                     sched.task_cancelled(fut, msg)
                     return True
             return False
-        if fut._kind != ASYNC:
-            return False
         w, rid = run
         if w.inflight.get(rid) is not fut:
             return False
-        w.cancelling.add(rid)
         w.stream.send(P.encode(P.CANCEL, [rid]))
+        if fut._kind != ASYNC:
+            # the worker skips it if no slot has taken it yet; if one has, it
+            # runs to the end: the scheduler cancels the future now either way
+            return False
+        w.cancelling.add(rid)
         return True
 
     # ----------------------------------------------------------------- faults
