@@ -34,9 +34,14 @@ test-fast: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
+# the figures in the README; Dask is measured only when installed (pip install -e ".[peers]")
 bench: install
 	$(PY) bench/core.py
-	for w in noop chain fanin; do $(PY) bench/throughput.py --workload $$w --n 100000; done
+	for w in noop chain fanin; do $(PY) bench/throughput.py --transport local --workload $$w --n 100000; done
+	$(PY) bench/throughput.py --transport tcp --workers 2 --workload noop --n 20000 --peer-timeout 600
+	$(PY) bench/throughput.py --transport tcp --workers 2 --workload chain --n 2000 --peer-timeout 600
+	$(PY) bench/throughput.py --transport tcp --workers 2 --workload fanin --n 10000 --peer-timeout 600
+	$(PY) bench/throughput.py --transport tcp --workers 2 --workload payload --n 200 --peer-timeout 600
 
 # a build with line tracing and bounds checks, for debugging the core
 debug: install

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import importlib.metadata
 import importlib.util
 import json
@@ -45,7 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -196,7 +197,33 @@ async def raw_workload(workload: str, n: int) -> Any:
 
 
 # ------------------------------------------------------------------ driver
+# With 10^5 live tasks, full collections of the cyclic GC dominate and make
+# both sides' figures swing by 2x from run to run; by default it is collected
+# before and disabled during each timed run, on both sides alike (--gc on
+# keeps it running). Worker processes keep theirs.
+GC_OFF = True
+
+
+@contextlib.contextmanager
+def gc_quiet() -> Iterator[None]:
+    """Collect, then disable the cyclic GC for the block (if GC_OFF)."""
+    if not GC_OFF:
+        yield
+        return
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 async def _timed(fn: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
+    with gc_quiet():
+        return await _timed_inner(fn)
+
+
+async def _timed_inner(fn: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
     t0 = time.perf_counter()
     result = await fn()
     return time.perf_counter() - t0, result
@@ -244,6 +271,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "startup_s": startup,
         "core": stats["core"],
         "loop": type(asyncio.get_running_loop()).__module__,
+        "gc": "off" if GC_OFF else "on",
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
     }
@@ -294,6 +322,7 @@ async def measure_tcp(args: argparse.Namespace) -> dict[str, Any]:
         "startup_s": startup,
         "core": stats["core"],
         "loop": type(asyncio.get_running_loop()).__module__,
+        "gc": "off" if GC_OFF else "on",
         "bytes_sent": stats.get("bytes_sent"),
         "bytes_received": stats.get("bytes_received"),
         "python": platform.python_version(),
@@ -454,9 +483,10 @@ def peer_measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     times: list[float] = []
     try:
         for i in range(args.repeat + 1):
-            t1 = time.perf_counter()
-            res = run_once()
-            dt = time.perf_counter() - t1
+            with gc_quiet():
+                t1 = time.perf_counter()
+                res = run_once()
+                dt = time.perf_counter() - t1
             check_result(workload, n, res, data)
             if i:
                 times.append(dt)
@@ -482,7 +512,7 @@ def run_peer(name: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--_peer", name,
            "--transport", "tcp", "--workload", args.workload, "--n", str(args.n),
            "--repeat", str(args.repeat), "--workers", str(args.workers),
-           "--seed", str(args.seed)]
+           "--seed", str(args.seed), "--gc", args.gc]
     # a session of its own: on time-out or exit, its whole process group is killed
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, cwd=os.getcwd())
@@ -609,9 +639,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0,
                    help="payload: array i is default_rng(seed + i).random(131072)")
     p.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
+    p.add_argument("--gc", default="off", choices=["off", "on"],
+                   help="cyclic GC during timed runs in this process (default off, both sides)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--_peer", choices=PEERS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    global GC_OFF
+    GC_OFF = args.gc == "off"
     if args.n < 1 or args.repeat < 1:
         p.error(f"--n and --repeat must be >= 1, got {args.n} and {args.repeat}")
     if args.transport == "local":
