@@ -36,3 +36,17 @@ def test_readme_executor_snippet_runs() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "3 [1, 2]"
+
+
+def test_readme_worker_snippet_runs_on_worker_processes() -> None:
+    block = next(b for b in _python_blocks() if "Runtime(workers=2)" in b)
+    body = "\n".join("    " + line for line in block.splitlines())
+    program = (
+        "import async_wf\n\nasync def main():\n" + body + "\n    print(total)\n\n"
+        "async_wf.run(main())\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "285"
