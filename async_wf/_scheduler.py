@@ -314,7 +314,8 @@ class Scheduler:
         core = self._core
         tasks = self._tasks
         if policy == "ignore":
-            log.warning("task %r (#%d) failed, ignored: %r", name, fut._id, exc)
+            # the user chose to ignore it: statistics()["failed"] counts it
+            log.info("task %r (#%d) failed, ignored: %r", name, fut._id, exc)
             fut._ignored = True
             fut.set_exception(exc)
             fut._log_traceback = False
