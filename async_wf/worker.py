@@ -126,6 +126,7 @@ class Worker:
         self._fns: dict[int, Any] = {}
         self._fn_errors: dict[int, BaseException] = {}
         self._dur: dict[int, float] = {}  # function id -> moving average of one call, s
+        self._fid_floor = 0
         self._async: dict[int, asyncio.Task[Any]] = {}
         self._cancelled: set[int] = set()
         self._out: list[tuple[int, int, Any, str | None]] = []
@@ -232,7 +233,7 @@ class Worker:
 
     # ----------------------------------------------------------------- tasks
     def _run_batch(self, msg: Any) -> None:
-        new_fns, batch = msg
+        new_fns, batch, floor = msg
         for fid, blob in new_fns:
             try:
                 self._fns[fid] = pickle.loads(blob)
@@ -263,6 +264,12 @@ class Worker:
                     pool.put((rid, fid), fn, args, kwargs)
             else:
                 self._run_inline(rid, -1, fn, args, kwargs)
+        if floor > self._fid_floor:
+            # the scheduler dropped its cache: ids below floor are never sent again
+            self._fid_floor = floor
+            for table in (self._fns, self._fn_errors, self._dur):
+                for fid in [f for f in table if f < floor]:
+                    del table[fid]
 
     def _run_inline(self, rid: int, fid: int, fn: Any, args: Any, kwargs: Any) -> float:
         """Run ``fn`` on the loop thread; return the seconds it took."""

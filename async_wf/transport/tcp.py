@@ -217,7 +217,8 @@ class TcpTransport(Transport):
         self._wids = itertools.count(1)
         self._rids = itertools.count(1)
         self._fn_blobs: dict[int, tuple[Any, int, bytes]] = {}  # id(fn) -> (fn, fid, blob)
-        self._fids = itertools.count(1)
+        self._next_fid = 0
+        self._fid_floor = 0  # workers may drop the functions with smaller ids
         # popped tasks waiting for a credit of their kind: [async heap, blocking heap]
         self._backlog: tuple[list[tuple[int, int, TaskFuture]], ...] = ([], [])
         self._async_seen = False
@@ -433,8 +434,9 @@ class TcpTransport(Transport):
                     ))
                     continue
                 if len(self._fn_blobs) >= _FN_CACHE_MAX:
-                    self._fn_blobs.clear()
-                entry = (fn, next(self._fids), blob)
+                    self._forget_functions()
+                self._next_fid += 1
+                entry = (fn, self._next_fid, blob)
                 self._fn_blobs[id(fn)] = entry
             fid = entry[1]
             if fid not in w.fids:
@@ -451,7 +453,7 @@ class TcpTransport(Transport):
         if not batch:
             return
         try:
-            frame = P.encode(P.TASKS, (new_fns, batch), self._compress_min)
+            frame = P.encode(P.TASKS, (new_fns, batch, self._fid_floor), self._compress_min)
         except Exception:
             # one argument cannot be pickled: find it and fail that task alone
             self._send_one_by_one(w, sent, batch, new_fns)
@@ -464,7 +466,8 @@ class TcpTransport(Transport):
         assert sched is not None
         for fut, item in zip(futs, batch, strict=True):
             try:
-                frame = P.encode(P.TASKS, (new_fns, [item]), self._compress_min)
+                frame = P.encode(P.TASKS, (new_fns, [item], self._fid_floor),
+                                 self._compress_min)
             except Exception as exc:
                 self._forget(w, item[0], fut._kind)
                 err = TypeError(f"the arguments of task {fut.name!r} could not be pickled: "
@@ -477,6 +480,18 @@ class TcpTransport(Transport):
             # no frame went out: the worker never got these functions, so they
             # must be sent again with the next task that uses them
             w.fids.difference_update(fid for fid, _ in new_fns)
+
+    def _forget_functions(self) -> None:
+        """Drop the function cache, here and (with the next frame) on every worker.
+
+        Without it a program that submits ever new lambdas would grow the
+        cache here and the function table of every worker without bound.
+        A function still in use is simply sent again, with a new id.
+        """
+        self._fn_blobs.clear()
+        self._fid_floor = self._next_fid + 1
+        for w in self._order:
+            w.fids.clear()
 
     def _forget(self, w: _Worker, rid: int, kind: int) -> TaskFuture | None:
         fut = w.inflight.pop(rid, None)

@@ -742,3 +742,28 @@ class socket_closed_port:
 
     def __exit__(self, *exc: Any) -> None:
         self.sock.close()
+
+
+async def test_function_cache_stays_bounded_with_ever_new_lambdas(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a small cache so that it is dropped several times during the run
+    import async_wf.transport.tcp as tcp
+
+    monkeypatch.setattr(tcp, "_FN_CACHE_MAX", 40)
+    async with async_wf.Runtime(workers=1) as rt:
+        results = []
+        for wave in range(5):
+            futs = [rt.submit(lambda x, k=k: x * k, wave) for k in range(60)]
+            results.append(await asyncio.gather(*futs))
+            transport = rt.transport
+            assert isinstance(transport, tcp.TcpTransport)
+            assert len(transport._fn_blobs) <= 40
+            assert all(len(w.fids) <= 40 for w in transport._order)
+        # a function sent before a cache drop still works afterwards
+        same = lambda: "still here"  # noqa: E731
+        assert await rt.submit(same) == "still here"
+        for k in range(100):
+            await rt.submit(lambda k=k: k)
+        assert await rt.submit(same) == "still here"
+    assert results == [[wave * k for k in range(60)] for wave in range(5)]
