@@ -81,6 +81,10 @@ class ThreadPool:
             self._seq += 1
             heapq.heappush(self._heap, (-priority, self._seq, token, fn, args, kwargs))
             if self._idle:
+                # the woken thread is spoken for from now on: were it counted
+                # idle until it runs, every put of a burst would wake that
+                # same thread and no other would start (one thread for all)
+                self._idle -= 1
                 self._cond.notify()
                 return
             if len(self._threads) < self.nthreads:
@@ -103,8 +107,7 @@ class ThreadPool:
                     if self._stopping:
                         return
                     self._idle += 1
-                    self._cond.wait()
-                    self._idle -= 1
+                    self._cond.wait()  # put() takes it off the idle count
                 _, _, token, fn, args, kwargs = heapq.heappop(heap)
                 run = claim is None or claim(token)
             outcome: Outcome

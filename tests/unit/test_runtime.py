@@ -799,3 +799,20 @@ async def test_counter_is_shared_safely_between_thread_tasks() -> None:
     async with async_wf.Runtime(threads=4) as rt:
         await async_wf.gather(*(rt.submit(bump, i) for i in range(2000)))
     assert sum(counts.values()) == 2000
+
+
+async def test_a_burst_of_blocking_tasks_gets_all_its_threads_after_warm_up() -> None:
+    # each task waits until all 6 are running at once: with fewer threads the
+    # barrier breaks (a regression test: once a thread had gone idle, a burst
+    # woke only that thread and ran everything on it)
+    import threading
+
+    barrier = threading.Barrier(6, timeout=10)
+
+    def meet() -> int:
+        return barrier.wait()
+
+    async with async_wf.Runtime(threads=6) as rt:
+        assert await rt.submit(lambda: 1) == 1  # warm-up: one thread, then idle
+        arrived = await asyncio.gather(*[rt.submit(meet) for _ in range(6)])
+    assert sorted(arrived) == list(range(6))
