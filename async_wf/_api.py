@@ -100,6 +100,7 @@ class Runtime:
 
         Raises:
             RuntimeError: it was started before.
+            OSError: the transport could not listen (address in use, ...).
         """
         if self._sched is not None or self._closed:
             raise RuntimeError("a Runtime can be started only once")
@@ -111,7 +112,17 @@ class Runtime:
         # submit nested tasks
         sched.set_context(contextvars.copy_context())
         self._sched = sched
-        await self._transport.start(sched, loop)
+        try:
+            await self._transport.start(sched, loop)
+        except BaseException:
+            # not left current: a @task called afterwards must run the function,
+            # not submit to a runtime that will never run anything
+            self._closed = True
+            current_scheduler.reset(self._tokens[0])
+            _current_runtime.reset(self._tokens[1])
+            self._tokens = None
+            await sched.close(cancel=True)
+            raise
         return self
 
     async def close(self, *, cancel: bool = False) -> None:

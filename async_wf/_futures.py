@@ -38,6 +38,7 @@ class TaskFuture(asyncio.Future[Any]):
     __slots__ = (
         "_args",
         "_attempt",
+        "_cancelling",
         "_fn",
         "_handle",
         "_id",
@@ -64,6 +65,7 @@ class TaskFuture(asyncio.Future[Any]):
     _kind: int
     _subst: bool
     _attempt: int
+    _cancelling: bool
     _run: Any
     _timer: asyncio.TimerHandle | None
     _timed_out: bool

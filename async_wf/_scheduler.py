@@ -175,6 +175,7 @@ class Scheduler:
         fut._timed_out = False
         fut._ignored = False
         fut._lost = 0
+        fut._cancelling = False
         if failed_dep is not None or cancelled_dep is not None:
             fut._handle = -1
             self._resolve_unrun(fut, failed_dep, cancelled_dep)
@@ -296,6 +297,9 @@ class Scheduler:
         """A transport reports that the current attempt of ``fut`` raised ``exc``."""
         if fut.done() or self._state > _CLOSING:
             return
+        if fut._cancelling:
+            self.task_cancelled(fut, "cancelled")
+            return
         opts = fut._opts
         name = fut.name
         exc.add_note(
@@ -336,6 +340,9 @@ class Scheduler:
         Unlike a failure, this does not count against the task's retries.
         """
         if fut.done() or self._state > _CLOSING:
+            return
+        if fut._cancelling:
+            self.task_cancelled(fut, "cancelled")
             return
         self._core.requeue(fut._handle)
         self._kick()
@@ -432,7 +439,13 @@ class Scheduler:
             return True
         if st == _corepick.RUNNING:
             if self._transport.cancel_running(fut, msg):
-                return True  # the work stops and reports its cancellation itself
+                # the work stops and reports its cancellation itself; until
+                # then no timeout, error or lost worker may turn it into a retry
+                fut._cancelling = True
+                if fut._timer is not None:
+                    fut._timer.cancel()
+                    fut._timer = None
+                return True
             # Work that cannot be stopped (a blocking call already running):
             # like a run_in_executor future, the future is cancelled now so
             # that whoever awaits it, Ctrl-C included, is not held up until the

@@ -56,6 +56,7 @@ import os
 import pickle
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -482,6 +483,8 @@ class FrameStream(asyncio.BufferedProtocol):
         self.error: BaseException | None = None
         self.bytes_in = 0
         self.bytes_out = 0
+        #: when bytes last arrived: a peer busy sending one huge frame is alive
+        self.last_activity = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -498,6 +501,7 @@ class FrameStream(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.bytes_in += nbytes
+        self.last_activity = time.monotonic()
         try:
             frames = self.decoder.received(nbytes)
             while frames:

@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from async_wf import protocol as P
-from async_wf._threads import ERROR, OK, SKIPPED, Outcome, ThreadPool
+from async_wf._threads import ERROR, OK, Outcome, ThreadPool
 
 log = logging.getLogger("async_wf.worker")
 
@@ -128,7 +128,8 @@ class Worker:
         self._dur: dict[int, float] = {}  # function id -> moving average of one call, s
         self._fid_floor = 0
         self._async: dict[int, asyncio.Task[Any]] = {}
-        self._cancelled: set[int] = set()
+        self._cancelled: set[int] = set()  # cancelled while in the pool (under its lock)
+        self._in_pool: set[int] = set()  # blocking tasks put in the pool, not yet reported
         self._out: list[tuple[int, int, Any, str | None]] = []
         self._flush_pending = False
         self._last_heard = time.monotonic()
@@ -220,7 +221,7 @@ class Worker:
             await asyncio.sleep(self._heartbeat)
             if self._state == "ready":
                 stream.send(P.raw_frame(P.HEARTBEAT))
-            silent = time.monotonic() - self._last_heard
+            silent = time.monotonic() - max(self._last_heard, stream.last_activity)
             if silent > max(10 * self._heartbeat, 10.0):
                 log.error("worker %s: scheduler silent for %.0f s, exiting", self.name, silent)
                 self._finish(1)
@@ -261,6 +262,7 @@ class Worker:
                 if d is not None and d < INLINE_BELOW and spent < INLINE_BUDGET:
                     spent += self._run_inline(rid, fid, fn, args, kwargs)
                 else:
+                    self._in_pool.add(rid)
                     pool.put((rid, fid), fn, args, kwargs)
             else:
                 self._run_inline(rid, -1, fn, args, kwargs)
@@ -313,21 +315,26 @@ class Worker:
             t = self._async.get(rid)
             if t is not None:
                 t.cancel()
-            else:
+            elif rid in self._in_pool:  # not yet reported: skip it if not started
                 with pool.lock:
                     self._cancelled.add(rid)
 
     def _on_thread_results(self, items: list[Outcome]) -> None:
+        pool = self._pool
+        assert pool is not None
         for (rid, fid), status, value, took in items:
-            if status != SKIPPED:
-                self._learn(fid, took)
+            self._in_pool.discard(rid)
+            if rid in self._cancelled:
+                with pool.lock:
+                    self._cancelled.discard(rid)
             if status == OK:
+                self._learn(fid, took)
                 self._report(rid, R_OK, value, None)
             elif status == ERROR:
+                self._learn(fid, took)
                 exc, tb = value
                 self._report(rid, R_ERROR, exc, tb)
-            elif status == SKIPPED:
-                self._cancelled.discard(rid)
+            else:  # SKIPPED: cancelled before a slot took it
                 self._report(rid, R_CANCELLED, None, None)
 
     def _report(self, rid: int, status: int, value: Any, tb: str | None) -> None:

@@ -44,6 +44,7 @@ import ssl as _ssl
 import subprocess
 import sys
 import time
+import types
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,29 @@ log = logging.getLogger("async_wf")
 
 _R_OK, _R_ERROR, _R_CANCELLED = 0, 1, 2
 _FN_CACHE_MAX = 10_000
+_FN_CACHE_BYTES = 64 << 20
+
+
+def _fn_key(fn: Any) -> Any:
+    """Cache key of a task function: its identity, or (self, function) for a bound method.
+
+    ``obj.method`` is a new object at every attribute access; keyed by its
+    own id, the whole ``obj`` would be pickled and sent again for every task.
+    """
+    if type(fn) is types.MethodType:
+        return (id(fn.__self__), id(fn.__func__))
+    return id(fn)
+
+
+def _same_fn(cached: Any, fn: Any) -> bool:
+    if cached is fn:
+        return True
+    return (
+        type(fn) is types.MethodType
+        and type(cached) is types.MethodType
+        and cached.__self__ is fn.__self__
+        and cached.__func__ is fn.__func__
+    )
 
 
 class NoWorkerError(RuntimeError):
@@ -216,8 +240,9 @@ class TcpTransport(Transport):
         self._rr = 0
         self._wids = itertools.count(1)
         self._rids = itertools.count(1)
-        self._fn_blobs: dict[int, tuple[Any, int, bytes]] = {}  # id(fn) -> (fn, fid, blob)
+        self._fn_blobs: dict[Any, tuple[Any, int, bytes]] = {}  # _fn_key -> (fn, fid, blob)
         self._next_fid = 0
+        self._fn_bytes = 0
         self._fid_floor = 0  # workers may drop the functions with smaller ids
         # popped tasks waiting for a credit of their kind: [async heap, blocking heap]
         self._backlog: tuple[list[tuple[int, int, TaskFuture]], ...] = ([], [])
@@ -419,8 +444,9 @@ class TcpTransport(Transport):
         sent: list[TaskFuture] = []
         for fut in futs:
             fn = fut._fn
-            entry = self._fn_blobs.get(id(fn))
-            if entry is None or entry[0] is not fn:
+            key = _fn_key(fn)
+            entry = self._fn_blobs.get(key)
+            if entry is None or not _same_fn(entry[0], fn):
                 try:
                     blob = cloudpickle.dumps(fn, protocol=5)
                 except Exception as exc:
@@ -433,11 +459,13 @@ class TcpTransport(Transport):
                         f"{type(exc).__name__}: {exc}"
                     ))
                     continue
-                if len(self._fn_blobs) >= _FN_CACHE_MAX:
+                if (len(self._fn_blobs) >= _FN_CACHE_MAX
+                        or self._fn_bytes + len(blob) > _FN_CACHE_BYTES):
                     self._forget_functions()
                 self._next_fid += 1
                 entry = (fn, self._next_fid, blob)
-                self._fn_blobs[id(fn)] = entry
+                self._fn_blobs[key] = entry
+                self._fn_bytes += len(blob)
             fid = entry[1]
             if fid not in w.fids:
                 w.fids.add(fid)
@@ -489,6 +517,7 @@ class TcpTransport(Transport):
         A function still in use is simply sent again, with a new id.
         """
         self._fn_blobs.clear()
+        self._fn_bytes = 0
         self._fid_floor = self._next_fid + 1
         for w in self._order:
             w.fids.clear()
@@ -574,7 +603,7 @@ class TcpTransport(Transport):
 
     def _on_timeout(self, fut: TaskFuture, w: _Worker, rid: int) -> None:
         fut._timer = None
-        if w.inflight.get(rid) is not fut:
+        if w.inflight.get(rid) is not fut or fut._cancelling:
             return
         del w.inflight[rid]
         w.zombies[rid] = fut._kind  # its slot stays busy until the worker answers
@@ -661,9 +690,10 @@ class TcpTransport(Transport):
             await asyncio.sleep(self._heartbeat)
             now = time.monotonic()
             for w in list(self._order):
-                if now - w.last_heard > self._hb_timeout:
+                silent = now - max(w.last_heard, w.stream.last_activity)
+                if silent > self._hb_timeout:
                     w.stream.abort(P.ProtocolError(
-                        f"worker #{w.id} missed heartbeats for {now - w.last_heard:.1f} s"
+                        f"worker #{w.id} missed heartbeats for {silent:.1f} s"
                     ))
                 else:
                     w.stream.send(beat)

@@ -642,3 +642,32 @@ def test_reference_interpreter_itself() -> None:
     ]
     assert ref[6] == {("dep", 0), ("cancelled",)}
     assert list(itertools.chain(*ref))  # every node has at least one outcome
+
+
+async def test_cancelling_a_task_with_a_timeout_does_not_turn_into_a_retry() -> None:
+    # the task takes longer than its timeout to clean up after the cancel; the
+    # timeout must not fire into that cleanup and make the task run again
+    runs: list[int] = []
+    entered = asyncio.Event()
+
+    async def slow_cleanup() -> None:
+        runs.append(1)
+        entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.6)
+            raise
+
+    job = async_wf.task(slow_cleanup, timeout=0.3, retries=1)
+    async with async_wf.Runtime() as rt:
+        fut = job.submit()
+        await entered.wait()
+        assert fut.cancel() is True
+        with pytest.raises(asyncio.CancelledError):
+            await fut
+        await rt.barrier()
+        stats = rt.statistics()
+    assert runs == [1]
+    assert stats["retried"] == 0
+    assert stats["cancelled"] == 1

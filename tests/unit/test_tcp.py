@@ -767,3 +767,35 @@ async def test_function_cache_stays_bounded_with_ever_new_lambdas(
             await rt.submit(lambda k=k: k)
         assert await rt.submit(same) == "still here"
     assert results == [[wave * k for k in range(60)] for wave in range(5)]
+
+
+async def test_a_runtime_that_fails_to_start_is_not_left_current() -> None:
+    @async_wf.task
+    def double(x: int) -> int:
+        return 2 * x
+
+    async with async_wf.Runtime(workers=1) as first:
+        port = first.transport.address.rsplit(":", 1)[1]
+        with pytest.raises(OSError):
+            await async_wf.Runtime(listen=f"tcp://127.0.0.1:{port}").start()
+        # the first runtime is current again: a @task call submits to it
+        assert await double(21) == 42
+    # outside any runtime the call just runs
+    assert double(21) == 42
+
+
+async def test_a_bound_method_is_sent_once_not_with_every_task() -> None:
+    class Model:
+        def __init__(self) -> None:
+            self.weights = np.ones(1 << 17)  # 1 MiB
+
+        def score(self, i: int) -> float:
+            return float(self.weights[i])
+
+    model = Model()
+    async with async_wf.Runtime(workers=1) as rt:
+        # each `model.score` is a new bound-method object
+        scores = await asyncio.gather(*[rt.submit(model.score, i) for i in range(50)])
+        sent = rt.statistics()["bytes_sent"]
+    assert scores == [1.0] * 50
+    assert sent < 5 * (1 << 20), f"{sent} bytes sent: the model went out more than once"
