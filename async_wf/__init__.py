@@ -17,8 +17,12 @@ arguments become dependencies; ``await`` gives the result::
 from async_wf._api import Runtime, as_completed, current_runtime, gather, run, submit, wait
 from async_wf._errors import (
     DependencyError,
+    NoWorkerError,
+    RemoteError,
+    RemoteTraceback,
     RuntimeClosedError,
     TaskTimeoutError,
+    WorkerLostError,
     WorkflowAborted,
 )
 from async_wf._executor import Executor, ExecutorFuture
@@ -34,12 +38,16 @@ __all__ = [
     "DependencyError",
     "Executor",
     "ExecutorFuture",
+    "NoWorkerError",
+    "RemoteError",
+    "RemoteTraceback",
     "Runtime",
     "RuntimeClosedError",
     "TaskFunction",
     "TaskFuture",
     "TaskOptions",
     "TaskTimeoutError",
+    "WorkerLostError",
     "WorkflowAborted",
     "__version__",
     "as_completed",

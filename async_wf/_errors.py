@@ -52,3 +52,30 @@ class WorkflowAborted(BrokenExecutor):
 
 class RuntimeClosedError(RuntimeError):
     """The runtime is not running: not started yet, or already shut down."""
+
+
+class RemoteError(Exception):
+    """An exception from a worker that could not travel as itself.
+
+    Its message gives the original type and text; the worker's traceback is
+    in ``__cause__`` like for every remote exception.
+    """
+
+
+class RemoteTraceback(Exception):
+    """Carries a worker's formatted traceback; attached as ``__cause__``."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f"\n\n(traceback on the worker)\n{self.tb}"
+
+
+class NoWorkerError(RuntimeError):
+    """No worker was connected for ``no_worker_timeout`` seconds while tasks waited."""
+
+
+class WorkerLostError(RuntimeError):
+    """A task was running on ``max_lost`` workers that were all lost."""

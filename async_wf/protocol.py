@@ -232,20 +232,49 @@ def check_welcome(
 
 
 # ----------------------------------------------------------------- encoding
-def dumps(obj: Any, compress_min: int = DEFAULT_COMPRESS_MIN) -> list[Any]:
-    """Serialise ``obj``; return the frame's parts after the header: table, payload, buffers.
+def pack(obj: Any, bufs: list[pickle.PickleBuffer]) -> bytes:
+    """Pickle ``obj`` on its own; its out-of-band buffers are appended to ``bufs``.
+
+    Tasks' arguments and results are packed one by one inside a frame, so
+    that one that cannot be unpickled on the other side fails its own task,
+    not the whole frame (and with it the connection).
 
     Raises:
         pickle.PicklingError (or what cloudpickle raises): ``obj`` cannot be pickled.
     """
-    bufs: list[pickle.PickleBuffer] = []
+    n0 = len(bufs)
     try:
-        payload = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
+        return pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
     except Exception:
-        bufs.clear()
+        del bufs[n0:]
         f = io.BytesIO()
         cloudpickle.CloudPickler(f, protocol=5, buffer_callback=bufs.append).dump(obj)
-        payload = f.getvalue()
+        return f.getvalue()
+
+
+def unpack(blob: bytes, buffers: list[Any], start: int, count: int) -> Any:
+    """Unpickle what ``pack`` made, with its ``count`` buffers from ``buffers[start:]``.
+
+    Raises:
+        Exception: whatever unpickling raises (a missing module, a bad class).
+    """
+    return pickle.loads(blob, buffers=buffers[start : start + count])
+
+
+def dumps(
+    obj: Any, compress_min: int = DEFAULT_COMPRESS_MIN,
+    bufs: list[pickle.PickleBuffer] | None = None,
+) -> list[Any]:
+    """Serialise ``obj``; return the frame's parts after the header: table, payload, buffers.
+
+    ``bufs``: buffers already collected by ``pack`` for blobs inside ``obj``;
+    they go first in the frame, before ``obj``'s own.
+
+    Raises:
+        pickle.PicklingError (or what cloudpickle raises): ``obj`` cannot be pickled.
+    """
+    bufs = [] if bufs is None else bufs
+    payload = pack(obj, bufs)
     if not bufs:
         return [b"", payload]
     table = bytearray()
@@ -286,9 +315,15 @@ def raw_frame(kind: int, payload: bytes = b"") -> list[Any]:
     return frame(kind, [b"", payload], 0)
 
 
-def encode(kind: int, obj: Any, compress_min: int = DEFAULT_COMPRESS_MIN) -> list[Any]:
-    """Serialise ``obj`` into a complete frame, as a list of parts for ``writelines``."""
-    return frame(kind, dumps(obj, compress_min))
+def encode(
+    kind: int, obj: Any, compress_min: int = DEFAULT_COMPRESS_MIN,
+    bufs: list[pickle.PickleBuffer] | None = None,
+) -> list[Any]:
+    """Serialise ``obj`` into a complete frame, as a list of parts for ``writelines``.
+
+    ``bufs``: out-of-band buffers of blobs made by ``pack`` inside ``obj``.
+    """
+    return frame(kind, dumps(obj, compress_min, bufs))
 
 
 def loads(payload: memoryview | bytes, buffers: list[Any]) -> Any:

@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from async_wf import protocol as P
+from async_wf._errors import RemoteError
 from async_wf._threads import ERROR, OK, Outcome, ThreadPool
 
 log = logging.getLogger("async_wf.worker")
@@ -53,25 +54,6 @@ _NO_KWARGS: dict[str, Any] = {}  # never mutated: ** unpacking copies it
 
 TOKEN_ENV = "ASYNC_WF_TOKEN"
 SYS_PATH_ENV = "ASYNC_WF_SYS_PATH"
-
-
-class RemoteError(Exception):
-    """An exception from a worker that could not travel as itself.
-
-    Its message gives the original type and text; the worker's traceback is
-    in ``__cause__`` like for every remote exception.
-    """
-
-
-class RemoteTraceback(Exception):
-    """Carries a worker's formatted traceback; attached as ``__cause__``."""
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return f"\n\n(traceback on the worker)\n{self.tb}"
 
 
 def parse_url(url: str) -> tuple[str, int]:
@@ -187,7 +169,7 @@ class Worker:
         assert stream is not None
         if self._state == "ready":
             if kind == P.TASKS:
-                self._run_batch(P.loads(payload, buffers))
+                self._run_batch(P.loads(payload, buffers), buffers)
             elif kind == P.HEARTBEAT:
                 pass
             elif kind == P.CANCEL:
@@ -233,7 +215,7 @@ class Worker:
                 return
 
     # ----------------------------------------------------------------- tasks
-    def _run_batch(self, msg: Any) -> None:
+    def _run_batch(self, msg: Any, buffers: list[Any]) -> None:
         new_fns, batch, floor = msg
         for fid, blob in new_fns:
             try:
@@ -248,7 +230,19 @@ class Worker:
         assert loop is not None and pool is not None
         dur = self._dur
         spent = 0.0
-        for rid, fid, kind, args, kw in batch:
+        pos = 0
+        for rid, fid, kind, nbufs, blob in batch:
+            start = pos
+            pos += nbufs
+            try:
+                args, kw = P.unpack(blob, buffers, start, nbufs)
+            except Exception as exc:
+                # this task alone: e.g. an argument's module is missing here
+                self._report(rid, R_ERROR, RemoteError(
+                    f"the arguments of the task could not be loaded on worker {self.name}: "
+                    f"{type(exc).__name__}: {exc}"
+                ), traceback.format_exc())
+                continue
             kwargs = kw if kw is not None else _NO_KWARGS
             fn = self._fns.get(fid)
             if fn is None:
@@ -356,24 +350,23 @@ class Worker:
         stream = self._stream
         if not out or stream is None:
             return
-        try:
-            frame = P.encode(P.RESULTS, out)
-        except Exception:
-            frame = P.encode(P.RESULTS, [self._portable(item) for item in out])
-        stream.send(frame)
-
-    def _portable(self, item: tuple[int, int, Any, str | None]) -> tuple[int, int, Any, Any]:
-        rid, status, value, tb = item
-        if status == R_ERROR:
-            return rid, status, portable_exception(value), tb
-        try:
-            P.dumps(value)
-        except Exception as exc:
-            err = RemoteError(
-                f"the task's result could not be pickled: {type(exc).__name__}: {exc}"
-            )
-            return rid, R_ERROR, err, traceback.format_exc()
-        return item
+        bufs: list[Any] = []
+        items = []
+        for rid, status, value, tb in out:
+            n0 = len(bufs)
+            try:
+                # each result in a blob of its own, so that one the scheduler
+                # cannot unpickle costs that task, not the connection
+                blob = P.pack(value, bufs) if status != R_CANCELLED else b""
+            except Exception as exc:
+                del bufs[n0:]
+                status = R_ERROR
+                tb = traceback.format_exc()
+                blob = P.pack(RemoteError(
+                    f"the task's result could not be pickled: {type(exc).__name__}: {exc}"
+                ), bufs)
+            items.append((rid, status, len(bufs) - n0, blob, tb))
+        stream.send(P.encode(P.RESULTS, items, P.DEFAULT_COMPRESS_MIN, bufs))
 
 
 # --------------------------------------------------------------------- main

@@ -298,3 +298,25 @@ class PoisonPill:
 def poison_frame(kind: int, path: str) -> list[Any]:
     """A well-formed frame whose payload, if unpickled, creates ``path``."""
     return P.frame(kind, [b"", pickle.dumps(PoisonPill(path), protocol=5)])
+
+
+def explode(x: int) -> None:
+    """Rebuilds an ``Unloadable``: always fails, as a missing module would."""
+    raise ValueError(f"cannot rebuild this object ({x}) on this side")
+
+
+class Unloadable:
+    """Pickles fine; raises when unpickled."""
+
+    def __reduce__(self) -> tuple[Any, tuple[int]]:
+        return (explode, (7,))
+
+
+def make_unloadable() -> Unloadable:
+    """A task whose result the scheduler cannot unpickle."""
+    return Unloadable()
+
+
+def echo(x: Any) -> Any:
+    """Return the argument."""
+    return x

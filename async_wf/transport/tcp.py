@@ -51,10 +51,16 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 
 from async_wf import protocol as P
-from async_wf._errors import TaskTimeoutError
+from async_wf._errors import (
+    NoWorkerError,
+    RemoteError,
+    RemoteTraceback,
+    TaskTimeoutError,
+    WorkerLostError,
+)
 from async_wf._scheduler import ASYNC
 from async_wf.transport import Transport
-from async_wf.worker import SYS_PATH_ENV, TOKEN_ENV, RemoteTraceback, parse_url
+from async_wf.worker import SYS_PATH_ENV, TOKEN_ENV, parse_url
 
 if TYPE_CHECKING:
     from async_wf._futures import TaskFuture
@@ -89,14 +95,6 @@ def _same_fn(cached: Any, fn: Any) -> bool:
         and cached.__self__ is fn.__self__
         and cached.__func__ is fn.__func__
     )
-
-
-class NoWorkerError(RuntimeError):
-    """No worker was connected for ``no_worker_timeout`` seconds while tasks waited."""
-
-
-class WorkerLostError(RuntimeError):
-    """A task was running on ``max_lost`` workers that were all lost."""
 
 
 class _Worker:
@@ -441,7 +439,7 @@ class TcpTransport(Transport):
         assert loop is not None and sched is not None
         new_fns: list[tuple[int, bytes]] = []
         batch: list[tuple[Any, ...]] = []
-        sent: list[TaskFuture] = []
+        bufs: list[Any] = []
         for fut in futs:
             fn = fut._fn
             key = _fn_key(fn)
@@ -466,6 +464,20 @@ class TcpTransport(Transport):
                 entry = (fn, self._next_fid, blob)
                 self._fn_blobs[key] = entry
                 self._fn_bytes += len(blob)
+            n0 = len(bufs)
+            try:
+                # each task's arguments in a blob of their own: one that the
+                # worker cannot unpickle fails that task, not the frame
+                args_blob = P.pack((fut._args, fut._kwargs or None), bufs)
+            except Exception as exc:
+                del bufs[n0:]
+                w.count(fut._kind, -1)
+                fut._run = None
+                sched.task_error(fut, TypeError(
+                    f"the arguments of task {fut.name!r} could not be pickled: "
+                    f"{type(exc).__name__}: {exc}"
+                ))
+                continue
             fid = entry[1]
             if fid not in w.fids:
                 w.fids.add(fid)
@@ -473,41 +485,15 @@ class TcpTransport(Transport):
             rid = next(self._rids)
             w.inflight[rid] = fut
             fut._run = (w, rid)
-            sent.append(fut)
-            batch.append((rid, fid, fut._kind, fut._args, fut._kwargs or None))
+            batch.append((rid, fid, fut._kind, len(bufs) - n0, args_blob))
             timeout = fut._opts.timeout
             if timeout is not None:
                 fut._timer = loop.call_later(timeout, self._on_timeout, fut, w, rid)
         if not batch:
             return
-        try:
-            frame = P.encode(P.TASKS, (new_fns, batch, self._fid_floor), self._compress_min)
-        except Exception:
-            # one argument cannot be pickled: find it and fail that task alone
-            self._send_one_by_one(w, sent, batch, new_fns)
-            return
-        w.stream.send(frame)
-
-    def _send_one_by_one(self, w: _Worker, futs: list[TaskFuture], batch: list[Any],
-                         new_fns: list[tuple[int, bytes]]) -> None:
-        sched = self._sched
-        assert sched is not None
-        for fut, item in zip(futs, batch, strict=True):
-            try:
-                frame = P.encode(P.TASKS, (new_fns, [item], self._fid_floor),
-                                 self._compress_min)
-            except Exception as exc:
-                self._forget(w, item[0], fut._kind)
-                err = TypeError(f"the arguments of task {fut.name!r} could not be pickled: "
-                                f"{type(exc).__name__}: {exc}")
-                sched.task_error(fut, err)
-                continue
-            new_fns = []
-            w.stream.send(frame)
-        if new_fns:
-            # no frame went out: the worker never got these functions, so they
-            # must be sent again with the next task that uses them
-            w.fids.difference_update(fid for fid, _ in new_fns)
+        w.stream.send(
+            P.encode(P.TASKS, (new_fns, batch, self._fid_floor), self._compress_min, bufs)
+        )
 
     def _forget_functions(self) -> None:
         """Drop the function cache, here and (with the next frame) on every worker.
@@ -565,7 +551,7 @@ class TcpTransport(Transport):
         if kind == P.RESULTS:
             results = P.loads(payload, buffers)
             try:
-                self._on_results(w, results)
+                self._on_results(w, results, buffers)
             except (TypeError, ValueError) as exc:
                 # not a list of (rid, status, value, traceback)
                 raise P.ProtocolError(f"malformed RESULTS frame: {exc}") from exc
@@ -574,10 +560,14 @@ class TcpTransport(Transport):
         else:
             raise P.ProtocolError(f"unexpected {P.KIND_NAMES[kind]} frame from a worker")
 
-    def _on_results(self, w: _Worker, results: list[tuple[int, int, Any, Any]]) -> None:
+    def _on_results(self, w: _Worker, results: list[tuple[int, int, int, bytes, Any]],
+                    buffers: list[Any]) -> None:
         sched = self._sched
         assert sched is not None
-        for rid, status, value, tb in results:
+        pos = 0
+        for rid, status, nbufs, blob, tb in results:
+            start = pos
+            pos += nbufs
             fut = w.inflight.pop(rid, None)
             w.cancelling.discard(rid)
             if fut is None:
@@ -590,6 +580,17 @@ class TcpTransport(Transport):
                 fut._timer.cancel()
                 fut._timer = None
             fut._run = None
+            if status != _R_CANCELLED:
+                try:
+                    value = P.unpack(blob, buffers, start, nbufs)
+                except Exception as exc:
+                    # this result alone is lost, not the connection and the others
+                    what = "result" if status == _R_OK else "exception"
+                    status = _R_ERROR
+                    value = RemoteError(
+                        f"the {what} of task {fut.name!r} could not be unpickled here: "
+                        f"{type(exc).__name__}: {exc}"
+                    )
             if status == _R_OK:
                 sched.task_ok(fut, value)
             elif status == _R_ERROR:

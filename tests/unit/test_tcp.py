@@ -53,9 +53,8 @@ from tcp_helpers import (
 )
 
 import async_wf
+from async_wf import NoWorkerError, RemoteError, RemoteTraceback, WorkerLostError
 from async_wf import protocol as P
-from async_wf.transport.tcp import NoWorkerError, WorkerLostError
-from async_wf.worker import RemoteError, RemoteTraceback
 
 UV = pytest.mark.asyncio(loop_factories=["uvloop"])
 BOTH_LOOPS = pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])
@@ -799,3 +798,25 @@ async def test_a_bound_method_is_sent_once_not_with_every_task() -> None:
         sent = rt.statistics()["bytes_sent"]
     assert scores == [1.0] * 50
     assert sent < 5 * (1 << 20), f"{sent} bytes sent: the model went out more than once"
+
+
+async def test_a_value_that_cannot_be_unpickled_fails_its_task_alone() -> None:
+    from tcp_helpers import Unloadable, echo, make_unloadable
+
+    async with async_wf.Runtime(workers=1) as rt:
+        # one frame each way holds good tasks and the bad one
+        futs = [rt.submit(echo, i) for i in range(5)]
+        bad_result = rt.submit(make_unloadable)
+        bad_arg = rt.submit(echo, Unloadable())
+        futs += [rt.submit(echo, i) for i in range(5, 10)]
+        assert await asyncio.gather(*futs) == list(range(10))
+        with pytest.raises(async_wf.RemoteError,
+                           match="result of task 'make_unloadable' could not be unpickled here"):
+            await bad_result
+        with pytest.raises(async_wf.RemoteError,
+                           match="arguments of the task could not be loaded on worker"):
+            await bad_arg
+        # the worker was not lost: it still runs tasks
+        assert await rt.submit(echo, "still there") == "still there"
+        stats = rt.statistics()
+    assert stats["workers_lost"] == 0
