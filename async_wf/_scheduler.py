@@ -29,6 +29,7 @@ Invariants
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -55,6 +56,7 @@ INLINE = 2  # small function run directly on the scheduler's loop
 
 _CO_COROUTINE = inspect.CO_COROUTINE
 _OPEN, _CLOSING, _CLOSED, _ABORTED = range(4)
+_CANCEL_GRACE = 2.0  # seconds a cancelling close waits for cancelled work to report
 
 
 def kind_of(fn: Callable[..., Any], opts: TaskOptions) -> int:
@@ -515,8 +517,10 @@ class Scheduler:
             if cancel:
                 self._state = _CLOSING
                 self.cancel_all()
-                # let cancelled coroutines run their cleanup
-                await asyncio.sleep(0)
+                # let cancelled work report back (coroutines clean up, remote
+                # ones answer), so that their futures end cancelled, not closed
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wait_idle(), _CANCEL_GRACE)
             else:
                 await self.wait_idle()
         finally:

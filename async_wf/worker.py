@@ -292,7 +292,10 @@ class Worker:
             value = await fn(*args, **kwargs)
         except asyncio.CancelledError:
             self._report(rid, R_CANCELLED, None, None)
-        except Exception as exc:
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            # SystemExit included: a task calling sys.exit() fails, the worker goes on
             self._report(rid, R_ERROR, exc, traceback.format_exc())
         else:
             self._report(rid, R_OK, value, None)

@@ -320,3 +320,10 @@ def make_unloadable() -> Unloadable:
 def echo(x: Any) -> Any:
     """Return the argument."""
     return x
+
+
+async def exits_async() -> None:
+    """An async task that calls sys.exit(): a failure of the task, not of the worker."""
+    import sys
+
+    sys.exit(3)

@@ -820,3 +820,13 @@ async def test_a_value_that_cannot_be_unpickled_fails_its_task_alone() -> None:
         assert await rt.submit(echo, "still there") == "still there"
         stats = rt.statistics()
     assert stats["workers_lost"] == 0
+
+
+async def test_sys_exit_in_an_async_task_fails_the_task_not_the_worker() -> None:
+    from tcp_helpers import echo, exits_async
+
+    async with async_wf.Runtime(workers=1) as rt:
+        with pytest.raises(SystemExit):
+            await rt.submit(exits_async)
+        assert await rt.submit(echo, "alive") == "alive"
+        assert rt.statistics()["workers_lost"] == 0
