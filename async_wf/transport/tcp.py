@@ -448,14 +448,7 @@ class TcpTransport(Transport):
                 try:
                     blob = cloudpickle.dumps(fn, protocol=5)
                 except Exception as exc:
-                    # fail this task alone (raising here would leave the whole
-                    # batch half-dispatched, its futures pending for ever)
-                    w.count(fut._kind, -1)
-                    fut._run = None
-                    sched.task_error(fut, TypeError(
-                        f"the function of task {fut.name!r} could not be pickled: "
-                        f"{type(exc).__name__}: {exc}"
-                    ))
+                    self._unsendable(w, fut, "function", exc)
                     continue
                 if (len(self._fn_blobs) >= _FN_CACHE_MAX
                         or self._fn_bytes + len(blob) > _FN_CACHE_BYTES):
@@ -471,12 +464,7 @@ class TcpTransport(Transport):
                 args_blob = P.pack((fut._args, fut._kwargs or None), bufs)
             except Exception as exc:
                 del bufs[n0:]
-                w.count(fut._kind, -1)
-                fut._run = None
-                sched.task_error(fut, TypeError(
-                    f"the arguments of task {fut.name!r} could not be pickled: "
-                    f"{type(exc).__name__}: {exc}"
-                ))
+                self._unsendable(w, fut, "arguments", exc)
                 continue
             fid = entry[1]
             if fid not in w.fids:
@@ -494,6 +482,20 @@ class TcpTransport(Transport):
         w.stream.send(
             P.encode(P.TASKS, (new_fns, batch, self._fid_floor), self._compress_min, bufs)
         )
+
+    def _unsendable(self, w: _Worker, fut: TaskFuture, what: str, exc: Exception) -> None:
+        """Fail one task of a batch whose ``what`` cannot be pickled, and only it.
+
+        Raising instead would leave the whole batch half-dispatched, its
+        futures pending for ever. The credit taken for it on ``w`` is given back.
+        """
+        sched = self._sched
+        assert sched is not None
+        w.count(fut._kind, -1)
+        fut._run = None
+        sched.task_error(fut, TypeError(
+            f"the {what} of task {fut.name!r} could not be pickled: {type(exc).__name__}: {exc}"
+        ))
 
     def _forget_functions(self) -> None:
         """Drop the function cache, here and (with the next frame) on every worker.
