@@ -94,10 +94,6 @@ class ThreadPool:
                 self._threads.append(t)
                 t.start()
 
-    def waiting(self) -> int:
-        """Items queued and not yet taken by a thread."""
-        return len(self._heap)
-
     def _work(self) -> None:
         heap = self._heap
         claim = self._claim

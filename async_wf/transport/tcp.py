@@ -510,15 +510,6 @@ class TcpTransport(Transport):
         for w in self._order:
             w.fids.clear()
 
-    def _forget(self, w: _Worker, rid: int, kind: int) -> TaskFuture | None:
-        fut = w.inflight.pop(rid, None)
-        if fut is not None:
-            w.count(kind, -1)
-            if fut._timer is not None:
-                fut._timer.cancel()
-                fut._timer = None
-        return fut
-
     def _place_backlog(self) -> None:
         """Send waiting tasks to workers with free credit, best priority first.
 
