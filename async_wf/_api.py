@@ -118,9 +118,7 @@ class Runtime:
             # not left current: a @task called afterwards must run the function,
             # not submit to a runtime that will never run anything
             self._closed = True
-            current_scheduler.reset(self._tokens[0])
-            _current_runtime.reset(self._tokens[1])
-            self._tokens = None
+            self._leave_context()
             await sched.close(cancel=True)
             raise
         return self
@@ -138,15 +136,20 @@ class Runtime:
         try:
             await self._sched.close(cancel=cancel)
         finally:
-            if self._tokens is not None:
-                try:
-                    current_scheduler.reset(self._tokens[0])
-                    _current_runtime.reset(self._tokens[1])
-                except ValueError:
-                    # closed from another context than it was started in
-                    current_scheduler.set(None)
-                    _current_runtime.set(None)
-                self._tokens = None
+            self._leave_context()
+
+    def _leave_context(self) -> None:
+        """Stop being this context's current runtime (undo what ``start`` set)."""
+        if self._tokens is None:
+            return
+        try:
+            current_scheduler.reset(self._tokens[0])
+            _current_runtime.reset(self._tokens[1])
+        except ValueError:
+            # closed from another context than it was started in
+            current_scheduler.set(None)
+            _current_runtime.set(None)
+        self._tokens = None
 
     async def __aenter__(self) -> Runtime:
         return await self.start()
