@@ -102,6 +102,13 @@ class TaskFuture(asyncio.Future[Any]):
             return False
         return self._sched._cancel(self, msg)
 
+    def _stop_timer(self) -> None:
+        """Cancel the timeout timer of the current attempt, if any."""
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
+            self._timer = None
+
     def _cancel_now(self, msg: Any = None) -> None:
         """Mark the future cancelled (scheduler use only)."""
         super().cancel(msg)

@@ -444,9 +444,7 @@ class Scheduler:
                 # the work stops and reports its cancellation itself; until
                 # then no timeout, error or lost worker may turn it into a retry
                 fut._cancelling = True
-                if fut._timer is not None:
-                    fut._timer.cancel()
-                    fut._timer = None
+                fut._stop_timer()
                 return True
             # Work that cannot be stopped (a blocking call already running):
             # like a run_in_executor future, the future is cancelled now so

@@ -116,7 +116,7 @@ class LocalTransport(Transport):
         except asyncio.CancelledError as exc:
             if fut._run is not asyncio.current_task():
                 return  # an earlier attempt, already given up on
-            self._stop_timer(fut)
+            fut._stop_timer()
             if fut._timed_out:
                 sched.task_error(fut, TaskTimeoutError(fut.name, fut._opts.timeout or 0.0))
             else:
@@ -124,7 +124,7 @@ class LocalTransport(Transport):
         except BaseException as exc:
             if fut._run is not asyncio.current_task():
                 return
-            self._stop_timer(fut)
+            fut._stop_timer()
             sched.task_error(fut, exc)
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt, SystemExit: let the loop see them
@@ -132,17 +132,11 @@ class LocalTransport(Transport):
             if fut._timer is not None or fut._timed_out:
                 if fut._run is not asyncio.current_task():
                     return
-                self._stop_timer(fut)
+                fut._stop_timer()
                 if fut._timed_out:  # the coroutine swallowed its timeout cancellation
                     sched.task_error(fut, TaskTimeoutError(fut.name, fut._opts.timeout or 0.0))
                     return
             sched.task_ok(fut, value)
-
-    @staticmethod
-    def _stop_timer(fut: TaskFuture) -> None:
-        if fut._timer is not None:
-            fut._timer.cancel()
-            fut._timer = None
 
     def _on_timeout(self, fut: TaskFuture, attempt: int) -> None:
         fut._timer = None
@@ -188,10 +182,10 @@ class LocalTransport(Transport):
             if fut.done() or fut._attempt != attempt:
                 continue  # skipped, or an attempt already given up on
             if status == OK:
-                self._stop_timer(fut)
+                fut._stop_timer()
                 sched.task_ok(fut, value)
             elif status == ERROR:
-                self._stop_timer(fut)
+                fut._stop_timer()
                 sched.task_error(fut, value[0])
 
     # -------------------------------------------------------------- cancelling
@@ -209,9 +203,7 @@ class LocalTransport(Transport):
             if fut._run != _QUEUED:
                 return False
             fut._run = _DROPPED
-        if fut._timer is not None:
-            fut._timer.cancel()
-            fut._timer = None
+        fut._stop_timer()
         sched.task_cancelled(fut, msg)
         return True
 
@@ -223,7 +215,7 @@ class LocalTransport(Transport):
             # cancelled before its first step: _run_async will never run, and
             # it is what reports outcomes, so report here
             fut._run = None
-            self._stop_timer(fut)
+            fut._stop_timer()
             sched = self._sched
             assert sched is not None
             if fut._timed_out:

@@ -569,9 +569,7 @@ class TcpTransport(Transport):
                     w.count(zkind, -1)
                 continue
             w.count(fut._kind, -1)
-            if fut._timer is not None:
-                fut._timer.cancel()
-                fut._timer = None
+            fut._stop_timer()
             fut._run = None
             if status != _R_CANCELLED:
                 try:
@@ -657,9 +655,7 @@ class TcpTransport(Transport):
         sched = self._sched
         assert sched is not None
         for fut in futs:
-            if fut._timer is not None:
-                fut._timer.cancel()
-                fut._timer = None
+            fut._stop_timer()
             fut._run = None
             if id(fut) in cancelled:
                 # its cancellation was accepted: running it again would make the
