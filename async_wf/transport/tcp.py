@@ -1,26 +1,7 @@
 """Worker processes over raw TCP sockets (see ``async_wf.protocol`` for the wire format).
 
-Flow control
-    Each worker has two credits: blocking tasks may be outstanding up to
-    ``slots * prefetch`` (enough to keep its threads busy across a round
-    trip, small enough that one worker does not hoard work that another,
-    idle, worker could run), and ``async def`` tasks up to ``async_limit``
-    (coroutines do not occupy a slot, so a one-slot worker still keeps a
-    thousand I/O-bound coroutines in flight). ``capacity`` is the sum of free
-    credits; tasks beyond it stay in the core's ready queue, in priority
-    order. Since the core's queue does not know kinds, ``capacity`` counts
-    the large async credit only once async tasks have been seen (one slot
-    before that, to find out), and is zero while anything waits in the
-    backlog: the tasks popped but not placeable because their kind's credit
-    is used up everywhere. The backlog, one priority heap per kind, thus
-    holds at most one pop's overflow, and nothing overtakes it.
-
-Batching
-    All tasks dispatched to one worker in one pump go in one TASKS frame;
-    each worker sends all results of one loop iteration in one RESULTS
-    frame. A function travels once per worker connection (cloudpickled, so
-    lambdas, closures and ``__main__`` functions work) and is then named by
-    a small integer.
+Placement, batching and results are shared with the MPI transport
+(see ``transport._remote``).
 
 Faults
     A worker that closes its connection, breaks the protocol or misses
@@ -36,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import heapq
 import itertools
 import logging
 import os
@@ -44,22 +24,15 @@ import ssl as _ssl
 import subprocess
 import sys
 import time
-import types
 import weakref
-from typing import TYPE_CHECKING, Any
-
-import cloudpickle
+from typing import TYPE_CHECKING, Any, cast
 
 from async_wf import protocol as P
 from async_wf._errors import (
     NoWorkerError,
-    RemoteError,
-    RemoteTraceback,
-    TaskTimeoutError,
     WorkerLostError,
 )
-from async_wf._scheduler import ASYNC
-from async_wf.transport import Transport
+from async_wf.transport._remote import RemoteTransport, _Worker
 from async_wf.worker import SYS_PATH_ENV, TOKEN_ENV, parse_url
 
 if TYPE_CHECKING:
@@ -70,81 +43,7 @@ __all__ = ["NoWorkerError", "TcpTransport", "WorkerLostError"]
 
 log = logging.getLogger("async_wf")
 
-_R_OK, _R_ERROR, _R_CANCELLED = 0, 1, 2
-_FN_CACHE_MAX = 10_000
-_FN_CACHE_BYTES = 64 << 20
-
-
-def _fn_key(fn: Any) -> Any:
-    """Cache key of a task function: its identity, or (self, function) for a bound method.
-
-    ``obj.method`` is a new object at every attribute access; keyed by its
-    own id, the whole ``obj`` would be pickled and sent again for every task.
-    """
-    if type(fn) is types.MethodType:
-        return (id(fn.__self__), id(fn.__func__))
-    return id(fn)
-
-
-def _same_fn(cached: Any, fn: Any) -> bool:
-    if cached is fn:
-        return True
-    return (
-        type(fn) is types.MethodType
-        and type(cached) is types.MethodType
-        and cached.__self__ is fn.__self__
-        and cached.__func__ is fn.__func__
-    )
-
-
-class _Worker:
-    __slots__ = (
-        "async_limit",
-        "cancelling",
-        "fids",
-        "id",
-        "inflight",
-        "last_heard",
-        "n_async",
-        "n_thread",
-        "name",
-        "pid",
-        "slots",
-        "stream",
-        "thread_limit",
-        "zombies",
-    )
-
-    def __init__(self, stream: P.FrameStream, wid: int, slots: int, pid: int, name: str,
-                 prefetch: int, async_limit: int) -> None:
-        self.stream = stream
-        self.id = wid
-        self.slots = slots
-        self.pid = pid
-        self.name = name
-        self.inflight: dict[int, TaskFuture] = {}
-        self.zombies: dict[int, int] = {}  # rid -> kind, given up on but still running there
-        self.cancelling: set[int] = set()  # rids sent a CANCEL, outcome not reported yet
-        self.fids: set[int] = set()
-        self.n_thread = 0
-        self.n_async = 0
-        self.thread_limit = slots * prefetch
-        self.async_limit = async_limit
-        self.last_heard = time.monotonic()
-
-    def free(self, kind: int) -> int:
-        if kind == ASYNC:
-            return self.async_limit - self.n_async
-        return self.thread_limit - self.n_thread
-
-    def count(self, kind: int, delta: int) -> None:
-        if kind == ASYNC:
-            self.n_async += delta
-        else:
-            self.n_thread += delta
-
-
-class TcpTransport(Transport):
+class TcpTransport(RemoteTransport):
     """Runs tasks on worker processes connected over TCP.
 
     Args:
@@ -216,45 +115,25 @@ class TcpTransport(Transport):
             raise ValueError(f"token must be at least 16 bytes, got {len(token)}")
         if ssl is not None and workers and tls_ca is None:
             raise ValueError("workers started with ssl= need tls_ca= to verify the scheduler")
+        super().__init__(prefetch=prefetch, async_limit=async_limit,
+                         compress_min=compress_min, max_lost=max_lost)
         self.secret = token if token is not None else P.new_secret()
         self._n_spawn = workers
         self._ssl = ssl
         self._tls_ca = tls_ca
         self._slots = slots
-        self._prefetch = prefetch
-        self._async_limit = async_limit
         self._heartbeat = float(heartbeat)
         self._hb_timeout = heartbeat_timeout or 10 * self._heartbeat
         self._no_worker_timeout = no_worker_timeout
         self._start_timeout = start_timeout
-        self._compress_min = compress_min
         self._max_frame = max_frame
-        self._max_lost = max_lost
-        self._sched: Scheduler | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
-        self._workers: dict[int, _Worker] = {}
-        self._order: list[_Worker] = []
-        self._rr = 0
         self._wids = itertools.count(1)
-        self._rids = itertools.count(1)
-        self._fn_blobs: dict[Any, tuple[Any, int, bytes]] = {}  # _fn_key -> (fn, fid, blob)
-        self._next_fid = 0
-        self._fn_bytes = 0
-        self._fid_floor = 0  # workers may drop the functions with smaller ids
-        # popped tasks waiting for a credit of their kind: [async heap, blocking heap]
-        self._backlog: tuple[list[tuple[int, int, TaskFuture]], ...] = ([], [])
-        self._async_seen = False
-        self._seq = 0
         self._procs: list[subprocess.Popen[bytes]] = []
         self._watchdog: asyncio.Task[None] | None = None
         self._joined: asyncio.Event | None = None
         self._no_worker_since: float | None = None
-        self._closing = False
-        self.n_workers_lost = 0
         self.n_rejected = 0
-        self.bytes_sent = 0
-        self.bytes_received = 0
 
     @property
     def address(self) -> str:
@@ -345,15 +224,12 @@ class TcpTransport(Transport):
                 P.welcome_payload(self.secret, state["nonce"], nonce_w, wid, self._heartbeat),
             ))
             stream.decoder.max_frame = self._max_frame
-            self._workers[wid] = w
-            self._order.append(w)
             self._no_worker_since = None
             log.info("worker #%d %s (pid %d, %d slots) joined from %s", wid, name, pid, slots,
                      stream.peer)
             if self._joined is not None:
                 self._joined.set()
-            self._place_backlog()
-            self._wake()
+            self._join(w)
 
         def on_lost(stream: P.FrameStream, exc: BaseException | None) -> None:
             if "timer" in state:
@@ -375,302 +251,10 @@ class TcpTransport(Transport):
         stream.abort(P.ProtocolError(why))  # counted as rejected when the loss is seen
         return False
 
-    # --------------------------------------------------------------- dispatch
-    def capacity(self) -> int:
-        """How many tasks the scheduler may pop now (see the module docstring).
-
-        Nothing while tasks wait in the backlog, so that nothing overtakes
-        them. Otherwise the free blocking credit, plus the free async credit
-        once async tasks have been seen (before that, one slot to find out):
-        a worker's large async credit must not make the scheduler pop
-        thousands of blocking tasks that no slot can take.
-        """
-        if self._backlog[0] or self._backlog[1]:
-            return 0
-        t = a = 0
-        for w in self._order:
-            t += w.thread_limit - w.n_thread
-            a += w.async_limit - w.n_async
-        if a <= 0:
-            return t
-        return t + (a if self._async_seen else 1)
-
-    def _pick(self, kind: int) -> _Worker | None:
-        order = self._order
-        n = len(order)
-        for _ in range(n):
-            self._rr = (self._rr + 1) % n
-            w = order[self._rr]
-            if w.free(kind) > 0:
-                return w
-        return None
-
-    def dispatch(self, futs: list[TaskFuture]) -> None:
-        """Place each task on a worker with free credit; send one frame per worker."""
-        batches: dict[_Worker, list[Any]] = {}
-        n_async = 0
-        for fut in futs:
-            fut._timed_out = False
-            kind = fut._kind
-            if kind == ASYNC:
-                n_async += 1
-            w = self._pick(kind)
-            if w is None:
-                self._seq += 1
-                heapq.heappush(self._backlog[kind != ASYNC],
-                               (-fut._opts.priority, self._seq, fut))
-                fut._run = None
-                continue
-            # take the credit now, so that the next pick in this batch sees it
-            # used: else one batch could go all to one worker, past its limits
-            w.count(fut._kind, 1)
-            batches.setdefault(w, []).append(fut)
-        if n_async:
-            self._async_seen = True
-        elif len(futs) >= 64:
-            self._async_seen = False  # a large all-blocking batch: stop counting async credit
-        for w, fs in batches.items():
-            self._send_tasks(w, fs)
-
-    def _send_tasks(self, w: _Worker, futs: list[TaskFuture]) -> None:
-        """Send ``futs`` to ``w`` in one frame; their credits on ``w`` are already taken."""
-        loop = self._loop
-        sched = self._sched
-        assert loop is not None and sched is not None
-        new_fns: list[tuple[int, bytes]] = []
-        batch: list[tuple[Any, ...]] = []
-        bufs: list[Any] = []
-        for fut in futs:
-            fn = fut._fn
-            key = _fn_key(fn)
-            entry = self._fn_blobs.get(key)
-            if entry is None or not _same_fn(entry[0], fn):
-                try:
-                    blob = cloudpickle.dumps(fn, protocol=5)
-                except Exception as exc:
-                    self._unsendable(w, fut, "function", exc)
-                    continue
-                if (len(self._fn_blobs) >= _FN_CACHE_MAX
-                        or self._fn_bytes + len(blob) > _FN_CACHE_BYTES):
-                    self._forget_functions()
-                self._next_fid += 1
-                entry = (fn, self._next_fid, blob)
-                self._fn_blobs[key] = entry
-                self._fn_bytes += len(blob)
-            n0 = len(bufs)
-            try:
-                # each task's arguments in a blob of their own: one that the
-                # worker cannot unpickle fails that task, not the frame
-                args_blob = P.pack((fut._args, fut._kwargs or None), bufs)
-            except Exception as exc:
-                del bufs[n0:]
-                self._unsendable(w, fut, "arguments", exc)
-                continue
-            fid = entry[1]
-            if fid not in w.fids:
-                w.fids.add(fid)
-                new_fns.append((fid, entry[2]))
-            rid = next(self._rids)
-            w.inflight[rid] = fut
-            fut._run = (w, rid)
-            batch.append((rid, fid, fut._kind, len(bufs) - n0, args_blob))
-            timeout = fut._opts.timeout
-            if timeout is not None:
-                fut._timer = loop.call_later(timeout, self._on_timeout, fut, w, rid)
-        if not batch:
-            return
-        w.stream.send(
-            P.encode(P.TASKS, (new_fns, batch, self._fid_floor), self._compress_min, bufs)
-        )
-
-    def _unsendable(self, w: _Worker, fut: TaskFuture, what: str, exc: Exception) -> None:
-        """Fail one task of a batch whose ``what`` cannot be pickled, and only it.
-
-        Raising instead would leave the whole batch half-dispatched, its
-        futures pending for ever. The credit taken for it on ``w`` is given back.
-        """
-        sched = self._sched
-        assert sched is not None
-        w.count(fut._kind, -1)
-        fut._run = None
-        sched.task_error(fut, TypeError(
-            f"the {what} of task {fut.name!r} could not be pickled: {type(exc).__name__}: {exc}"
-        ))
-
-    def _forget_functions(self) -> None:
-        """Drop the function cache, here and (with the next frame) on every worker.
-
-        Without it a program that submits ever new lambdas would grow the
-        cache here and the function table of every worker without bound.
-        A function still in use is simply sent again, with a new id.
-        """
-        self._fn_blobs.clear()
-        self._fn_bytes = 0
-        self._fid_floor = self._next_fid + 1
-        for w in self._order:
-            w.fids.clear()
-
-    def _place_backlog(self) -> None:
-        """Send waiting tasks to workers with free credit, best priority first.
-
-        Stops at the first task of a kind that no worker can take, so a call
-        costs what it places, not the size of the backlog.
-        """
-        batches: dict[_Worker, list[TaskFuture]] = {}
-        for heap in self._backlog:
-            while heap:
-                fut = heap[0][2]
-                if fut.done():
-                    heapq.heappop(heap)
-                    continue
-                w = self._pick(fut._kind)
-                if w is None:
-                    break
-                heapq.heappop(heap)
-                w.count(fut._kind, 1)  # as in dispatch
-                batches.setdefault(w, []).append(fut)
-        for w, fs in batches.items():
-            self._send_tasks(w, fs)
-
-    def _wake(self) -> None:
-        sched = self._sched
-        if sched is not None:
-            sched.wake()
-
-    # ----------------------------------------------------------------- results
-    def _on_worker_frame(self, w: _Worker, kind: int, payload: memoryview,
-                         buffers: list[Any]) -> None:
-        w.last_heard = time.monotonic()
-        if kind == P.RESULTS:
-            results = P.loads(payload, buffers)
-            try:
-                self._on_results(w, results, buffers)
-            except (TypeError, ValueError) as exc:
-                # not a list of (rid, status, value, traceback)
-                raise P.ProtocolError(f"malformed RESULTS frame: {exc}") from exc
-        elif kind == P.HEARTBEAT:
-            pass
-        else:
-            raise P.ProtocolError(f"unexpected {P.KIND_NAMES[kind]} frame from a worker")
-
-    def _on_results(self, w: _Worker, results: list[tuple[int, int, int, bytes, Any]],
-                    buffers: list[Any]) -> None:
-        sched = self._sched
-        assert sched is not None
-        pos = 0
-        for rid, status, nbufs, blob, tb in results:
-            start = pos
-            pos += nbufs
-            fut = w.inflight.pop(rid, None)
-            w.cancelling.discard(rid)
-            if fut is None:
-                zkind = w.zombies.pop(rid, None)
-                if zkind is not None:
-                    w.count(zkind, -1)
-                continue
-            w.count(fut._kind, -1)
-            fut._stop_timer()
-            fut._run = None
-            if status != _R_CANCELLED:
-                try:
-                    value = P.unpack(blob, buffers, start, nbufs)
-                except Exception as exc:
-                    # this result alone is lost, not the connection and the others
-                    what = "result" if status == _R_OK else "exception"
-                    status = _R_ERROR
-                    value = RemoteError(
-                        f"the {what} of task {fut.name!r} could not be unpickled here: "
-                        f"{type(exc).__name__}: {exc}"
-                    )
-            if status == _R_OK:
-                sched.task_ok(fut, value)
-            elif status == _R_ERROR:
-                if tb and isinstance(value, BaseException) and value.__cause__ is None:
-                    value.__cause__ = RemoteTraceback(tb)
-                sched.task_error(fut, value)
-            else:
-                sched.task_cancelled(fut, "cancelled on the worker")
-        self._place_backlog()
-        self._wake()
-
-    def _on_timeout(self, fut: TaskFuture, w: _Worker, rid: int) -> None:
-        fut._timer = None
-        if w.inflight.get(rid) is not fut or fut._cancelling:
-            return
-        del w.inflight[rid]
-        w.zombies[rid] = fut._kind  # its slot stays busy until the worker answers
-        w.stream.send(P.encode(P.CANCEL, [rid]))
-        sched = self._sched
-        assert sched is not None
-        sched.task_error(fut, TaskTimeoutError(fut.name, fut._opts.timeout or 0.0))
-
-    def cancel_running(self, fut: TaskFuture, msg: Any) -> bool:
-        """Cancel a task still in the backlog, or an ``async def`` task on its worker.
-
-        A blocking task on a worker is skipped there if no slot has taken it
-        yet; either way this returns False for it, since its outcome cannot
-        be known now, and the scheduler cancels the future itself.
-        """
-        sched = self._sched
-        assert sched is not None
-        run = fut._run
-        if run is None:
-            heap = self._backlog[fut._kind != ASYNC]
-            for i, item in enumerate(heap):
-                if item[2] is fut:
-                    heap.pop(i)
-                    heapq.heapify(heap)
-                    sched.task_cancelled(fut, msg)
-                    return True
-            return False
-        w, rid = run
-        if w.inflight.get(rid) is not fut:
-            return False
-        w.stream.send(P.encode(P.CANCEL, [rid]))
-        if fut._kind != ASYNC:
-            # the worker skips it if no slot has taken it yet; if one has, it
-            # runs to the end: the scheduler cancels the future now either way
-            return False
-        w.cancelling.add(rid)
-        return True
-
     # ----------------------------------------------------------------- faults
     def _lost(self, w: _Worker, exc: BaseException | None) -> None:
-        if self._workers.pop(w.id, None) is None:
-            return
-        self._order.remove(w)
-        # statistics() sums the live connections: keep what this one moved
-        self.bytes_sent += w.stream.bytes_out
-        self.bytes_received += w.stream.bytes_in
-        if not self._workers:
+        if self._release(w, exc) and not self._workers:
             self._no_worker_since = time.monotonic()
-        if self._closing:
-            return
-        self.n_workers_lost += 1
-        futs = [f for f in w.inflight.values() if not f.done()]
-        cancelled = {id(f) for rid, f in w.inflight.items() if rid in w.cancelling}
-        w.inflight.clear()
-        log.warning("worker #%d %s lost (%s); %d task(s) go back to the ready queue",
-                    w.id, w.name, exc or "connection closed", len(futs))
-        sched = self._sched
-        assert sched is not None
-        for fut in futs:
-            fut._stop_timer()
-            fut._run = None
-            if id(fut) in cancelled:
-                # its cancellation was accepted: running it again would make the
-                # canceller (Ctrl-C, wait_for) wait for a worker for ever
-                sched.task_cancelled(fut, "cancelled (its worker was lost meanwhile)")
-                continue
-            fut._lost += 1
-            if fut._lost >= self._max_lost:
-                sched.task_error(fut, WorkerLostError(
-                    f"task {fut.name!r} was running on {fut._lost} workers that were lost; "
-                    "it is probably what kills them"
-                ))
-            else:
-                sched.task_requeue(fut)
-        self._wake()
 
     async def _watch(self) -> None:
         sched = self._sched
@@ -680,13 +264,14 @@ class TcpTransport(Transport):
             await asyncio.sleep(self._heartbeat)
             now = time.monotonic()
             for w in list(self._order):
-                silent = now - max(w.last_heard, w.stream.last_activity)
+                stream = cast(P.FrameStream, w.stream)
+                silent = now - max(w.last_heard, stream.last_activity)
                 if silent > self._hb_timeout:
-                    w.stream.abort(P.ProtocolError(
+                    stream.abort(P.ProtocolError(
                         f"worker #{w.id} missed heartbeats for {silent:.1f} s"
                     ))
                 else:
-                    w.stream.send(beat)
+                    stream.send(beat)
             if self._workers or not sched.pending():
                 self._no_worker_since = None if self._workers else now
                 continue

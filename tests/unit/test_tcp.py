@@ -747,9 +747,10 @@ async def test_function_cache_stays_bounded_with_ever_new_lambdas(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # a small cache so that it is dropped several times during the run
+    import async_wf.transport._remote as remote
     import async_wf.transport.tcp as tcp
 
-    monkeypatch.setattr(tcp, "_FN_CACHE_MAX", 40)
+    monkeypatch.setattr(remote, "_FN_CACHE_MAX", 40)
     async with async_wf.Runtime(workers=1) as rt:
         results = []
         for wave in range(5):
