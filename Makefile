@@ -10,7 +10,7 @@ SOURCES := pyproject.toml setup.py $(wildcard src_cython/*.pyx src_cython/*.pxi 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,mpi]"
 	@touch $(STAMP)
 
 install: $(STAMP)

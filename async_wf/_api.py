@@ -48,7 +48,11 @@ class Runtime:
         ssl: a server ``ssl.SSLContext`` to require TLS from workers.
         wait_on_exit: wait for outstanding tasks when the block exits
             normally (True) or cancel them (False).
-        transport: a ``Transport`` instance to run tasks with.
+        transport: a ``Transport`` instance to run tasks with, or the name
+            of a built-in one: ``"local"``, ``"tcp"``, ``"mpi"`` (the worker
+            ranks of an MPI launch, see ``async_wf.mpi``). Default: ``"mpi"``
+            on the root rank of such a launch, else ``"local"``, or ``"tcp"``
+            when TCP options are given.
         **tcp_options: further options of ``TcpTransport`` (``slots``,
             ``prefetch``, ``heartbeat``, ``no_worker_timeout``, ...).
 
@@ -66,13 +70,28 @@ class Runtime:
         token_file: str | os.PathLike[str] | None = None,
         ssl: _ssl.SSLContext | None = None,
         wait_on_exit: bool = True,
-        transport: Transport | None = None,
+        transport: Transport | Literal["local", "tcp", "mpi"] | None = None,
         **tcp_options: Any,
     ) -> None:
         tcp = workers is not None or listen is not None or token_file is not None or ssl is not None
-        if transport is not None and (tcp or tcp_options or threads is not None):
+        name = transport if isinstance(transport, str) else None
+        if transport is not None and name is None and (tcp or tcp_options or threads is not None):
             raise ValueError("give transport= alone, or the options of a built-in transport")
-        if tcp or tcp_options:
+        if name is not None and name not in ("local", "tcp", "mpi"):
+            raise ValueError(f"transport must be 'local', 'tcp', 'mpi' or a Transport, "
+                             f"got {name!r}")
+        if name is None and transport is None:
+            # the default: the options say which, else the launch does
+            name = "tcp" if tcp or tcp_options else (
+                "mpi" if threads is None and _mpi_launched() else "local")
+        if name == "mpi":
+            if tcp or tcp_options or threads is not None:
+                raise ValueError("transport='mpi' takes no options of the local or TCP "
+                                 "transports (worker slots are set at launch: --slots)")
+            from async_wf.transport.mpi import MpiTransport
+
+            transport = MpiTransport()
+        elif name == "tcp":
             if threads is not None:
                 raise ValueError(
                     "threads= applies to in-process execution; with workers use slots="
@@ -86,9 +105,12 @@ class Runtime:
                 ssl=ssl,
                 **tcp_options,
             )
-        elif transport is None:
+        elif name == "local":
+            if tcp or tcp_options:
+                raise ValueError("transport='local' takes no options of the TCP transport")
             transport = LocalTransport(threads)
-        self._transport = transport
+        assert transport is not None and not isinstance(transport, str)
+        self._transport: Transport = transport
         self._wait_on_exit = wait_on_exit
         self._sched: Scheduler | None = None
         self._tokens: tuple[contextvars.Token[Any], contextvars.Token[Any]] | None = None
@@ -303,8 +325,19 @@ async def as_completed(
             f.remove_done_callback(q.put_nowait)
 
 
+def _mpi_launched() -> bool:
+    """Whether this is the root rank of an MPI launch (without importing mpi4py)."""
+    import sys
+
+    mod = sys.modules.get("async_wf.mpi")
+    return mod is not None and mod.current_session() is not None
+
+
 def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
     """Run an async ``main()`` to completion on uvloop when installed, else asyncio.
+
+    On the root rank of an MPI launch (``python -m async_wf.mpi``), the loop
+    is an asyncio loop that polls MPI itself (see ``async_wf._mpi_channel``).
 
     Args:
         main: the coroutine, e.g. ``main()``.
@@ -317,11 +350,17 @@ def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
     # otherwise fail again while closing its new loop
     if asyncio._get_running_loop() is not None:
         raise RuntimeError("async_wf.run() cannot be called from a running event loop")
-    try:
-        import uvloop
-    except ImportError:
-        factory = None
+    factory: Callable[[], asyncio.AbstractEventLoop] | None
+    if _mpi_launched():
+        from async_wf._mpi_channel import new_event_loop
+
+        factory = new_event_loop
     else:
-        factory = uvloop.new_event_loop
+        try:
+            import uvloop
+        except ImportError:
+            factory = None
+        else:
+            factory = uvloop.new_event_loop
     with asyncio.Runner(debug=debug, loop_factory=factory) as runner:
         return runner.run(main)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,6 +22,10 @@ class TaskOptions:
     default: Any = None
     priority: int = 0
     inline: bool = False
+    mpi: int | None = None
+    mpi_gather: bool = False
+    binary: str | None = None
+    args: tuple[str, ...] | None = None
     _has_default: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -49,6 +54,26 @@ class TaskOptions:
                 f"timeout={self.timeout!r} needs a task that can be interrupted; an inline "
                 "task runs on the event loop and cannot be"
             )
+        if self.mpi is not None and (
+            isinstance(self.mpi, bool) or not isinstance(self.mpi, int) or self.mpi < 1
+        ):
+            raise ValueError(f"mpi must be an int >= 1 (ranks), got {self.mpi!r}")
+        if self.mpi_gather and (self.mpi is None or self.binary is not None):
+            raise ValueError("mpi_gather=True applies to a Python function with mpi=k")
+        if self.binary is not None:
+            if not isinstance(self.binary, str | os.PathLike) or not os.fspath(self.binary):
+                raise ValueError(f"binary must be a program path or name, got {self.binary!r}")
+            if self.inline:
+                raise ValueError("a binary= task runs a process; it cannot be inline")
+        if self.args is not None:
+            if self.binary is None:
+                raise ValueError("args= are the command line of a binary= task; give binary=")
+            args: Any = self.args
+            if isinstance(args, str) or not all(isinstance(a, str | os.PathLike) for a in args):
+                raise TypeError(f"args must be a list of strings, got {self.args!r}")
+            object.__setattr__(self, "args", tuple(os.fspath(a) for a in self.args))
+        if self.mpi is not None and self.binary is None and self.inline:
+            raise ValueError("an mpi=k task runs on worker ranks; it cannot be inline")
         if self._has_default and self.on_failure != "ignore":
             raise ValueError(
                 "default= only applies with on_failure='ignore', "

@@ -133,6 +133,8 @@ class Scheduler:
             opts = fn._opts
             kind = fn._kind
             fn = fn._fn
+            if opts.mpi is not None and opts.binary is None:
+                self._transport.check_options(fn, opts.mpi)
         else:
             if not callable(fn):
                 raise TypeError(f"submit needs a callable, got {type(fn).__name__}: {fn!r}")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextvars
 import functools
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from async_wf._options import TaskOptions
 
@@ -33,16 +33,27 @@ class TaskFunction(Generic[P, R]):
     __slots__ = ("__dict__", "__weakref__", "_fn", "_kind", "_opts")
 
     def __init__(self, fn: Callable[P, R], opts: TaskOptions) -> None:
-        from async_wf._scheduler import kind_of
+        from async_wf._program import ProgramTask
+        from async_wf._scheduler import ASYNC, kind_of
 
         if not callable(fn):
             raise TypeError(f"task needs a callable, got {type(fn).__name__}: {fn!r}")
         if isinstance(fn, TaskFunction):
             fn = fn._fn
+        if isinstance(fn, ProgramTask):
+            fn = fn.fn
+        functools.update_wrapper(self, fn)
+        if opts.binary is not None:
+            # the function only names the task and its parameters: the work is the program
+            fn = cast("Callable[P, R]", ProgramTask(fn, opts))
+        elif opts.mpi is not None and kind_of(fn, opts) == ASYNC:
+            raise ValueError(
+                f"an mpi=k task must be a plain function (its ranks block in MPI calls), "
+                f"got the coroutine function {getattr(fn, '__qualname__', fn)!r}"
+            )
         self._fn: Callable[P, R] = fn
         self._opts = opts
         self._kind = kind_of(fn, opts)
-        functools.update_wrapper(self, fn)
 
     @property
     def task_options(self) -> TaskOptions:
@@ -105,6 +116,10 @@ def task(
     default: Any = _UNSET,
     priority: int = 0,
     inline: bool = False,
+    mpi: int | None = None,
+    mpi_gather: bool = False,
+    binary: str | None = None,
+    args: Sequence[str] | None = None,
 ) -> Callable[[Callable[P, R]], TaskFunction[P, R]]: ...
 
 
@@ -120,6 +135,10 @@ def task(
     default: Any = _UNSET,
     priority: int = 0,
     inline: bool = False,
+    mpi: int | None = None,
+    mpi_gather: bool = False,
+    binary: str | None = None,
+    args: Sequence[str] | None = None,
 ) -> TaskFunction[P, R]: ...
 
 
@@ -134,6 +153,10 @@ def task(
     default: Any = _UNSET,
     priority: int = 0,
     inline: bool = False,
+    mpi: int | None = None,
+    mpi_gather: bool = False,
+    binary: str | None = None,
+    args: Sequence[str] | None = None,
 ) -> TaskFunction[P, R] | Callable[[Callable[P, R]], TaskFunction[P, R]]:
     """Declare a function as a task, with options.
 
@@ -158,6 +181,20 @@ def task(
             (signed 32-bit; ties go in order of readiness).
         inline: run a plain function directly on the event loop instead of a
             thread: for tiny functions, where a thread costs more than the work.
+        mpi: run on this many MPI ranks at once. A Python function then runs
+            on ``mpi`` worker ranks of the MPI transport, each calling it with
+            a sub-communicator of those ranks (as ``comm=`` if the function
+            has such a parameter; always as ``async_wf.mpi.task_comm()``);
+            the task's value is that of the function on the first of them.
+            With ``binary``, the program is started with ``mpiexec -n mpi``
+            instead, on any transport.
+        mpi_gather: with ``mpi``: the value is the list of every rank's value.
+        binary: run this program as the task (see ``args``); the task's value
+            is an ``async_wf.ProgramResult``; a non-zero exit code fails it
+            with ``ProgramError``. The function's body is not run: it names
+            the task and its parameters fill ``args``.
+        args: the program's command line; ``{name}`` is replaced by the
+            argument ``name`` the task is called with.
 
     Raises:
         ValueError: an option breaks its rule (the message names the value).
@@ -170,6 +207,10 @@ def task(
         default=None if default is _UNSET else default,
         priority=priority,
         inline=inline,
+        mpi=mpi,
+        mpi_gather=mpi_gather,
+        binary=binary,
+        args=None if args is None else tuple(args),
         _has_default=default is not _UNSET,
     )
     if fn is None:

@@ -77,6 +77,8 @@ RESULTS = 5
 HEARTBEAT = 6
 SHUTDOWN = 7
 CANCEL = 8
+ABORT = 9  # MPI: stop the ranks of an MPI task (another of its ranks failed)
+EXIT = 10  # MPI: the application is over, worker ranks leave
 KIND_NAMES = {
     HELLO: "HELLO",
     AUTH: "AUTH",
@@ -86,6 +88,8 @@ KIND_NAMES = {
     HEARTBEAT: "HEARTBEAT",
     SHUTDOWN: "SHUTDOWN",
     CANCEL: "CANCEL",
+    ABORT: "ABORT",
+    EXIT: "EXIT",
 }
 
 HEADER = struct.Struct("!2sBBIQ")
@@ -339,6 +343,79 @@ def loads(payload: memoryview | bytes, buffers: list[Any]) -> Any:
 
 
 # ----------------------------------------------------------------- decoding
+def check_header(mv: memoryview | bytearray | bytes, at: int,
+                 max_frame: int) -> tuple[int, int, int]:
+    """Validate the header at ``mv[at:]``; return (kind, nbufs, body_len).
+
+    Raises:
+        ProtocolError: bad magic, unknown kind, body over ``max_frame``, too many buffers.
+    """
+    magic, kind, _flags, nbufs, body_len = HEADER.unpack_from(mv, at)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {bytes(magic)!r}; expected {MAGIC!r}")
+    if kind not in KIND_NAMES:
+        raise ProtocolError(f"unknown frame kind {kind}")
+    if body_len > max_frame:
+        raise ProtocolError(f"frame of {body_len} bytes exceeds the limit of {max_frame}")
+    if nbufs > MAX_BUFFERS or nbufs * TABLE_ENTRY.size > body_len:
+        raise ProtocolError(f"frame declares {nbufs} buffers in {body_len} bytes")
+    return kind, nbufs, body_len
+
+
+def parse_head(head: memoryview, max_frame: int) -> tuple[int, memoryview, list[tuple[int, int]]]:
+    """Split a frame received in parts: header, table and payload in ``head``, buffers apart.
+
+    Returns ``(kind, payload, [(stored_len, codec), ...])``; the buffers
+    then arrive one by one and go through ``decode_buffer``.
+
+    Raises:
+        ProtocolError: the header or the table is invalid, or they disagree.
+    """
+    if len(head) < HEADER.size:
+        raise ProtocolError(f"frame head of {len(head)} bytes is shorter than a header")
+    kind, nbufs, body_len = check_header(head, 0, max_frame)
+    tlen = nbufs * TABLE_ENTRY.size
+    end = HEADER.size + tlen
+    if end > len(head):
+        raise ProtocolError(f"frame head of {len(head)} bytes cannot hold {nbufs} table entries")
+    entries = [TABLE_ENTRY.unpack_from(head, HEADER.size + i * TABLE_ENTRY.size)
+               for i in range(nbufs)]
+    total = sum(e[0] for e in entries)
+    if len(head) - HEADER.size + total != body_len:
+        raise ProtocolError(
+            f"frame declares {body_len} bytes but its parts hold {len(head) - HEADER.size + total}"
+        )
+    return kind, head[end:], entries
+
+
+def decode_buffer(chunk: memoryview, codec: int) -> Any:
+    """A buffer as stored in a frame, decompressed if it was.
+
+    Raises:
+        ProtocolError: unknown codec, or a corrupt or implausible lz4 block.
+    """
+    if codec == CODEC_RAW:
+        return chunk
+    if codec == CODEC_LZ4:
+        # lz4 allocates the size the block's header declares before it
+        # decompresses: a 20-byte buffer claiming 2 GiB would make it
+        # allocate 2 GiB, even before authentication; no real block
+        # expands more than _LZ4_MAX_RATIO-fold
+        stored = len(chunk)
+        declared = int.from_bytes(chunk[:4], "little") if stored >= 4 else -1
+        if not 0 <= declared <= _LZ4_MAX_RATIO * stored:
+            raise ProtocolError(
+                f"corrupt lz4 buffer: {stored} bytes cannot hold {declared} bytes"
+            )
+        try:
+            # a bytearray, so that arrays built on it are writable like
+            # those on raw buffers
+            return lz4.block.decompress(chunk, return_bytearray=True)
+        except Exception as exc:
+            raise ProtocolError(f"corrupt lz4 buffer: {exc}") from exc
+    raise ProtocolError(f"unknown buffer codec {codec}")
+
+
 class FrameDecoder:
     """Incremental frame decoder: give it bytes, get complete frames back.
 
@@ -373,16 +450,7 @@ class FrameDecoder:
         return memoryview(self._stage)[self._end :]
 
     def _header(self, mv: memoryview | bytearray, at: int) -> tuple[int, int, int]:
-        magic, kind, _flags, nbufs, body_len = HEADER.unpack_from(mv, at)
-        if magic != MAGIC:
-            raise ProtocolError(f"bad magic {bytes(magic)!r}; expected {MAGIC!r}")
-        if kind not in KIND_NAMES:
-            raise ProtocolError(f"unknown frame kind {kind}")
-        if body_len > self.max_frame:
-            raise ProtocolError(f"frame of {body_len} bytes exceeds the limit of {self.max_frame}")
-        if nbufs > MAX_BUFFERS or nbufs * TABLE_ENTRY.size > body_len:
-            raise ProtocolError(f"frame declares {nbufs} buffers in {body_len} bytes")
-        return kind, nbufs, body_len
+        return check_header(mv, at, self.max_frame)
 
     def received(self, n: int) -> list[tuple[int, memoryview, list[Any]]]:
         """Account for ``n`` bytes written into ``get_buffer()``; return completed frames.
@@ -447,28 +515,8 @@ class FrameDecoder:
         buffers: list[Any] = []
         pos = tlen + plen
         for stored, codec in entries:
-            chunk = mv[pos : pos + stored]
+            buffers.append(decode_buffer(mv[pos : pos + stored], codec))
             pos += stored
-            if codec == CODEC_RAW:
-                buffers.append(chunk)
-            elif codec == CODEC_LZ4:
-                # lz4 allocates the size the block's header declares before it
-                # decompresses: a 20-byte buffer claiming 2 GiB would make it
-                # allocate 2 GiB, even before authentication; no real block
-                # expands more than _LZ4_MAX_RATIO-fold
-                declared = int.from_bytes(chunk[:4], "little") if stored >= 4 else -1
-                if not 0 <= declared <= _LZ4_MAX_RATIO * stored:
-                    raise ProtocolError(
-                        f"corrupt lz4 buffer: {stored} bytes cannot hold {declared} bytes"
-                    )
-                try:
-                    # a bytearray, so that arrays built on it are writable like
-                    # those on raw buffers
-                    buffers.append(lz4.block.decompress(chunk, return_bytearray=True))
-                except Exception as exc:
-                    raise ProtocolError(f"corrupt lz4 buffer: {exc}") from exc
-            else:
-                raise ProtocolError(f"unknown buffer codec {codec}")
         return kind, payload, buffers
 
     def feed(self, data: bytes) -> list[tuple[int, memoryview, list[Any]]]:

@@ -37,8 +37,9 @@ from async_wf._threads import ERROR, OK, Outcome, ThreadPool
 
 log = logging.getLogger("async_wf.worker")
 
-# task kinds on the wire (same values as the scheduler's)
-K_ASYNC, K_THREAD, K_INLINE = 0, 1, 2
+# task kinds on the wire (the first three are the scheduler's); K_MPI: one
+# rank's part of an MPI task, whose item carries the gang (see async_wf.mpi)
+K_ASYNC, K_THREAD, K_INLINE, K_MPI = 0, 1, 2, 3
 # result statuses on the wire
 R_OK, R_ERROR, R_CANCELLED = 0, 1, 2
 
@@ -231,7 +232,7 @@ class Worker:
         dur = self._dur
         spent = 0.0
         pos = 0
-        for rid, fid, kind, nbufs, blob in batch:
+        for rid, fid, kind, nbufs, blob, extra in batch:
             start = pos
             pos += nbufs
             try:
@@ -258,14 +259,23 @@ class Worker:
                 else:
                     self._in_pool.add(rid)
                     pool.put((rid, fid), fn, args, kwargs)
-            else:
+            elif kind == K_INLINE:
                 self._run_inline(rid, -1, fn, args, kwargs)
+            else:
+                self._start_mpi(rid, fid, fn, args, kwargs, extra)
         if floor > self._fid_floor:
             # the scheduler dropped its cache: ids below floor are never sent again
             self._fid_floor = floor
             for table in (self._fns, self._fn_errors, self._dur):
                 for fid in [f for f in table if f < floor]:
                     del table[fid]
+
+    def _start_mpi(self, rid: int, fid: int, fn: Any, args: Any, kwargs: Any,
+                   gang: Any) -> None:
+        """Start this rank's part of an MPI task (only MPI worker ranks can)."""
+        self._report(rid, R_ERROR, RemoteError(
+            f"worker {self.name} is not an MPI rank and cannot run an mpi=k task"
+        ), None)
 
     def _run_inline(self, rid: int, fid: int, fn: Any, args: Any, kwargs: Any) -> float:
         """Run ``fn`` on the loop thread; return the seconds it took."""

@@ -47,6 +47,19 @@ class Transport(abc.ABC):
         once, and any outcome reported for it later is ignored.
         """
 
+    def check_options(self, fn: Any, mpi: int) -> None:
+        """Refuse, at submit, an MPI task (``@task(mpi=k)``) this transport cannot run.
+
+        Raises:
+            ValueError: always, unless a transport that runs MPI tasks overrides it.
+        """
+        raise ValueError(
+            f"task {getattr(fn, '__qualname__', fn)!r} has mpi={mpi}: a Python function on "
+            f"several ranks needs the MPI transport (start with 'mpiexec -n N python -m "
+            f"async_wf.mpi app.py'), not {type(self).__name__}; an MPI program "
+            "(binary=...) runs with any transport"
+        )
+
     def statistics(self) -> dict[str, Any]:
         """Transport-specific counters merged into ``Runtime.statistics()``."""
         return {}

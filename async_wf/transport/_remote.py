@@ -57,6 +57,7 @@ __all__ = ["RemoteTransport"]
 log = logging.getLogger("async_wf")
 
 R_OK, R_ERROR, R_CANCELLED = 0, 1, 2
+K_MPI = 3  # the wire kind of one rank's part of an MPI task (worker.K_MPI)
 _FN_CACHE_MAX = 10_000
 _FN_CACHE_BYTES = 64 << 20
 
@@ -101,6 +102,7 @@ class _Worker:
         "async_limit",
         "cancelling",
         "fids",
+        "gang",
         "id",
         "inflight",
         "last_heard",
@@ -130,10 +132,13 @@ class _Worker:
         self.thread_limit = slots * prefetch
         self.async_limit = async_limit
         self.last_heard = time.monotonic()
+        self.gang: Any = None  # the MPI task this rank is part of (async_wf.transport.mpi)
 
     def free(self, kind: int) -> int:
         if kind == ASYNC:
             return self.async_limit - self.n_async
+        if self.gang is not None:
+            return 0  # blocking tasks would wait behind the MPI task: others can run them
         return self.thread_limit - self.n_thread
 
     def count(self, kind: int, delta: int) -> None:
@@ -167,6 +172,7 @@ class RemoteTransport(Transport):
         self._async_seen = False
         self._seq = 0
         self._closing = False
+        self._gang_rids: dict[int, Any] = {}  # rid -> MPI task it is a rank's part of
         self.n_workers_lost = 0
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -185,7 +191,8 @@ class RemoteTransport(Transport):
             return 0
         t = a = 0
         for w in self._order:
-            t += w.thread_limit - w.n_thread
+            if w.gang is None:
+                t += w.thread_limit - w.n_thread
             a += w.async_limit - w.n_async
         if a <= 0:
             return t
@@ -228,8 +235,13 @@ class RemoteTransport(Transport):
         for w, fs in batches.items():
             self._send_tasks(w, fs)
 
-    def _send_tasks(self, w: _Worker, futs: list[TaskFuture]) -> None:
-        """Send ``futs`` to ``w`` in one frame; their credits on ``w`` are already taken."""
+    def _send_tasks(self, w: _Worker, futs: list[TaskFuture], gang: Any = None) -> int:
+        """Send ``futs`` to ``w`` in one frame; their credits on ``w`` are already taken.
+
+        With ``gang`` (an MPI task: ``futs`` is its future alone), the item
+        is this rank's part of it, and carries ``gang.extra(w, rid)``.
+        Returns the last task's rid (0 if nothing was sent).
+        """
         loop = self._loop
         sched = self._sched
         assert loop is not None and sched is not None
@@ -268,16 +280,20 @@ class RemoteTransport(Transport):
                 new_fns.append((fid, entry[2]))
             rid = next(self._rids)
             w.inflight[rid] = fut
+            if gang is not None:
+                batch.append((rid, fid, K_MPI, len(bufs) - n0, args_blob, gang.extra(w, rid)))
+                continue
             fut._run = (w, rid)
-            batch.append((rid, fid, fut._kind, len(bufs) - n0, args_blob))
+            batch.append((rid, fid, fut._kind, len(bufs) - n0, args_blob, None))
             timeout = fut._opts.timeout
             if timeout is not None:
                 fut._timer = loop.call_later(timeout, self._on_timeout, fut, w, rid)
         if not batch:
-            return
+            return 0
         w.stream.send(
             P.encode(P.TASKS, (new_fns, batch, self._fid_floor), self._compress_min, bufs)
         )
+        return int(batch[-1][0])
 
     def _unsendable(self, w: _Worker, fut: TaskFuture, what: str, exc: Exception) -> None:
         """Fail one task of a batch whose ``what`` cannot be pickled, and only it.
@@ -365,8 +381,6 @@ class RemoteTransport(Transport):
                     w.count(zkind, -1)
                 continue
             w.count(fut._kind, -1)
-            fut._stop_timer()
-            fut._run = None
             value: Any = None
             if status != R_CANCELLED:
                 try:
@@ -382,9 +396,20 @@ class RemoteTransport(Transport):
             if status == R_ERROR and tb and isinstance(value, BaseException) \
                     and value.__cause__ is None:
                 value.__cause__ = RemoteTraceback(tb)
+            if self._gang_rids:
+                gang = self._gang_rids.pop(rid, None)
+                if gang is not None:
+                    self._gang_outcome(w, gang, status, value)
+                    continue
+            fut._stop_timer()
+            fut._run = None
             self._outcome(fut, status, value)
         self._place_backlog()
         self._wake()
+
+    def _gang_outcome(self, w: _Worker, gang: Any, status: int, value: Any) -> None:
+        """One rank's outcome of an MPI task (``transport.mpi`` overrides it)."""
+        raise NotImplementedError
 
     def _outcome(self, fut: TaskFuture, status: int, value: Any) -> None:
         """Report one attempt's outcome to the scheduler (subclasses intercept some)."""

@@ -1,0 +1,535 @@
+"""Run an application over the ranks of an MPI job.
+
+    mpiexec -n 4 python -m async_wf.mpi app.py [args...]
+
+Rank 0 runs ``app.py`` as ``__main__``; ``Runtime()`` there (or
+``Runtime(transport="mpi")``) runs its tasks on ranks 1..3, which serve
+until the application ends. Inside an existing mpi4py program, the same
+from a communicator, like ``mpi4py.futures.MPICommExecutor``::
+
+    value = async_wf.mpi.run(main, comm)   # main() on the root, workers elsewhere
+
+MPI tasks: ``@task(mpi=k)`` runs a function on k worker ranks at once, each
+with a communicator of those k ranks: ``comm=`` if the function has such a
+parameter, and ``task_comm()`` always. That communicator is a ``TaskComm``,
+a real ``mpi4py.MPI.Intracomm`` whose collectives and receives can be
+aborted: each one first waits on a non-blocking barrier (or probe), polling
+with backoff, and raises ``MpiTaskAborted`` if another rank of the task
+failed meanwhile. Without that, a rank that raises would leave the others
+blocked for ever in their next collective (MPICH has no way to revoke a
+communicator), and the job would be lost. The price is one extra barrier
+per collective; calls made from C libraries on the raw handle (PETSc, say)
+are not covered. The ranks stay usable for the next task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import logging
+import os
+import runpy
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from mpi4py import MPI
+
+from async_wf import protocol as P
+from async_wf._errors import RemoteError
+from async_wf._mpi_channel import TAG_HEAD, MpiChannel, new_event_loop, require_thread_multiple
+from async_wf._program import ProgramError, ProgramResult, run_program
+from async_wf.worker import Worker
+
+if TYPE_CHECKING:
+    from async_wf.transport.mpi import MpiTransport
+
+__all__ = [
+    "MpiTaskAborted",
+    "ProgramError",
+    "ProgramResult",
+    "Session",
+    "TaskComm",
+    "current_session",
+    "main",
+    "run",
+    "run_program",
+    "serve",
+    "task_comm",
+]
+
+T = TypeVar("T")
+log = logging.getLogger("async_wf")
+
+_TAG_MOD = 1 << 20  # gang handshakes use tags 1 .. _TAG_MOD on the tasks communicator
+
+
+class MpiTaskAborted(Exception):
+    """Raised in a rank of an MPI task when another rank of it failed (or it was cancelled)."""
+
+
+class Session:
+    """The ranks of an MPI job as runtimes use them: a root that schedules, workers that serve.
+
+    Collective: every rank of ``comm`` must make it, with the same arguments.
+
+    Args:
+        comm: the communicator (default ``MPI.COMM_WORLD``).
+        root: the rank that runs the application and the scheduler.
+        slots: threads per worker rank for blocking tasks.
+
+    Raises:
+        ValueError: ``root`` is not a rank of ``comm``, or ``slots`` < 1.
+        RuntimeError: MPI is not initialised with ``MPI_THREAD_MULTIPLE``.
+    """
+
+    def __init__(self, comm: Any = None, root: int = 0, slots: int = 1) -> None:
+        require_thread_multiple()
+        comm = MPI.COMM_WORLD if comm is None else comm
+        if not isinstance(root, int) or not 0 <= root < comm.size:
+            raise ValueError(f"root must be a rank of the communicator (0..{comm.size - 1}), "
+                             f"got {root!r}")
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"slots must be an int >= 1, got {slots!r}")
+        self.comm = comm
+        self.root = root
+        self.rank = comm.rank
+        self.size = comm.size
+        self.slots = slots
+        # private communicators: our frames and task hand-shakes never match
+        # the application's own messages on comm
+        self.ctrl = comm.Dup()
+        self.tasks = comm.Dup()
+        self.workers = [r for r in range(comm.size) if r != root]
+        self._user: MpiTransport | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def is_root(self) -> bool:
+        """Whether this rank runs the application."""
+        return bool(self.rank == self.root)
+
+    def acquire(self, transport: MpiTransport) -> None:
+        """Give the worker ranks to ``transport``.
+
+        Raises:
+            RuntimeError: not the root, or another runtime holds them.
+        """
+        if not self.is_root:
+            raise RuntimeError(f"only the root rank ({self.root}) can run a runtime on this "
+                               f"session; this is rank {self.rank}")
+        if len(self.workers) == 0:
+            raise RuntimeError("the MPI job has no worker rank: start it with mpiexec -n 2 "
+                               "or more")
+        with self._lock:
+            if self._user is not None:
+                raise RuntimeError("the worker ranks are in use by another runtime of this "
+                                   "process; close it first")
+            self._user = transport
+
+    def release(self, transport: MpiTransport) -> None:
+        """Take the worker ranks back from ``transport``."""
+        with self._lock:
+            if self._user is transport:
+                self._user = None
+
+    def exit_workers(self) -> None:
+        """Tell every worker rank that the application is over (root only; blocking)."""
+        frame = b"".join(P.raw_frame(P.EXIT))
+        reqs = [self.ctrl.Isend(frame, r, TAG_HEAD) for r in self.workers]
+        MPI.Request.Waitall(reqs)
+
+
+_session: Session | None = None
+
+
+def current_session() -> Session | None:
+    """The session this process's runtimes use by default (set by the launcher and ``run``)."""
+    return _session
+
+
+# ------------------------------------------------------------- task side
+class _Part:
+    """One rank's part of a running MPI task, as the ABORT frame finds it."""
+
+    __slots__ = ("abort",)
+
+    def __init__(self) -> None:
+        self.abort: str | None = None
+
+
+def _wait(reqs: list[Any], part: _Part) -> None:
+    """Wait for ``reqs``, politely, unless the task is aborted meanwhile.
+
+    Raises:
+        MpiTaskAborted: another rank of the task failed.
+    """
+    t0 = time.monotonic()
+    while not MPI.Request.Testall(reqs):
+        if part.abort is not None:
+            for r in reqs:
+                if r != MPI.REQUEST_NULL:
+                    try:
+                        r.Cancel()
+                        r.Free()
+                    except MPI.Exception:
+                        pass  # a send or collective cannot be cancelled: leave it
+            raise MpiTaskAborted(part.abort)
+        waited = time.monotonic() - t0
+        if waited < 200e-6:
+            os.sched_yield()
+        else:
+            time.sleep(min(1e-3, waited / 10))
+
+
+_local = threading.local()
+
+
+def task_comm() -> TaskComm:
+    """The communicator of the MPI task running in this thread.
+
+    Raises:
+        RuntimeError: not called from inside an ``mpi=k`` task.
+    """
+    comm: TaskComm | None = getattr(_local, "comm", None)
+    if comm is None:
+        raise RuntimeError("task_comm() is only available inside an mpi=k task")
+    return comm
+
+
+class TaskComm(MPI.Intracomm):
+    """The communicator of an MPI task's ranks, with collectives that can be aborted.
+
+    Every blocking collective, ``recv`` and ``Recv`` first waits, polling,
+    on a non-blocking barrier (a probe for receives); if another rank of
+    the task fails meanwhile it raises ``MpiTaskAborted`` instead of
+    blocking for ever. Everything else is the ``mpi4py`` communicator.
+    """
+
+    _part: _Part
+
+    def __new__(cls, comm: Any = None, part: _Part | None = None) -> TaskComm:
+        """Wrap the handle of ``comm`` (not a copy of the communicator)."""
+        self: TaskComm = super().__new__(cls, comm)
+        self._part = part if part is not None else _Part()
+        return self
+
+    def _gate(self) -> None:
+        _wait([MPI.Intracomm.Ibarrier(self)], self._part)
+
+    def barrier(self) -> None:
+        """Barrier (abortable)."""
+        self._gate()
+
+    def Barrier(self) -> None:
+        """Barrier (abortable)."""
+        self._gate()
+
+    def recv(self, buf: Any = None, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG,
+             status: Any = None) -> Any:
+        """Receive an object, once one has arrived (abortable)."""
+        self._probe(source, tag)
+        return MPI.Intracomm.recv(self, buf, source, tag, status)
+
+    def Recv(self, buf: Any, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG,
+             status: Any = None) -> None:
+        """Receive into a buffer, once a message has arrived (abortable)."""
+        self._probe(source, tag)
+        MPI.Intracomm.Recv(self, buf, source, tag, status)
+
+    def _probe(self, source: int, tag: int) -> None:
+        part = self._part
+        t0 = time.monotonic()
+        while not MPI.Intracomm.Iprobe(self, source, tag):
+            if part.abort is not None:
+                raise MpiTaskAborted(part.abort)
+            waited = time.monotonic() - t0
+            if waited < 200e-6:
+                os.sched_yield()
+            else:
+                time.sleep(min(1e-3, waited / 10))
+
+
+def _gated(name: str) -> Callable[..., Any]:
+    base = getattr(MPI.Intracomm, name)
+
+    def method(self: TaskComm, *args: Any, **kwargs: Any) -> Any:
+        self._gate()
+        return base(self, *args, **kwargs)
+
+    method.__name__ = name
+    method.__qualname__ = f"TaskComm.{name}"
+    method.__doc__ = f"``{name}`` of mpi4py, after a barrier that can be aborted."
+    return method
+
+
+for _name in ("bcast", "gather", "scatter", "allgather", "alltoall", "reduce", "allreduce",
+              "scan", "exscan", "Bcast", "Gather", "Gatherv", "Scatter", "Scatterv",
+              "Allgather", "Allgatherv", "Alltoall", "Alltoallv", "Reduce", "Allreduce",
+              "Reduce_scatter", "Reduce_scatter_block", "Scan", "Exscan"):
+    setattr(TaskComm, _name, _gated(_name))
+
+
+# ----------------------------------------------------------- worker ranks
+class _Link:
+    __slots__ = ("channel", "root")
+
+    def __init__(self, channel: MpiChannel, root: int) -> None:
+        self.channel = channel
+        self.root = root
+
+    def send(self, parts: list[Any]) -> None:
+        self.channel.send(self.root, parts)
+
+
+class MpiWorker(Worker):
+    """A worker rank's service of one runtime: the TCP worker's execution, MPI's frames."""
+
+    def __init__(self, session: Session, link: _Link, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(b"", session.slots, f"rank {session.rank}")
+        from async_wf._threads import ThreadPool
+
+        self.session = session
+        self.worker_id = session.rank
+        self._state = "ready"
+        self._stream = link  # type: ignore[assignment]
+        self._loop = loop
+        self._pool = ThreadPool(session.slots, loop, self._on_thread_results,
+                                claim=self._claim, name="async_wf-rank")
+        self._parts: dict[int, _Part] = {}
+        self._wants_comm: dict[int, bool] = {}
+        self._comms: dict[int, Any] = {}
+        self._detached = False
+
+    def on_frame(self, kind: int, payload: memoryview, buffers: list[Any]) -> None:
+        """Handle one frame of the runtime (SHUTDOWN and EXIT are the caller's)."""
+        if kind == P.TASKS:
+            self._run_batch(P.loads(payload, buffers), buffers)
+        elif kind == P.CANCEL:
+            self._cancel(P.loads(payload, buffers))
+        elif kind == P.ABORT:
+            gang_id, why = P.loads(payload, buffers)
+            part = self._parts.get(gang_id)
+            if part is not None:
+                part.abort = why
+        else:
+            raise P.ProtocolError(f"unexpected {P.KIND_NAMES[kind]} frame from the root")
+
+    def detach(self) -> None:
+        """The runtime is over: drop queued work, report nothing more."""
+        self._detached = True
+        for t in self._async.values():
+            t.cancel()
+        for part in self._parts.values():
+            part.abort = "the runtime was closed"
+        assert self._pool is not None
+        self._pool.close(drop_queued=True)
+
+    def _flush(self) -> None:
+        if self._detached:
+            self._flush_pending = False
+            self._out = []
+            return
+        super()._flush()
+
+    def _start_mpi(self, rid: int, fid: int, fn: Any, args: Any, kwargs: Any,
+                   gang: Any) -> None:
+        part = _Part()
+        self._parts[gang[0]] = part
+        wants = self._wants_comm.get(fid)
+        if wants is None:
+            try:
+                wants = "comm" in inspect.signature(fn).parameters
+            except (TypeError, ValueError):
+                wants = False
+            self._wants_comm[fid] = wants
+        self._in_pool.add(rid)
+        assert self._pool is not None
+        # ahead of any plain task queued here: the other ranks are waiting for it
+        self._pool.put((rid, fid), self._run_part, (fn, args, kwargs, gang, part, wants), {},
+                       priority=1 << 40)
+
+    def _run_part(self, fn: Any, args: Any, kwargs: Any, gang: Any, part: _Part,
+                  wants: bool) -> Any:
+        gang_id, ranks, index, comm_id, create, gather = gang
+        try:
+            comm = self._enter(gang_id, ranks, index, comm_id, create, part)
+            tc = TaskComm(comm, part)
+            _local.comm = tc
+            try:
+                value = fn(*args, **{**kwargs, "comm": tc}) if wants else fn(*args, **kwargs)
+            finally:
+                _local.comm = None
+            if comm_id < 0:
+                comm.Free()
+            return value if gather or index == 0 else None
+        except MpiTaskAborted:
+            self._comms.pop(comm_id, None)  # a communicator with half-done calls: never again
+            raise
+        finally:
+            self._parts.pop(gang_id, None)
+
+    def _enter(self, gang_id: int, ranks: tuple[int, ...], index: int, comm_id: int,
+               create: bool, part: _Part) -> Any:
+        """Meet the other ranks of the task (abortably), then get its communicator.
+
+        Making a communicator blocks until every rank of the group calls it;
+        a rank that failed before (its arguments would not load) would never
+        come. So the ranks first meet with messages that can be waited for
+        abortably, and only then make or reuse the communicator.
+        """
+        tasks = self.session.tasks
+        if len(ranks) > 1:
+            tag = gang_id % _TAG_MOD + 1
+            token = bytearray(1)
+            if index == 0:
+                _wait([tasks.Irecv(bytearray(1), r, tag) for r in ranks[1:]], part)
+                _wait([tasks.Isend(token, r, tag) for r in ranks[1:]], part)
+            else:
+                _wait([tasks.Isend(token, ranks[0], tag)], part)
+                _wait([tasks.Irecv(bytearray(1), ranks[0], tag)], part)
+        if not create:
+            comm = self._comms.get(comm_id)
+            if comm is None:
+                raise RemoteError(f"rank {self.session.rank} has no communicator #{comm_id}")
+            return comm
+        group = tasks.Get_group().Incl(list(ranks))
+        comm = tasks.Create_group(group, abs(comm_id) % _TAG_MOD)
+        group.Free()
+        if comm_id > 0:
+            self._comms[comm_id] = comm
+        return comm
+
+
+async def _serve(session: Session) -> int:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[int] = loop.create_future()
+    holder: list[MpiWorker] = []
+
+    def on_frames(frames: list[tuple[int, int, memoryview, list[Any]]]) -> None:
+        for src, kind, payload, buffers in frames:
+            if done.done():
+                return
+            if src != session.root:
+                log.error("rank %d: frame from rank %d ignored: only the root sends tasks",
+                          session.rank, src)
+                continue
+            if kind == P.EXIT:
+                done.set_result(0)
+                return
+            if kind == P.SHUTDOWN:
+                holder[0].detach()
+                holder[0] = MpiWorker(session, link, loop)
+                continue
+            try:
+                holder[0].on_frame(kind, payload, buffers)
+            except P.ProtocolError as exc:
+                log.error("rank %d: invalid frame from the root dropped: %s", session.rank, exc)
+
+    def on_error(src: int, exc: BaseException) -> None:
+        log.error("rank %d: invalid frame from rank %d dropped: %s", session.rank, src, exc)
+
+    channel = MpiChannel(session.ctrl, loop, on_frames, on_error)
+    link = _Link(channel, session.root)
+    holder.append(MpiWorker(session, link, loop))
+    channel.start()
+    try:
+        return await done
+    finally:
+        holder[0].detach()
+        await channel.aclose()
+
+
+def serve(session: Session) -> int:
+    """Serve the root's runtimes on this worker rank until the application ends (blocking)."""
+    loop = new_event_loop()
+    try:
+        return loop.run_until_complete(_serve(session))
+    finally:
+        loop.close()
+
+
+# ----------------------------------------------------------------- entries
+def run(
+    main: Callable[[], Coroutine[Any, Any, T]], comm: Any = None, root: int = 0, *,
+    slots: int = 1,
+) -> T | None:
+    """Run ``main()`` on the root rank of ``comm`` while the other ranks serve its tasks.
+
+    Collective: call it on every rank. On the root, ``main()`` runs on an
+    event loop that polls MPI, with this session as the default of
+    ``Runtime()``; its value is returned. The other ranks return None once
+    it has finished (or raised).
+
+    Raises:
+        Exception: on the root, what ``main()`` raised.
+    """
+    global _session
+    session = Session(comm, root, slots)
+    if not session.is_root:
+        serve(session)
+        return None
+    previous = _session
+    _session = session
+    try:
+        loop = new_event_loop()
+        try:
+            return loop.run_until_complete(main())
+        finally:
+            loop.close()
+    finally:
+        _session = previous
+        session.exit_workers()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m async_wf.mpi [--slots N] app.py [args...]`` (every rank runs it)."""
+    global _session
+    p = argparse.ArgumentParser(
+        prog="python -m async_wf.mpi",
+        description="Run app.py on rank 0 with the other ranks of the MPI job as its workers.",
+    )
+    p.add_argument("--slots", type=int, default=1,
+                   help="threads per worker rank for blocking tasks (default 1)")
+    p.add_argument("-m", dest="module", help="run a module (like python -m) instead of a file")
+    p.add_argument("script", nargs="?", help="the application (a .py file)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+    ns = p.parse_args(argv)
+    if ns.module is None and ns.script is None:
+        p.error("give the application: app.py or -m module")
+    if ns.slots < 1:
+        p.error(f"--slots must be >= 1, got {ns.slots}")
+    session = Session(MPI.COMM_WORLD, 0, ns.slots)
+    if not session.is_root:
+        return serve(session)
+    _session = session
+    code = 0
+    try:
+        if ns.module is not None:
+            sys.argv = [ns.module, *([ns.script] if ns.script else []), *ns.args]
+            runpy.run_module(ns.module, run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = [ns.script, *ns.args]
+            sys.path.insert(0, os.path.dirname(os.path.abspath(ns.script)))
+            runpy.run_path(ns.script, run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        _session = None
+        session.exit_workers()
+    return code
+
+
+if __name__ == "__main__":
+    from async_wf.mpi import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,392 @@
+"""Worker ranks over MPI: the scheduler on one rank, the other ranks run tasks.
+
+Placement, batching and results are those of every remote transport (see
+``transport._remote``); frames travel as MPI messages (``_mpi_channel``).
+The worker ranks are started by ``mpiexec`` together with the scheduler's
+rank and serve one runtime after another (``async_wf.mpi.serve``) until the
+application ends, so a runtime starts in microseconds and there is no
+handshake: the MPI job is the trust boundary.
+
+MPI tasks (``@task(mpi=k)``)
+    A *gang*: one item per rank, sent to k ranks at once, each carrying the
+    ranks of the gang, this rank's index, and the communicator to use. The
+    scheduler is the only place where ranks are chosen, and it places a
+    gang only on ranks that are part of no other gang, all at once, so two
+    MPI tasks never wait for each other's ranks: no deadlock, whatever the
+    mix. MPI tasks are placed in priority order, head of line first: a large
+    task is not starved by a stream of smaller ones that could squeeze past
+    it. Plain blocking tasks are not sent to a rank of a gang (they would
+    wait behind it), ``async def`` tasks are.
+
+    Communicators: creating one is collective over its ranks and costs a
+    round of messages, so the scheduler gives each set of ranks an id and
+    reuses it (up to ``comm_cache`` sets; beyond that a gang's communicator
+    is made for it and freed after). Reuse must be decided in one place, or
+    one rank would create a communicator while another reused its own and
+    both would wait for ever; so it is decided here and travels with the gang.
+
+    Failure: the first rank that fails fails the task at once (its
+    exception, with a note naming the rank); the others get an ABORT frame,
+    which makes their next collective on the task's communicator raise
+    ``MpiTaskAborted`` (see ``async_wf.mpi.TaskComm``). Their outcomes are
+    then dropped; they count as busy until they report, and the aborted
+    communicator is never used again. ``retries`` applies as to any task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from typing import TYPE_CHECKING, Any
+
+from async_wf import protocol as P
+from async_wf._errors import TaskTimeoutError, WorkerLostError
+from async_wf._scheduler import THREAD
+from async_wf.transport._remote import R_CANCELLED, R_ERROR, R_OK, RemoteTransport, _Worker
+
+if TYPE_CHECKING:
+    from async_wf._futures import TaskFuture
+    from async_wf._mpi_channel import Frame, MpiChannel
+    from async_wf._scheduler import Scheduler
+    from async_wf.mpi import Session
+
+__all__ = ["MpiTransport"]
+
+log = logging.getLogger("async_wf")
+
+# rids and gang ids are unique in the process, not per runtime: a worker rank
+# serves runtime after runtime, and a late result of a former one must never
+# match a task of the current one
+_RIDS = itertools.count(1)
+_GANGS = itertools.count(1)
+
+
+class _RankLink:
+    """A worker rank's end of the channel, as ``RemoteTransport`` sees a link."""
+
+    __slots__ = ("bytes_in", "bytes_out", "channel", "rank")
+
+    def __init__(self, channel: MpiChannel, rank: int) -> None:
+        self.channel = channel
+        self.rank = rank
+        self.bytes_out = 0
+        self.bytes_in = 0
+
+    def send(self, parts: list[Any]) -> None:
+        self.channel.send(self.rank, parts)
+
+    def close(self) -> None:
+        pass
+
+
+class _Gang:
+    """One MPI task placed on its ranks."""
+
+    __slots__ = ("comm_id", "create", "fut", "id", "index", "left", "ranks", "reported",
+                 "values")
+
+    def __init__(self, fut: TaskFuture, ranks: list[_Worker], comm_id: int,
+                 create: bool) -> None:
+        self.id = next(_GANGS)
+        self.fut = fut
+        self.ranks = ranks
+        self.index = {w.id: i for i, w in enumerate(ranks)}
+        self.comm_id = comm_id
+        self.create = create
+        self.values: list[Any] = [None] * len(ranks)
+        self.left = len(ranks)
+        self.reported = False
+
+    def extra(self, w: _Worker, rid: int) -> tuple[Any, ...]:
+        opts = self.fut._opts
+        return (self.id, tuple(r.id for r in self.ranks), self.index[w.id], self.comm_id,
+                self.create, opts.mpi_gather)
+
+
+class MpiTransport(RemoteTransport):
+    """Runs tasks on the worker ranks of an MPI job.
+
+    Made by ``Runtime(transport="mpi")`` inside a program started with
+    ``mpiexec -n N python -m async_wf.mpi app.py`` or ``async_wf.mpi.run``,
+    which set up the ranks (``Session``).
+
+    Args:
+        session: the ranks and communicators (default: those of the launch).
+        prefetch: blocking tasks outstanding per worker slot (small: a rank
+            that receives an MPI task should not have much queued before it).
+        async_limit: ``async def`` tasks outstanding per rank.
+        compress_min: lz4 threshold for buffers (0: never); MPI on one node
+            moves memory faster than lz4 compresses it, hence off by default.
+        comm_cache: how many sets of ranks keep their communicator.
+
+    Raises:
+        RuntimeError: not inside an MPI launch (see above).
+        ValueError: an argument breaks its rule.
+    """
+
+    def __init__(
+        self,
+        session: Session | None = None,
+        *,
+        prefetch: int = 2,
+        async_limit: int = 4096,
+        compress_min: int = 0,
+        comm_cache: int = 64,
+    ) -> None:
+        for name, value, low in (("prefetch", prefetch, 1), ("async_limit", async_limit, 1),
+                                 ("compress_min", compress_min, 0),
+                                 ("comm_cache", comm_cache, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        super().__init__(prefetch=prefetch, async_limit=async_limit,
+                         compress_min=compress_min, max_lost=1)
+        if session is None:
+            from async_wf.mpi import current_session
+
+            session = current_session()
+            if session is None:
+                raise RuntimeError(
+                    "the MPI transport needs worker ranks that serve it: start the program "
+                    "with 'mpiexec -n N python -m async_wf.mpi app.py', or call "
+                    "async_wf.mpi.run(main) on every rank"
+                )
+        self.session = session
+        self._rids = _RIDS
+        self._channel: MpiChannel | None = None
+        self._gangq: list[tuple[int, int, TaskFuture]] = []
+        self._comm_ids: dict[tuple[int, ...], int] = {}
+        self._next_comm = itertools.count(1)
+        self._comm_cache = comm_cache
+        self.n_mpi_tasks = 0
+        self.n_aborted = 0
+
+    @property
+    def worker_ranks(self) -> int:
+        """How many ranks run tasks."""
+        return len(self.session.workers)
+
+    async def start(self, sched: Scheduler, loop: asyncio.AbstractEventLoop) -> None:
+        """Take the worker ranks of the session.
+
+        Raises:
+            RuntimeError: another runtime of this process is using them.
+        """
+        from async_wf._mpi_channel import MpiChannel
+
+        self.session.acquire(self)
+        self._sched = sched
+        self._loop = loop
+        ch = MpiChannel(self.session.ctrl, loop, self._on_frames, self._on_error)
+        self._channel = ch
+        ch.start()
+        for rank in self.session.workers:
+            self._join(_Worker(_RankLink(ch, rank), rank, self.session.slots, 0,
+                               f"rank {rank}", self._prefetch, self._async_limit))
+
+    def check_options(self, fn: Any, mpi: int) -> None:
+        """Refuse at submit an MPI task larger than the job's worker ranks.
+
+        Raises:
+            ValueError: ``mpi`` exceeds the number of worker ranks.
+        """
+        if mpi > len(self.session.workers):
+            raise ValueError(
+                f"task {getattr(fn, '__qualname__', fn)!r} needs mpi={mpi} ranks but this job "
+                f"has {len(self.session.workers)} worker rank(s) "
+                f"(mpiexec -n {len(self.session.workers) + 1}); start it with at least "
+                f"-n {mpi + 1}"
+            )
+
+    # --------------------------------------------------------------- frames
+    def _on_frames(self, frames: list[Frame]) -> None:
+        for src, kind, payload, buffers in frames:
+            w = self._workers.get(src)
+            if w is None:
+                continue  # a rank dropped for a bad frame, or a runtime's late traffic
+            try:
+                self._on_worker_frame(w, kind, payload, buffers)
+            except P.ProtocolError as exc:
+                self._on_error(src, exc)
+
+    def _on_error(self, src: int, exc: BaseException) -> None:
+        w = self._workers.get(src)
+        if w is None:
+            return
+        log.error("rank %d sent an invalid frame (%s); it gets no more tasks", src, exc)
+        for rid in [r for r in w.inflight if r in self._gang_rids]:
+            fut = w.inflight.pop(rid)
+            w.count(fut._kind, -1)
+            self._gang_outcome(w, self._gang_rids.pop(rid), R_ERROR,
+                               WorkerLostError(f"rank {src} sent an invalid frame: {exc}"))
+        self._release(w, exc)
+
+    # ---------------------------------------------------------------- gangs
+    def dispatch(self, futs: list[TaskFuture]) -> None:
+        """Place plain tasks as every remote transport does; queue MPI tasks for ranks."""
+        plain = futs
+        if any(f._opts.mpi is not None and f._opts.binary is None for f in futs):
+            plain = []
+            for f in futs:
+                if f._opts.mpi is not None and f._opts.binary is None:
+                    f._run = None
+                    self._seq += 1
+                    heapq.heappush(self._gangq, (-f._opts.priority, self._seq, f))
+                else:
+                    plain.append(f)
+        if plain:
+            super().dispatch(plain)
+        if self._gangq:
+            self._place_gangs()
+
+    def _place_backlog(self) -> None:
+        super()._place_backlog()
+        if self._gangq:
+            self._place_gangs()
+
+    def _place_gangs(self) -> None:
+        q = self._gangq
+        while q:
+            fut = q[0][2]
+            if fut.done():
+                heapq.heappop(q)
+                continue
+            k = fut._opts.mpi
+            assert k is not None
+            free = [w for w in self._order if w.gang is None]
+            if len(free) < k:
+                return  # head of line: nothing overtakes it
+            heapq.heappop(q)
+            # the least loaded ranks; ties by rank, so that the same sets recur
+            # and their communicators are reused
+            free.sort(key=lambda w: (w.n_thread, w.id))
+            ranks = sorted(free[:k], key=lambda w: w.id)
+            self._start_gang(fut, ranks)
+
+    def _start_gang(self, fut: TaskFuture, ranks: list[_Worker]) -> None:
+        key = tuple(w.id for w in ranks)
+        comm_id = self._comm_ids.get(key)
+        create = comm_id is None
+        if comm_id is None:
+            comm_id = next(self._next_comm)
+            if len(self._comm_ids) < self._comm_cache:
+                self._comm_ids[key] = comm_id
+            else:
+                comm_id = -comm_id  # made for this task only, freed after it
+        gang = _Gang(fut, ranks, comm_id, create)
+        fut._run = gang
+        fut._timed_out = False
+        self.n_mpi_tasks += 1
+        for w in ranks:
+            w.gang = gang
+            w.count(THREAD, 1)
+            rid = self._send_tasks(w, [fut], gang)
+            if rid == 0:
+                # the function or the arguments could not be pickled: the task
+                # has failed already (_unsendable); the ranks are free again
+                for r in ranks:
+                    r.gang = None
+                self._forget_comm(gang)
+                return
+            self._gang_rids[rid] = gang
+        timeout = fut._opts.timeout
+        if timeout is not None:
+            loop = self._loop
+            assert loop is not None
+            fut._timer = loop.call_later(timeout, self._gang_timeout, gang)
+
+    def _forget_comm(self, gang: _Gang) -> None:
+        key = tuple(w.id for w in gang.ranks)
+        if self._comm_ids.get(key) == gang.comm_id:
+            del self._comm_ids[key]
+
+    def _gang_outcome(self, w: _Worker, gang: _Gang, status: int, value: Any) -> None:
+        w.gang = None
+        gang.left -= 1
+        fut = gang.fut
+        if not gang.reported:
+            if status == R_OK:
+                gang.values[gang.index[w.id]] = value
+                if gang.left == 0:
+                    gang.reported = True
+                    fut._stop_timer()
+                    fut._run = None
+                    self._outcome(fut, R_OK,
+                                  gang.values if fut._opts.mpi_gather else gang.values[0])
+            else:
+                if status == R_ERROR and isinstance(value, BaseException):
+                    value.add_note(f"(on rank {gang.index[w.id]} of {len(gang.ranks)} of the "
+                                   f"MPI task, world rank {w.id})")
+                self._fail_gang(gang, status, value, f"rank {gang.index[w.id]} of the task "
+                                f"failed: {type(value).__name__}: {value}")
+
+    def _fail_gang(self, gang: _Gang, status: int, value: Any, why: str) -> None:
+        """Report the task failed (or cancelled) now, and stop its other ranks."""
+        gang.reported = True
+        fut = gang.fut
+        fut._stop_timer()
+        fut._run = None
+        if gang.left:
+            self.n_aborted += 1
+            self._forget_comm(gang)
+            frame = P.encode(P.ABORT, (gang.id, why))
+            for r in gang.ranks:
+                if r.gang is gang:
+                    r.stream.send(frame)
+        if not fut.done():
+            self._outcome(fut, status, value)
+
+    def _gang_timeout(self, gang: _Gang) -> None:
+        fut = gang.fut
+        fut._timer = None
+        if gang.reported or fut.done():
+            return
+        limit = fut._opts.timeout or 0.0
+        self._fail_gang(gang, R_ERROR, TaskTimeoutError(fut.name, limit),
+                        f"the task timed out after {limit:g} s")
+
+    def cancel_running(self, fut: TaskFuture, msg: Any) -> bool:
+        """Drop a queued MPI task, abort a running one; plain tasks as every remote transport."""
+        run = fut._run
+        if isinstance(run, _Gang):
+            if not run.reported:
+                self._fail_gang(run, R_CANCELLED, None, "the task was cancelled")
+            return True
+        if run is None and fut._opts.mpi is not None and fut._opts.binary is None:
+            for i, item in enumerate(self._gangq):
+                if item[2] is fut:
+                    self._gangq.pop(i)
+                    heapq.heapify(self._gangq)
+                    sched = self._sched
+                    assert sched is not None
+                    sched.task_cancelled(fut, msg)
+                    return True
+            return False
+        return super().cancel_running(fut, msg)
+
+    # ----------------------------------------------------------------- close
+    def statistics(self) -> dict[str, Any]:
+        """Worker ranks, MPI tasks run and aborted, bytes moved, polls of the channel."""
+        ch = self._channel
+        return {
+            "workers": len(self._workers),
+            "mpi_tasks": self.n_mpi_tasks,
+            "mpi_tasks_aborted": self.n_aborted,
+            "bytes_sent": ch.bytes_out if ch else 0,
+            "bytes_received": ch.bytes_in if ch else 0,
+            "mpi_polls": ch.polls if ch else 0,
+        }
+
+    async def close(self) -> None:
+        """Release the worker ranks for the next runtime of this process."""
+        if self._closing:
+            return
+        self._closing = True
+        ch = self._channel
+        if ch is not None:
+            frame = P.raw_frame(P.SHUTDOWN)
+            for rank in self.session.workers:
+                ch.send(rank, frame)
+            await ch.aclose()
+        self.session.release(self)
