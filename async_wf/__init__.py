@@ -28,6 +28,7 @@ from async_wf._errors import (
 from async_wf._executor import Executor, ExecutorFuture
 from async_wf._futures import TaskFuture
 from async_wf._options import TaskOptions
+from async_wf._program import ProgramError, ProgramResult, run_program
 from async_wf._task import TaskFunction, task
 from async_wf.core import CORE_IMPL
 
@@ -39,6 +40,8 @@ __all__ = [
     "Executor",
     "ExecutorFuture",
     "NoWorkerError",
+    "ProgramError",
+    "ProgramResult",
     "RemoteError",
     "RemoteTraceback",
     "Runtime",
@@ -54,6 +57,7 @@ __all__ = [
     "current_runtime",
     "gather",
     "run",
+    "run_program",
     "submit",
     "task",
     "wait",

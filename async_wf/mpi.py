@@ -446,6 +446,11 @@ async def _serve(session: Session) -> int:
 
 def serve(session: Session) -> int:
     """Serve the root's runtimes on this worker rank until the application ends (blocking)."""
+    import faulthandler
+
+    # a task that crashes the interpreter takes the MPI job down (mpiexec kills
+    # every rank): leave at least the Python traceback of where it happened
+    faulthandler.enable()
     loop = new_event_loop()
     try:
         return loop.run_until_complete(_serve(session))
