@@ -27,6 +27,13 @@ with a time limit::
 
     python bench/throughput.py --transport tcp --workers 2 --workload payload --n 200 --json
 
+With ``--transport mpi``, under ``mpiexec -n 3`` (a scheduler rank and 2
+worker ranks), async_wf runs on its MPI transport, and then, in the same
+MPI job, on the same ranks, ``mpi4py.futures.MPICommExecutor`` runs the
+same workloads (MPI peers cannot live in a subprocess of their own)::
+
+    mpiexec -n 3 python bench/throughput.py --transport mpi --workload noop --n 20000
+
 See bench/README.md for the rules that keep the comparison fair.
 """
 
@@ -57,6 +64,7 @@ WORKLOADS = ("noop", "chain", "fanin")
 TCP_WORKLOADS = (*WORKLOADS, "payload")
 KINDS = ("async", "thread", "inline")
 PEERS = ("procpool", "dask")
+MPI_PEERS = ("mpi4py",)
 PAYLOAD_LEN = 131072  # float64 values: 1 MiB per array
 MIB = 1 << 20
 
@@ -291,11 +299,14 @@ def _rates(workload: str, n: int, times: list[float]) -> dict[str, Any]:
 
 
 async def measure_tcp(args: argparse.Namespace) -> dict[str, Any]:
-    """async_wf on ``--workers`` worker processes over TCP: warm-up plus ``repeat`` runs."""
+    """async_wf on ``--workers`` processes (TCP) or ranks (MPI): warm-up + ``repeat`` runs."""
     n = args.n
     data = make_payload(n, args.seed) if args.workload == "payload" else None
     t0 = time.perf_counter()
-    rt = await async_wf.Runtime(workers=args.workers).start()
+    if args.transport == "mpi":
+        rt = await async_wf.Runtime(transport="mpi").start()
+    else:
+        rt = await async_wf.Runtime(workers=args.workers).start()
     startup = time.perf_counter() - t0
     times: list[float] = []
     try:
@@ -559,8 +570,9 @@ def _extra(r: dict[str, Any]) -> str:
 def _tcp_summaries(out: dict[str, Any]) -> list[str]:
     """One line per system: async_wf, then each peer with the ratio async_wf / peer."""
     lines = [
-        f"{out['workload']:7} async_wf  tcp/{out['kind']:6} workers={out['workers']} "
-        f"n={out['n']:<7} {out['tasks_per_s']:>10,.0f} tasks/s{_extra(out)}   "
+        f"{out['workload']:7} async_wf  {out['transport']}/{out['kind']:6} "
+        f"workers={out['workers']} n={out['n']:<7} "
+        f"{out['tasks_per_s']:>10,.0f} tasks/s{_extra(out)}   "
         f"start-up {out['startup_s']:.2f} s   [{out['core']} core, {out['loop']}]"
     ]
     for name, r in out["peers"].items():
@@ -606,14 +618,82 @@ def run_tcp(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------- mpi
+def _executor_measure(ex: Any, args: argparse.Namespace, config: str,
+                      version: str) -> dict[str, Any]:
+    """Time a ``concurrent.futures`` executor already started: warm-up + ``repeat`` runs."""
+    n, workload = args.n, args.workload
+    data = make_payload(n, args.seed) if workload == "payload" else None
+    times: list[float] = []
+    for i in range(args.repeat + 1):
+        with gc_quiet():
+            t1 = time.perf_counter()
+            res = _procpool_run(ex, workload, n, data)
+            dt = time.perf_counter() - t1
+        check_result(workload, n, res, data)
+        if i:
+            times.append(dt)
+    out: dict[str, Any] = {"status": "ok", "version": version, "config": config}
+    out.update(_rates(workload, n, times))
+    return out
+
+
+def run_mpi(args: argparse.Namespace) -> dict[str, Any] | None:
+    """async_wf's MPI transport, then mpi4py.futures, on the ranks of this MPI job.
+
+    Collective: every rank runs it; rank 0 returns the result, the others None.
+    """
+    import mpi4py
+    from mpi4py import MPI
+    from mpi4py.futures import MPICommExecutor
+
+    import async_wf.mpi
+
+    comm = MPI.COMM_WORLD
+    if comm.size < 2:
+        raise SystemExit("--transport mpi runs under mpiexec -n 3 (1 scheduler + 2 workers)")
+    args.workers = comm.size - 1
+    out = async_wf.mpi.run(lambda: measure_tcp(args), comm)
+    peers: dict[str, Any] = {}
+    if "mpi4py" in args.peers:
+        version = f"mpi4py {mpi4py.__version__}, {MPI.Get_library_version().splitlines()[0]}"
+        t0 = time.perf_counter()
+        with MPICommExecutor(comm, root=0) as ex:
+            if ex is not None:
+                # start every worker before timing, as for the other peers
+                for f in [ex.submit(s_noop) for _ in range(4 * args.workers)]:
+                    f.result()
+                startup = time.perf_counter() - t0
+                backoff = os.environ.get("MPI4PY_FUTURES_BACKOFF", "default (0.001)")
+                r = _executor_measure(
+                    ex, args, f"MPICommExecutor(COMM_WORLD, root=0), {args.workers} worker "
+                    f"ranks, MPI4PY_FUTURES_BACKOFF={backoff}; one submit per task", version)
+                r["startup_s"] = startup
+                peers["mpi4py"] = r
+    if out is None:
+        return None
+    out["peers"] = peers
+    out["ratios"] = {name: out["tasks_per_s"] / r["tasks_per_s"] for name, r in peers.items()}
+    base = peers.get("mpi4py")
+    out.update({
+        "baseline": "mpi4py.futures.MPICommExecutor" if base else None,
+        "baseline_seconds": base["seconds"] if base else None,
+        "baseline_tasks_per_s": base["tasks_per_s"] if base else None,
+        "ratio": out["ratios"].get("mpi4py"),
+        "baseline_samples_s": base["samples_s"] if base else None,
+    })
+    return out
+
+
 def _peer_list(text: str) -> list[str]:
     if text == "none":
         return []
     names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in names if t not in PEERS]
+    bad = [t for t in names if t not in PEERS + MPI_PEERS]
     if bad or not names:
         raise argparse.ArgumentTypeError(
-            f"peers must be 'none' or a comma-separated list of {', '.join(PEERS)}; got {text!r}"
+            "peers must be 'none' or a comma-separated list of "
+            f"{', '.join(PEERS + MPI_PEERS)}; got {text!r}"
         )
     return list(dict.fromkeys(names))
 
@@ -621,7 +701,8 @@ def _peer_list(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--transport", default="local", choices=["local", "tcp"])
+    p.add_argument("--transport", default="local", choices=["local", "tcp", "mpi"],
+                   help="mpi: run under mpiexec -n 3 (1 scheduler rank + 2 workers)")
     p.add_argument("--workload", default="noop", choices=TCP_WORKLOADS,
                    help="payload: tasks each taking a distinct 1 MiB array (tcp only)")
     p.add_argument("--kind", default=None, choices=KINDS,
@@ -665,7 +746,14 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--workers must be >= 1, got {args.workers}")
         if args.peer_timeout <= 0:
             p.error(f"--peer-timeout must be > 0, got {args.peer_timeout:g}")
-        args.peers = list(PEERS) if args.peers is None else args.peers
+        if args.transport == "mpi":
+            args.peers = list(MPI_PEERS) if args.peers is None else args.peers
+            if [x for x in args.peers if x not in MPI_PEERS]:
+                p.error(f"--transport mpi compares with {', '.join(MPI_PEERS)} only")
+        else:
+            args.peers = list(PEERS) if args.peers is None else args.peers
+            if [x for x in args.peers if x not in PEERS]:
+                p.error(f"--transport tcp compares with {', '.join(PEERS)} only")
     if args._peer is not None:
         # inside a peer's subprocess: one JSON line on stdout, whatever happens
         try:
@@ -676,6 +764,15 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
             raise
         print(json.dumps(res))
+        return 0
+    if args.transport == "mpi":
+        res = run_mpi(args)
+        if res is None:
+            return 0  # a worker rank: rank 0 reports
+        for line in _tcp_summaries(res):
+            print(line, file=sys.stderr if args.json else sys.stdout)
+        if args.json:
+            print(json.dumps(res))
         return 0
     if args.transport == "tcp":
         out = run_tcp(args)

@@ -113,6 +113,8 @@ class _Worker:
         "slots",
         "stream",
         "thread_limit",
+        "thread_open",
+        "thread_refill",
         "zombies",
     )
 
@@ -130,6 +132,10 @@ class _Worker:
         self.n_thread = 0
         self.n_async = 0
         self.thread_limit = slots * prefetch
+        # new blocking tasks only once no more than this many are outstanding
+        # (see RemoteTransport.refill)
+        self.thread_refill = self.thread_limit
+        self.thread_open = True
         self.async_limit = async_limit
         self.last_heard = time.monotonic()
         self.gang: Any = None  # the MPI task this rank is part of (async_wf.transport.mpi)
@@ -139,13 +145,20 @@ class _Worker:
             return self.async_limit - self.n_async
         if self.gang is not None:
             return 0  # blocking tasks would wait behind the MPI task: others can run them
+        if not self.thread_open:
+            return 0
         return self.thread_limit - self.n_thread
 
     def count(self, kind: int, delta: int) -> None:
         if kind == ASYNC:
             self.n_async += delta
-        else:
-            self.n_thread += delta
+            return
+        n = self.n_thread = self.n_thread + delta
+        # hysteresis: closed when full, open again only at the refill mark
+        if n >= self.thread_limit:
+            self.thread_open = False
+        elif n <= self.thread_refill:
+            self.thread_open = True
 
 
 class RemoteTransport(Transport):
@@ -191,7 +204,7 @@ class RemoteTransport(Transport):
             return 0
         t = a = 0
         for w in self._order:
-            if w.gang is None:
+            if w.gang is None and w.thread_open:
                 t += w.thread_limit - w.n_thread
             a += w.async_limit - w.n_async
         if a <= 0:
@@ -199,13 +212,21 @@ class RemoteTransport(Transport):
         return t + (a if self._async_seen else 1)
 
     def _pick(self, kind: int) -> _Worker | None:
+        """A worker with free credit: the last one picked if it still has some.
+
+        Filling one worker before the next keeps a dependent chain on one
+        worker, whose loop is awake, instead of alternating between workers
+        that each have to wake up; batches are filled as before.
+        """
         order = self._order
         n = len(order)
+        if self._rr >= n:
+            self._rr = 0
         for _ in range(n):
-            self._rr = (self._rr + 1) % n
             w = order[self._rr]
             if w.free(kind) > 0:
                 return w
+            self._rr = (self._rr + 1) % n
         return None
 
     def dispatch(self, futs: list[TaskFuture]) -> None:
@@ -465,8 +486,16 @@ class RemoteTransport(Transport):
 
 
     # ----------------------------------------------------------------- faults
+    #: a worker gets new blocking tasks once at most this share of its credit
+    #: is outstanding. 1.0 refills a credit as soon as it frees; a lower
+    #: value waits and then sends a batch, for links where frames do not
+    #: coalesce on their way (MPI messages, unlike a TCP byte stream), or
+    #: one result would buy one task, frame after frame, for ever.
+    refill = 1.0
+
     def _join(self, w: _Worker) -> None:
         """Make ``w`` eligible for tasks."""
+        w.thread_refill = int(w.thread_limit * self.refill)
         self._workers[w.id] = w
         self._order.append(w)
         self._place_backlog()
