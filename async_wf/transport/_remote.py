@@ -212,21 +212,27 @@ class RemoteTransport(Transport):
         return t + (a if self._async_seen else 1)
 
     def _pick(self, kind: int) -> _Worker | None:
-        """A worker with free credit: the last one picked if it still has some.
+        """A worker with free credit, round robin; but the last one picked if it is idle.
 
-        Filling one worker before the next keeps a dependent chain on one
-        worker, whose loop is awake, instead of alternating between workers
-        that each have to wake up; batches are filled as before.
+        Going back to an idle worker keeps a dependent chain of blocking
+        tasks on one worker, whose loop is awake, instead of alternating
+        between workers that each have to wake up; a worker that is busy
+        is passed over, so long tasks still spread over the workers.
         """
         order = self._order
         n = len(order)
+        if not n:
+            return None
         if self._rr >= n:
             self._rr = 0
+        w = order[self._rr]
+        if kind != ASYNC and w.n_thread < w.slots and w.free(kind) > 0:
+            return w
         for _ in range(n):
+            self._rr = (self._rr + 1) % n
             w = order[self._rr]
             if w.free(kind) > 0:
                 return w
-            self._rr = (self._rr + 1) % n
         return None
 
     def dispatch(self, futs: list[TaskFuture]) -> None:
