@@ -189,19 +189,6 @@ class MpiChannel:
         if not self._in_loop:
             self._kick.set()
 
-    def flush(self, timeout: float = 5.0) -> bool:
-        """Wait (blocking) until every frame sent so far has left; False on timeout."""
-        deadline = time.monotonic() + timeout
-        while self._new_sends or self._pending:
-            if time.monotonic() > deadline:
-                return False
-            if self._in_loop or self._thread is None:
-                self.progress()
-            else:
-                self._kick.set()
-            time.sleep(50e-6)
-        return True
-
     async def aclose(self, timeout: float = 5.0) -> None:
         """Stop polling once the sends posted so far have left, from the loop's thread."""
         deadline = time.monotonic() + timeout
@@ -211,11 +198,6 @@ class MpiChannel:
             else:
                 self._kick.set()
                 await asyncio.sleep(1e-3)
-        self._stop_polling()
-
-    def close(self) -> None:
-        """Stop polling (after the sends posted so far have left), from a thread not polling."""
-        self.flush()
         self._stop_polling()
 
     def _stop_polling(self) -> None:

@@ -179,11 +179,20 @@ def _wait(reqs: list[Any], part: _Part) -> None:
                     except MPI.Exception:
                         pass  # a send or collective cannot be cancelled: leave it
             raise MpiTaskAborted(part.abort)
-        waited = time.monotonic() - t0
-        if waited < 200e-6:
-            os.sched_yield()
-        else:
-            time.sleep(min(1e-3, waited / 10))
+        _pause(t0)
+
+
+def _pause(t0: float) -> None:
+    """Between two polls of a wait that began at ``t0``: yield the core, then sleep longer.
+
+    A blocking MPI call would spin on its core for the whole wait; this
+    gives the core to the ranks that share it once the wait is not short.
+    """
+    waited = time.monotonic() - t0
+    if waited < 200e-6:
+        os.sched_yield()
+    else:
+        time.sleep(min(1e-3, waited / 10))
 
 
 _local = threading.local()
@@ -247,11 +256,7 @@ class TaskComm(MPI.Intracomm):
         while not MPI.Intracomm.Iprobe(self, source, tag):
             if part.abort is not None:
                 raise MpiTaskAborted(part.abort)
-            waited = time.monotonic() - t0
-            if waited < 200e-6:
-                os.sched_yield()
-            else:
-                time.sleep(min(1e-3, waited / 10))
+            _pause(t0)
 
 
 def _gated(name: str) -> Callable[..., Any]:

@@ -266,7 +266,7 @@ class RemoteTransport(Transport):
         """Send ``futs`` to ``w`` in one frame; their credits on ``w`` are already taken.
 
         With ``gang`` (an MPI task: ``futs`` is its future alone), the item
-        is this rank's part of it, and carries ``gang.extra(w, rid)``.
+        is this rank's part of it, and carries ``gang.extra(w)``.
         Returns the last task's rid (0 if nothing was sent).
         """
         loop = self._loop
@@ -308,7 +308,7 @@ class RemoteTransport(Transport):
             rid = next(self._rids)
             w.inflight[rid] = fut
             if gang is not None:
-                batch.append((rid, fid, K_MPI, len(bufs) - n0, args_blob, gang.extra(w, rid)))
+                batch.append((rid, fid, K_MPI, len(bufs) - n0, args_blob, gang.extra(w)))
                 continue
             fut._run = (w, rid)
             batch.append((rid, fid, fut._kind, len(bufs) - n0, args_blob, None))

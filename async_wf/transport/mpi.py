@@ -99,7 +99,7 @@ class _Gang:
         self.left = len(ranks)
         self.reported = False
 
-    def extra(self, w: _Worker, rid: int) -> tuple[Any, ...]:
+    def extra(self, w: _Worker) -> tuple[Any, ...]:
         opts = self.fut._opts
         return (self.id, tuple(r.id for r in self.ranks), self.index[w.id], self.comm_id,
                 self.create, opts.mpi_gather)
