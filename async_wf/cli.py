@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from async_wf import __version__, worker
+from async_wf.checkpoint import _cli as checkpoint_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a worker process that connects to a runtime's scheduler over TCP.",
     )
     worker.build_parser(w)
+    c = sub.add_parser(
+        "checkpoint",
+        help="inspect, verify, compact or forget in a checkpoint log",
+        description="Work with an async_wf checkpoint log.",
+    )
+    checkpoint_cli.build_parser(c)
     return p
 
 
@@ -30,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "worker":
         return worker.run_from_args(args)
+    if args.command == "checkpoint":
+        return checkpoint_cli.run_from_args(args)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 

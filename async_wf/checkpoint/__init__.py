@@ -1,0 +1,56 @@
+"""The incremental checkpoint log: task keys, the append-only log file, its tools.
+
+``task_key`` and ``function_identity`` make deterministic, content-addressed
+keys; ``CheckpointLog`` stores results, MPI task states and commits under
+them; ``inspect``, ``verify``, ``compact`` and ``forget_function`` are what
+``async-wf checkpoint`` runs. docs/checkpoint.md describes the format and
+its guarantees.
+"""
+
+from async_wf.checkpoint._keys import (
+    CheckpointError,
+    CheckpointKeyError,
+    FileRef,
+    function_identity,
+    stable_hash,
+    task_key,
+)
+from async_wf.checkpoint._log import (
+    CheckpointCorruptError,
+    CheckpointFormatError,
+    CheckpointLockedError,
+    CheckpointLog,
+    Compaction,
+    FunctionStats,
+    LogStatistics,
+    Problem,
+    ResultInfo,
+    Verification,
+    compact,
+    forget_function,
+    inspect,
+    verify,
+)
+
+__all__ = [
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointFormatError",
+    "CheckpointKeyError",
+    "CheckpointLockedError",
+    "CheckpointLog",
+    "Compaction",
+    "FileRef",
+    "FunctionStats",
+    "LogStatistics",
+    "Problem",
+    "ResultInfo",
+    "Verification",
+    "compact",
+    "forget_function",
+    "function_identity",
+    "inspect",
+    "stable_hash",
+    "task_key",
+    "verify",
+]
