@@ -15,6 +15,7 @@ arguments become dependencies; ``await`` gives the result::
 """
 
 from async_wf._api import Runtime, as_completed, current_runtime, gather, run, submit, wait
+from async_wf._context import TaskContext, task_context
 from async_wf._errors import (
     DependencyError,
     NoWorkerError,
@@ -30,15 +31,29 @@ from async_wf._futures import TaskFuture
 from async_wf._options import TaskOptions
 from async_wf._program import ProgramError, ProgramResult, run_program
 from async_wf._task import TaskFunction, task
+from async_wf.checkpoint import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointKeyError,
+    CheckpointLockedError,
+    FileRef,
+)
+from async_wf.checkpoint._runtime import Checkpoint
 from async_wf.core import CORE_IMPL
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CORE_IMPL",
+    "Checkpoint",
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointKeyError",
+    "CheckpointLockedError",
     "DependencyError",
     "Executor",
     "ExecutorFuture",
+    "FileRef",
     "NoWorkerError",
     "ProgramError",
     "ProgramResult",
@@ -47,6 +62,7 @@ __all__ = [
     "Runtime",
     "RuntimeClosedError",
     "TaskFunction",
+    "TaskContext",
     "TaskFuture",
     "TaskOptions",
     "TaskTimeoutError",
@@ -60,5 +76,6 @@ __all__ = [
     "run_program",
     "submit",
     "task",
+    "task_context",
     "wait",
 ]

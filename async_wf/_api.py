@@ -13,6 +13,7 @@ from async_wf._errors import RuntimeClosedError
 from async_wf._futures import TaskFuture
 from async_wf._scheduler import Scheduler
 from async_wf._task import current_scheduler
+from async_wf.checkpoint._runtime import Checkpoint
 from async_wf.transport import Transport
 from async_wf.transport.local import LocalTransport
 
@@ -53,6 +54,11 @@ class Runtime:
             ranks of an MPI launch, see ``async_wf.mpi``). Default: ``"mpi"``
             on the root rank of such a launch, else ``"local"``, or ``"tcp"``
             when TCP options are given.
+        checkpoint: a checkpoint log (a path, or a ``Checkpoint`` with a
+            flush policy): every task that succeeds is recorded in it, and a
+            task already recorded there (same function code, same inputs)
+            is not run again but resolved from the log. See
+            docs/checkpoint.md.
         **tcp_options: further options of ``TcpTransport`` (``slots``,
             ``prefetch``, ``heartbeat``, ``no_worker_timeout``, ...).
 
@@ -71,6 +77,7 @@ class Runtime:
         ssl: _ssl.SSLContext | None = None,
         wait_on_exit: bool = True,
         transport: Transport | Literal["local", "tcp", "mpi"] | None = None,
+        checkpoint: str | os.PathLike[str] | Checkpoint | None = None,
         **tcp_options: Any,
     ) -> None:
         tcp = workers is not None or listen is not None or token_file is not None or ssl is not None
@@ -112,6 +119,12 @@ class Runtime:
         assert transport is not None and not isinstance(transport, str)
         self._transport: Transport = transport
         self._wait_on_exit = wait_on_exit
+        if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
+            if not isinstance(checkpoint, str | os.PathLike):
+                raise TypeError(f"checkpoint must be a path or a Checkpoint, got "
+                                f"{type(checkpoint).__name__}: {checkpoint!r}")
+            checkpoint = Checkpoint(checkpoint)
+        self._checkpoint = checkpoint
         self._sched: Scheduler | None = None
         self._tokens: tuple[contextvars.Token[Any], contextvars.Token[Any]] | None = None
         self._closed = False
@@ -123,11 +136,18 @@ class Runtime:
         Raises:
             RuntimeError: it was started before.
             OSError: the transport could not listen (address in use, ...).
+            CheckpointLockedError: another runtime writes the checkpoint log.
+            CheckpointFormatError: the checkpoint file is not a checkpoint log.
         """
         if self._sched is not None or self._closed:
             raise RuntimeError("a Runtime can be started only once")
         loop = asyncio.get_running_loop()
-        sched = Scheduler(loop, self._transport)
+        recorder = None
+        if self._checkpoint is not None:
+            from async_wf.checkpoint._runtime import Recorder
+
+            recorder = Recorder(self._checkpoint, loop)
+        sched = Scheduler(loop, self._transport, checkpoint=recorder)
         self._tokens = (current_scheduler.set(sched), _current_runtime.set(self))
         # the scheduler runs its callbacks in a context where it is current, so
         # that tasks started from any callback (even a thread's wake-up) can
@@ -217,13 +237,17 @@ class Runtime:
 
         Returns:
             A dict with ``submitted``, ``waiting``, ``ready``, ``running``,
-            ``finished``, ``failed``, ``cancelled``, ``retried``,
+            ``finished``, ``failed``, ``cancelled``, ``retried``, ``reused``
+            (tasks resolved from the checkpoint log without running),
             ``ready_queue`` (ready-queue length), ``elapsed_s``, ``tasks_per_s``
             (finished tasks per second since start) and ``core`` ("cython" or
             "python").
         """
         stats = self._scheduler().statistics()
         stats.update(self._transport.statistics())
+        ck = self._sched._ckpt if self._sched is not None else None
+        if ck is not None:
+            stats.update(ck.statistics())
         return stats
 
     @property

@@ -39,6 +39,8 @@ class TaskFuture(asyncio.Future[Any]):
         "_args",
         "_attempt",
         "_cancelling",
+        "_ckey",
+        "_cparents",
         "_fn",
         "_handle",
         "_id",
@@ -72,6 +74,8 @@ class TaskFuture(asyncio.Future[Any]):
     _ignored: bool
     _lost: int
     _t0: float
+    _ckey: bytes | None
+    _cparents: tuple[bytes, ...] | None  # keys of the inputs; None: not recorded
 
     @property
     def name(self) -> str:
@@ -120,6 +124,54 @@ class TaskFuture(asyncio.Future[Any]):
         elif self.done():
             state = "failed" if self.exception() is not None else "finished"
         return f"<TaskFuture #{self._id} {self.name!r} {state}>"
+
+
+class RecordedFuture(TaskFuture):
+    """The future of a task whose result is in the checkpoint log.
+
+    It is logically done from the moment of ``submit``, but its value is
+    read from the log only when something looks at it: ``await``,
+    ``result``, ``done``, a done callback (``gather``, ``wait``), or a
+    dependent task that has to run. A chain of recorded tasks whose end
+    alone is awaited reads one record. If the record turns out to be
+    unusable (damaged since the log was opened, or a class it needs is
+    gone), the task is run instead, as if it had never been recorded.
+    """
+
+    __slots__ = ("_unread",)
+
+    _unread: bool
+
+    def _read(self) -> None:
+        if self._unread:
+            self._unread = False
+            self._sched._read_recorded(self)
+
+    def done(self) -> bool:
+        """True once the value is read (it is read now if it was not)."""
+        self._read()
+        return super().done()
+
+    def result(self) -> Any:
+        """The recorded value, read from the log on first use."""
+        self._read()
+        return super().result()
+
+    def exception(self) -> BaseException | None:
+        """None: a recorded task succeeded (unless it had to be rerun and failed)."""
+        self._read()
+        return super().exception()
+
+    def add_done_callback(self, fn: Callable[[Any], object], *, context: Any = None) -> None:
+        """As ``asyncio.Future.add_done_callback``; reads the value first."""
+        self._read()
+        super().add_done_callback(fn, context=context)
+
+    def __await__(self) -> Any:
+        self._read()
+        return super().__await__()
+
+    __iter__ = __await__
 
 
 def _fn_name(fn: Any) -> str:

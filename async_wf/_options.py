@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,6 +27,9 @@ class TaskOptions:
     mpi_gather: bool = False
     binary: str | None = None
     args: tuple[str, ...] | None = None
+    checkpoint: bool = True
+    version: str | None = None
+    key: Callable[..., Any] | None = None
     _has_default: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +78,13 @@ class TaskOptions:
             object.__setattr__(self, "args", tuple(os.fspath(a) for a in self.args))
         if self.mpi is not None and self.binary is None and self.inline:
             raise ValueError("an mpi=k task runs on worker ranks; it cannot be inline")
+        if not isinstance(self.checkpoint, bool):
+            raise TypeError(f"checkpoint must be True or False, got {self.checkpoint!r}")
+        if self.version is not None and not isinstance(self.version, str):
+            raise TypeError(f"version must be a str, got {type(self.version).__name__}: "
+                            f"{self.version!r}")
+        if self.key is not None and not callable(self.key):
+            raise TypeError(f"key must be a function of the task's arguments, got {self.key!r}")
         if self._has_default and self.on_failure != "ignore":
             raise ValueError(
                 "default= only applies with on_failure='ignore', "

@@ -39,12 +39,14 @@ from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
 from async_wf import core as _corepick
+from async_wf._context import TaskContext, call_on_loop
 from async_wf._errors import DependencyError, RuntimeClosedError, WorkflowAborted
-from async_wf._futures import TaskFuture, collect, replace_in
+from async_wf._futures import RecordedFuture, TaskFuture, _fn_name, collect, replace_in
 from async_wf._options import DEFAULT_OPTIONS, TaskOptions
 from async_wf._task import TaskFunction
 
 if TYPE_CHECKING:
+    from async_wf.checkpoint._runtime import Recorder
     from async_wf.transport import Transport
 
 log = logging.getLogger("async_wf")
@@ -92,9 +94,11 @@ class Scheduler:
         transport: Transport,
         *,
         batch: int = 4096,
+        checkpoint: Recorder | None = None,
     ) -> None:
         self._loop = loop
         self._transport = transport
+        self._ckpt = checkpoint
         self._ctx = contextvars.copy_context()
         self._batch = batch
         self._core = _corepick.Core()
@@ -112,6 +116,7 @@ class Scheduler:
         self.n_failed = 0
         self.n_cancelled = 0
         self.n_retried = 0
+        self.n_reused = 0
 
     def set_context(self, ctx: contextvars.Context) -> None:
         """Run the scheduler's callbacks (and so the tasks they start) in ``ctx``."""
@@ -146,25 +151,51 @@ class Scheduler:
             subst = True
         if kwargs and collect(kwargs, TaskFuture, found):
             subst = True
-        inputs: list[int] = []
-        failed_dep: TaskFuture | None = None
-        cancelled_dep: TaskFuture | None = None
         for dep in found:
             if dep._sched is not self:
                 raise ValueError(
                     f"argument {dep!r} is a future of another runtime; "
                     "futures can only be passed within the runtime that made them"
                 )
-            if not dep.done():
-                inputs.append(dep._handle)
-            elif dep.cancelled():
-                cancelled_dep = dep
-            elif not dep._ignored and dep.exception() is not None:
-                failed_dep = dep
+        ck = self._ckpt
+        fut: TaskFuture
+        if ck is None:
+            fut = self._new_future(TaskFuture, fn, args, kwargs, opts, kind, subst)
+            fut._ckey = None
+            fut._cparents = None
+        else:
+            key = ck.key(fn, opts, args, kwargs, found, opts.name or _fn_name(fn))
+            parents: tuple[bytes, ...] | None = None
+            if key is not None and opts.checkpoint:
+                parents = tuple([d._ckey for d in found])  # type: ignore[misc]
+                if key in ck:
+                    rec: RecordedFuture = self._new_future(
+                        RecordedFuture, fn, args, kwargs, opts, kind, subst)
+                    rec._ckey = key
+                    rec._cparents = parents
+                    rec._handle = -1
+                    rec._unread = True
+                    self.n_reused += 1
+                    return rec
+            fut = self._new_future(TaskFuture, fn, args, kwargs, opts, kind, subst)
+            fut._ckey = key
+            fut._cparents = parents
+        self._enqueue(fut, found)
+        return fut
 
+    def _new_future(
+        self,
+        cls: type[TaskFuture],
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        opts: TaskOptions,
+        kind: int,
+        subst: bool,
+    ) -> Any:
         self._next_id += 1
         self.n_submitted += 1
-        fut = TaskFuture(loop=self._loop)
+        fut = cls(loop=self._loop)
         fut._sched = self
         fut._fn = fn
         fut._args = args
@@ -180,17 +211,54 @@ class Scheduler:
         fut._ignored = False
         fut._lost = 0
         fut._cancelling = False
+        return fut
+
+    def _enqueue(self, fut: TaskFuture, found: list[TaskFuture]) -> None:
+        """Add ``fut`` to the graph, waiting for the unfinished ones of its inputs ``found``."""
+        inputs: list[int] = []
+        failed_dep: TaskFuture | None = None
+        cancelled_dep: TaskFuture | None = None
+        for dep in found:
+            if type(dep) is RecordedFuture:
+                dep._read()  # this task runs, so it needs the value
+            if not dep.done():
+                inputs.append(dep._handle)
+            elif dep.cancelled():
+                cancelled_dep = dep
+            elif not dep._ignored and dep.exception() is not None:
+                failed_dep = dep
         if failed_dep is not None or cancelled_dep is not None:
             fut._handle = -1
             self._resolve_unrun(fut, failed_dep, cancelled_dep)
-            return fut
-        h = self._core.add(inputs, opts.priority)
+            return
+        h = self._core.add(inputs, fut._opts.priority)
         fut._handle = h
         self._tasks[h] = fut
         if not self._pump_pending:
             self._pump_pending = True
             self._loop.call_soon(self._pump, context=self._ctx)
-        return fut
+
+    def _read_recorded(self, fut: RecordedFuture) -> None:
+        """Resolve a recorded task from the log; run it if its record is unusable."""
+        ck = self._ckpt
+        assert ck is not None and fut._ckey is not None
+        try:
+            value = ck.read(fut._ckey)
+        except Exception as exc:
+            ck.unusable(fut.name, fut._ckey, exc)
+            if self._state != _OPEN:
+                fut.set_exception(exc)
+                fut._log_traceback = False
+                return
+            found: list[TaskFuture] = []
+            collect(fut._args, TaskFuture, found)
+            collect(fut._kwargs, TaskFuture, found)
+            self.n_reused -= 1
+            self._enqueue(fut, found)
+            return
+        fut.set_result(value)
+        fut._args = ()
+        fut._kwargs = {}
 
     def _raise_not_open(self) -> None:
         if self._state == _ABORTED:
@@ -266,10 +334,13 @@ class Scheduler:
         buf = self._done_buf
         self._done_buf = []
         handles = []
+        ck = self._ckpt
         for fut, value in buf:
             if fut.done():
                 continue  # resolved meanwhile (failed by a transport giving up)
             fut.set_result(value)
+            if ck is not None and fut._cparents is not None:
+                ck.record(fut, value)
             fut._args = ()
             fut._kwargs = {}
             fut._run = None
@@ -350,6 +421,43 @@ class Scheduler:
             return
         self._core.requeue(fut._handle)
         self._kick()
+
+    def task_save(self, fut: TaskFuture, rank: int, nranks: int, step: int,
+                  blob: bytes) -> None:
+        """Rank ``rank`` of ``nranks`` of the running task ``fut`` saved a step's state.
+
+        Kept only with a checkpoint log and for a recorded task; a state the
+        log cannot take is reported, not raised (the task goes on).
+        """
+        ck = self._ckpt
+        if ck is None or fut._cparents is None or fut.done():
+            return
+        try:
+            assert fut._ckey is not None
+            ck.save(fut._ckey, rank, nranks, step, blob)
+        except Exception as exc:
+            log.warning("task %r: state of step %d not saved: %s", fut.name, step, exc)
+
+    def restore_blobs(self, fut: TaskFuture, nranks: int) -> tuple[int, list[bytes]] | None:
+        """The last complete step of ``fut`` and each rank's pickled state, or None."""
+        ck = self._ckpt
+        if ck is None or fut._cparents is None:
+            return None
+        assert fut._ckey is not None
+        return ck.restore(fut._ckey, nranks)
+
+    def task_context(self, fut: TaskFuture) -> TaskContext:
+        """The context of ``fut`` running in this process (any thread)."""
+        loop = self._loop
+
+        def fetch() -> tuple[int, bytes] | None:
+            got = call_on_loop(loop, self.restore_blobs, fut, 1)
+            return None if got is None else (got[0], got[1][0])
+
+        def saver(step: int, blob: bytes) -> None:
+            call_on_loop(loop, self.task_save, fut, 0, 1, step, blob)
+
+        return TaskContext(0, 1, fetch, saver)
 
     def wake(self) -> None:
         """A transport has more capacity now: dispatch what is ready."""
@@ -511,7 +619,11 @@ class Scheduler:
         """
         if self._state >= _CLOSED:
             if self._state == _ABORTED:
-                await self._transport.close()
+                try:
+                    await self._transport.close()
+                finally:
+                    if self._ckpt is not None:
+                        self._ckpt.close()
             return
         try:
             if cancel:
@@ -526,7 +638,11 @@ class Scheduler:
         finally:
             self._state = _CLOSED
             self._fail_leftovers()
-            await self._transport.close()
+            try:
+                await self._transport.close()
+            finally:
+                if self._ckpt is not None:
+                    self._ckpt.close()
 
     def _fail_leftovers(self) -> None:
         tasks = self._tasks
@@ -560,6 +676,7 @@ class Scheduler:
             "failed": self.n_failed,
             "cancelled": self.n_cancelled,
             "retried": self.n_retried,
+            "reused": self.n_reused,
             "ready_queue": ready,
             "elapsed_s": elapsed,
             "tasks_per_s": self.n_finished / elapsed if elapsed > 0 else 0.0,

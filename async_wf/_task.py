@@ -120,6 +120,9 @@ def task(
     mpi_gather: bool = False,
     binary: str | None = None,
     args: Sequence[str] | None = None,
+    checkpoint: bool = True,
+    version: str | None = None,
+    key: Callable[..., Any] | None = None,
 ) -> Callable[[Callable[P, R]], TaskFunction[P, R]]: ...
 
 
@@ -139,6 +142,9 @@ def task(
     mpi_gather: bool = False,
     binary: str | None = None,
     args: Sequence[str] | None = None,
+    checkpoint: bool = True,
+    version: str | None = None,
+    key: Callable[..., Any] | None = None,
 ) -> TaskFunction[P, R]: ...
 
 
@@ -157,6 +163,9 @@ def task(
     mpi_gather: bool = False,
     binary: str | None = None,
     args: Sequence[str] | None = None,
+    checkpoint: bool = True,
+    version: str | None = None,
+    key: Callable[..., Any] | None = None,
 ) -> TaskFunction[P, R] | Callable[[Callable[P, R]], TaskFunction[P, R]]:
     """Declare a function as a task, with options.
 
@@ -195,6 +204,16 @@ def task(
             the task and its parameters fill ``args``.
         args: the program's command line; ``{name}`` is replaced by the
             argument ``name`` the task is called with.
+        checkpoint: with ``Runtime(checkpoint=...)``: record this task's
+            results in the log (default). False for results too large to
+            store or cheaper to recompute; the task still gets a key, so its
+            dependents are recorded.
+        version: part of the task's key: change it to invalidate the
+            recorded results by hand (say, after changing a library the
+            function calls, which the key does not see).
+        key: a function called with the task's arguments whose return value
+            stands for them in the key: for arguments without a stable
+            hash. Futures in its return value count by their tasks' keys.
 
     Raises:
         ValueError: an option breaks its rule (the message names the value).
@@ -211,6 +230,9 @@ def task(
         mpi_gather=mpi_gather,
         binary=binary,
         args=None if args is None else tuple(args),
+        checkpoint=checkpoint,
+        version=version,
+        key=key,
         _has_default=default is not _UNSET,
     )
     if fn is None:

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import Any
 
+from async_wf import _context
+
 OK = 0
 ERROR = 1
 SKIPPED = 2
@@ -45,6 +47,8 @@ class ThreadPool:
             seconds)``; for ERROR the value is ``(exception, formatted traceback)``.
         claim: called under the lock as a thread takes an item; False skips it.
         name: prefix of the threads' names.
+        owner: marks each call as its token's task of ``owner``, for
+            ``async_wf.task_context()``.
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class ThreadPool:
         deliver: Callable[[list[Outcome]], None],
         claim: Callable[[Any], bool] | None = None,
         name: str = "async_wf",
+        owner: Any = None,
     ) -> None:
         self.nthreads = nthreads
         self.lock = threading.Lock()
@@ -62,6 +67,7 @@ class ThreadPool:
         self._deliver = deliver
         self._claim = claim
         self._name = name
+        self._owner = owner
         self._heap: list[tuple[int, int, Any, Callable[..., Any], Any, Any]] = []
         self._seq = 0
         self._idle = 0
@@ -97,6 +103,8 @@ class ThreadPool:
     def _work(self) -> None:
         heap = self._heap
         claim = self._claim
+        owner = self._owner
+        tls = _context._tls
         while True:
             with self.lock:
                 while not heap:
@@ -110,6 +118,8 @@ class ThreadPool:
             if not run:
                 outcome = (token, SKIPPED, None, 0.0)
             else:
+                if owner is not None:
+                    tls.cur = [owner, token, None]
                 t0 = perf_counter()
                 try:
                     outcome = (token, OK, fn(*args, **kwargs), perf_counter() - t0)
@@ -117,6 +127,8 @@ class ThreadPool:
                     outcome = (token, ERROR, (exc, traceback.format_exc()), perf_counter() - t0)
             # an idle thread must not keep its last task (and so its result) alive
             del fn, args, kwargs, token
+            if owner is not None:
+                tls.cur = None
             if not self._report(outcome):
                 return
             del outcome

@@ -304,7 +304,7 @@ class MpiWorker(Worker):
         self._stream = link  # type: ignore[assignment]
         self._loop = loop
         self._pool = ThreadPool(session.slots, loop, self._on_thread_results,
-                                claim=self._claim, name="async_wf-rank")
+                                claim=self._claim, name="async_wf-rank", owner=self)
         self._parts: dict[int, _Part] = {}
         self._wants_comm: dict[int, bool] = {}
         self._comms: dict[int, Any] = {}
@@ -345,6 +345,7 @@ class MpiWorker(Worker):
                    gang: Any) -> None:
         part = _Part()
         self._parts[gang[0]] = part
+        self._ctx_info[rid] = (gang[2], len(gang[1]), gang[6])
         wants = self._wants_comm.get(fid)
         if wants is None:
             try:
@@ -360,7 +361,7 @@ class MpiWorker(Worker):
 
     def _run_part(self, fn: Any, args: Any, kwargs: Any, gang: Any, part: _Part,
                   wants: bool) -> Any:
-        gang_id, ranks, index, comm_id, create, gather = gang
+        gang_id, ranks, index, comm_id, create, gather, _restore = gang
         try:
             comm = self._enter(gang_id, ranks, index, comm_id, create, part)
             tc = TaskComm(comm, part)

@@ -79,6 +79,7 @@ SHUTDOWN = 7
 CANCEL = 8
 ABORT = 9  # MPI: stop the ranks of an MPI task (another of its ranks failed)
 EXIT = 10  # MPI: the application is over, worker ranks leave
+SAVE = 11  # a task saved a step's state: (rid, step, pickled state)
 KIND_NAMES = {
     HELLO: "HELLO",
     AUTH: "AUTH",
@@ -90,6 +91,7 @@ KIND_NAMES = {
     CANCEL: "CANCEL",
     ABORT: "ABORT",
     EXIT: "EXIT",
+    SAVE: "SAVE",
 }
 
 HEADER = struct.Struct("!2sBBIQ")

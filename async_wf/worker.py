@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from async_wf import protocol as P
+from async_wf._context import TaskContext, call_on_loop, mark_coroutine, mark_thread
 from async_wf._errors import RemoteError
 from async_wf._threads import ERROR, OK, Outcome, ThreadPool
 
@@ -114,6 +115,9 @@ class Worker:
         self._cancelled: set[int] = set()  # cancelled while in the pool (under its lock)
         self._in_pool: set[int] = set()  # blocking tasks put in the pool, not yet reported
         self._out: list[tuple[int, int, Any, str | None]] = []
+        # rid -> (rank, ranks, (step, state) to restore or None), for the tasks
+        # that are an MPI task's part or have a saved step to resume from
+        self._ctx_info: dict[int, tuple[int, int, Any]] = {}
         self._flush_pending = False
         self._last_heard = time.monotonic()
         self._heartbeat = 1.0
@@ -130,7 +134,7 @@ class Worker:
         self._loop = loop
         self._done = loop.create_future()
         self._pool = ThreadPool(self.slots, loop, self._on_thread_results,
-                                claim=self._claim, name="async_wf-worker")
+                                claim=self._claim, name="async_wf-worker", owner=self)
         stream = P.FrameStream(self._on_frame, self._on_lost)
         self._stream = stream
         await loop.create_connection(
@@ -245,6 +249,8 @@ class Worker:
                 ), traceback.format_exc())
                 continue
             kwargs = kw if kw is not None else _NO_KWARGS
+            if extra is not None and kind != K_MPI:
+                self._ctx_info[rid] = (0, 1, extra)
             fn = self._fns.get(fid)
             if fn is None:
                 err = self._fn_errors.get(fid) or RemoteError(f"unknown function id {fid}")
@@ -280,6 +286,7 @@ class Worker:
     def _run_inline(self, rid: int, fid: int, fn: Any, args: Any, kwargs: Any) -> float:
         """Run ``fn`` on the loop thread; return the seconds it took."""
         t0 = perf_counter()
+        mark_thread(self, rid)
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:
@@ -288,6 +295,8 @@ class Worker:
             self._report(rid, R_ERROR, exc, traceback.format_exc())
         else:
             self._report(rid, R_OK, value, None)
+        finally:
+            mark_thread(None, None)
         took = perf_counter() - t0
         if fid >= 0:
             self._learn(fid, took)
@@ -298,6 +307,7 @@ class Worker:
         self._dur[fid] = took if d is None else 0.8 * d + 0.2 * took
 
     async def _run_async(self, rid: int, fn: Any, args: Any, kwargs: Any) -> None:
+        mark_coroutine(self, rid)
         try:
             value = await fn(*args, **kwargs)
         except asyncio.CancelledError:
@@ -311,6 +321,29 @@ class Worker:
             self._report(rid, R_OK, value, None)
         finally:
             self._async.pop(rid, None)
+
+    def task_context(self, token: Any) -> TaskContext:
+        """The context of the task ``token`` (its rid, or (rid, function id)) running here.
+
+        Its saves go to the scheduler in SAVE frames; what it restores came
+        with the task.
+        """
+        rid = token[0] if type(token) is tuple else token
+        rank, nranks, restore = self._ctx_info.get(rid, (0, 1, None))
+        loop = self._loop
+        assert loop is not None
+
+        def send(step: int, blob: bytes) -> None:
+            stream = self._stream
+            if stream is not None:
+                stream.send(P.encode(P.SAVE, (rid, step, blob)))
+
+        def saver(step: int, blob: bytes) -> None:
+            # waits until the frame is handed to the socket, so that a task
+            # that dies right after a save has still sent it
+            call_on_loop(loop, send, step, blob)
+
+        return TaskContext(rank, nranks, lambda: restore, saver)
 
     def _claim(self, token: tuple[int, int]) -> bool:
         return token[0] not in self._cancelled
@@ -345,6 +378,8 @@ class Worker:
                 self._report(rid, R_CANCELLED, None, None)
 
     def _report(self, rid: int, status: int, value: Any, tb: str | None) -> None:
+        if self._ctx_info:
+            self._ctx_info.pop(rid, None)
         if status == R_ERROR:
             # checked one by one (errors are rare): one exception that cannot
             # make the round trip must not break the frame of all the others

@@ -311,7 +311,13 @@ class RemoteTransport(Transport):
                 batch.append((rid, fid, K_MPI, len(bufs) - n0, args_blob, gang.extra(w)))
                 continue
             fut._run = (w, rid)
-            batch.append((rid, fid, fut._kind, len(bufs) - n0, args_blob, None))
+            # a checkpointed task with a saved step gets it back from the worker
+            extra = None
+            if fut._cparents is not None:
+                got = sched.restore_blobs(fut, 1)
+                if got is not None:
+                    extra = (got[0], got[1][0])
+            batch.append((rid, fid, fut._kind, len(bufs) - n0, args_blob, extra))
             timeout = fut._opts.timeout
             if timeout is not None:
                 fut._timer = loop.call_later(timeout, self._on_timeout, fut, w, rid)
@@ -389,8 +395,28 @@ class RemoteTransport(Transport):
                 raise P.ProtocolError(f"malformed RESULTS frame: {exc}") from exc
         elif kind == P.HEARTBEAT:
             pass
+        elif kind == P.SAVE:
+            try:
+                rid, step, blob = P.loads(payload, buffers)
+                if type(step) is not int or type(blob) is not bytes:
+                    raise TypeError(f"step {step!r} and a bytes state expected")
+            except (TypeError, ValueError) as exc:
+                raise P.ProtocolError(f"malformed SAVE frame: {exc}") from exc
+            self._on_save(w, rid, step, blob)
         else:
             raise P.ProtocolError(f"unexpected {P.KIND_NAMES[kind]} frame from a worker")
+
+    def _on_save(self, w: _Worker, rid: int, step: int, blob: bytes) -> None:
+        """A task running on ``w`` saved a step's state (see ``async_wf.task_context``)."""
+        fut = w.inflight.get(rid)
+        sched = self._sched
+        if fut is None or sched is None:
+            return  # the task ended (timed out, cancelled) meanwhile
+        gang = self._gang_rids.get(rid)
+        if gang is None:
+            sched.task_save(fut, 0, 1, step, blob)
+        else:
+            sched.task_save(fut, gang.index[w.id], len(gang.ranks), step, blob)
 
     def _on_results(self, w: _Worker, results: list[tuple[int, int, int, bytes, Any]],
                     buffers: list[Any]) -> None:

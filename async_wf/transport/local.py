@@ -26,6 +26,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from async_wf._context import TaskContext, mark_coroutine, mark_thread
 from async_wf._errors import TaskTimeoutError
 from async_wf._scheduler import ASYNC, THREAD
 from async_wf._threads import ERROR, OK, Outcome, ThreadPool
@@ -65,11 +66,19 @@ class LocalTransport(Transport):
         """Bind to the scheduler and loop; threads start lazily when first needed."""
         self._sched = sched
         self._loop = loop
-        self._pool = ThreadPool(self._max_threads, loop, self._deliver, claim=self._claim)
+        self._pool = ThreadPool(self._max_threads, loop, self._deliver, claim=self._claim,
+                                owner=self)
 
     def capacity(self) -> int:
         """Unbounded: coroutines are cheap and thread tasks queue here by priority."""
         return 1 << 30
+
+    def task_context(self, token: Any) -> TaskContext:
+        """The context of a task running here (token: its future, or (future, attempt))."""
+        sched = self._sched
+        assert sched is not None
+        fut = token[0] if type(token) is tuple else token
+        return sched.task_context(fut)
 
     # --------------------------------------------------------------- dispatch
     def dispatch(self, futs: list[TaskFuture]) -> None:
@@ -98,12 +107,15 @@ class LocalTransport(Transport):
                     fut._timer = loop.call_later(timeout, self._on_timeout, fut, fut._attempt)
             else:
                 fut._run = _STARTED
+                mark_thread(self, fut)
                 try:
                     value = fut._fn(*fut._args, **fut._kwargs)  # type: ignore[misc]
                 except Exception as exc:
                     sched.task_error(fut, exc)
                 else:
                     sched.task_ok(fut, value)
+                finally:
+                    mark_thread(None, None)
 
     async def _run_async(self, fut: TaskFuture) -> None:
         # Reporting from inside the task, rather than from a done callback,
@@ -111,6 +123,7 @@ class LocalTransport(Transport):
         # task cancelled before it ever ran is reported by _cancel_async.
         sched = self._sched
         assert sched is not None
+        mark_coroutine(self, fut)
         try:
             value = await fut._fn(*fut._args, **fut._kwargs)  # type: ignore[misc]
         except asyncio.CancelledError as exc:

@@ -85,7 +85,7 @@ class _Gang:
     """One MPI task placed on its ranks."""
 
     __slots__ = ("comm_id", "create", "fut", "id", "index", "left", "ranks", "reported",
-                 "values")
+                 "restore", "values")
 
     def __init__(self, fut: TaskFuture, ranks: list[_Worker], comm_id: int,
                  create: bool) -> None:
@@ -98,11 +98,16 @@ class _Gang:
         self.values: list[Any] = [None] * len(ranks)
         self.left = len(ranks)
         self.reported = False
+        # the last complete step of the task (a checkpointed one) and each rank's state
+        self.restore = fut._sched.restore_blobs(fut, len(ranks))
 
     def extra(self, w: _Worker) -> tuple[Any, ...]:
         opts = self.fut._opts
-        return (self.id, tuple(r.id for r in self.ranks), self.index[w.id], self.comm_id,
-                self.create, opts.mpi_gather)
+        index = self.index[w.id]
+        restore = self.restore
+        return (self.id, tuple(r.id for r in self.ranks), index, self.comm_id,
+                self.create, opts.mpi_gather,
+                None if restore is None else (restore[0], restore[1][index]))
 
 
 class MpiTransport(RemoteTransport):

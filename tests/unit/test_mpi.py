@@ -364,3 +364,72 @@ def test_a_dead_worker_rank_ends_the_job_not_hangs(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "started" in proc.stdout and "not reached" not in proc.stdout
     assert time.monotonic() - t0 < 30
+
+
+RESUME = """
+    import os, sys
+    import async_wf
+
+    @async_wf.task(mpi=2, mpi_gather=True)
+    def solver(n, fail_at, marker, comm=None):
+        ctx = async_wf.task_context()
+        got = ctx.restore()
+        # one write per line: mpiexec merges the ranks' output
+        sys.stdout.write(f"RESTORED {ctx.rank} {ctx.nranks} {None if got is None else got[0]}\\n")
+        sys.stdout.flush()
+        start, x = got if got is not None else (-1, 0)
+        for step in range(start + 1, n):
+            x = comm.allreduce(x + step * (ctx.rank + 1))
+            ctx.save(x, step)
+            if step == fail_at and ctx.rank == 1 and not os.path.exists(marker):
+                open(marker, "w").close()
+                raise RuntimeError(f"rank 1 fails at step {step}")
+        return x
+
+    async def main():
+        retries = int(sys.argv[1])
+        async with async_wf.Runtime(checkpoint="m.wfck") as rt:
+            try:
+                print("VALUES", await rt.submit(solver.options(retries=retries), 8, 3,
+                                                sys.argv[2]), flush=True)
+            except RuntimeError as exc:
+                print("FAILED", exc, flush=True)
+
+    async_wf.run(main())
+"""
+
+
+def serial_solver(n: int) -> int:
+    x = 0
+    for step in range(n):
+        x = 2 * x + 3 * step  # allreduce over ranks 0 and 1 of x + step * (rank + 1)
+    return x
+
+
+def restored(out: str) -> set[tuple[int, str]]:
+    return {(int(line.split()[1]), line.split()[3]) for line in out.splitlines()
+            if line.startswith("RESTORED")}
+
+
+def test_mpi_task_resumes_from_its_last_complete_step(tmp_path: Path) -> None:
+    want = serial_solver(8)
+    # a retry in the same run: rank 1 fails after saving step 3; the retry
+    # starts on both ranks from the last step both saved (3, or 2 if rank 0's
+    # save of 3 came after the failure)
+    proc = mpirun(tmp_path, 3, RESUME, "1", str(tmp_path / "m1"))
+    assert proc.returncode == 0, proc.stderr
+    assert f"VALUES [{want}, {want}]" in proc.stdout, proc.stdout
+    steps = restored(proc.stdout)
+    assert {(0, "None"), (1, "None")} <= steps, proc.stdout
+    again = steps - {(0, "None"), (1, "None")}
+    assert len(again) == 2 and {s for _, s in again} in ({"3"}, {"2"}), steps
+
+    # across runs: the first job fails the task, the second resumes it
+    proc = mpirun(tmp_path, 3, RESUME.replace("m.wfck", "m2.wfck"), "0", str(tmp_path / "m2"))
+    assert proc.returncode == 0, proc.stderr
+    assert "FAILED rank 1 fails at step 3" in proc.stdout, proc.stdout
+    proc = mpirun(tmp_path, 3, RESUME.replace("m.wfck", "m2.wfck"), "0", str(tmp_path / "m2"))
+    assert proc.returncode == 0, proc.stderr
+    assert f"VALUES [{want}, {want}]" in proc.stdout, proc.stdout
+    steps = restored(proc.stdout)
+    assert {s for _, s in steps} in ({"3"}, {"2"}), steps

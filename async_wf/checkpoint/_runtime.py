@@ -1,0 +1,329 @@
+"""The checkpoint log as a runtime uses it: keys at submit, records at completion.
+
+``Checkpoint`` is the configuration a user gives ``Runtime(checkpoint=...)``;
+``Recorder`` is what the scheduler holds. It computes each task's key when
+the task is submitted (from the function's identity, the keys of the futures
+it receives and a content hash of its other arguments), says whether the log
+has a result for it, reads that result when it is wanted, appends the results
+of tasks that finish, and keeps the states that long tasks save per step.
+
+Everything here runs on the scheduler's event loop thread, like the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from async_wf.checkpoint._keys import (
+    CheckpointError,
+    CheckpointKeyError,
+    function_identity,
+    stable_hash,
+    task_key,
+)
+from async_wf.checkpoint._log import (
+    DEFAULT_FLUSH,
+    DEFAULT_FLUSH_EVERY,
+    DEFAULT_FLUSH_INTERVAL,
+    CheckpointLog,
+)
+
+if TYPE_CHECKING:
+    from async_wf._futures import TaskFuture
+    from async_wf._options import TaskOptions
+
+log = logging.getLogger("async_wf")
+
+_FID_CACHE = 10_000  # function identities kept per runtime (lambdas made in a loop)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where and how a runtime records finished tasks; ``Runtime(checkpoint=...)``.
+
+    A plain path is the same as ``Checkpoint(path)``. docs/checkpoint.md
+    says exactly what each flush policy keeps after a crash or a power loss.
+
+    Args:
+        path: the log file, created if missing. One runtime at a time may
+            write it: a second gets ``CheckpointLockedError``.
+        flush: when buffered records are written to the file:
+            ``"interval"`` (default: at most every ``flush_interval``
+            seconds, and by a timer when tasks stop finishing), ``"every"``
+            (every ``flush_every`` records) or ``"record"`` (every record).
+        flush_every: records per write with ``flush="every"``.
+        flush_interval: seconds between writes with ``flush="interval"``.
+        fsync: make every write durable (``fdatasync``) against power loss.
+
+    Raises:
+        ValueError: an option breaks its rule (checked when the log opens).
+    """
+
+    path: str | os.PathLike[str]
+    flush: str = DEFAULT_FLUSH
+    flush_every: int = DEFAULT_FLUSH_EVERY
+    flush_interval: float = DEFAULT_FLUSH_INTERVAL
+    fsync: bool = False
+
+
+def _leaf(obj: Any) -> bytes | None:
+    # a future stands for its task's key; Recorder.key checked they all have one
+    from async_wf._futures import TaskFuture
+
+    if isinstance(obj, TaskFuture):
+        key: bytes = obj._ckey  # type: ignore[assignment]
+        return key
+    return None
+
+
+def _program_identity(fn: Any, version: str | None) -> bytes | None:
+    """The identity of a ``binary=`` task: its function plus the command line."""
+    from async_wf._program import ProgramTask
+
+    if not isinstance(fn, ProgramTask):
+        return None
+    return stable_hash(
+        (function_identity(fn.fn, version), str(fn.binary), tuple(fn.args), fn.nprocs)
+    )
+
+
+class Recorder:
+    """The scheduler's side of a checkpoint log (see the module docstring).
+
+    Args:
+        config: the user's ``Checkpoint``.
+        loop: the scheduler's loop, for the flush timer.
+
+    Raises:
+        CheckpointLockedError: another runtime writes the log.
+        CheckpointFormatError: the file is not a checkpoint log.
+        ValueError: a flush option breaks its rule.
+    """
+
+    def __init__(self, config: Checkpoint, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.log = CheckpointLog(
+            config.path,
+            flush=config.flush,
+            flush_every=config.flush_every,
+            flush_interval=config.flush_interval,
+            fsync=config.fsync,
+        )
+        self._loop = loop
+        self._fids: dict[tuple[Any, str | None], bytes] = {}
+        self._warned: set[str] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._reader: CheckpointLog | None = None
+        # state saves of tasks on several ranks: key -> step -> ranks that saved
+        self._saves: dict[bytes, dict[int, set[int]]] = {}
+        #: results appended, recorded results that could not be used
+        self.n_recorded = 0
+        self.n_unusable = 0
+        self.found_at_open = len(self.log)
+        for problem in self.log.problems[:5]:
+            log.warning("checkpoint log %s: %s at byte %d", self.log.path, problem.reason,
+                        problem.offset)
+        if len(self.log.problems) > 5:
+            log.warning("checkpoint log %s: %d more problems (async-wf checkpoint verify %s)",
+                        self.log.path, len(self.log.problems) - 5, self.log.path)
+        if config.flush == "interval" and math.isfinite(config.flush_interval):
+            self._timer = loop.call_later(config.flush_interval, self._tick)
+
+    # ------------------------------------------------------------------ keys
+    def identity(self, fn: Callable[..., Any], version: str | None) -> bytes:
+        """``function_identity(fn, version)``, cached per function object."""
+        try:
+            ck = (fn, version)
+            fid = self._fids.get(ck)
+        except TypeError:  # an unhashable callable object
+            ck, fid = None, None
+        if fid is None:
+            fid = _program_identity(fn, version) or function_identity(fn, version)
+            if ck is not None:
+                if len(self._fids) >= _FID_CACHE:
+                    self._fids.clear()
+                self._fids[ck] = fid
+        return fid
+
+    def key(
+        self,
+        fn: Callable[..., Any],
+        opts: TaskOptions,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        found: list[TaskFuture],
+        name: str,
+    ) -> bytes | None:
+        """The task's key, or None when it cannot have one.
+
+        A task has no key when one of its inputs has none, or when it is
+        declared ``checkpoint=False`` and its arguments have no stable hash.
+
+        Raises:
+            CheckpointKeyError: an argument (or the function) has no stable
+                hash and the task is recorded; the message names the
+                argument and the ways out.
+        """
+        for dep in found:
+            if dep._ckey is None:
+                self._warn_once(
+                    name, f"task {name!r} is not recorded in the checkpoint log: its input "
+                    f"from task {dep.name!r} has no key"
+                )
+                return None
+        leaf = _leaf if found else None
+        try:
+            fid = self.identity(fn, opts.version)
+            if opts.key is not None:
+                return task_key(fid, (opts.key(*args, **kwargs),), {}, leaf)
+            return task_key(fid, args, kwargs, leaf)
+        except CheckpointKeyError as exc:
+            if not opts.checkpoint:
+                return None
+            raise CheckpointKeyError(f"task {name!r}: {exc}") from None
+
+    # ------------------------------------------------------------- results
+    def __contains__(self, key: bytes) -> bool:
+        return key in self.log
+
+    def read(self, key: bytes) -> Any:
+        """The recorded result of ``key``.
+
+        Raises:
+            CheckpointCorruptError: the record is damaged.
+            Exception: what unpickling raises.
+        """
+        if self._closed:
+            # a future awaited after its runtime ended: read from a read-only
+            # view, which takes no lock (another run may write the log now)
+            if self._reader is None:
+                self._reader = CheckpointLog(self.config.path, readonly=True)
+            return self._reader.get(key)
+        return self.log.get(key)
+
+    def unusable(self, name: str, key: bytes, exc: BaseException) -> None:
+        """Report a recorded result that could not be read; the task reruns."""
+        self.n_unusable += 1
+        log.warning("task %r: its recorded result cannot be used (%s: %s); running it again",
+                    name, type(exc).__name__, exc)
+        # not forgotten in the log: a damaged record stays for verify to
+        # report; the rerun's record supersedes it
+
+    def record(self, fut: TaskFuture, value: Any) -> None:
+        """Append the result of a task that finished; failures only warn."""
+        key = fut._ckey
+        assert key is not None
+        log_ = self.log
+        if key in log_:
+            return  # an identical task (same key) finished earlier
+        fn = fut._fn
+        try:
+            log_.put_result(
+                key, value,
+                function=f"{getattr(fn, '__module__', '?')}:{fut.name}",
+                parents=fut._cparents or (),
+            )
+        except CheckpointError as exc:
+            # a failed write (disk full): the log refuses further records
+            self._warn_once("", f"checkpoint log {log_.path}: no more records: {exc}")
+            return
+        except Exception as exc:
+            self._warn_once(
+                fut.name, f"task {fut.name!r}: result not recorded, it cannot be pickled "
+                f"({type(exc).__name__}: {exc}); declare it with checkpoint=False"
+            )
+            return
+        self.n_recorded += 1
+
+    # -------------------------------------------------------------- states
+    def save(self, key: bytes, rank: int, nranks: int, step: int, state: Any) -> None:
+        """Record ``rank``'s state of task ``key`` at ``step``; commit once all ranks have.
+
+        The commit is written to the file at once (and synced with ``fsync``).
+
+        Raises:
+            CheckpointError: the log takes no records.
+            Exception: what pickling the state raises.
+        """
+        self.log.put_state(key, rank, step, state)
+        if nranks > 1:
+            steps = self._saves.setdefault(key, {})
+            ranks = steps.setdefault(step, set())
+            ranks.add(rank)
+            if len(ranks) < nranks:
+                return
+            for s in [s for s in steps if s <= step]:
+                del steps[s]
+        self.log.commit(key, step, nranks)
+        # a step stands for a long stretch of work: written at once, whatever
+        # the flush policy, so that a crash right after it does not lose it
+        self.log.flush()
+
+    def restore(self, key: bytes, nranks: int) -> tuple[int, list[Any]] | None:
+        """(step, the state of each rank) of the task's last complete step, or None.
+
+        None when nothing was committed, when the commit was made by another
+        number of ranks, or when a state cannot be read (reported).
+        """
+        committed = self.log.committed(key)
+        if committed is None or committed[1] != nranks:
+            return None
+        states = []
+        for rank in range(nranks):
+            try:
+                got = self.log.restore(key, rank)
+            except Exception as exc:
+                log.warning("checkpoint log %s: saved state of rank %d unusable (%s); the "
+                            "task starts over", self.log.path, rank, exc)
+                return None
+            if got is None:
+                return None
+            states.append(got[1])
+        return committed[0], states
+
+    def forget_states(self, key: bytes) -> None:
+        """Drop the save bookkeeping of a task that ended."""
+        self._saves.pop(key, None)
+
+    # ------------------------------------------------------------ lifecycle
+    def _tick(self) -> None:
+        self._timer = None
+        try:
+            self.log.flush_if_due()
+        except CheckpointError as exc:
+            self._warn_once("", f"checkpoint log {self.log.path}: no more records: {exc}")
+            return
+        self._timer = self._loop.call_later(self.config.flush_interval, self._tick)
+
+    def close(self) -> None:
+        """Write what is buffered and close the log; later reads use a read-only view."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        try:
+            self.log.close()
+        except CheckpointError as exc:
+            log.error("checkpoint log %s: closing failed: %s", self.log.path, exc)
+
+    def statistics(self) -> dict[str, int]:
+        """Counts for ``Runtime.statistics``."""
+        return {
+            "checkpoint_recorded": self.n_recorded,
+            "checkpoint_unusable": self.n_unusable,
+            "checkpoint_records": len(self.log),
+        }
+
+    def _warn_once(self, what: str, message: str) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            log.warning("%s", message)
