@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from async_wf import core as _corepick
 from async_wf._context import TaskContext, call_on_loop
 from async_wf._errors import DependencyError, RuntimeClosedError, WorkflowAborted
-from async_wf._futures import RecordedFuture, TaskFuture, _fn_name, collect, replace_in
+from async_wf._futures import RecordedFuture, TaskFuture, collect, replace_in
 from async_wf._options import DEFAULT_OPTIONS, TaskOptions
 from async_wf._task import TaskFunction
 
@@ -164,7 +164,7 @@ class Scheduler:
             fut._ckey = None
             fut._cparents = None
         else:
-            key = ck.key(fn, opts, args, kwargs, found, opts.name or _fn_name(fn))
+            key = ck.key(fn, opts, args, kwargs, found)
             parents: tuple[bytes, ...] | None = None
             if key is not None and opts.checkpoint:
                 parents = tuple([d._ckey for d in found])  # type: ignore[misc]
@@ -335,16 +335,20 @@ class Scheduler:
         self._done_buf = []
         handles = []
         ck = self._ckpt
+        rec: list[tuple[TaskFuture, Any]] | None = [] if ck is not None else None
         for fut, value in buf:
             if fut.done():
                 continue  # resolved meanwhile (failed by a transport giving up)
             fut.set_result(value)
-            if ck is not None and fut._cparents is not None:
-                ck.record(fut, value)
+            if rec is not None and fut._cparents is not None:
+                rec.append((fut, value))
             fut._args = ()
             fut._kwargs = {}
             fut._run = None
             handles.append(fut._handle)
+        if rec:
+            assert ck is not None
+            ck.record(rec)
         core = self._core
         core.finish_many(handles)
         core.forget(handles)

@@ -919,6 +919,10 @@ def task_key(
             the argument, the path inside it, and the way out).
         TypeError: ``leaf`` returned something other than bytes or None.
     """
+    if not kwargs:
+        key = _quick_key(fn_identity, args, leaf)
+        if key is not None:
+            return key
     enc = _Encoder(leaf)
     buf = enc.buf
     buf += _U64(len(fn_identity))
@@ -938,6 +942,46 @@ def task_key(
     except RecursionError:
         raise CheckpointKeyError(f"argument {where!r}: the value nests too deeply") from None
     return _digest(_TASK_HASH, buf)
+
+
+_NO_KWARGS = _U64(0)
+
+
+def _quick_key(fn_identity: bytes, args: tuple[Any, ...], leaf: Leaf | None) -> bytes | None:
+    """``task_key`` of a call whose arguments are all plain scalars or leaves, or None.
+
+    The commonest calls of fine-grained tasks (indices, names, upstream
+    futures) skip the general encoder; the bytes hashed are the same as the
+    encoder's, so the key does not depend on which path made it.
+    """
+    parts = [_U64(len(fn_identity)), fn_identity, _U64(len(args))]
+    add = parts.append
+    for a in args:
+        if leaf is not None:
+            sub = leaf(a)
+            if sub is not None:
+                if type(sub) is not bytes:
+                    return None  # the general path raises the error
+                add(_TAG_U64(b"L", len(sub)))
+                add(sub)
+                continue
+        t = type(a)
+        if t is int:
+            if not _I64_MIN <= a < _I64_END:
+                return None
+            add(_TAG_I64(b"i", a))
+        elif t is str:
+            b = a.encode("utf-8", "surrogatepass")
+            add(_TAG_U64(b"s", len(b)))
+            add(b)
+        elif t is float:
+            add(_TAG_F64(b"f", a) if a == a else b"f" + _NAN)
+        elif a is None:
+            add(b"N")
+        else:
+            return None  # anything else takes the general path
+    add(_NO_KWARGS)
+    return _digest(_TASK_HASH, b"".join(parts))
 
 
 def _encode_top(enc: _Encoder, value: Any, where: str) -> None:

@@ -145,6 +145,8 @@ DEFER_VERIFY = 1 << 20
 #: first read of a record: most records fit, and then one pread is enough
 _READ_GUESS = 4096
 
+_NOT_MAPPED: Any = object()
+
 FLUSH_POLICIES = ("record", "every", "interval")
 DEFAULT_FLUSH = "interval"
 DEFAULT_FLUSH_EVERY = 1000
@@ -791,6 +793,7 @@ class CheckpointLog:
         self._last_flush = time.monotonic()
         self._broken: BaseException | None = None
         self._closed = False
+        self._mm: mmap.mmap | None = None
         self._fd = self._open()
         # a log dropped without close() still releases its descriptor and lock
         # (its buffered records are lost, as in a crash)
@@ -900,6 +903,11 @@ class CheckpointLog:
             )
         self.problems.sort()
         self._written = self._end = end
+        if end > _FILE_HEADER.size:
+            # small records found at open are read from this map (no syscall,
+            # no buffer per read); mapped after the tail is cut, so that it
+            # never covers bytes the file no longer has
+            self._mm = mmap.mmap(fd, end, access=mmap.ACCESS_READ)
 
     def _record_loader(self, mm: Any) -> Callable[[int, int, int, int], None]:
         results, counts = self._results, self._counts
@@ -1165,6 +1173,69 @@ class CheckpointLog:
         ))
         self._put(RESULT, key, meta, value, None)
 
+    def put_results(
+        self, items: list[tuple[bytes, Any, str, tuple[bytes, ...]]]
+    ) -> list[tuple[bytes, Exception]]:
+        """Append many results at once: ``(key, value, function, parents)`` each.
+
+        The same records as ``put_result`` one by one, made in one loop and
+        checked against the flush policy once at the end (the scheduler
+        records all tasks that finished in one loop iteration this way).
+        Results that cannot be pickled are skipped and returned with the
+        exception, the others are appended.
+
+        Raises:
+            CheckpointError: the log is closed, read-only, or broken by a failed write.
+            TypeError, ValueError: a key or a name breaks its rule.
+        """
+        if self._closed or self.readonly or self._broken is not None:
+            self._writable()
+        failed: list[tuple[bytes, Exception]] = []
+        now = time.time()
+        results, counts = self._results, self._counts
+        names = self._names
+        meta_size = _RESULT_META.size
+        for key, value, function, parents in items:
+            if type(key) is not bytes or not 0 < len(key) <= MAX_KEY:
+                _check_key(key)
+            bufs: list[pickle.PickleBuffer] = []
+            try:
+                payload = pack(value, bufs)
+            except Exception as exc:
+                failed.append((key, exc))
+                continue
+            if bufs or len(payload) >= COMPRESS_MIN or len(parents) > 0xFFFF:
+                self.put_result(key, value, function=function, parents=parents)
+                continue
+            name = names.get(function)
+            if name is None:
+                name = self._name(function)
+            pblob = _parents_blob(parents) if parents else b""
+            used = HEADER_SIZE + len(key) + meta_size + len(name) + len(pblob)
+            pad = -used % _ALIGN
+            body_len = used + pad - HEADER_SIZE - len(key) + _VALUE_HEAD.size + len(payload)
+            rest = b"".join((
+                _TAIL.pack(RESULT, 0, len(key), body_len), key,
+                _RESULT_META.pack(now, used + pad, len(name), len(parents)), name, pblob,
+                _ZEROS[:pad], _VALUE_HEAD.pack(0, CODEC_RAW, len(payload)), payload,
+            ))
+            rec = RECORD_MAGIC + zlib.crc32(rest).to_bytes(4, "little") + rest
+            off = self._end
+            results[key] = off
+            counts[RESULT] += 1
+            self._pfix.append((RESULT, key, off, None))
+            self._pending += rec
+            self._psizes.append(len(rec))
+            self._end = off + len(rec)
+            if len(self._pending) >= PENDING_MAX:
+                self._flush_pending()
+        if self._psizes and (
+            len(self._psizes) >= self._every
+            or time.monotonic() - self._last_flush >= self._interval
+        ):
+            self._flush_pending()
+        return failed
+
     def _name(self, function: str) -> bytes:
         if not isinstance(function, str):
             raise TypeError(f"function must be a str, got {type(function).__name__}")
@@ -1290,6 +1361,9 @@ class CheckpointLog:
                 self._flush_pending()
         finally:
             self._closed = True
+            if self._mm is not None:
+                self._mm.close()
+                self._mm = None
             self._finalizer()
 
     def __enter__(self) -> CheckpointLog:
@@ -1390,6 +1464,11 @@ class CheckpointLog:
             CheckpointCorruptError: the record is damaged: do not use it, rerun the task.
             Exception: what unpickling raises (a class that no longer exists).
         """
+        mm = self._mm
+        if mm is not None and not self._closed:
+            value = self._get_mapped(mm, key)
+            if value is not _NOT_MAPPED:
+                return value
         buf, size, off = self._read_result(key)
         mv = memoryview(buf)[:size]
         meta_at = HEADER_SIZE + len(key)
@@ -1404,6 +1483,35 @@ class CheckpointLog:
         where = self._corrupt_at(off)
         _name, _parents, _when, vpos = _parse_result_meta(mv, 0, meta_at, size, where)
         return _decode_value(mv, vpos, size, where)
+
+    def _get_mapped(self, mm: mmap.mmap, key: bytes) -> Any:
+        """``get`` of a small plain record inside the map made at open, else _NOT_MAPPED."""
+        off = self._results[key]
+        end = len(mm)
+        if off + HEADER_SIZE > end:
+            return _NOT_MAPPED
+        magic, crc, typ, _flags, klen, blen = _HDR.unpack_from(mm, off)
+        size = HEADER_SIZE + klen + blen
+        if magic != RECORD_MAGIC or typ != RESULT or off + size > end or size > DIRECT_MIN:
+            return _NOT_MAPPED  # damage and large records: the checked slow path
+        with memoryview(mm) as whole:
+            mv = whole[off : off + size]
+            try:
+                if zlib.crc32(mv[_CRC_FROM:]) != crc or mv[HEADER_SIZE : HEADER_SIZE + klen] != key:
+                    return _NOT_MAPPED
+                meta_at = HEADER_SIZE + klen
+                if size - meta_at < _RESULT_META.size:
+                    return _NOT_MAPPED
+                _when, value_at, _nlen, _npar = _RESULT_META.unpack_from(mv, meta_at)
+                if not meta_at < value_at <= size - _VALUE_HEAD.size:
+                    return _NOT_MAPPED
+                nbufs, pcodec, plen = _VALUE_HEAD.unpack_from(mv, value_at)
+                start = value_at + _VALUE_HEAD.size
+                if nbufs or pcodec != CODEC_RAW or start + plen != size:
+                    return _NOT_MAPPED
+                return pickle.loads(mv[start:])
+            finally:
+                mv.release()
 
     def info(self, key: bytes) -> ResultInfo:
         """The metadata of ``key``'s live result: function, parents, time, size.

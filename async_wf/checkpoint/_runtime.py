@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from async_wf._futures import _fn_name
 from async_wf.checkpoint._keys import (
     CheckpointError,
     CheckpointKeyError,
@@ -117,6 +118,7 @@ class Recorder:
         )
         self._loop = loop
         self._fids: dict[tuple[Any, str | None], bytes] = {}
+        self._names: dict[tuple[Any, str | None], str] = {}
         self._warned: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -159,7 +161,6 @@ class Recorder:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         found: list[TaskFuture],
-        name: str,
     ) -> bytes | None:
         """The task's key, or None when it cannot have one.
 
@@ -173,6 +174,7 @@ class Recorder:
         """
         for dep in found:
             if dep._ckey is None:
+                name = opts.name or _fn_name(fn)
                 self._warn_once(
                     name, f"task {name!r} is not recorded in the checkpoint log: its input "
                     f"from task {dep.name!r} has no key"
@@ -187,7 +189,7 @@ class Recorder:
         except CheckpointKeyError as exc:
             if not opts.checkpoint:
                 return None
-            raise CheckpointKeyError(f"task {name!r}: {exc}") from None
+            raise CheckpointKeyError(f"task {opts.name or _fn_name(fn)!r}: {exc}") from None
 
     # ------------------------------------------------------------- results
     def __contains__(self, key: bytes) -> bool:
@@ -216,31 +218,42 @@ class Recorder:
         # not forgotten in the log: a damaged record stays for verify to
         # report; the rerun's record supersedes it
 
-    def record(self, fut: TaskFuture, value: Any) -> None:
-        """Append the result of a task that finished; failures only warn."""
-        key = fut._ckey
-        assert key is not None
+    def record(self, done: list[tuple[TaskFuture, Any]]) -> None:
+        """Append the results of tasks that finished; failures only warn."""
         log_ = self.log
-        if key in log_:
-            return  # an identical task (same key) finished earlier
-        fn = fut._fn
+        items = []
+        names = self._names
+        for fut, value in done:
+            key = fut._ckey
+            assert key is not None and fut._cparents is not None
+            if key in log_:
+                continue  # an identical task (same key) finished earlier
+            fn = fut._fn
+            nk = (fn, fut._opts.name)
+            try:
+                name = names.get(nk)
+            except TypeError:  # an unhashable callable object
+                name = None
+            if name is None:
+                name = f"{getattr(fn, '__module__', None) or '?'}:{fut.name}"
+                if len(names) < _FID_CACHE:
+                    names[nk] = name
+            items.append((key, value, name, fut._cparents))
+        if not items:
+            return
         try:
-            log_.put_result(
-                key, value,
-                function=f"{getattr(fn, '__module__', '?')}:{fut.name}",
-                parents=fut._cparents or (),
-            )
+            failed = log_.put_results(items)
         except CheckpointError as exc:
             # a failed write (disk full): the log refuses further records
             self._warn_once("", f"checkpoint log {log_.path}: no more records: {exc}")
             return
-        except Exception as exc:
+        self.n_recorded += len(items) - len(failed)
+        for key, err in failed:
+            fut = next(f for f, _ in done if f._ckey == key)
             self._warn_once(
                 fut.name, f"task {fut.name!r}: result not recorded, it cannot be pickled "
-                f"({type(exc).__name__}: {exc}); declare it with checkpoint=False"
+                f"({type(err).__name__}: {err}); declare it with checkpoint=False"
             )
-            return
-        self.n_recorded += 1
 
     # -------------------------------------------------------------- states
     def save(self, key: bytes, rank: int, nranks: int, step: int, state: Any) -> None:

@@ -112,3 +112,18 @@ def test_throughput_payload_needs_tcp() -> None:
     )
     assert proc.returncode == 2
     assert "--workload payload needs --transport tcp" in proc.stderr
+
+
+def test_checkpoint_script_reports_every_figure() -> None:
+    proc = subprocess.run(
+        [sys.executable, "bench/checkpoint.py", "--n", "300", "--payload-n", "4",
+         "--rerun-n", "300", "--rerun-sleep-n", "20", "--index-n", "2000", "--repeat", "1",
+         "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    for name in ("noop_local", "payload_local", "noop_tcp", "payload_tcp"):
+        assert out[name]["with_s"] > 0 and out[name]["without_s"] > 0
+    assert out["rerun_noop"]["speedup"] > 0 and out["rerun_sleep1ms"]["n"] == 20
+    assert out["index"]["n"] == 2000 and out["index"]["records_per_s"] > 0

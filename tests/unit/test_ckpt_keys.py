@@ -557,3 +557,24 @@ def test_stable_across_processes_and_hash_seeds(tmp_path: Path) -> None:
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("ckmod", None)
+
+
+@pytest.mark.parametrize("args", [
+    (1,), ("a", 2.5, None), (float("nan"), -0.0, "\u00e9\udc80"), (), (1 << 62, -5),
+])
+def test_the_quick_path_gives_the_general_encoders_key(args: tuple[object, ...]) -> None:
+    from async_wf.checkpoint import _keys
+
+    fid = function_identity(len)
+    quick = _keys._quick_key(fid, args, None)
+    assert quick is not None
+    # the general encoder: reached by a keyword argument, removed again by hand
+    enc = _keys._Encoder(None)
+    enc.buf += _keys._U64(len(fid)) + fid + _keys._U64(len(args))
+    for a in args:
+        enc.value(a)
+    enc.buf += _keys._U64(0)
+    assert quick == _keys._digest(_keys._TASK_HASH, enc.buf)
+    assert task_key(fid, args, {}) == quick
+    # out of the quick path's range: the general one, same function
+    assert _keys._quick_key(fid, (1 << 64,), None) is None

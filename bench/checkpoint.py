@@ -1,0 +1,176 @@
+"""What the checkpoint log costs a running workflow, and what a re-run gains.
+
+    python bench/checkpoint.py [--transports local,tcp] [--n 20000] [--payload-n 200]
+                               [--rerun-n 100000] [--index-n 1000000] [--repeat 3] [--json]
+
+Measured in one run, each figure the median of ``--repeat`` runs after a
+warm-up, every run with a fresh log file:
+
+  noop      ``--n`` independent tasks ``noop(i)`` (distinct arguments, so
+            distinct keys and records), tasks/s without and with the log
+            (default flush policy), per transport, and the loss in percent
+  payload   ``--payload-n`` tasks each returning a fresh 1 MiB NumPy array,
+            MB/s of results without and with the log (every array recorded)
+  rerun     ``--rerun-n`` noop tasks run once with the log (time T1), then the
+            same program again, finding every task in the log (time T2), both
+            including submitting and awaiting every future; the speed-up is
+            T1 / T2. Local transport: it has the cheapest original run, so it
+            gives the lowest ratio. Also with tasks that sleep 1 ms
+            (``--rerun-sleep-n`` of them, 2 worker processes), where the
+            original run costs what real tasks cost.
+  index     opening a log of ``--index-n`` small results: records indexed per s
+
+The log is written in a temporary directory on the local disk, no fsync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import async_wf
+from async_wf.checkpoint import CheckpointLog, function_identity, task_key
+
+MIB = 1 << 20
+
+
+def noop(i: int) -> None:
+    return None
+
+
+def make_array(i: int) -> np.ndarray:
+    return np.full(MIB // 8, float(i))
+
+
+def nap(i: int) -> int:
+    time.sleep(0.001)
+    return i
+
+
+async def _run(fn: Callable[[int], Any], n: int, transport: str, log: Path | None) -> float:
+    """Seconds from the first submit to the last result (start-up excluded)."""
+    opts: dict[str, Any] = {"checkpoint": log} if log is not None else {}
+    if transport == "tcp":
+        opts["workers"] = 2
+    task = async_wf.task(fn, inline=True) if transport == "local" and fn is not nap else fn
+    async with async_wf.Runtime(**opts) as rt:
+        if transport == "tcp":
+            await rt.submit(noop, -1)  # the workers are up
+        t0 = time.perf_counter()
+        futs = [rt.submit(task, i) for i in range(n)]
+        for f in futs:
+            await f
+        took = time.perf_counter() - t0
+    return took
+
+
+def _median(fn: Callable[[], float], repeat: int) -> tuple[float, list[float]]:
+    fn()  # warm-up
+    samples = [fn() for _ in range(repeat)]
+    return statistics.median(samples), samples
+
+
+def run_pair(tmp: Path, fn: Callable[[int], Any], n: int, transport: str,
+             repeat: int) -> dict[str, Any]:
+    """The same workload without and with a (fresh) log."""
+    counter = [0]
+
+    def fresh() -> Path:
+        counter[0] += 1
+        return tmp / f"{fn.__name__}-{transport}-{counter[0]}.wfck"
+
+    bare, s_bare = _median(lambda: asyncio.run(_run(fn, n, transport, None)), repeat)
+    logged, s_logged = _median(lambda: asyncio.run(_run(fn, n, transport, fresh())), repeat)
+    return {"n": n, "without_s": bare, "with_s": logged, "samples_without": s_bare,
+            "samples_with": s_logged, "loss_pct": 100 * (1 - bare / logged)}
+
+
+def rerun(tmp: Path, fn: Callable[[int], Any], n: int, transport: str,
+          repeat: int) -> dict[str, Any]:
+    """Original run with the log, then the same run again finding everything."""
+    firsts, agains = [], []
+    for r in range(repeat):
+        path = tmp / f"rerun-{fn.__name__}-{transport}-{r}.wfck"
+        firsts.append(asyncio.run(_run(fn, n, transport, path)))
+        agains.append(asyncio.run(_run(fn, n, transport, path)))
+    t1, t2 = statistics.median(firsts), statistics.median(agains)
+    return {"n": n, "transport": transport, "original_s": t1, "rerun_s": t2,
+            "speedup": t1 / t2, "samples_original": firsts, "samples_rerun": agains}
+
+
+def index_rate(tmp: Path, n: int, repeat: int) -> dict[str, Any]:
+    path = tmp / "index.wfck"
+    fid = function_identity(noop)
+    with CheckpointLog(path) as log:
+        for i in range(n):
+            log.put_result(task_key(fid, (i,), {}), None, function="bench:noop")
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        with CheckpointLog(path, readonly=True) as log:
+            assert len(log) == n
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    return {"n": n, "open_s": best, "records_per_s": n / best, "bytes": path.stat().st_size}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--transports", default="local,tcp")
+    p.add_argument("--n", type=int, default=20000)
+    p.add_argument("--payload-n", type=int, default=200)
+    p.add_argument("--rerun-n", type=int, default=100_000)
+    p.add_argument("--rerun-sleep-n", type=int, default=2000)
+    p.add_argument("--index-n", type=int, default=1_000_000)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="also print one JSON line")
+    args = p.parse_args()
+    out: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count(),
+                           "core": async_wf.CORE_IMPL}
+    with tempfile.TemporaryDirectory(prefix="awf-bench-ckpt-") as d:
+        tmp = Path(d)
+        for transport in args.transports.split(","):
+            r = run_pair(tmp, noop, args.n, transport, args.repeat)
+            out[f"noop_{transport}"] = r
+            print(f"noop     {transport:5}  n={r['n']:<7} without {r['n'] / r['without_s']:>9,.0f}"
+                  f" tasks/s  with log {r['n'] / r['with_s']:>9,.0f} tasks/s"
+                  f"  loss {r['loss_pct']:5.1f} %", flush=True)
+            r = run_pair(tmp, make_array, args.payload_n, transport, args.repeat)
+            out[f"payload_{transport}"] = r
+            mb = r["n"] * MIB / 1e6
+            print(f"payload  {transport:5}  n={r['n']:<7} without {mb / r['without_s']:>9,.0f}"
+                  f" MB/s     with log {mb / r['with_s']:>9,.0f} MB/s     "
+                  f"  loss {r['loss_pct']:5.1f} %", flush=True)
+        r = rerun(tmp, noop, args.rerun_n, "local", args.repeat)
+        out["rerun_noop"] = r
+        print(f"rerun    local  n={r['n']:<7} original {r['original_s']:.3f} s  "
+              f"re-run {r['rerun_s']:.3f} s  speed-up {r['speedup']:.1f}x", flush=True)
+        if args.rerun_sleep_n:
+            r = rerun(tmp, nap, args.rerun_sleep_n, "tcp", 1)
+            out["rerun_sleep1ms"] = r
+            print(f"rerun    tcp    n={r['n']:<7} original {r['original_s']:.3f} s  "
+                  f"re-run {r['rerun_s']:.3f} s  speed-up {r['speedup']:.1f}x  "
+                  "(tasks of 1 ms, 2 workers)", flush=True)
+        r = index_rate(tmp, args.index_n, args.repeat)
+        out["index"] = r
+        print(f"index    open {r['n']:,} records in {r['open_s']:.3f} s: "
+              f"{r['records_per_s']:,.0f} records/s ({r['bytes'] / 1e6:.0f} MB)", flush=True)
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
