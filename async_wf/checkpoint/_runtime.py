@@ -215,8 +215,13 @@ class Recorder:
         self.n_unusable += 1
         log.warning("task %r: its recorded result cannot be used (%s: %s); running it again",
                     name, type(exc).__name__, exc)
-        # not forgotten in the log: a damaged record stays for verify to
-        # report; the rerun's record supersedes it
+        if not self._closed and key in self.log:
+            # a tombstone, so that the rerun's result is recorded in its place
+            # (the damaged bytes stay for verify to report)
+            try:
+                self.log.forget(key)
+            except CheckpointError as err:
+                self._warn_once("", f"checkpoint log {self.log.path}: no more records: {err}")
 
     def record(self, done: list[tuple[TaskFuture, Any]]) -> None:
         """Append the results of tasks that finished; failures only warn."""

@@ -375,3 +375,43 @@ def test_killed_long_task_resumes_after_rerun(tmp_path: Path, transport: str) ->
     assert second.returncode == 0, second.stderr
     assert "RESTORED 5" in second.stdout
     assert f"TOTAL {sum(range(10))}" in second.stdout
+
+
+BROKEN = {"on": False}
+
+
+class Touchy:
+    """A result that cannot be unpickled while BROKEN["on"] (a class that changed)."""
+
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if BROKEN["on"]:
+            raise ValueError("this code cannot read the old Touchy")
+        self.__dict__.update(state)
+
+
+def make_touchy(x: int) -> Touchy:
+    CALLS.append(f"touchy {x}")
+    return Touchy(x)
+
+
+async def test_unreadable_record_reruns_the_task_and_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "x.wfck"
+    CALLS.clear()
+    async with async_wf.Runtime(checkpoint=path) as rt:
+        assert (await rt.submit(make_touchy, 4)).x == 4
+    BROKEN["on"] = True
+    try:
+        async with async_wf.Runtime(checkpoint=path) as rt:
+            f = rt.submit(make_touchy, 4)
+            assert isinstance(f, async_wf._futures.RecordedFuture)
+            got = await f  # the read fails: the task runs instead
+            assert rt.statistics()["checkpoint_unusable"] == 1
+    finally:
+        BROKEN["on"] = False
+    assert got.x == 4 and CALLS == ["touchy 4", "touchy 4"]
+    async with async_wf.Runtime(checkpoint=path) as rt:
+        assert (await rt.submit(make_touchy, 4)).x == 4
+    assert CALLS == ["touchy 4", "touchy 4"]  # the rerun's record is used now
