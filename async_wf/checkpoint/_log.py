@@ -1035,9 +1035,14 @@ class CheckpointLog:
         self._counts[typ] += 1
 
     def _buffer(
-        self, rec: bytes, typ: int, key: bytes, rank_step: tuple[int, int] | None = None
+        self, rec: bytes, typ: int, key: bytes, rank_step: tuple[int, int] | None = None,
+        by_policy: bool = True,
     ) -> None:
-        """Append a small record to the write buffer, index it, flush if the policy says so."""
+        """Append a small record to the write buffer, index it, flush if the policy says so.
+
+        ``by_policy=False``: only a full buffer flushes (the caller checks the
+        policy once for a batch).
+        """
         off = self._end
         self._index(typ, key, rank_step, off)
         if typ in (RESULT, STATE):
@@ -1045,15 +1050,15 @@ class CheckpointLog:
         self._pending += rec
         self._psizes.append(len(rec))
         self._end = off + len(rec)
-        if (
+        if len(self._pending) >= PENDING_MAX or (by_policy and (
             len(self._psizes) >= self._every
-            or len(self._pending) >= PENDING_MAX
             or time.monotonic() - self._last_flush >= self._interval
-        ):
+        )):
             self._flush_pending()
 
     def _put(
-        self, typ: int, key: bytes, meta: bytes, value: Any, rank_step: tuple[int, int] | None
+        self, typ: int, key: bytes, meta: bytes, value: Any, rank_step: tuple[int, int] | None,
+        by_policy: bool = True,
     ) -> None:
         """Append a RESULT or STATE record: ``meta`` (padded) then ``value``'s section."""
         bufs: list[pickle.PickleBuffer] = []
@@ -1067,14 +1072,15 @@ class CheckpointLog:
             ))
             rec = RECORD_MAGIC + zlib.crc32(rest).to_bytes(4, "little") + rest
             if len(rec) < DIRECT_MIN:
-                self._buffer(rec, typ, key, rank_step)
+                self._buffer(rec, typ, key, rank_step, by_policy)
             else:
                 self._index(typ, key, rank_step, self._direct([rec]))
             return
         parts, vlen = _value_parts(payload, bufs, HEADER_SIZE + len(key) + len(meta))
         body_len = len(meta) + vlen
         if HEADER_SIZE + len(key) + body_len < DIRECT_MIN:
-            self._buffer(_frame(typ, key, meta + b"".join(parts)), typ, key, rank_step)
+            self._buffer(_frame(typ, key, meta + b"".join(parts)), typ, key, rank_step,
+                         by_policy)
         else:
             off = self._direct(_frame_parts(typ, key, [meta, *parts], body_len))
             self._index(typ, key, rank_step, off)
@@ -1157,6 +1163,49 @@ class CheckpointLog:
             self._writable()
         if type(key) is not bytes or not 0 < len(key) <= MAX_KEY:
             _check_key(key)
+        self._put(RESULT, key, self._result_meta(key, function, parents, time.time()), value,
+                  None)
+
+    def put_results(
+        self, items: list[tuple[bytes, Any, str, tuple[bytes, ...]]]
+    ) -> list[tuple[bytes, Exception]]:
+        """Append many results at once: ``(key, value, function, parents)`` each.
+
+        The same records as ``put_result`` one by one, checked against the
+        flush policy once at the end (the scheduler records all tasks that
+        finished in one loop iteration this way). Results that cannot be
+        pickled are skipped and returned with the exception, the others are
+        appended.
+
+        Raises:
+            CheckpointError: the log is closed, read-only, or broken by a failed write.
+            TypeError, ValueError: a key or a name breaks its rule.
+        """
+        if self._closed or self.readonly or self._broken is not None:
+            self._writable()
+        failed: list[tuple[bytes, Exception]] = []
+        now = time.time()
+        for key, value, function, parents in items:
+            if type(key) is not bytes or not 0 < len(key) <= MAX_KEY:
+                _check_key(key)
+            meta = self._result_meta(key, function, parents, now)
+            try:
+                self._put(RESULT, key, meta, value, None, by_policy=False)
+            except CheckpointError:
+                raise
+            except Exception as exc:  # pickling: only this result is lost
+                failed.append((key, exc))
+        if self._psizes and (
+            len(self._psizes) >= self._every
+            or time.monotonic() - self._last_flush >= self._interval
+        ):
+            self._flush_pending()
+        return failed
+
+    def _result_meta(
+        self, key: bytes, function: str, parents: tuple[bytes, ...], when: float
+    ) -> bytes:
+        """The metadata section of a RESULT record, padded so that the value is aligned."""
         name = self._names.get(function)
         if name is None:
             name = self._name(function)
@@ -1167,74 +1216,10 @@ class CheckpointLog:
             pblob = b""
         used = HEADER_SIZE + len(key) + _RESULT_META.size + len(name) + len(pblob)
         pad = _align(used)
-        meta = b"".join((
-            _RESULT_META.pack(time.time(), used + pad, len(name), len(parents)), name, pblob,
+        return b"".join((
+            _RESULT_META.pack(when, used + pad, len(name), len(parents)), name, pblob,
             _ZEROS[:pad],
         ))
-        self._put(RESULT, key, meta, value, None)
-
-    def put_results(
-        self, items: list[tuple[bytes, Any, str, tuple[bytes, ...]]]
-    ) -> list[tuple[bytes, Exception]]:
-        """Append many results at once: ``(key, value, function, parents)`` each.
-
-        The same records as ``put_result`` one by one, made in one loop and
-        checked against the flush policy once at the end (the scheduler
-        records all tasks that finished in one loop iteration this way).
-        Results that cannot be pickled are skipped and returned with the
-        exception, the others are appended.
-
-        Raises:
-            CheckpointError: the log is closed, read-only, or broken by a failed write.
-            TypeError, ValueError: a key or a name breaks its rule.
-        """
-        if self._closed or self.readonly or self._broken is not None:
-            self._writable()
-        failed: list[tuple[bytes, Exception]] = []
-        now = time.time()
-        results, counts = self._results, self._counts
-        names = self._names
-        meta_size = _RESULT_META.size
-        for key, value, function, parents in items:
-            if type(key) is not bytes or not 0 < len(key) <= MAX_KEY:
-                _check_key(key)
-            bufs: list[pickle.PickleBuffer] = []
-            try:
-                payload = pack(value, bufs)
-            except Exception as exc:
-                failed.append((key, exc))
-                continue
-            if bufs or len(payload) >= COMPRESS_MIN or len(parents) > 0xFFFF:
-                self.put_result(key, value, function=function, parents=parents)
-                continue
-            name = names.get(function)
-            if name is None:
-                name = self._name(function)
-            pblob = _parents_blob(parents) if parents else b""
-            used = HEADER_SIZE + len(key) + meta_size + len(name) + len(pblob)
-            pad = -used % _ALIGN
-            body_len = used + pad - HEADER_SIZE - len(key) + _VALUE_HEAD.size + len(payload)
-            rest = b"".join((
-                _TAIL.pack(RESULT, 0, len(key), body_len), key,
-                _RESULT_META.pack(now, used + pad, len(name), len(parents)), name, pblob,
-                _ZEROS[:pad], _VALUE_HEAD.pack(0, CODEC_RAW, len(payload)), payload,
-            ))
-            rec = RECORD_MAGIC + zlib.crc32(rest).to_bytes(4, "little") + rest
-            off = self._end
-            results[key] = off
-            counts[RESULT] += 1
-            self._pfix.append((RESULT, key, off, None))
-            self._pending += rec
-            self._psizes.append(len(rec))
-            self._end = off + len(rec)
-            if len(self._pending) >= PENDING_MAX:
-                self._flush_pending()
-        if self._psizes and (
-            len(self._psizes) >= self._every
-            or time.monotonic() - self._last_flush >= self._interval
-        ):
-            self._flush_pending()
-        return failed
 
     def _name(self, function: str) -> bytes:
         if not isinstance(function, str):

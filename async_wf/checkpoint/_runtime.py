@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from async_wf._futures import _fn_name
+from async_wf._futures import TaskFuture, _fn_name
 from async_wf.checkpoint._keys import (
     CheckpointError,
     CheckpointKeyError,
@@ -36,7 +36,6 @@ from async_wf.checkpoint._log import (
 )
 
 if TYPE_CHECKING:
-    from async_wf._futures import TaskFuture
     from async_wf._options import TaskOptions
 
 log = logging.getLogger("async_wf")
@@ -75,8 +74,6 @@ class Checkpoint:
 
 def _leaf(obj: Any) -> bytes | None:
     # a future stands for its task's key; Recorder.key checked they all have one
-    from async_wf._futures import TaskFuture
-
     if isinstance(obj, TaskFuture):
         key: bytes = obj._ckey  # type: ignore[assignment]
         return key
