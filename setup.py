@@ -1,4 +1,5 @@
-"""Build script: one extension, async_wf._core, compiled from src_cython/_core.pyx.
+"""Build script: the compiled core (async_wf._core, from src_cython/_core.pyx) and
+the checkpoint log's hot paths (async_wf._ckfast, from src_cython/_ckfast.pyx).
 
 Set ASYNC_WF_DEBUG_BUILD=1 to compile with line tracing and assertions on.
 """
@@ -32,7 +33,13 @@ extensions = cythonize(
             depends=sorted(glob("src_cython/**/*.p*", recursive=True)),
             define_macros=macros,
             extra_compile_args=["-O0", "-g"] if debug else ["-O3"],
-        )
+        ),
+        Extension(
+            "async_wf._ckfast",
+            ["src_cython/_ckfast.pyx"],
+            define_macros=macros,
+            extra_compile_args=["-O0", "-g"] if debug else ["-O3"],
+        ),
     ],
     compiler_directives=directives,
     annotate=os.environ.get("ASYNC_WF_ANNOTATE") == "1",

@@ -37,13 +37,21 @@ __all__ = [
     "WAITING",
     "Core",
     "PyCore",
+    "extensions_disabled",
 ]
 
 if TYPE_CHECKING:
     from async_wf._core import Core as _CCoreType
 
+
+
+def extensions_disabled() -> bool:
+    """Whether ``ASYNC_WF_NO_EXTENSIONS`` asks for the pure-Python twins of every extension."""
+    return os.environ.get("ASYNC_WF_NO_EXTENSIONS", "") not in ("", "0")
+
+
 Core: type[PyCore] | type[_CCoreType]
-if os.environ.get("ASYNC_WF_NO_EXTENSIONS", "") not in ("", "0"):
+if extensions_disabled():
     Core = PyCore
     CORE_IMPL = "python"
 else:

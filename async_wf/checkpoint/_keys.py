@@ -82,6 +82,24 @@ _FUNCTION_HASH = hashlib.blake2b(digest_size=DIGEST_SIZE, person=_PERSON_FUNCTIO
 _TASK_HASH = hashlib.blake2b(digest_size=DIGEST_SIZE, person=_PERSON_TASK)
 
 
+def _load_ckfast() -> Any:
+    """The compiled hot paths (``async_wf._ckfast``), or None for the Python twins.
+
+    None when ``ASYNC_WF_NO_EXTENSIONS`` is set or the extension was not
+    built (the compiled core's import already warns about a build without
+    extensions).
+    """
+    from async_wf.core import extensions_disabled
+
+    if extensions_disabled():
+        return None
+    try:
+        import async_wf._ckfast as _ckfast
+    except ImportError:
+        return None
+    return _ckfast
+
+
 def _digest(template: Any, data: bytes | bytearray) -> bytes:
     h = template.copy()
     h.update(data)
@@ -947,7 +965,7 @@ def task_key(
 _NO_KWARGS = _U64(0)
 
 
-def _quick_key(fn_identity: bytes, args: tuple[Any, ...], leaf: Leaf | None) -> bytes | None:
+def _quick_key_py(fn_identity: bytes, args: tuple[Any, ...], leaf: Leaf | None) -> bytes | None:
     """``task_key`` of a call whose arguments are all plain scalars or leaves, or None.
 
     The commonest calls of fine-grained tasks (indices, names, upstream
@@ -982,6 +1000,13 @@ def _quick_key(fn_identity: bytes, args: tuple[Any, ...], leaf: Leaf | None) -> 
             return None  # anything else takes the general path
     add(_NO_KWARGS)
     return _digest(_TASK_HASH, b"".join(parts))
+
+
+_ckfast = _load_ckfast()
+#: the compiled twin hashes the same bytes with a copy of the same hasher
+_quick_key: Callable[[bytes, tuple[Any, ...], Leaf | None], bytes | None] = (
+    _quick_key_py if _ckfast is None else functools.partial(_ckfast.quick_key, hasher=_TASK_HASH)
+)
 
 
 def _encode_top(enc: _Encoder, value: Any, where: str) -> None:

@@ -87,7 +87,7 @@ from typing import Any, NamedTuple
 
 import lz4.block
 
-from async_wf.checkpoint._keys import CheckpointError
+from async_wf.checkpoint._keys import CheckpointError, _load_ckfast
 from async_wf.protocol import pack
 
 FILE_MAGIC = b"\x89AWFCKP\n"
@@ -145,7 +145,6 @@ DEFER_VERIFY = 1 << 20
 #: first read of a record: most records fit, and then one pread is enough
 _READ_GUESS = 4096
 
-_NOT_MAPPED: Any = object()
 
 FLUSH_POLICIES = ("record", "every", "interval")
 DEFAULT_FLUSH = "interval"
@@ -416,6 +415,77 @@ def _parents_blob(parents: tuple[bytes, ...]) -> bytes:
         out += _U16.pack(len(p))
         out += p
     return bytes(out)
+
+
+def _result_meta(key: bytes, when: float, name: bytes, parents: tuple[bytes, ...]) -> bytes:
+    """The metadata section of a RESULT record, padded so that the value is aligned."""
+    pblob = _parents_blob(parents) if parents else b""
+    used = HEADER_SIZE + len(key) + _RESULT_META.size + len(name) + len(pblob)
+    pad = _align(used)
+    return b"".join((
+        _RESULT_META.pack(when, used + pad, len(name), len(parents)), name, pblob, _ZEROS[:pad],
+    ))
+
+
+def _small_record(typ: int, key: bytes, meta: bytes, payload: bytes) -> bytes:
+    """A whole record whose value is one plain pickle (no buffers, not compressed)."""
+    body_len = len(meta) + _VALUE_HEAD.size + len(payload)
+    rest = b"".join((
+        _TAIL.pack(typ, 0, len(key), body_len), key, meta,
+        _VALUE_HEAD.pack(0, CODEC_RAW, len(payload)), payload,
+    ))
+    return RECORD_MAGIC + zlib.crc32(rest).to_bytes(4, "little") + rest
+
+
+def _py_result_record(
+    key: bytes, when: float, name: bytes, parents: tuple[bytes, ...], payload: bytes
+) -> bytes:
+    """A whole small RESULT record (``async_wf._ckfast.result_record`` is its compiled twin)."""
+    if len(name) > 0xFFFF:
+        raise ValueError(f"function name must be < 64 KiB in UTF-8, got {len(name)} bytes")
+    return _small_record(RESULT, key, _result_meta(key, when, name, parents), payload)
+
+
+def _py_mapped_payload(mm: Any, off: int, key: bytes) -> bytes | None:
+    """The pickle of a small plain RESULT record of ``key`` at ``off`` in ``mm``, or None.
+
+    ``async_wf._ckfast.mapped_payload`` is the compiled twin; see it for when
+    this is None (the caller then takes the checked general path).
+    """
+    end = len(mm)
+    if off < 0 or off + HEADER_SIZE > end:
+        return None
+    magic, crc, typ, _flags, klen, blen = _HDR.unpack_from(mm, off)
+    size = HEADER_SIZE + klen + blen
+    if magic != RECORD_MAGIC or typ != RESULT or off + size > end or size > DIRECT_MIN:
+        return None
+    with memoryview(mm) as whole:
+        mv = whole[off : off + size]
+        try:
+            if mv[HEADER_SIZE : HEADER_SIZE + klen] != key or zlib.crc32(mv[_CRC_FROM:]) != crc:
+                return None
+            meta_at = HEADER_SIZE + klen
+            if size - meta_at < _RESULT_META.size:
+                return None
+            _when, value_at, _nlen, _npar = _RESULT_META.unpack_from(mv, meta_at)
+            if not meta_at < value_at <= size - _VALUE_HEAD.size:
+                return None
+            nbufs, pcodec, plen = _VALUE_HEAD.unpack_from(mv, value_at)
+            start = value_at + _VALUE_HEAD.size
+            if nbufs or pcodec != CODEC_RAW or start + plen != size:
+                return None
+            return bytes(mv[start:])
+        finally:
+            mv.release()
+
+
+_ckfast = _load_ckfast()
+_result_record: Callable[[bytes, float, bytes, tuple[bytes, ...], bytes], bytes] = (
+    _py_result_record if _ckfast is None else _ckfast.result_record
+)
+_mapped_payload: Callable[[Any, int, bytes], bytes | None] = (
+    _py_mapped_payload if _ckfast is None else _ckfast.mapped_payload
+)
 
 
 def _parse_result_meta(
@@ -1063,14 +1133,15 @@ class CheckpointLog:
         """Append a RESULT or STATE record: ``meta`` (padded) then ``value``'s section."""
         bufs: list[pickle.PickleBuffer] = []
         payload = pack(value, bufs)
+        self._put_packed(typ, key, meta, payload, bufs, rank_step, by_policy)
+
+    def _put_packed(
+        self, typ: int, key: bytes, meta: bytes, payload: bytes, bufs: list[pickle.PickleBuffer],
+        rank_step: tuple[int, int] | None, by_policy: bool,
+    ) -> None:
+        """``_put`` of a value already pickled into ``payload`` and ``bufs``."""
         if not bufs and len(payload) < COMPRESS_MIN:
-            # the common small record, built in one join
-            body_len = len(meta) + _VALUE_HEAD.size + len(payload)
-            rest = b"".join((
-                _TAIL.pack(typ, 0, len(key), body_len), key, meta,
-                _VALUE_HEAD.pack(0, CODEC_RAW, len(payload)), payload,
-            ))
-            rec = RECORD_MAGIC + zlib.crc32(rest).to_bytes(4, "little") + rest
+            rec = _small_record(typ, key, meta, payload)
             if len(rec) < DIRECT_MIN:
                 self._buffer(rec, typ, key, rank_step, by_policy)
             else:
@@ -1159,12 +1230,9 @@ class CheckpointLog:
             CheckpointError: the log is closed, read-only, or broken by a failed write.
             TypeError, ValueError: a key or the name breaks its rule.
         """
-        if self._closed or self.readonly or self._broken is not None:
-            self._writable()
-        if type(key) is not bytes or not 0 < len(key) <= MAX_KEY:
-            _check_key(key)
-        self._put(RESULT, key, self._result_meta(key, function, parents, time.time()), value,
-                  None)
+        failed = self.put_results([(key, value, function, parents)])
+        if failed:
+            raise failed[0][1]
 
     def put_results(
         self, items: list[tuple[bytes, Any, str, tuple[bytes, ...]]]
@@ -1185,41 +1253,37 @@ class CheckpointLog:
             self._writable()
         failed: list[tuple[bytes, Exception]] = []
         now = time.time()
+        names = self._names
+        record = _result_record
         for key, value, function, parents in items:
             if type(key) is not bytes or not 0 < len(key) <= MAX_KEY:
                 _check_key(key)
-            meta = self._result_meta(key, function, parents, now)
+                key = bytes(key)  # a subclass of bytes: the compiled builder takes bytes
+            name = names.get(function)
+            if name is None:
+                name = self._name(function)
+            if type(parents) is not tuple:
+                parents = tuple(parents)
+            bufs: list[pickle.PickleBuffer] = []
             try:
-                self._put(RESULT, key, meta, value, None, by_policy=False)
-            except CheckpointError:
-                raise
+                payload = pack(value, bufs)
             except Exception as exc:  # pickling: only this result is lost
                 failed.append((key, exc))
+                continue
+            if not bufs and len(payload) < COMPRESS_MIN:
+                # the common small record, built in one go
+                rec = record(key, now, name, parents, payload)
+                if len(rec) < DIRECT_MIN:
+                    self._buffer(rec, RESULT, key, None, False)
+                    continue
+            meta = _result_meta(key, now, name, parents)
+            self._put_packed(RESULT, key, meta, payload, bufs, None, False)
         if self._psizes and (
             len(self._psizes) >= self._every
             or time.monotonic() - self._last_flush >= self._interval
         ):
             self._flush_pending()
         return failed
-
-    def _result_meta(
-        self, key: bytes, function: str, parents: tuple[bytes, ...], when: float
-    ) -> bytes:
-        """The metadata section of a RESULT record, padded so that the value is aligned."""
-        name = self._names.get(function)
-        if name is None:
-            name = self._name(function)
-        if parents:
-            parents = tuple(parents)
-            pblob = _parents_blob(parents)
-        else:
-            pblob = b""
-        used = HEADER_SIZE + len(key) + _RESULT_META.size + len(name) + len(pblob)
-        pad = _align(used)
-        return b"".join((
-            _RESULT_META.pack(when, used + pad, len(name), len(parents)), name, pblob,
-            _ZEROS[:pad],
-        ))
 
     def _name(self, function: str) -> bytes:
         if not isinstance(function, str):
@@ -1451,9 +1515,11 @@ class CheckpointLog:
         """
         mm = self._mm
         if mm is not None and not self._closed:
-            value = self._get_mapped(mm, key)
-            if value is not _NOT_MAPPED:
-                return value
+            # a small plain record inside the map made at open: checked and
+            # copied out in one step; anything else takes the path below
+            payload = _mapped_payload(mm, self._results[key], key)
+            if payload is not None:
+                return pickle.loads(payload)
         buf, size, off = self._read_result(key)
         mv = memoryview(buf)[:size]
         meta_at = HEADER_SIZE + len(key)
@@ -1468,35 +1534,6 @@ class CheckpointLog:
         where = self._corrupt_at(off)
         _name, _parents, _when, vpos = _parse_result_meta(mv, 0, meta_at, size, where)
         return _decode_value(mv, vpos, size, where)
-
-    def _get_mapped(self, mm: mmap.mmap, key: bytes) -> Any:
-        """``get`` of a small plain record inside the map made at open, else _NOT_MAPPED."""
-        off = self._results[key]
-        end = len(mm)
-        if off + HEADER_SIZE > end:
-            return _NOT_MAPPED
-        magic, crc, typ, _flags, klen, blen = _HDR.unpack_from(mm, off)
-        size = HEADER_SIZE + klen + blen
-        if magic != RECORD_MAGIC or typ != RESULT or off + size > end or size > DIRECT_MIN:
-            return _NOT_MAPPED  # damage and large records: the checked slow path
-        with memoryview(mm) as whole:
-            mv = whole[off : off + size]
-            try:
-                if zlib.crc32(mv[_CRC_FROM:]) != crc or mv[HEADER_SIZE : HEADER_SIZE + klen] != key:
-                    return _NOT_MAPPED
-                meta_at = HEADER_SIZE + klen
-                if size - meta_at < _RESULT_META.size:
-                    return _NOT_MAPPED
-                _when, value_at, _nlen, _npar = _RESULT_META.unpack_from(mv, meta_at)
-                if not meta_at < value_at <= size - _VALUE_HEAD.size:
-                    return _NOT_MAPPED
-                nbufs, pcodec, plen = _VALUE_HEAD.unpack_from(mv, value_at)
-                start = value_at + _VALUE_HEAD.size
-                if nbufs or pcodec != CODEC_RAW or start + plen != size:
-                    return _NOT_MAPPED
-                return pickle.loads(mv[start:])
-            finally:
-                mv.release()
 
     def info(self, key: bytes) -> ResultInfo:
         """The metadata of ``key``'s live result: function, parents, time, size.

@@ -24,6 +24,7 @@ from async_wf._futures import TaskFuture, _fn_name
 from async_wf.checkpoint._keys import (
     CheckpointError,
     CheckpointKeyError,
+    _quick_key,
     function_identity,
     stable_hash,
     task_key,
@@ -114,7 +115,8 @@ class Recorder:
             fsync=config.fsync,
         )
         self._loop = loop
-        self._fids: dict[tuple[Any, str | None], bytes] = {}
+        # function object (or (function, version)) -> function_identity
+        self._fids: dict[Any, bytes] = {}
         self._names: dict[tuple[Any, str | None], str] = {}
         self._warned: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -138,8 +140,10 @@ class Recorder:
     # ------------------------------------------------------------------ keys
     def identity(self, fn: Callable[..., Any], version: str | None) -> bytes:
         """``function_identity(fn, version)``, cached per function object."""
+        # keyed by the function alone when there is no version: no tuple to
+        # build and hash per task
+        ck: Any = fn if version is None else (fn, version)
         try:
-            ck = (fn, version)
             fid = self._fids.get(ck)
         except TypeError:  # an unhashable callable object
             ck, fid = None, None
@@ -169,19 +173,33 @@ class Recorder:
                 hash and the task is recorded; the message names the
                 argument and the ways out.
         """
-        for dep in found:
-            if dep._ckey is None:
-                name = opts.name or _fn_name(fn)
-                self._warn_once(
-                    name, f"task {name!r} is not recorded in the checkpoint log: its input "
-                    f"from task {dep.name!r} has no key"
-                )
-                return None
-        leaf = _leaf if found else None
+        if found:
+            for dep in found:
+                if dep._ckey is None:
+                    name = opts.name or _fn_name(fn)
+                    self._warn_once(
+                        name, f"task {name!r} is not recorded in the checkpoint log: its input "
+                        f"from task {dep.name!r} has no key"
+                    )
+                    return None
+            leaf = _leaf
+        else:
+            leaf = None
+        version = opts.version
         try:
-            fid = self.identity(fn, opts.version)
+            fid = self._fids.get(fn if version is None else (fn, version))
+        except TypeError:
+            fid = None
+        try:
+            if fid is None:
+                fid = self.identity(fn, version)
             if opts.key is not None:
                 return task_key(fid, (opts.key(*args, **kwargs),), {}, leaf)
+            if not kwargs:
+                # task_key's own first step, without its call
+                key = _quick_key(fid, args, leaf)
+                if key is not None:
+                    return key
             return task_key(fid, args, kwargs, leaf)
         except CheckpointKeyError as exc:
             if not opts.checkpoint:

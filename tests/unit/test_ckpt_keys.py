@@ -559,22 +559,54 @@ def test_stable_across_processes_and_hash_seeds(tmp_path: Path) -> None:
         sys.modules.pop("ckmod", None)
 
 
-@pytest.mark.parametrize("args", [
+_QUICK_ARGS = [
     (1,), ("a", 2.5, None), (float("nan"), -0.0, "\u00e9\udc80"), (), (1 << 62, -5),
-])
-def test_the_quick_path_gives_the_general_encoders_key(args: tuple[object, ...]) -> None:
+    (-(1 << 63), (1 << 63) - 1), (float("inf"), -float("nan"), "x" * 1000),
+    tuple(range(100)),
+]
+
+
+def _quick_twins() -> list[object]:
     from async_wf.checkpoint import _keys
 
-    fid = function_identity(len)
-    quick = _keys._quick_key(fid, args, None)
-    assert quick is not None
-    # the general encoder: reached by a keyword argument, removed again by hand
-    enc = _keys._Encoder(None)
+    twins: list[object] = [_keys._quick_key_py]
+    try:
+        from async_wf import _ckfast
+    except ImportError:  # not built: the Python twin is all there is
+        return twins
+    return [*twins, functools.partial(_ckfast.quick_key, hasher=_keys._TASK_HASH)]
+
+
+def _general_key(fid: bytes, args: tuple[object, ...], leaf: Any = None) -> bytes:
+    """``task_key`` through the general encoder, bypassing the quick path."""
+    from async_wf.checkpoint import _keys
+
+    enc = _keys._Encoder(leaf)
     enc.buf += _keys._U64(len(fid)) + fid + _keys._U64(len(args))
     for a in args:
         enc.value(a)
     enc.buf += _keys._U64(0)
-    assert quick == _keys._digest(_keys._TASK_HASH, enc.buf)
+    return _keys._digest(_keys._TASK_HASH, enc.buf)
+
+
+@pytest.mark.parametrize("twin", _quick_twins(), ids=["python", "compiled"][: len(_quick_twins())])
+@pytest.mark.parametrize("args", _QUICK_ARGS)
+def test_the_quick_path_gives_the_general_encoders_key(twin: Any, args: tuple[object, ...]) -> None:
+    fid = function_identity(len)
+    quick = twin(fid, args, None)
+    assert quick is not None
+    assert quick == _general_key(fid, args)
     assert task_key(fid, args, {}) == quick
-    # out of the quick path's range: the general one, same function
-    assert _keys._quick_key(fid, (1 << 64,), None) is None
+
+
+@pytest.mark.parametrize("twin", _quick_twins(), ids=["python", "compiled"][: len(_quick_twins())])
+def test_the_quick_path_declines_what_only_the_general_encoder_takes(twin: Any) -> None:
+    fid = function_identity(len)
+    for args in [(1 << 63,), (-(1 << 63) - 1,), (True,), (b"x",), ((1,),), (1.5, [2])]:
+        assert twin(fid, args, None) is None, args
+    # a leaf's bytes stand for the argument, as in the general encoder
+    marker = object()
+    def leaf(obj: object) -> bytes | None:
+        return b"K" * 32 if obj is marker else None
+    assert twin(fid, (marker, 3), leaf) == _general_key(fid, (marker, 3), leaf)
+    assert twin(fid, (marker,), lambda obj: "not bytes") is None

@@ -898,3 +898,71 @@ def test_public_names_are_documented() -> None:
 
 
 PROTOCOL_METHODS = {"__contains__", "__len__", "__iter__", "__fspath__", "__enter__", "__exit__"}
+
+
+# ------------------------------------------------- the compiled twins agree
+def _twins(name: str) -> list[Any]:
+    """The Python function ``_log._py_<name>`` and, when built, ``_ckfast.<name>``."""
+    out = [getattr(L, f"_py_{name}")]
+    try:
+        from async_wf import _ckfast
+    except ImportError:
+        return out
+    return [*out, getattr(_ckfast, name)]
+
+
+@pytest.mark.parametrize("parents", [(), (k(1),), (k(2), b"x", b"y" * 300)])
+@pytest.mark.parametrize("payload", [pickle.dumps(None, 5), pickle.dumps(list(range(500)), 5)])
+@pytest.mark.parametrize("name", [b"m:f", b"mod.sub:Cls.method" * 3, b""])
+def test_both_record_builders_write_the_same_bytes(
+    parents: tuple[bytes, ...], payload: bytes, name: bytes
+) -> None:
+    recs = [build(k(7), 1234.5, name, parents, payload) for build in _twins("result_record")]
+    assert len(set(recs)) == 1
+    # and the record reads back through the general parser
+    rec = recs[0]
+    assert rec[:4] == L.RECORD_MAGIC
+    assert int.from_bytes(rec[4:8], "little") == __import__("zlib").crc32(rec[8:])
+    meta_at = L.HEADER_SIZE + len(k(7))
+    got_name, got_parents, when, vpos = L._parse_result_meta(
+        memoryview(rec), 0, meta_at, len(rec), lambda r: AssertionError(r))
+    assert (got_name, tuple(got_parents), when) == (name.decode(), parents, 1234.5)
+    assert vpos % 16 == 0
+
+
+@pytest.mark.parametrize("build", _twins("result_record"))
+def test_both_record_builders_refuse_bad_parents_alike(build: Any) -> None:
+    with pytest.raises(TypeError, match="parent key must be bytes, got str"):
+        build(k(1), 0.0, b"m:f", ("abc",), b"N.")
+    with pytest.raises(ValueError, match="parent key must be 1 to 65535 bytes long, got 0"):
+        build(k(1), 0.0, b"m:f", (b"",), b"N.")
+    with pytest.raises(ValueError, match="function name must be < 64 KiB"):
+        build(k(1), 0.0, b"x" * 70000, (), b"N.")
+
+
+@pytest.mark.parametrize("read", _twins("mapped_payload"))
+def test_both_mapped_readers_take_only_whole_checked_small_records(read: Any) -> None:
+    payload = pickle.dumps({"a": 1}, 5)
+    rec = L._py_result_record(k(3), 1.0, b"m:f", (k(4),), payload)
+    buf = bytearray(b"\0" * 32 + rec + b"\0" * 8)
+    assert read(buf, 32, k(3)) == payload
+    assert read(bytes(buf), 32, k(3)) == payload
+    assert read(buf, 32, k(9)) is None  # another key
+    assert read(buf, 31, k(3)) is None  # not at a record
+    assert read(buf[: 32 + len(rec) - 1], 32, k(3)) is None  # cut short
+    for at in (9, L.HEADER_SIZE + 3, len(rec) - 1):  # a flipped byte anywhere
+        bad = bytearray(buf)
+        bad[32 + at] ^= 0x10
+        assert read(bad, 32, k(3)) is None, at
+    assert read(buf, -1, k(3)) is None
+    assert read(buf, len(buf), k(3)) is None
+
+
+def test_the_compiled_crc_is_zlibs() -> None:
+    _ckfast = pytest.importorskip("async_wf._ckfast")
+    import zlib
+
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 7, 64, 1000):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert _ckfast.crc32(data) == zlib.crc32(data)
