@@ -42,7 +42,7 @@ bench: install
 	$(PY) bench/throughput.py --transport tcp --workers 2 --workload chain --n 2000 --peer-timeout 600
 	$(PY) bench/throughput.py --transport tcp --workers 2 --workload fanin --n 10000 --peer-timeout 600
 	$(PY) bench/throughput.py --transport tcp --workers 2 --workload payload --n 200 --peer-timeout 600
-	$(PY) bench/checkpoint.py --repeat 3
+	$(PY) bench/checkpoint.py --repeat 5
 
 # a build with line tracing and bounds checks, for debugging the core
 debug: install

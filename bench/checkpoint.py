@@ -21,12 +21,17 @@ warm-up, every run with a fresh log file:
   index     opening a log of ``--index-n`` small results: records indexed per s
 
 The log is written in a temporary directory on the local disk, no fsync.
+As in throughput.py, the cyclic GC is collected and then disabled during
+each timed stretch, on both sides alike (``--gc on`` keeps it running):
+with 10^5 futures alive its full collections make the figures swing from
+run to run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -44,6 +49,7 @@ import async_wf
 from async_wf.checkpoint import CheckpointLog, function_identity, task_key
 
 MIB = 1 << 20
+GC_OFF = True  # --gc on sets it False
 
 
 def noop(i: int) -> None:
@@ -68,11 +74,17 @@ async def _run(fn: Callable[[int], Any], n: int, transport: str, log: Path | Non
     async with async_wf.Runtime(**opts) as rt:
         if transport == "tcp":
             await rt.submit(noop, -1)  # the workers are up
-        t0 = time.perf_counter()
-        futs = [rt.submit(task, i) for i in range(n)]
-        for f in futs:
-            await f
-        took = time.perf_counter() - t0
+        if GC_OFF:
+            gc.collect()
+            gc.disable()
+        try:
+            t0 = time.perf_counter()
+            futs = [rt.submit(task, i) for i in range(n)]
+            for f in futs:
+                await f
+            took = time.perf_counter() - t0
+        finally:
+            gc.enable()
     return took
 
 
@@ -135,10 +147,14 @@ def main() -> int:
     p.add_argument("--rerun-sleep-n", type=int, default=2000)
     p.add_argument("--index-n", type=int, default=1_000_000)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--gc", choices=("on", "off"), default="off",
+                   help="the cyclic GC during timed runs (default: off, on both sides)")
     p.add_argument("--json", action="store_true", help="also print one JSON line")
     args = p.parse_args()
+    global GC_OFF
+    GC_OFF = args.gc == "off"
     out: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count(),
-                           "core": async_wf.CORE_IMPL}
+                           "core": async_wf.CORE_IMPL, "gc": args.gc}
     with tempfile.TemporaryDirectory(prefix="awf-bench-ckpt-") as d:
         tmp = Path(d)
         for transport in args.transports.split(","):
