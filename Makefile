@@ -34,15 +34,23 @@ test-fast: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
-# the figures in the README; Dask is measured only when installed (pip install -e ".[peers]")
-bench: install
+# the figures in the README: the suite against the peers (installed here as
+# the [peers] extra), its scaling sweep, the core alone, the checkpoint log.
+# QUICK=1: the suite only, small n, one repeat (about a minute).
+PEERS_STAMP := $(VENV)/.peers-stamp
+$(PEERS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,mpi,peers]"
+	@touch $(PEERS_STAMP)
+
+bench: $(PEERS_STAMP)
+ifdef QUICK
+	$(PY) -m bench --quick --json bench/out/quick.json --png bench/out/quick.png
+else
+	$(PY) -m bench --repeat 3 --json bench/out/suite.json --png docs/img/bench.png
+	$(PY) -m bench --scaling --repeat 1 --timeout 180 --json bench/out/scaling.json --png docs/img/scaling.png
 	$(PY) bench/core.py
-	for w in noop chain fanin; do $(PY) bench/throughput.py --transport local --workload $$w --n 100000; done
-	$(PY) bench/throughput.py --transport tcp --workers 2 --workload noop --n 20000 --peer-timeout 600
-	$(PY) bench/throughput.py --transport tcp --workers 2 --workload chain --n 2000 --peer-timeout 600
-	$(PY) bench/throughput.py --transport tcp --workers 2 --workload fanin --n 10000 --peer-timeout 600
-	$(PY) bench/throughput.py --transport tcp --workers 2 --workload payload --n 200 --peer-timeout 600
 	$(PY) bench/checkpoint.py --repeat 5
+endif
 
 # a build with line tracing and bounds checks, for debugging the core
 debug: install

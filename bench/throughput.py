@@ -509,6 +509,30 @@ def peer_measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def run_limited(cmd: list[str], timeout: float, env: dict[str, str] | None = None,
+                cwd: str | None = None) -> tuple[str, str, int, str | None]:
+    """Run ``cmd`` in a session of its own for at most ``timeout`` seconds.
+
+    Returns (stdout, stderr, exit code, why it was killed or None). On
+    time-out, and after it exits, its whole process group is killed, so
+    nothing it started lingers; the output it wrote before is kept.
+    """
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, cwd=cwd or os.getcwd(), env=env)
+    why = None
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        why = f"timed out after {timeout:g} s (killed)"
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of a process that exited
+    return out, err, proc.returncode, why
+
+
 def _empty_peer(status: str, reason: str, version: str | None) -> dict[str, Any]:
     return {"status": status, "reason": reason, "tasks_per_s": None, "seconds": None,
             "samples_s": None, "startup_s": None, "version": version}
@@ -524,28 +548,15 @@ def run_peer(name: str, args: argparse.Namespace) -> dict[str, Any]:
            "--transport", "tcp", "--workload", args.workload, "--n", str(args.n),
            "--repeat", str(args.repeat), "--workers", str(args.workers),
            "--seed", str(args.seed), "--gc", args.gc]
-    # a session of its own: on time-out or exit, its whole process group is killed
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, cwd=os.getcwd())
-    reason = None
-    try:
-        out, err = proc.communicate(timeout=args.peer_timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        reason = f"timed out after {args.peer_timeout:g} s (killed)"
-    finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of a peer that exited
+    out, err, code, reason = run_limited(cmd, args.peer_timeout)
     if reason is not None:
         return _empty_peer("failed", reason, version)
     lines = [ln for ln in out.splitlines() if ln.startswith("{")]
     result: dict[str, Any] = json.loads(lines[-1]) if lines else {}
-    if proc.returncode == 0 and result.get("status") == "ok":
+    if code == 0 and result.get("status") == "ok":
         return result
     why = result.get("reason") or " | ".join(err.strip().splitlines()[-3:])
-    return _empty_peer("failed", f"exit code {proc.returncode}: {why}", version)
+    return _empty_peer("failed", f"exit code {code}: {why}", version)
 
 
 # ------------------------------------------------------------------ output

@@ -127,3 +127,100 @@ def test_checkpoint_script_reports_every_figure() -> None:
         assert out[name]["with_s"] > 0 and out[name]["without_s"] > 0
     assert out["rerun_noop"]["speedup"] > 0 and out["rerun_sleep1ms"]["n"] == 20
     assert out["index"]["n"] == 2000 and out["index"]["records_per_s"] > 0
+
+
+# ------------------------------------------------------ the suite (python -m bench)
+_AWF_SYSTEMS = "async_wf-local,async_wf-tcp,async_wf-mpi,asyncio,socket,procpool"
+
+
+def test_the_suite_runs_every_async_wf_system_and_reports(tmp_path: Path) -> None:
+    js, png = tmp_path / "out.json", tmp_path / "out.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--systems", _AWF_SYSTEMS, "--n", "16",
+         "--repeat", "1", "--timeout", "120", "--json", str(js), "--png", str(png)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(js.read_text())
+    assert out["workers"] == 2 and out["repeat"] == 1
+    assert out["versions"]["async_wf"] and out["versions"]["numpy"]
+    assert out["machine"]["cpus"] >= 1 and out["command"].startswith("python -m bench")
+    results = out["results"]
+    assert list(results) == _AWF_SYSTEMS.split(",")
+    for system, per in results.items():
+        assert list(per) == ["noop", "chain", "fanin", "payload"], system
+        for w, r in per.items():
+            assert r["status"] == "ok", (system, w, r)
+            assert r["n"] == 16 and len(r["samples_s"]) == 1
+            assert r["min_s"] <= r["median_s"] <= r["max_s"]
+            assert r["tasks"] == (31 if w == "fanin" else 16)
+            assert r["tasks_per_s"] == pytest.approx(r["tasks"] / r["median_s"])
+            assert r["startup_s"] >= 0 and r["config"]
+        assert per["payload"]["mb_per_s"] > 0
+    # each peer against the async_wf system that runs tasks the same way
+    rat = out["ratios"]
+    assert rat["procpool"]["compared_with"] == "async_wf-tcp"
+    assert rat["asyncio"]["compared_with"] == "async_wf-local"
+    for w in ("noop", "chain", "fanin", "payload"):
+        want = results["async_wf-tcp"][w]["tasks_per_s"] / results["procpool"][w]["tasks_per_s"]
+        assert rat["procpool"][w] == pytest.approx(want)
+    assert "async_wf / system" in proc.stdout and "procpool" in proc.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_suite_reports_a_system_over_its_time_limit_and_cleans_up(tmp_path: Path) -> None:
+    psutil = pytest.importorskip("psutil")
+    js = tmp_path / "out.json"
+    before = {p.pid for p in psutil.process_iter()}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--systems", "async_wf-tcp", "--workloads", "chain",
+         "--n", "1000000", "--repeat", "1", "--timeout", "8", "--json", str(js)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(js.read_text())["results"]["async_wf-tcp"]["chain"]
+    assert r["status"] == "failed" and "timed out after 8 s" in r["reason"]
+    # the child, its worker processes and everything they started are gone
+    left = [p for p in psutil.process_iter(["cmdline"])
+            if p.pid not in before and "async_wf.worker" in " ".join(p.info["cmdline"] or [])]
+    assert left == []
+
+
+def test_the_suite_reports_a_peer_that_is_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from bench import suite
+
+    args = argparse.Namespace(workers=2, repeat=1, seed=0, gc="off", timeout=10)
+    monkeypatch.setitem(suite.NEEDS, "procpool", "no-such-package-for-async-wf")
+    got = suite.run_system("procpool", [("noop", 10), ("chain", 5)], args)
+    assert [r["status"] for r in got] == ["not installed", "not installed"]
+    assert "no-such-package-for-async-wf" in got[0]["reason"]
+
+
+def test_the_suite_scaling_mode_sweeps_sizes(tmp_path: Path) -> None:
+    js, png = tmp_path / "s.json", tmp_path / "s.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--scaling", "--scaling-n", "10,100",
+         "--systems", "async_wf-local,asyncio", "--repeat", "1", "--json", str(js),
+         "--png", str(png)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    sc = json.loads(js.read_text())["scaling"]
+    assert sc["workload"] == "noop"
+    for system in ("async_wf-local", "asyncio"):
+        pts = sc["points"][system]
+        assert [p["n"] for p in pts] == [10, 100]
+        assert all(p["status"] == "ok" and p["us_per_task"] > 0 for p in pts)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_suite_rejects_an_unknown_system() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--systems", "async_wf-local,spark"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "--systems must be a comma-separated list of" in proc.stderr
+    assert "'async_wf-local,spark'" in proc.stderr
