@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
+import logging
 import os
 import ssl as _ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
@@ -18,6 +20,43 @@ from async_wf.transport import Transport
 from async_wf.transport.local import LocalTransport
 
 T = TypeVar("T")
+
+log = logging.getLogger("async_wf")
+
+#: set by ``async-wf run``: a JSON object of Runtime options that fill in
+#: what an application's own ``Runtime(...)`` leaves out
+DEFAULTS_ENV = "ASYNC_WF_DEFAULTS"
+_DEFAULT_TYPES: dict[str, type] = {"workers": int, "threads": int, "checkpoint": str}
+
+
+def launch_defaults() -> dict[str, Any]:
+    """The options ``async-wf run`` passes to every ``Runtime`` of the application.
+
+    Read from the environment variable ``ASYNC_WF_DEFAULTS`` (a JSON object
+    with any of ``workers``, ``threads``, ``checkpoint``); empty when unset.
+
+    Raises:
+        ValueError: the variable is not such an object (the message gives
+            the rule and the value).
+    """
+    text = os.environ.get(DEFAULTS_ENV)
+    if not text:
+        return {}
+    try:
+        opts = json.loads(text)
+    except ValueError:
+        opts = None
+    if not isinstance(opts, dict):
+        raise ValueError(f"{DEFAULTS_ENV} must be a JSON object of Runtime options, got {text!r}")
+    for k, v in opts.items():
+        want = _DEFAULT_TYPES.get(k)
+        if want is None or type(v) is not want:
+            raise ValueError(
+                f"{DEFAULTS_ENV}: option {k!r} must be one of "
+                f"{', '.join(f'{n} ({t.__name__})' for n, t in _DEFAULT_TYPES.items())}, "
+                f"got {v!r}"
+            )
+    return opts
 
 __all__ = ["Runtime", "as_completed", "current_runtime", "gather", "run", "submit", "wait"]
 
@@ -62,6 +101,11 @@ class Runtime:
         **tcp_options: further options of ``TcpTransport`` (``slots``,
             ``prefetch``, ``heartbeat``, ``no_worker_timeout``, ...).
 
+    Under ``async-wf run --workers/--threads/--checkpoint``, those options
+    fill in what the call leaves out (see ``launch_defaults``); an option the
+    application gives itself wins, and a transport it chooses itself keeps
+    the command line's transport options out.
+
     Raises:
         ValueError: an argument breaks its rule.
         TypeError: an unknown option.
@@ -80,6 +124,19 @@ class Runtime:
         checkpoint: str | os.PathLike[str] | Checkpoint | None = None,
         **tcp_options: Any,
     ) -> None:
+        defaults = launch_defaults()
+        if defaults:
+            chose = (transport is not None or workers is not None or threads is not None
+                     or listen is not None or token_file is not None or ssl is not None
+                     or bool(tcp_options))
+            if not chose:
+                workers = defaults.get("workers")
+                threads = defaults.get("threads")
+            elif "workers" in defaults or "threads" in defaults:
+                log.warning("the application chooses its own transport: the --workers or "
+                            "--threads of async-wf run do not apply to this Runtime")
+            if checkpoint is None:
+                checkpoint = defaults.get("checkpoint")
         tcp = workers is not None or listen is not None or token_file is not None or ssl is not None
         name = transport if isinstance(transport, str) else None
         if transport is not None and name is None and (tcp or tcp_options or threads is not None):

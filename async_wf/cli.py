@@ -1,11 +1,17 @@
 """The ``async-wf`` command line.
 
+    async-wf run [--workers N | --threads N | --mpi N] [--checkpoint FILE] app.py [args...]
     async-wf worker --connect tcp://host:7450 --slots 2 --token-file token
+    async-wf checkpoint inspect|verify|compact|forget FILE
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import runpy
+import subprocess
 import sys
 
 from async_wf import __version__, worker
@@ -17,6 +23,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="async-wf", description="async_wf task runtime.")
     p.add_argument("--version", action="version", version=f"async_wf {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    r = sub.add_parser(
+        "run",
+        help="run an application with runtime options, without editing it",
+        description="Run a Python application whose Runtime() then takes these options "
+        "(an option the application passes itself wins). With --mpi N the application "
+        "runs under mpiexec -n N: rank 0 runs it, the other ranks serve its tasks.",
+    )
+    how = r.add_mutually_exclusive_group()
+    how.add_argument("--workers", type=_positive, metavar="N",
+                     help="run tasks on N local worker processes over TCP")
+    how.add_argument("--threads", type=_positive, metavar="N",
+                     help="run tasks in-process, on N threads")
+    how.add_argument("--mpi", type=_at_least_2, metavar="N",
+                     help="run under mpiexec -n N (1 scheduler rank, N-1 worker ranks)")
+    r.add_argument("--checkpoint", metavar="FILE",
+                   help="record finished tasks in this checkpoint log; a re-run skips them")
+    r.add_argument("app", help="the application script")
+    r.add_argument("args", nargs=argparse.REMAINDER, help="the application's arguments")
     w = sub.add_parser(
         "worker",
         help="run a worker process that connects to a runtime",
@@ -32,9 +56,63 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return n
+
+
+def _at_least_2(text: str) -> int:
+    n = _positive(text)
+    if n < 2:
+        raise argparse.ArgumentTypeError(
+            f"must be >= 2 (a scheduler rank and at least one worker rank), got {text!r}")
+    return n
+
+
+def run_app(args: argparse.Namespace) -> int:
+    """``async-wf run``: the application in this process, or under mpiexec."""
+    from async_wf._api import DEFAULTS_ENV
+
+    if not os.path.isfile(args.app):
+        print(f"async-wf run: no such application file: {args.app!r}", file=sys.stderr)
+        return 2
+    opts: dict[str, object] = {}
+    if args.workers is not None:
+        opts["workers"] = args.workers
+    if args.threads is not None:
+        opts["threads"] = args.threads
+    if args.checkpoint is not None:
+        opts["checkpoint"] = os.path.abspath(args.checkpoint)
+    if opts:
+        os.environ[DEFAULTS_ENV] = json.dumps(opts)
+    if args.mpi is not None:
+        from async_wf._program import find_mpiexec
+
+        cmd = [find_mpiexec(), "-n", str(args.mpi), sys.executable, "-m", "async_wf.mpi",
+               args.app, *args.args]
+        return subprocess.call(cmd)
+    sys.argv = [args.app, *args.args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(args.app)))
+    try:
+        runpy.run_path(args.app, run_name="__main__")
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``async-wf`` console script."""
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return run_app(args)
     if args.command == "worker":
         return worker.run_from_args(args)
     if args.command == "checkpoint":

@@ -1,0 +1,120 @@
+"""``async-wf run``: an application runs with command-line runtime options, unedited."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+APP = textwrap.dedent('''
+    import json, os, sys
+    import async_wf
+
+    def where(i):
+        return os.getpid()
+
+    async def main():
+        async with async_wf.Runtime() as rt:
+            futs = [rt.submit(where, i) for i in range(20)]
+            pids = [await f for f in futs]
+            stats = rt.statistics()
+        print(json.dumps({"app": os.getpid(), "pids": sorted(set(pids)), "argv": sys.argv,
+                          "reused": stats["reused"]}))
+
+    async_wf.run(main())
+''')
+
+
+def _run(tmp_path: Path, *opts: str, app: str = APP) -> tuple[subprocess.CompletedProcess[str],
+                                                              dict[str, Any] | None]:
+    (tmp_path / "app.py").write_text(app)
+    proc = subprocess.run(
+        [sys.executable, "-m", "async_wf.cli", "run", *opts, "app.py", "--flag", "x"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    return proc, (json.loads(lines[-1]) if lines else None)
+
+
+def test_workers_run_the_tasks_in_worker_processes(tmp_path: Path) -> None:
+    proc, out = _run(tmp_path, "--workers", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert out is not None
+    assert out["app"] not in out["pids"]  # not in the application's process
+    assert out["argv"] == ["app.py", "--flag", "x"]
+
+
+def test_threads_keep_the_tasks_in_process(tmp_path: Path) -> None:
+    proc, out = _run(tmp_path, "--threads", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert out is not None and out["pids"] == [out["app"]]
+
+
+def test_checkpoint_makes_the_second_run_reuse_every_task(tmp_path: Path) -> None:
+    proc, first = _run(tmp_path, "--workers", "2", "--checkpoint", "run.wfck")
+    assert proc.returncode == 0, proc.stderr
+    assert first is not None and first["reused"] == 0
+    assert (tmp_path / "run.wfck").stat().st_size > 0
+    proc, again = _run(tmp_path, "--workers", "2", "--checkpoint", "run.wfck")
+    assert proc.returncode == 0, proc.stderr
+    assert again is not None and again["reused"] == 20
+    assert again["pids"] == first["pids"]  # the recorded results, not new ones
+
+
+def test_mpi_runs_the_application_under_mpiexec(tmp_path: Path) -> None:
+    pytest.importorskip("mpi4py")
+    proc, out = _run(tmp_path, "--mpi", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert out is not None
+    assert out["app"] not in out["pids"] and 1 <= len(out["pids"]) <= 2  # the 2 worker ranks
+
+
+def test_the_applications_own_transport_wins(tmp_path: Path) -> None:
+    app = APP.replace("async_wf.Runtime()", "async_wf.Runtime(threads=1)")
+    proc, out = _run(tmp_path, "--workers", "2", app=app)
+    assert proc.returncode == 0, proc.stderr
+    assert out is not None and out["pids"] == [out["app"]]
+    assert "the application chooses its own transport" in proc.stderr
+
+
+def test_the_exit_code_of_the_application_is_kept(tmp_path: Path) -> None:
+    proc, _ = _run(tmp_path, app="import sys\nsys.exit(3)\n")
+    assert proc.returncode == 3
+
+
+@pytest.mark.parametrize(("opts", "message"), [
+    (["--workers", "0"], "--workers: must be an integer >= 1, got '0'"),
+    (["--mpi", "1"], "--mpi: must be >= 2"),
+    (["--workers", "2", "--mpi", "3"], "not allowed with argument"),
+])
+def test_bad_options_are_refused_with_the_rule(tmp_path: Path, opts: list[str],
+                                               message: str) -> None:
+    proc, _ = _run(tmp_path, *opts)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+def test_a_missing_application_is_named(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "async_wf.cli", "run", "nope.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "no such application file: 'nope.py'" in proc.stderr
+
+
+def test_a_malformed_defaults_variable_names_the_rule(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text(APP)
+    proc = subprocess.run(
+        [sys.executable, "app.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "ASYNC_WF_DEFAULTS": '{"workers": "two"}'},
+    )
+    assert proc.returncode != 0
+    assert "ASYNC_WF_DEFAULTS: option 'workers' must be one of" in proc.stderr
+    assert "got 'two'" in proc.stderr
