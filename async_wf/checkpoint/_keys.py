@@ -937,7 +937,8 @@ def task_key(
             the argument, the path inside it, and the way out).
         TypeError: ``leaf`` returned something other than bytes or None.
     """
-    if not kwargs:
+    if not kwargs and type(args) is tuple and type(fn_identity) is bytes:
+        # (the compiled quick path takes exactly these types)
         key = _quick_key(fn_identity, args, leaf)
         if key is not None:
             return key

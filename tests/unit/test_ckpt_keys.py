@@ -610,3 +610,9 @@ def test_the_quick_path_declines_what_only_the_general_encoder_takes(twin: Any) 
         return b"K" * 32 if obj is marker else None
     assert twin(fid, (marker, 3), leaf) == _general_key(fid, (marker, 3), leaf)
     assert twin(fid, (marker,), lambda obj: "not bytes") is None
+
+
+def test_args_given_as_a_list_key_like_the_same_tuple() -> None:
+    # the quick paths take tuples only; a list goes the general way, same key
+    fid = function_identity(len)
+    assert task_key(fid, [1, "a", None], {}) == task_key(fid, (1, "a", None), {})
