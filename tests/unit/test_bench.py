@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -170,40 +169,31 @@ def test_the_suite_runs_every_async_wf_system_and_reports(tmp_path: Path) -> Non
 
 
 def test_the_suite_reports_a_system_over_its_time_limit_and_cleans_up(tmp_path: Path) -> None:
-    # procpool, not async_wf-tcp: killing a TCP runtime of this suite with
-    # SIGKILL in the middle of a long chain made two later SIGINT tests of
-    # test_tcp.py hang in full runs (under investigation, see the issue notes)
     psutil = pytest.importorskip("psutil")
     js = tmp_path / "out.json"
     before = {p.pid for p in psutil.process_iter()}
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--systems", "procpool", "--workloads", "chain",
-         "--n", "1000000", "--repeat", "1", "--timeout", "3", "--json", str(js)],
+        [sys.executable, "-m", "bench", "--systems", "async_wf-tcp", "--workloads", "chain",
+         "--n", "1000000", "--repeat", "1", "--timeout", "8", "--json", str(js)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    r = json.loads(js.read_text())["results"]["procpool"]["chain"]
-    assert r["status"] == "failed" and "timed out after 3 s" in r["reason"]
-    # the child, its pool's processes and everything they started are gone
+    r = json.loads(js.read_text())["results"]["async_wf-tcp"]["chain"]
+    assert r["status"] == "failed" and "timed out after 8 s" in r["reason"]
+    # the child, its worker processes and everything they started are gone
     left = [p for p in psutil.process_iter(["cmdline"])
-            if p.pid not in before and "bench" in " ".join(p.info["cmdline"] or [])]
+            if p.pid not in before and "async_wf.worker" in " ".join(p.info["cmdline"] or [])]
     assert left == []
 
 
-def test_the_suite_reports_a_peer_that_is_not_installed() -> None:
-    # in a process of its own: importing the suite into the test process made
-    # two later SIGINT tests of test_tcp.py hang (cause not found yet)
-    code = textwrap.dedent("""
-        import argparse, json
-        from bench import suite
-        suite.NEEDS["procpool"] = "no-such-package-for-async-wf"
-        args = argparse.Namespace(workers=2, repeat=1, seed=0, gc="off", timeout=10)
-        print(json.dumps(suite.run_system("procpool", [("noop", 10), ("chain", 5)], args)))
-    """)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    got = json.loads(proc.stdout.splitlines()[-1])
+def test_the_suite_reports_a_peer_that_is_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from bench import suite
+
+    args = argparse.Namespace(workers=2, repeat=1, seed=0, gc="off", timeout=10)
+    monkeypatch.setitem(suite.NEEDS, "procpool", "no-such-package-for-async-wf")
+    got = suite.run_system("procpool", [("noop", 10), ("chain", 5)], args)
     assert [r["status"] for r in got] == ["not installed", "not installed"]
     assert "no-such-package-for-async-wf" in got[0]["reason"]
 

@@ -181,6 +181,10 @@ APP = textwrap.dedent(
 )
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_app(tmp_path: Path, *args: str, **kw: Any) -> subprocess.Popen[str]:
     script = tmp_path / "app.py"
     script.write_text(APP)
@@ -202,7 +206,11 @@ def test_main_functions_lambdas_and_closures(tmp_path: Path) -> None:
 def test_workers_die_with_their_application(tmp_path: Path, how: str) -> None:
     """SIGKILL of the application, SIGINT to it, or Ctrl-C (SIGINT to its whole
     process group) while tasks run: its workers are gone a few seconds later."""
-    app = run_app(tmp_path, str(tmp_path / "never"), start_new_session=True)
+    # SIGINT as an interactive shell leaves it: a test run started in the
+    # background of a non-interactive shell inherits SIGINT ignored, and an
+    # application that ignores SIGINT rightly keeps ignoring it
+    app = run_app(tmp_path, str(tmp_path / "never"), start_new_session=True,
+                  preexec_fn=_default_sigint)
     try:
         assert app.stdout is not None
         for line in app.stdout:
