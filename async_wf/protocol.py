@@ -80,6 +80,7 @@ CANCEL = 8
 ABORT = 9  # MPI: stop the ranks of an MPI task (another of its ranks failed)
 EXIT = 10  # MPI: the application is over, worker ranks leave
 SAVE = 11  # a task saved a step's state: (rid, step, pickled state)
+INSITU = 12  # in-situ bridge <-> hub: a pickled message tuple (async_wf.insitu)
 KIND_NAMES = {
     HELLO: "HELLO",
     AUTH: "AUTH",
@@ -92,6 +93,7 @@ KIND_NAMES = {
     ABORT: "ABORT",
     EXIT: "EXIT",
     SAVE: "SAVE",
+    INSITU: "INSITU",
 }
 
 HEADER = struct.Struct("!2sBBIQ")
