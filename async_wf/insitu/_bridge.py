@@ -126,6 +126,7 @@ class Bridge:
         self._consumed = 0
         self._backpressure = 0
         self._first_step = 0
+        self._idle_lease = 0
         # subscription id -> sorted from-steps and their entries
         self._subs: dict[int, tuple[list[int], list[_Entry]]] = {}
         self._steer: dict[str, tuple[list[int], list[Any]]] = {}
@@ -250,8 +251,9 @@ class Bridge:
                 steps.insert(i, step)
                 values.insert(i, value)
             elif op == "start":
-                _, consumed, backpressure, first_step, selects, steers = msg
+                _, consumed, backpressure, first_step, lease, selects, steers = msg
                 self._consumed, self._backpressure = int(consumed), int(backpressure)
+                self._idle_lease = int(lease)
                 self._first_step = int(first_step)
                 for sid, step, name, box in selects:
                     self._add_entry(sid, step, name, box)
@@ -298,6 +300,21 @@ class Bridge:
             self._report_skipped(self._step)
         self._step = step
         self._published = set()
+        if (self._idle_lease and step > self._consumed + self._backpressure - self._idle_lease // 2
+                and self._waiting_sent < step and not self._wanted(step)):
+            # idle: say where we are half a lease before the end of it, so
+            # the hub's extension arrives before this rank would have to wait
+            self._waiting_sent = step
+            self._send(("waiting", self.rank, step))
+
+    def _wanted(self, step: int) -> bool:
+        """True when some subscription wants some array at ``step`` (from any rank)."""
+        with self._cond:
+            for steps, entries in self._subs.values():
+                i = bisect.bisect_right(steps, step) - 1
+                if i >= 0 and entries[i].name is not None:
+                    return True
+        return False
 
     def _report_skipped(self, step: int) -> None:
         """Tell the hub which wanted pieces of ``step`` this rank did not publish."""
@@ -330,7 +347,7 @@ class Bridge:
                     self.waited += time.monotonic() - t0
                     raise AnalyticsTimeoutError(
                         f"rank {self.rank}: the analytics has not consumed step "
-                        f"{step - self._backpressure - 1} within {self.timeout:g} s "
+                        f"{step - self._backpressure} within {self.timeout:g} s "
                         f"(backpressure {self._backpressure}); is it still running?"
                     )
                 cond.wait(left)

@@ -47,7 +47,9 @@ class StepRecord:
     nbytes: int
     #: seconds from the last piece's publish (on its rank) to its assembly here
     latency: float
-    #: seconds the hub spent assembling this step (copies into the array)
+    #: when the last piece was published (``time.time()`` on its rank)
+    published: float
+    #: seconds the hub spent on this step's pieces: bookkeeping and copies into the array
     assembly: float
 
 
@@ -289,14 +291,21 @@ class Hub:
         backpressure: the simulation may publish at most this many steps
             that the analytics has not consumed yet (B >= 1).
         first_step: the step the simulation publishes first.
-        ranks: how many ranks to expect (default: the size each rank reports).
+        idle_lease: while no subscription wants anything, the simulation
+            may run this many steps past the last step it reported without
+            asking again. The price: a subscription or steering value made
+            then takes effect that many steps later at the earliest.
+        secret: the secret bridges must prove they hold (default: a new one).
     """
 
-    def __init__(self, *, backpressure: int = 2, first_step: int = 0,
+    def __init__(self, *, backpressure: int = 2, first_step: int = 0, idle_lease: int = 32,
                  secret: bytes | None = None) -> None:
         if int(backpressure) < 1:
             raise ValueError(f"backpressure must be >= 1 step, got {backpressure}")
+        if int(idle_lease) < 0:
+            raise ValueError(f"idle_lease must be >= 0 steps, got {idle_lease}")
         self.backpressure = int(backpressure)
+        self.idle_lease = int(idle_lease)
         self.first_step = int(first_step)
         self.secret = secret or P.new_secret()
         self.consumed = self.first_step - 1
@@ -325,9 +334,14 @@ class Hub:
 
     @classmethod
     async def start(cls, listen: str = "127.0.0.1:0", *, backpressure: int = 2,
-                    first_step: int = 0, secret: bytes | None = None) -> Hub:
-        """Start listening on ``listen`` (``host:port``, port 0 for any) and return the hub."""
-        hub = cls(backpressure=backpressure, first_step=first_step, secret=secret)
+                    first_step: int = 0, idle_lease: int = 32,
+                    secret: bytes | None = None) -> Hub:
+        """Start listening on ``listen`` (``host:port``, port 0 for any) and return the hub.
+
+        The other arguments are those of ``Hub``.
+        """
+        hub = cls(backpressure=backpressure, first_step=first_step, idle_lease=idle_lease,
+                  secret=secret)
         host, port = parse_url(listen if "://" in listen else f"tcp://{listen}")
         loop = asyncio.get_running_loop()
         hub._server = await loop.create_server(hub._new_stream, host, port)
@@ -450,8 +464,10 @@ class Hub:
         for sub in self._subs.values():
             c = min(c, sub._consumed_through())
         if c >= _INF:
-            # nobody wants anything more: only what the ranks said they reached
-            c = self._known
+            # nobody wants anything: let the ranks run idle_lease steps past
+            # the last step they reported, rather than make them ask every
+            # backpressure steps (a round trip each time)
+            c = self._known + self.idle_lease
         if c > self.consumed:
             self.consumed = c
             self.consumed_at.append((c, time.time()))
@@ -564,14 +580,16 @@ class Hub:
                     break
                 selects.append((sub.id, step, plan.name, plan.box))
         self._started = True
+        self._update_consumed()
         msg = P.encode(P.INSITU, ("start", self.consumed, self.backpressure, self.first_step,
-                                  selects, self._steers), compress_min=0)
+                                  self.idle_lease, selects, self._steers), compress_min=0)
         for stream in self._streams.values():
             stream.send(msg)
         log.info("in-situ simulation of %d ranks started", self._size)
 
     def _on_piece(self, sid: int, step: int, rank: int, t_pub: float,
                   arr: np.ndarray[Any, Any] | None) -> None:
+        t0 = time.perf_counter()
         if step > self._known:
             self._known = step
         sub = self._subs.get(sid)
@@ -590,24 +608,31 @@ class Hub:
         if arr is None:
             pend.skipped.add(rank)
         else:
-            t0 = time.perf_counter()
-            if pend.data is None:
-                assert plan.box is not None
-                pend.data = np.empty(box_shape(plan.box), dtype=arr.dtype)
-            target = pend.data[plan.parts[rank]]
-            if target.shape != arr.shape:
-                raise P.ProtocolError(f"rank {rank} sent a piece of shape {arr.shape} for "
-                                      f"step {step}; expected {target.shape}")
-            target[...] = arr
+            part = plan.parts[rank]
+            if len(plan.parts) == 1:
+                # one rank holds the whole region: its piece is the array, no copy
+                if arr.shape != box_shape(plan.box or ()):
+                    raise P.ProtocolError(f"rank {rank} sent a piece of shape {arr.shape} "
+                                          f"for step {step}; expected {box_shape(plan.box or ())}")
+                pend.data = arr
+            else:
+                if pend.data is None:
+                    pend.data = np.empty(box_shape(plan.box or ()), dtype=arr.dtype)
+                target = pend.data[part]
+                if target.shape != arr.shape or arr.dtype != pend.data.dtype:
+                    raise P.ProtocolError(
+                        f"rank {rank} sent a piece of {arr.shape} {arr.dtype} for step {step}; "
+                        f"expected {target.shape} {pend.data.dtype}")
+                target[...] = arr
             pend.got.add(rank)
             pend.nbytes += arr.nbytes
             pend.t_pub = max(pend.t_pub, t_pub)
-            pend.assembly += time.perf_counter() - t0
             self.bytes_received += arr.nbytes
             self.pieces_received += 1
             rs = self.rank_stats[rank]
             rs["bytes"] += arr.nbytes
             rs["pieces"] += 1
+        pend.assembly += time.perf_counter() - t0
         if len(pend.got) + len(pend.skipped) < len(plan.parts):
             return
         del self._pending[key]
@@ -618,7 +643,8 @@ class Hub:
             pend.data = None
         if pend.data is not None:
             sub.history.append(StepRecord(step, tuple(sorted(pend.got)), pend.nbytes,
-                                          time.time() - pend.t_pub, pend.assembly))
+                                          time.time() - pend.t_pub, pend.t_pub,
+                                          pend.assembly))
         sub._ready[step] = pend.data
         sub._deliver_ready()
 

@@ -219,6 +219,36 @@ async def test_a_closed_subscription_releases_the_simulation() -> None:
     await hub.close()
 
 
+async def test_callbacks_follow_a_change_of_array_at_the_named_step() -> None:
+    hub = await Hub.start(backpressure=1)
+    sub = hub.subscribe("A", region=((0, 2), (0, 6)))
+    assert sub.change(name="B", step=3) == 3
+    seen: list[tuple[int, tuple[int, ...]]] = []
+
+    async def on_step(step: int, data: Any) -> None:
+        await asyncio.sleep(0)
+        seen.append((step, data.shape))
+
+    driver = sub.on_step(on_step)
+    sim = await _start_sim(hub, 6, 0.0, "-")
+    await asyncio.wait_for(driver, 30)
+    _, err = await sim.communicate()
+    assert sim.returncode == 0, err.decode()
+    assert seen == [(0, (2, 6)), (1, (2, 6)), (2, (2, 6)), (3, (3,)), (4, (3,)), (5, (3,))]
+    await hub.close()
+
+
+async def test_an_analytics_that_stops_consuming_times_the_simulation_out() -> None:
+    hub = await Hub.start(backpressure=2)
+    hub.subscribe("A")  # never consumed
+    sim = await _start_sim(hub, 50, 0.0, "-", 1.0)
+    _, err = await asyncio.wait_for(sim.communicate(), 30)
+    assert sim.returncode == 1
+    assert ("AnalyticsTimeoutError: rank 0: the analytics has not consumed step 0 within "
+            "1 s (backpressure 2); is it still running?") in err.decode()
+    await hub.close()
+
+
 ANALYTICS = textwrap.dedent("""
     import asyncio, json, sys
     from async_wf.insitu import Hub
@@ -257,3 +287,15 @@ def test_killing_the_analytics_fails_the_simulation_with_a_clear_error() -> None
     assert sim.returncode != 0
     assert "AnalyticsTimeoutError" in err
     assert "connection to the analytics hub at tcp://127.0.0.1:" in err
+
+
+def test_the_insitu_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "insitu.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "insitu.py"), "--sizes", "32",
+                           "--steps", "5", "--ranks", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())["results"]
+    assert [r["mode"] for r in res] == ["off", "idle", "full", "task"]
+    assert [r["bytes_per_step"] for r in res] == [0, 0, 32 * 32 * 8, 32 * 32 * 8]
+    assert res[3]["task_roundtrip_s"] > 0 and res[2]["latency_s"] > 0
