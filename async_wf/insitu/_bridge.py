@@ -136,12 +136,22 @@ class Bridge:
         self._closed = False
 
         host, port = parse_url(address)
-        try:
-            self._sock = socket.create_connection((host, port), timeout=self.timeout)
-        except OSError as exc:
-            raise AnalyticsTimeoutError(
-                f"rank {self.rank}: cannot reach the analytics hub at {address}: {exc}"
-            ) from exc
+        deadline = time.monotonic() + self.timeout
+        pause = 0.05
+        while True:
+            # the analytics may be started after the simulation: retry until timeout
+            try:
+                self._sock = socket.create_connection(
+                    (host, port), timeout=max(0.1, deadline - time.monotonic()))
+                break
+            except OSError as exc:
+                if time.monotonic() + pause > deadline:
+                    raise AnalyticsTimeoutError(
+                        f"rank {self.rank}: cannot reach the analytics hub at {address} "
+                        f"within {self.timeout:g} s: {exc}"
+                    ) from exc
+                time.sleep(pause)
+                pause = min(1.0, pause * 2)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._decoder = P.FrameDecoder()
         self._frames: deque[tuple[int, memoryview, list[Any]]] = deque()
@@ -373,11 +383,12 @@ class Bridge:
             raise RuntimeError("publish() after Bridge.close()")
         self._check()
         step = int(step)
+        block = np.asarray(block)
         blk = self.arrays.get(name)
         if blk is None:
             raise ValueError(f"unknown array {name!r}; this bridge publishes {sorted(self.arrays)}")
-        if tuple(np.shape(block)) != blk.shape:
-            raise ValueError(f"array {name!r}: block of shape {tuple(np.shape(block))} does not "
+        if block.shape != blk.shape:
+            raise ValueError(f"array {name!r}: block of shape {block.shape} does not "
                              f"match its layout {blk.shape}")
         self._advance(step)
         if name in self._published:

@@ -112,7 +112,6 @@ class Subscription:
         self._steps: list[int] = []
         self._plans: list[_Plan] = []
         self._ready: dict[int, np.ndarray[Any, Any] | None] = {}
-        self._next = 0  # next step to hand out
         self._held: int | None = None  # handed out, not yet consumed
         self._consumed = -_INF
         self._event = asyncio.Event()
@@ -241,7 +240,6 @@ class Subscription:
                 return None
             if s in self._ready:
                 data = self._ready.pop(s)
-                self._next = s + 1
                 if data is None:  # every rank skipped this step: nothing to hand out
                     self._consumed = max(self._consumed, s)
                     self.hub._update_consumed()
@@ -272,10 +270,15 @@ class Subscription:
         does, and raises what ``fn`` raised.
         """
         async def drive() -> None:
-            async for step, data in self:
-                r = fn(step, data)
-                if inspect.isawaitable(r):
-                    await r
+            try:
+                async for step, data in self:
+                    r = fn(step, data)
+                    if inspect.isawaitable(r):
+                        await r
+            except BaseException:
+                # nobody will consume the later steps: do not hold the simulation
+                self.close()
+                raise
 
         return asyncio.get_running_loop().create_task(drive())
 
@@ -569,16 +572,17 @@ class Hub:
         """Every rank has joined: prepare the plans, tell the ranks, let them go."""
         selects = []
         for sub in self._subs.values():
-            for step, plan in zip(sub._steps, sub._plans, strict=True):
-                try:
+            try:
+                for plan in sub._plans:
                     self._resolve(plan)
-                except ValueError as exc:
-                    # subscribed before the layouts were known: the error
-                    # surfaces where the subscription is consumed
-                    sub._error = exc
-                    sub._abandoned = True
-                    break
-                selects.append((sub.id, step, plan.name, plan.box))
+            except ValueError as exc:
+                # subscribed before the layouts were known: the error
+                # surfaces where the subscription is consumed
+                sub._error = exc
+                sub._abandoned = True
+                continue
+            selects += [(sub.id, step, plan.name, plan.box)
+                        for step, plan in zip(sub._steps, sub._plans, strict=True)]
         self._started = True
         self._update_consumed()
         msg = P.encode(P.INSITU, ("start", self.consumed, self.backpressure, self.first_step,

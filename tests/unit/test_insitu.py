@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -27,7 +28,7 @@ import pytest
 
 from async_wf import protocol as P
 from async_wf._program import find_mpiexec
-from async_wf.insitu import Hub
+from async_wf.insitu import ADDRESS_ENV, TOKEN_ENV, Hub
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -249,9 +250,32 @@ async def test_an_analytics_that_stops_consuming_times_the_simulation_out() -> N
     await hub.close()
 
 
+async def test_a_simulation_started_first_waits_for_the_hub() -> None:
+    with socket.socket() as s:  # a free port for the hub that does not exist yet
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    secret = P.new_secret()
+    env = {**os.environ, ADDRESS_ENV: f"tcp://127.0.0.1:{port}", TOKEN_ENV: secret.hex()}
+    sim = await asyncio.create_subprocess_exec(sys.executable, "-c", SIM, "3", "0", "-",
+                                               env=env, stdout=subprocess.PIPE,
+                                               stderr=subprocess.PIPE)
+    await asyncio.sleep(0.5)
+    hub = await Hub.start(f"127.0.0.1:{port}", secret=secret)
+    wrong = hub.subscribe("nope")  # checked once the ranks have said what they publish
+    sub = hub.subscribe("B")
+    assert [(s, d.tolist()) async for s, d in sub] == [(t, [float(t)] * 3) for t in range(3)]
+    with pytest.raises(ValueError, match=r"no rank publishes an array named 'nope'; the "
+                                         r"simulation publishes \['A', 'B'\]"):
+        async for _ in wrong:
+            pass
+    _, err = await sim.communicate()
+    assert sim.returncode == 0, err.decode()
+    await hub.close()
+
+
 ANALYTICS = textwrap.dedent("""
     import asyncio, json, sys
-    from async_wf.insitu import Hub
+    from async_wf.insitu import ADDRESS_ENV, TOKEN_ENV, Hub
     async def main():
         hub = await Hub.start(backpressure=2)
         sub = hub.subscribe("T")
