@@ -95,7 +95,9 @@ async def run_case(n: int, steps: int, ranks: int, mode: str) -> dict[str, Any]:
 
     hub = await Hub.start(backpressure=int(os.environ.get("BP", "4")))
     sub = hub.subscribe("T") if mode in ("full", "task") else None
-    cmd = [find_mpiexec(), "-n", str(ranks), sys.executable, __file__, "--rank",
+    # -m mpi4py: an exception on one rank aborts the job instead of leaving
+    # its neighbours in a halo exchange for ever
+    cmd = [find_mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py", __file__, "--rank",
            "--n", str(n), "--steps", str(steps), "--mode", mode]
     env = {**os.environ, **hub.environ()}
     proc = await asyncio.create_subprocess_exec(*cmd, env=env, stdout=asyncio.subprocess.PIPE)

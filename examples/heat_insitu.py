@@ -221,7 +221,17 @@ def main() -> int:
     ap.add_argument("--record", help="simulation: directory for per-rank records")
     args = ap.parse_args()
     if args.simulate:
-        simulate(args.n, args.steps, args.record)
+        try:
+            simulate(args.n, args.steps, args.record)
+        except BaseException:
+            # one rank failing (say, the analytics is gone) must end the
+            # whole job: its neighbours would wait in the halo exchange for ever
+            import traceback
+
+            from mpi4py import MPI
+            traceback.print_exc()
+            sys.stderr.flush()
+            MPI.COMM_WORLD.Abort(1)
         return 0
     out = asyncio.run(analytics(args.n, args.steps, backpressure=args.backpressure,
                                 window=args.window, switch=args.switch,

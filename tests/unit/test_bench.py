@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -181,8 +182,11 @@ def test_the_suite_reports_a_system_over_its_time_limit_and_cleans_up(tmp_path: 
     r = json.loads(js.read_text())["results"]["async_wf-tcp"]["chain"]
     assert r["status"] == "failed" and "timed out after 8 s" in r["reason"]
     # the child, its worker processes and everything they started are gone
+    # (only processes carrying the suite's mark: other test runs on the
+    # machine may start workers of their own meanwhile)
     left = [p for p in psutil.process_iter(["cmdline"])
-            if p.pid not in before and "async_wf.worker" in " ".join(p.info["cmdline"] or [])]
+            if p.pid not in before and "async_wf.worker" in " ".join(p.info["cmdline"] or [])
+            and _marked(p)]
     assert left == []
 
 
@@ -224,3 +228,11 @@ def test_the_suite_rejects_an_unknown_system() -> None:
     assert proc.returncode == 2
     assert "--systems must be a comma-separated list of" in proc.stderr
     assert "'async_wf-local,spark'" in proc.stderr
+
+
+def _marked(p: Any) -> bool:
+    """True when process ``p`` was started by a benchmark suite run (its environment mark)."""
+    try:
+        return "ASYNC_WF_BENCH_RUN" in p.environ()
+    except Exception:  # gone, or not ours to read
+        return False

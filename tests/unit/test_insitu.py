@@ -307,6 +307,7 @@ def test_killing_the_analytics_fails_the_simulation_with_a_clear_error() -> None
         analytics.kill()
         sim.kill()
         analytics.wait()
+        sim.wait()
         analytics.stdout.close()
     assert sim.returncode != 0
     assert "AnalyticsTimeoutError" in err
