@@ -19,12 +19,13 @@ Analytics side (an async program with a ``Runtime``)::
 """
 
 from ._bridge import ADDRESS_ENV, TOKEN_ENV, AnalyticsTimeoutError, Bridge
-from ._hub import Hub, StepRecord, Subscription
+from ._hub import AnalyticsThread, Hub, StepRecord, Subscription
 from ._layout import Block
 
 __all__ = [
     "ADDRESS_ENV",
     "TOKEN_ENV",
+    "AnalyticsThread",
     "AnalyticsTimeoutError",
     "Block",
     "Bridge",

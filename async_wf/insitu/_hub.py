@@ -19,9 +19,10 @@ import bisect
 import contextlib
 import inspect
 import logging
+import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -693,3 +694,61 @@ class Hub:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class AnalyticsThread:
+    """Analytics running in a thread of a simulation process (say, rank 0), with its own loop.
+
+    ``AnalyticsThread(analytics, backpressure=2)`` starts a thread with a
+    fresh event loop, starts a ``Hub`` there and runs ``await
+    analytics(hub)``. ``address`` and ``secret`` are for the bridges (share
+    them with the other ranks, e.g. with ``comm.bcast``); ``join()`` waits
+    for the analytics to end and returns its result, or raises its error.
+    The analytics shares the process, and the GIL, with the simulation:
+    NumPy work releases it, pure-Python work slows the simulation down.
+    """
+
+    def __init__(self, analytics: Callable[[Hub], Awaitable[Any]], **hub_args: Any) -> None:
+        self._analytics = analytics
+        self._hub_args = hub_args
+        self._ready = threading.Event()
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self.address = ""
+        self.secret = b""
+        self._thread = threading.Thread(target=self._main, name="insitu-analytics", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _main(self) -> None:
+        async def body() -> Any:
+            hub = await Hub.start(**self._hub_args)
+            self.address, self.secret = hub.address, hub.secret
+            self._ready.set()
+            try:
+                return await self._analytics(hub)
+            finally:
+                await hub.close()
+
+        try:
+            self._result = asyncio.run(body())
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def join(self, timeout: float | None = None) -> Any:
+        """Wait for the analytics to finish; return its result.
+
+        Raises:
+            TimeoutError: still running after ``timeout`` seconds.
+            BaseException: what the analytics raised.
+        """
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the analytics thread is still running after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._result

@@ -273,6 +273,45 @@ async def test_a_simulation_started_first_waits_for_the_hub() -> None:
     await hub.close()
 
 
+ON_RANK0 = textwrap.dedent("""
+    import json
+    import numpy as np
+    from mpi4py import MPI
+    from async_wf.insitu import AnalyticsThread, Block, Bridge
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+
+    async def analytics(hub):
+        sums = []
+        async for step, data in hub.subscribe("x"):
+            sums.append(float(data.sum()))
+            if step == 2:
+                hub.steer("scale", 10.0, step=5)
+        return sums
+
+    th = AnalyticsThread(analytics, backpressure=1) if rank == 0 else None
+    addr, secret = comm.bcast((th.address, th.secret) if th else None, 0)
+    bridge = Bridge(comm, {"x": Block((size * 4,), (rank * 4,), (4,))}, address=addr,
+                    token=secret)
+    for t in range(8):
+        scale = bridge.get("scale", t, 1.0)
+        bridge.publish("x", np.full(4, scale * t), t)
+    bridge.close()
+    if th is not None:
+        print(json.dumps(th.join(30)), flush=True)
+""")
+
+
+def test_the_analytics_can_run_in_a_thread_of_rank_0(tmp_path: Path) -> None:
+    app = tmp_path / "app.py"
+    app.write_text(ON_RANK0)
+    proc = subprocess.run([find_mpiexec(), "-n", "3", sys.executable, "-m", "mpi4py", str(app)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    sums = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sums == [12.0 * t * (10.0 if t >= 5 else 1.0) for t in range(8)]
+
+
 ANALYTICS = textwrap.dedent("""
     import asyncio, json, sys
     from async_wf.insitu import ADDRESS_ENV, TOKEN_ENV, Hub
