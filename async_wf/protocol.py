@@ -80,6 +80,7 @@ CANCEL = 8
 ABORT = 9  # MPI: stop the ranks of an MPI task (another of its ranks failed)
 EXIT = 10  # MPI: the application is over, worker ranks leave
 SAVE = 11  # a task saved a step's state: (rid, step, pickled state)
+LOG = 12  # worker log records: [(logger name, level, message, created), ...]
 KIND_NAMES = {
     HELLO: "HELLO",
     AUTH: "AUTH",
@@ -92,6 +93,7 @@ KIND_NAMES = {
     ABORT: "ABORT",
     EXIT: "EXIT",
     SAVE: "SAVE",
+    LOG: "LOG",
 }
 
 HEADER = struct.Struct("!2sBBIQ")
