@@ -8,8 +8,8 @@ limit from ``--slots``; blocking functions run in ``--slots`` threads;
 ``inline`` functions, and blocking functions that have proved short (see
 INLINE_BELOW), run on the loop. Outcomes are sent back in batches: all
 that finished in one loop iteration go in one RESULTS frame. When the
-scheduler asks for timings (bit 0 of a TASKS frame's flags), each result
-item also carries the wall-clock start and end of its task.
+scheduler asks for timings (bit 0 of a TASKS frame's flags), a RESULTS
+frame also carries the start and end of each task that ran.
 
 Log records of the worker's process at or above its level (WARNING, INFO
 with ``-v``, or ``ASYNC_WF_LOG_LEVEL``) are forwarded to the scheduler in
@@ -137,7 +137,7 @@ class Worker:
         self._pool: ThreadPool | None = None
         self._done: asyncio.Future[int] | None = None
         self._timing = False
-        self._times: dict[int, tuple[float, float]] = {}  # rid -> perf_counter start, end
+        self._times: list[tuple[int, float, float]] = []  # (rid, perf_counter start, end)
         self._wall_off = time.time() - perf_counter()
         self._logs: list[tuple[str, int, str, float]] = []
         self._log_lock = threading.Lock()
@@ -364,7 +364,7 @@ class Worker:
             mark_thread(None, None)
         took = perf_counter() - t0
         if self._timing:
-            self._times[rid] = (t0, t0 + took)
+            self._times.append((rid, t0, t0 + took))
         if fid >= 0:
             self._learn(fid, took)
         return took
@@ -390,7 +390,7 @@ class Worker:
         finally:
             self._async.pop(rid, None)
             if self._timing:
-                self._times[rid] = (t0, perf_counter())
+                self._times.append((rid, t0, perf_counter()))
 
     def task_context(self, token: Any) -> TaskContext:
         """The context of the task ``token`` (its rid, or (rid, function id)) running here.
@@ -432,11 +432,11 @@ class Worker:
     def _on_thread_results(self, items: list[Outcome]) -> None:
         pool = self._pool
         assert pool is not None
-        timing = self._timing
+        times = self._times if self._timing else None
         for (rid, fid), status, value, took, t0 in items:
             self._in_pool.discard(rid)
-            if timing and status != SKIPPED:
-                self._times[rid] = (t0, t0 + took)
+            if times is not None and status != SKIPPED:
+                times.append((rid, t0, t0 + took))
             if rid in self._cancelled:
                 with pool.lock:
                     self._cancelled.discard(rid)
@@ -487,14 +487,13 @@ class Worker:
                     f"the task's result could not be pickled: {type(exc).__name__}: {exc}"
                 ), bufs)
             items.append((rid, status, len(bufs) - n0, blob, tb))
+        msg: Any = items
         if self._timing:
-            # wall-clock start and end after each item (0.0: it never started)
-            times = self._times
-            off = self._wall_off
-            for i, item in enumerate(items):
-                t0, t1 = times.pop(item[0], (-off, -off))
-                items[i] = (*item, t0 + off, t1 + off)
-        stream.send(P.encode(P.RESULTS, items, P.DEFAULT_COMPRESS_MIN, bufs))
+            # (items, offset from perf_counter to the wall clock, [(rid, start,
+            # end)]) for the tasks that ran (not those that failed to start)
+            msg = (items, self._wall_off, self._times)
+            self._times = []
+        stream.send(P.encode(P.RESULTS, msg, P.DEFAULT_COMPRESS_MIN, bufs))
 
 
 class _Forward(logging.Handler):

@@ -132,6 +132,8 @@ class Observer:
         self._sinks: list[Any] = []  # progress display, metrics server: tick() and close()
         self._last_rate = (0.0, 0)
         self.rate = 0.0
+        #: the transport times each task itself (workers): dispatch times are not kept
+        self.remote_times = False
 
     # ------------------------------------------------------------ lifecycle
     def start(self, sched: Scheduler, loop: asyncio.AbstractEventLoop) -> None:
@@ -277,15 +279,24 @@ class Observer:
             self.edges.append((d._id, tid))
 
     def dispatched(self, futs: list[TaskFuture]) -> None:
-        """These tasks were handed to the transport (one batch of the pump)."""
+        """These tasks were handed to the transport (one batch of the pump).
+
+        Not needed when the transport reports when each task really ran
+        (``remote_times``); a task that fails before it starts there then
+        spans no time, at its end.
+        """
+        if self.remote_times:
+            return
         now = perf_counter() + self._off
         start = self._start
         for f in futs:
             start[f._id] = now
 
-    def ran(self, fut: TaskFuture, t0: float, t1: float, lane: int) -> None:
-        """The current attempt of ``fut`` ran from ``t0`` to ``t1`` (wall s) on ``lane``."""
-        self._exact[fut._id] = (t0, t1, lane)
+    def ran_many(self, timed: list[tuple[int, float, float]], lane: int) -> None:
+        """Tasks ran on ``lane``: (task id, start, end), wall-clock seconds."""
+        exact = self._exact
+        for tid, t0, t1 in timed:
+            exact[tid] = (t0, t1, lane)
 
     def thread_ran(self, fut: TaskFuture, t0_perf: float, took: float) -> None:
         """A blocking task ran in this process: ``perf_counter`` start and duration."""

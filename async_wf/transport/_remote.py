@@ -197,6 +197,7 @@ class RemoteTransport(Transport):
     def set_observer(self, obs: Observer) -> None:
         """Report task timings to ``obs``: workers then time each task (see worker.py)."""
         self._obs = obs
+        obs.remote_times = True
         self._flags |= WANT_TIMES
 
     def link_bytes(self) -> list[tuple[int, str, int, int]]:
@@ -404,7 +405,7 @@ class RemoteTransport(Transport):
         if kind == P.RESULTS:
             results = P.loads(payload, buffers)
             try:
-                if self._obs is not None:
+                if type(results) is tuple:
                     results = self._timed_results(w, results)
                 self._on_results(w, results, buffers)
             except (TypeError, ValueError) as exc:
@@ -445,26 +446,28 @@ class RemoteTransport(Transport):
             rec.worker_logger = name
             wlog.handle(rec)
 
-    def _timed_results(self, w: _Worker, results: list[Any]) -> list[Any]:
-        """Give the observer each task's start and end; return the plain result items.
+    def _timed_results(self, w: _Worker, msg: tuple[Any, ...]) -> list[Any]:
+        """Give the observer each task's start and end; return the result items.
+
+        ``msg`` is ``(items, offset, [(rid, start, end), ...])``: a worker's
+        ``perf_counter`` times, and what to add to them for its wall clock.
 
         Raises:
-            TypeError: an item is not a result item.
+            TypeError, ValueError: ``msg`` does not have that shape.
         """
+        items, off, times = msg
+        if type(off) is not float or type(times) is not list:
+            raise TypeError(f"timings must be (items, float, list), got {off!r}, {times!r}")
         obs = self._obs
-        assert obs is not None
-        plain = []
-        for item in results:
-            if len(item) == 7:
-                t0, t1 = item[5], item[6]
-                if type(t0) is not float or type(t1) is not float:
-                    raise TypeError(f"task times must be floats, got {t0!r}, {t1!r}")
-                fut = w.inflight.get(item[0])
-                if fut is not None and t1 > 0.0:
-                    obs.ran(fut, t0, t1, w.id)
-                item = item[:5]
-            plain.append(item)
-        return plain
+        if obs is not None:
+            inflight = w.inflight
+            timed = []
+            for rid, t0, t1 in times:
+                fut = inflight.get(rid)
+                if fut is not None:
+                    timed.append((fut._id, t0 + off, t1 + off))
+            obs.ran_many(timed, w.id)
+        return items  # type: ignore[no-any-return]
 
     def _on_save(self, w: _Worker, rid: int, step: int, blob: bytes) -> None:
         """A task running on ``w`` saved a step's state (see ``async_wf.task_context``)."""

@@ -368,8 +368,8 @@ async def test_worker_log_records_reach_the_scheduler(caplog: pytest.LogCaptureF
 
 
 @UV
-@pytest.mark.parametrize("frame", ["wrong-shape", "wrong-types"])
-async def test_malformed_log_frame_closes_that_connection_only(frame: str) -> None:
+@pytest.mark.parametrize("frame", ["wrong-shape", "wrong-types", "bad-timings"])
+async def test_malformed_log_or_timing_frame_closes_that_connection_only(frame: str) -> None:
     async with async_wf.Runtime(workers=1) as rt:
         t = rt.transport
         peer = await RawPeer.connect(t.address)  # type: ignore[attr-defined]
@@ -378,6 +378,8 @@ async def test_malformed_log_frame_closes_that_connection_only(frame: str) -> No
             await until(lambda: rt.statistics()["workers"] == 2, "the raw peer to join")
             if frame == "wrong-shape":
                 peer.send(P.encode(P.LOG, 42))
+            elif frame == "bad-timings":
+                peer.send(P.encode(P.RESULTS, ([], "not an offset", [])))
             else:
                 peer.send(P.encode(P.LOG, [("app", "WARNING", "msg", 1.0)]))
             assert await peer.closed_by_peer()
