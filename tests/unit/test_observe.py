@@ -210,6 +210,19 @@ async def test_metrics_address_is_checked() -> None:
         async_wf.Runtime(metrics="localhost")
 
 
+async def test_metrics_address_in_use_fails_the_start() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        rt = async_wf.Runtime(metrics=f"127.0.0.1:{s.getsockname()[1]}")
+        with pytest.raises(OSError):
+            await rt.start()
+    with pytest.raises(RuntimeError, match="no async_wf runtime"):
+        async_wf.current_runtime()
+
+
 # --------------------------------------------------------------- progress
 PROGRESS_APP = textwrap.dedent('''
     import asyncio, async_wf
