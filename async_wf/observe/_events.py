@@ -187,7 +187,8 @@ class Observer:
         last_t, last_n = self._last_rate
         done = st["finished"] + st["failed"]
         if now > last_t:
-            self.rate = (done - last_n) / (now - last_t) if self.samples else 0.0
+            # tasks ended per second since the previous sample (none before the first)
+            self.rate = (done - last_n) / (now - last_t) if self.snapshot else 0.0
         self._last_rate = (now, done)
         st["rate"] = self.rate
         self.snapshot = st
