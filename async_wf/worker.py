@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 import traceback
+from array import array
 from time import perf_counter
 from typing import Any
 from urllib.parse import urlsplit
@@ -137,7 +138,9 @@ class Worker:
         self._pool: ThreadPool | None = None
         self._done: asyncio.Future[int] | None = None
         self._timing = False
-        self._times: list[tuple[int, float, float]] = []  # (rid, perf_counter start, end)
+        # rid, perf_counter start, end, rid, ...: floats, so that the frame
+        # carries 24 bytes per task and the scheduler unpickles no tuples
+        self._times = array("d")
         self._wall_off = time.time() - perf_counter()
         self._logs: list[tuple[str, int, str, float]] = []
         self._log_lock = threading.Lock()
@@ -364,7 +367,7 @@ class Worker:
             mark_thread(None, None)
         took = perf_counter() - t0
         if self._timing:
-            self._times.append((rid, t0, t0 + took))
+            self._times.extend((rid, t0, t0 + took))
         if fid >= 0:
             self._learn(fid, took)
         return took
@@ -390,7 +393,7 @@ class Worker:
         finally:
             self._async.pop(rid, None)
             if self._timing:
-                self._times.append((rid, t0, perf_counter()))
+                self._times.extend((rid, t0, perf_counter()))
 
     def task_context(self, token: Any) -> TaskContext:
         """The context of the task ``token`` (its rid, or (rid, function id)) running here.
@@ -436,7 +439,7 @@ class Worker:
         for (rid, fid), status, value, took, t0 in items:
             self._in_pool.discard(rid)
             if times is not None and status != SKIPPED:
-                times.append((rid, t0, t0 + took))
+                times.extend((rid, t0, t0 + took))
             if rid in self._cancelled:
                 with pool.lock:
                     self._cancelled.discard(rid)
@@ -489,10 +492,11 @@ class Worker:
             items.append((rid, status, len(bufs) - n0, blob, tb))
         msg: Any = items
         if self._timing:
-            # (items, offset from perf_counter to the wall clock, [(rid, start,
-            # end)]) for the tasks that ran (not those that failed to start)
+            # (items, offset from perf_counter to the wall clock, array of
+            # rid, start, end) for the tasks that ran (not those that failed
+            # to start)
             msg = (items, self._wall_off, self._times)
-            self._times = []
+            self._times = array("d")
         stream.send(P.encode(P.RESULTS, msg, P.DEFAULT_COMPRESS_MIN, bufs))
 
 

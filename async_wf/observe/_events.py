@@ -125,7 +125,8 @@ class Observer:
         self.samples: list[tuple[float, int, int, int, int, int, dict[int, tuple[int, int]]]] = []
         self.snapshot: dict[str, Any] = {}
         self._start: dict[int, float] = {}  # task id -> dispatch time (wall)
-        self._exact: dict[int, tuple[float, float, int]] = {}  # id -> start, end, lane
+        # task id -> start, end, lane: filled by transports that know when a task ran
+        self._exact: dict[int, tuple[float, float, int]] = {}
         self._sched: Scheduler | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -293,11 +294,6 @@ class Observer:
         for f in futs:
             start[f._id] = now
 
-    def ran_many(self, timed: list[tuple[int, float, float]], lane: int) -> None:
-        """Tasks ran on ``lane``: (task id, start, end), wall-clock seconds."""
-        exact = self._exact
-        for tid, t0, t1 in timed:
-            exact[tid] = (t0, t1, lane)
 
     def thread_ran(self, fut: TaskFuture, t0_perf: float, took: float) -> None:
         """A blocking task ran in this process: ``perf_counter`` start and duration."""
@@ -307,7 +303,7 @@ class Observer:
     def finished(self, futs: list[TaskFuture]) -> None:
         """These tasks succeeded (one flush of the pump)."""
         now = perf_counter() + self._off
-        exact = self._exact
+        exact_pop = self._exact.pop
         start_pop = self._start.pop
         spans = self.spans if self.keep_spans else None
         if spans is not None and len(spans) + len(futs) > self.opts.max_spans:
@@ -318,9 +314,9 @@ class Observer:
         # the per-task path of a busy runtime: kept to plain local operations
         for f in futs:
             tid = f._id
-            t0 = start_pop(tid, now)
-            ex = exact.pop(tid, None) if exact else None
+            ex = exact_pop(tid, None)
             if ex is None:
+                t0 = start_pop(tid, now)
                 t1, lane = now, LOCAL_LANE
             else:
                 t0, t1, lane = ex

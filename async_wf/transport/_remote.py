@@ -39,6 +39,7 @@ import itertools
 import logging
 import time
 import types
+from array import array
 from typing import TYPE_CHECKING, Any, Protocol
 
 import cloudpickle
@@ -449,24 +450,28 @@ class RemoteTransport(Transport):
     def _timed_results(self, w: _Worker, msg: tuple[Any, ...]) -> list[Any]:
         """Give the observer each task's start and end; return the result items.
 
-        ``msg`` is ``(items, offset, [(rid, start, end), ...])``: a worker's
-        ``perf_counter`` times, and what to add to them for its wall clock.
+        ``msg`` is ``(items, offset, times)``: ``times`` an ``array("d")`` of
+        rid, start, end for each task that ran, in the worker's
+        ``perf_counter`` time, and ``offset`` what to add for its wall clock.
 
         Raises:
             TypeError, ValueError: ``msg`` does not have that shape.
         """
         items, off, times = msg
-        if type(off) is not float or type(times) is not list:
-            raise TypeError(f"timings must be (items, float, list), got {off!r}, {times!r}")
+        if type(off) is not float or type(times) is not array or times.typecode != "d":
+            raise TypeError(f"timings must be (items, float, array('d')), got {off!r}, "
+                            f"{times!r}")
         obs = self._obs
         if obs is not None:
-            inflight = w.inflight
-            timed = []
-            for rid, t0, t1 in times:
-                fut = inflight.get(rid)
+            get = w.inflight.get
+            exact = obs._exact
+            lane = w.id
+            vals = iter(times.tolist())
+            # a float rid finds its int key: equal numbers hash alike
+            for rid, t0, t1 in zip(vals, vals, vals, strict=True):
+                fut = get(rid)
                 if fut is not None:
-                    timed.append((fut._id, t0 + off, t1 + off))
-            obs.ran_many(timed, w.id)
+                    exact[fut._id] = (t0 + off, t1 + off, lane)
         return items  # type: ignore[no-any-return]
 
     def _on_save(self, w: _Worker, rid: int, step: int, blob: bytes) -> None:
