@@ -226,6 +226,8 @@ class Observer:
 
             write_report(self, self.opts.report)
             done.append(self.opts.report)
+        for path in done:
+            log.info("wrote %s (%d task attempts)", path, len(self.spans))
         return done
 
     @property

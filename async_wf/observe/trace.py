@@ -8,7 +8,8 @@ threads (``tid``) of a process are lanes allocated here by interval
 packing: each span goes to the lowest-numbered lane that is free at its
 start, so no two spans on one lane overlap, and a worker with k slots
 busy at once uses about k lanes. Bytes sent to and received from each
-worker over time are counter events (``"ph": "C"``).
+TCP worker over time, sampled twice a second, are counter events
+(``"ph": "C"``); MPI ranks have none (their channel counts only totals).
 """
 
 from __future__ import annotations
@@ -80,10 +81,15 @@ def trace_events(obs: Observer) -> list[dict[str, Any]]:
                 "dur": round(max(end - start, 0.0) * 1e6, 3),
                 "args": {"key": span_key(s), "task": tid, "attempt": attempt, "status": status},
             })
+    # MPI links count no bytes per rank (the channel counts its totals): no
+    # counter for a worker that never shows a byte
+    moved = {pid for *_, links in obs.samples for pid, (o, i) in links.items() if o or i}
     for t, _sub, _fin, _fail, _run, _ready, links in obs.samples:
         for pid, (out, inn) in links.items():
-            events.append({"ph": "C", "name": "bytes", "pid": pid, "tid": 0,
-                           "ts": round(t * 1e6, 3), "args": {"sent": out, "received": inn}})
+            if pid in moved:
+                events.append({"ph": "C", "name": "bytes", "pid": pid, "tid": 0,
+                               "ts": round(t * 1e6, 3),
+                               "args": {"sent": out, "received": inn}})
     return events
 
 
