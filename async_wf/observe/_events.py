@@ -124,7 +124,6 @@ class Observer:
         # (t s since start, submitted, finished, failed, running, ready, {lane: (out, in)})
         self.samples: list[tuple[float, int, int, int, int, int, dict[int, tuple[int, int]]]] = []
         self.snapshot: dict[str, Any] = {}
-        self._start: dict[int, float] = {}  # task id -> dispatch time (wall)
         # task id -> start, end, lane: filled by transports that know when a task ran
         self._exact: dict[int, tuple[float, float, int]] = {}
         self._sched: Scheduler | None = None
@@ -133,8 +132,6 @@ class Observer:
         self._sinks: list[Any] = []  # progress display, metrics server: tick() and close()
         self._last_rate = (0.0, 0)
         self.rate = 0.0
-        #: the transport times each task itself (workers): dispatch times are not kept
-        self.remote_times = False
 
     # ------------------------------------------------------------ lifecycle
     def start(self, sched: Scheduler, loop: asyncio.AbstractEventLoop) -> None:
@@ -285,16 +282,14 @@ class Observer:
     def dispatched(self, futs: list[TaskFuture]) -> None:
         """These tasks were handed to the transport (one batch of the pump).
 
-        Not needed when the transport reports when each task really ran
-        (``remote_times``); a task that fails before it starts there then
-        spans no time, at its end.
+        The time goes in a slot of each future, not in a table here: a
+        store into an object the pump touches anyway costs less than a
+        dict entry to add and remove per task. Tasks that the transport
+        times itself use it only if they report no times.
         """
-        if self.remote_times:
-            return
         now = perf_counter() + self._off
-        start = self._start
         for f in futs:
-            start[f._id] = now
+            f._obs_t = now
 
 
     def thread_ran(self, fut: TaskFuture, t0_perf: float, took: float) -> None:
@@ -306,7 +301,6 @@ class Observer:
         """These tasks succeeded (one flush of the pump)."""
         now = perf_counter() + self._off
         exact_pop = self._exact.pop
-        start_pop = self._start.pop
         spans = self.spans if self.keep_spans else None
         if spans is not None and len(spans) + len(futs) > self.opts.max_spans:
             self.spans_dropped += len(futs)
@@ -318,7 +312,7 @@ class Observer:
             tid = f._id
             ex = exact_pop(tid, None)
             if ex is None:
-                t0 = start_pop(tid, now)
+                t0 = f._obs_t
                 t1, lane = now, LOCAL_LANE
             else:
                 t0, t1, lane = ex
@@ -340,10 +334,10 @@ class Observer:
         now = perf_counter() + self._off
         tid = f._id
         ex = self._exact.pop(tid, None)
-        t0 = self._start.pop(tid, now)
         if ex is not None:
             t0, t1, lane = ex
         else:
+            t0 = getattr(f, "_obs_t", now)
             t1, lane = now, LOCAL_LANE
         st = self._stats(f)
         st.add(t1 - t0 if t1 > t0 else 0.0)
@@ -367,12 +361,10 @@ class Observer:
     def requeued(self, fut: TaskFuture) -> None:
         """The worker running ``fut`` was lost; it goes back to the ready queue."""
         # counted by the transport (workers_lost); the lost attempt leaves no span
-        self._start.pop(fut._id, None)
         self._exact.pop(fut._id, None)
 
     def dropped(self, fut: TaskFuture) -> None:
         """``fut`` ended without a result (cancelled): forget its pending times."""
-        self._start.pop(fut._id, None)
         self._exact.pop(fut._id, None)
 
 
