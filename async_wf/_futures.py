@@ -75,7 +75,9 @@ class TaskFuture(asyncio.Future[Any]):
     _ignored: bool
     _lost: int
     _t0: float
-    _obs_t: float  # set only with an observer: when the current attempt was dispatched
+    # only with an observer: when the current attempt was dispatched, or
+    # (start, end, lane) once the transport says when it ran
+    _obs_t: float | tuple[float, float, int]
     _ckey: bytes | None
     _cparents: tuple[bytes, ...] | None  # keys of the inputs; None: not recorded
 

@@ -435,8 +435,6 @@ class Scheduler:
         if fut._cancelling:
             self.task_cancelled(fut, "cancelled")
             return
-        if self._obs is not None:
-            self._obs.requeued(fut)
         self._core.requeue(fut._handle)
         self._kick()
 
@@ -501,8 +499,6 @@ class Scheduler:
             return
         h = fut._handle
         core = self._core
-        if self._obs is not None:
-            self._obs.dropped(fut)
         # the core cancels only tasks that have not started: step back first
         core.requeue(h)
         self._cancel_in_core(fut, msg)

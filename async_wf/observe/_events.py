@@ -124,8 +124,6 @@ class Observer:
         # (t s since start, submitted, finished, failed, running, ready, {lane: (out, in)})
         self.samples: list[tuple[float, int, int, int, int, int, dict[int, tuple[int, int]]]] = []
         self.snapshot: dict[str, Any] = {}
-        # task id -> start, end, lane: filled by transports that know when a task ran
-        self._exact: dict[int, tuple[float, float, int]] = {}
         self._sched: Scheduler | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -282,25 +280,24 @@ class Observer:
     def dispatched(self, futs: list[TaskFuture]) -> None:
         """These tasks were handed to the transport (one batch of the pump).
 
-        The time goes in a slot of each future, not in a table here: a
-        store into an object the pump touches anyway costs less than a
-        dict entry to add and remove per task. Tasks that the transport
-        times itself use it only if they report no times.
+        The time goes in a slot of each future (``_obs_t``), not in a table
+        here: a store into an object the pump touches anyway costs less
+        than a dict entry to add and remove per task. A transport that
+        knows when the attempt really ran replaces it with a tuple
+        ``(start, end, lane)`` (see ``thread_ran``, ``RemoteTransport``).
         """
         now = perf_counter() + self._off
         for f in futs:
             f._obs_t = now
 
-
     def thread_ran(self, fut: TaskFuture, t0_perf: float, took: float) -> None:
         """A blocking task ran in this process: ``perf_counter`` start and duration."""
         t0 = t0_perf + self._off
-        self._exact[fut._id] = (t0, t0 + took, LOCAL_LANE)
+        fut._obs_t = (t0, t0 + took, LOCAL_LANE)
 
     def finished(self, futs: list[TaskFuture]) -> None:
         """These tasks succeeded (one flush of the pump)."""
         now = perf_counter() + self._off
-        exact_pop = self._exact.pop
         spans = self.spans if self.keep_spans else None
         if spans is not None and len(spans) + len(futs) > self.opts.max_spans:
             self.spans_dropped += len(futs)
@@ -309,13 +306,11 @@ class Observer:
         cache_get = self._by_key.get
         # the per-task path of a busy runtime: kept to plain local operations
         for f in futs:
-            tid = f._id
-            ex = exact_pop(tid, None)
-            if ex is None:
-                t0 = f._obs_t
-                t1, lane = now, LOCAL_LANE
+            t = f._obs_t
+            if isinstance(t, tuple):
+                t0, t1, lane = t
             else:
-                t0, t1, lane = ex
+                t0, t1, lane = t, now, LOCAL_LANE
             name = f._opts.name
             try:
                 st = cache_get(f._fn if name is None else name)
@@ -328,17 +323,16 @@ class Observer:
             st.total += dur
             st.buckets[bisect_left(BUCKETS, dur)] += 1
             if spans is not None:
-                spans.append((t0, t1, lane, st.name, tid, f._attempt, OK, f._ckey))
+                spans.append((t0, t1, lane, st.name, f._id, f._attempt, OK, f._ckey))
 
     def _attempt_over(self, f: TaskFuture, status: str) -> None:
         now = perf_counter() + self._off
         tid = f._id
-        ex = self._exact.pop(tid, None)
-        if ex is not None:
-            t0, t1, lane = ex
+        t = getattr(f, "_obs_t", now)
+        if isinstance(t, tuple):
+            t0, t1, lane = t
         else:
-            t0 = getattr(f, "_obs_t", now)
-            t1, lane = now, LOCAL_LANE
+            t0, t1, lane = t, now, LOCAL_LANE
         st = self._stats(f)
         st.add(t1 - t0 if t1 > t0 else 0.0)
         if status == RETRY:
@@ -357,15 +351,6 @@ class Observer:
         if self.opts.report and len(self.failures) < 1000:
             tb = "".join(traceback.format_exception(exc))
             self.failures.append((fut.name, fut._id, fut._attempt, tb))
-
-    def requeued(self, fut: TaskFuture) -> None:
-        """The worker running ``fut`` was lost; it goes back to the ready queue."""
-        # counted by the transport (workers_lost); the lost attempt leaves no span
-        self._exact.pop(fut._id, None)
-
-    def dropped(self, fut: TaskFuture) -> None:
-        """``fut`` ended without a result (cancelled): forget its pending times."""
-        self._exact.pop(fut._id, None)
 
 
 def span_key(span: Span) -> str:

@@ -463,14 +463,13 @@ class RemoteTransport(Transport):
         obs = self._obs
         if obs is not None:
             get = w.inflight.get
-            exact = obs._exact
             lane = w.id
             vals = iter(times.tolist())
             # a float rid finds its int key: equal numbers hash alike
             for rid, t0, t1 in zip(vals, vals, vals, strict=True):
                 fut = get(rid)
                 if fut is not None:
-                    exact[fut._id] = (t0 + off, t1 + off, lane)
+                    fut._obs_t = (t0 + off, t1 + off, lane)  # see Observer.dispatched
         return items  # type: ignore[no-any-return]
 
     def _on_save(self, w: _Worker, rid: int, step: int, blob: bytes) -> None:
