@@ -130,6 +130,7 @@ class Observer:
         self._sinks: list[Any] = []  # progress display, metrics server: tick() and close()
         self._last_rate = (0.0, 0)
         self.rate = 0.0
+        self.most_workers = 0  # connected at once, over the samples
 
     # ------------------------------------------------------------ lifecycle
     def start(self, sched: Scheduler, loop: asyncio.AbstractEventLoop) -> None:
@@ -187,6 +188,7 @@ class Observer:
             self.rate = (done - last_n) / (now - last_t) if self.snapshot else 0.0
         self._last_rate = (now, done)
         st["rate"] = self.rate
+        self.most_workers = max(self.most_workers, int(st.get("workers", 0)))
         self.snapshot = st
         if self.keep_spans:
             self.samples.append((now, st["submitted"], st["finished"], st["failed"],

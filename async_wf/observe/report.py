@@ -61,6 +61,17 @@ def _graph_summary(obs: Observer) -> dict[str, Any]:
     }
 
 
+def _throughput(spans: list[Any], t0: float, nbins: int = 60) -> dict[str, Any]:
+    """Attempts ended per time bin, binned here so that the page stays small."""
+    if not spans:
+        return {"end": 0.0, "bins": []}
+    end = max(max(s[1] for s in spans) - t0, 1e-6)
+    bins = [0] * nbins
+    for s in spans:
+        bins[min(nbins - 1, max(0, int(nbins * (s[1] - t0) / end)))] += 1
+    return {"end": end, "bins": bins}
+
+
 def report_data(obs: Observer) -> dict[str, Any]:
     """Everything the page shows, as JSON-ready data."""
     t0 = obs.t0_wall
@@ -92,14 +103,15 @@ def report_data(obs: Observer) -> dict[str, Any]:
     snap = obs.snapshot
     return {
         "title": f"async_wf run of {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t0))}",
-        "summary": {k: snap.get(k) for k in (
+        "summary": {**{k: snap.get(k) for k in (
             "submitted", "finished", "failed", "cancelled", "retried", "reused", "elapsed_s",
-            "workers", "workers_lost", "bytes_sent", "bytes_received", "core")},
+            "workers_lost", "bytes_sent", "bytes_received", "core")},
+            "workers (most at once)": obs.most_workers},
         "lanes": {str(k): v for k, v in obs.lanes.items()},
         "stream": stream,
         "stream_total": len(spans),
         "spans_dropped": obs.spans_dropped,
-        "ends": sorted(round(s[1] - t0, 6) for s in spans),
+        "throughput": _throughput(spans, t0),
         "functions": fns,
         "failures": [{"name": n, "task": tid, "attempt": a, "traceback": tb}
                      for n, tid, a, tb in obs.failures],
@@ -146,7 +158,10 @@ function row(table, cells, head) {
 function fmt(s) { return s >= 1 ? s.toFixed(2) + " s" : (s * 1000).toFixed(3) + " ms"; }
 document.getElementById("title").textContent = D.title;
 const sum = document.getElementById("summary");
-for (const k in D.summary) if (D.summary[k] !== null) row(sum, [k, D.summary[k]]);
+for (const k in D.summary) {
+  const v = D.summary[k];
+  if (v !== null) row(sum, [k, typeof v === "number" && !Number.isInteger(v) ? v.toFixed(3) : v]);
+}
 
 // the task stream: one band per worker, one row per lane, one rect per attempt
 const names = D.functions.map(f => f.name);
@@ -205,11 +220,9 @@ for (const f of D.functions) {
 }
 
 // throughput: attempts ended per bin
-const NB = 60, H = 160;
+const H = 160, bins = D.throughput.bins, NB = bins.length, end = D.throughput.end;
 const tp = el("svg:svg", {width: W, height: H + 30, id: "throughput-svg"});
-if (D.ends.length) {
-  const end = Math.max(D.ends[D.ends.length - 1], 1e-6), bins = new Array(NB).fill(0);
-  for (const t of D.ends) bins[Math.min(NB - 1, Math.floor(NB * t / end))] += 1;
+if (NB) {
   const peak = Math.max(...bins), dt = end / NB;
   const pts = bins.map((c, i) =>
     (LEFT + (W - LEFT - 5) * (i + 0.5) / NB) + "," + (H - H * c / peak + 5)).join(" ");

@@ -296,12 +296,13 @@ async def test_report_tcp(tmp_path: Path) -> None:
         tasks, attempts = await _workload(rt, tmp_path)
     data = _report_data(path)
     assert len(data["stream"]) == attempts == data["stream_total"]
-    assert len(data["ends"]) == attempts
+    assert sum(data["throughput"]["bins"]) == attempts
     fns = {f["name"].rsplit(".", 1)[-1]: f for f in data["functions"]}
     assert fns["blocking"]["done"] == 20 and fns["fails"]["failed"] == 1
     assert fns["flaky"]["retried"] == 1 and fns["flaky"]["done"] == 1
     (fail,) = [f for f in data["failures"] if "fails" in f["name"]]
     assert "ValueError: bad input 7" in fail["traceback"]
+    assert data["summary"]["workers (most at once)"] == 2
     g = data["graph"]
     assert g["tasks"] == tasks and g["edges"] == 40 and g["depth"] == 2
     assert "<script src" not in path.read_text()  # self-contained: nothing to fetch
