@@ -80,7 +80,8 @@ CANCEL = 8
 ABORT = 9  # MPI: stop the ranks of an MPI task (another of its ranks failed)
 EXIT = 10  # MPI: the application is over, worker ranks leave
 SAVE = 11  # a task saved a step's state: (rid, step, pickled state)
-LOG = 12  # worker log records: [(logger name, level, message, created), ...]
+# 12 is taken on main by the in-situ frames (INSITU)
+LOG = 13  # worker log records: [(logger name, level, message, created), ...]
 KIND_NAMES = {
     HELLO: "HELLO",
     AUTH: "AUTH",
