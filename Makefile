@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 SOURCES := pyproject.toml setup.py $(wildcard src_cython/*.pyx src_cython/*.pxi src_cython/async_wf/*.pxd)
 
-.PHONY: install demo test test-fast test-slow lint bench bench-core debug clean
+.PHONY: install demo test test-fast test-slow test-browser lint bench bench-core debug clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,20 @@ test-fast: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# the HTML report rendered by a real headless Chromium (make test skips that
+# test when no browser is on PATH): installs Debian's chromium when run as
+# root on a system with apt, then runs the test
+CHROMIUM := $(firstword $(shell command -v chromium chromium-browser google-chrome 2>/dev/null))
+test-browser: install
+ifeq ($(CHROMIUM),)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && apt-get install -y -q chromium; \
+	else \
+		echo "test-browser: install chromium (or chromium-browser, google-chrome) first"; exit 1; \
+	fi
+endif
+	$(PY) -m pytest -q -rs tests/unit/test_observe.py -k chromium
 
 # the figures in the README: the suite against the peers (installed here as
 # the [peers] extra), its scaling sweep, the core alone, the checkpoint log.

@@ -9,7 +9,7 @@ import logging
 import os
 import ssl as _ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from async_wf._errors import RuntimeClosedError
 from async_wf._futures import TaskFuture
@@ -19,6 +19,9 @@ from async_wf.checkpoint._runtime import Checkpoint
 from async_wf.transport import Transport
 from async_wf.transport.local import LocalTransport
 
+if TYPE_CHECKING:
+    from async_wf.observe._events import Observer
+
 T = TypeVar("T")
 
 log = logging.getLogger("async_wf")
@@ -26,14 +29,18 @@ log = logging.getLogger("async_wf")
 #: set by ``async-wf run``: a JSON object of Runtime options that fill in
 #: what an application's own ``Runtime(...)`` leaves out
 DEFAULTS_ENV = "ASYNC_WF_DEFAULTS"
-_DEFAULT_TYPES: dict[str, type] = {"workers": int, "threads": int, "checkpoint": str}
+_DEFAULT_TYPES: dict[str, type] = {
+    "workers": int, "threads": int, "checkpoint": str,
+    "progress": bool, "metrics": str, "trace": str, "report": str,
+}
 
 
 def launch_defaults() -> dict[str, Any]:
     """The options ``async-wf run`` passes to every ``Runtime`` of the application.
 
     Read from the environment variable ``ASYNC_WF_DEFAULTS`` (a JSON object
-    with any of ``workers``, ``threads``, ``checkpoint``); empty when unset.
+    with any of ``workers``, ``threads``, ``checkpoint``, ``progress``,
+    ``metrics``, ``trace``, ``report``); empty when unset.
 
     Raises:
         ValueError: the variable is not such an object (the message gives
@@ -98,10 +105,25 @@ class Runtime:
             task already recorded there (same function code, same inputs)
             is not run again but resolved from the log. See
             docs/checkpoint.md.
+        progress: show a live progress line on the terminal (submitted,
+            running, done, failed, tasks/s); nothing when stderr is not a
+            terminal.
+        metrics: ``"host:port"`` on which to serve Prometheus metrics while
+            the runtime runs (port 0: a free one, see ``metrics_address``).
+        trace: write a Chrome trace-event file (Perfetto, chrome://tracing)
+            of every task attempt to this path at close.
+        report: write a self-contained HTML report of the run to this path
+            at close.
+        dag: record the task graph, for ``dag(path)`` (a report records it
+            too).
         **tcp_options: further options of ``TcpTransport`` (``slots``,
             ``prefetch``, ``heartbeat``, ``no_worker_timeout``, ...).
 
-    Under ``async-wf run --workers/--threads/--checkpoint``, those options
+    All observability options are off by default, and then cost nothing
+    but one ``is None`` test per batch of tasks (see ``async_wf.observe``).
+
+    Under ``async-wf run --workers/--threads/--checkpoint`` (and
+    ``--progress/--metrics/--trace/--report``), those options
     fill in what the call leaves out (see ``launch_defaults``); an option the
     application gives itself wins, and a transport it chooses itself keeps
     the command line's transport options out.
@@ -122,9 +144,20 @@ class Runtime:
         wait_on_exit: bool = True,
         transport: Transport | Literal["local", "tcp", "mpi"] | None = None,
         checkpoint: str | os.PathLike[str] | Checkpoint | None = None,
+        progress: bool | None = None,
+        metrics: str | None = None,
+        trace: str | os.PathLike[str] | None = None,
+        report: str | os.PathLike[str] | None = None,
+        dag: bool = False,
         **tcp_options: Any,
     ) -> None:
         defaults = launch_defaults()
+        if defaults:
+            if progress is None:
+                progress = defaults.get("progress")
+            metrics = metrics if metrics is not None else defaults.get("metrics")
+            trace = trace if trace is not None else defaults.get("trace")
+            report = report if report is not None else defaults.get("report")
         if defaults:
             chose = (transport is not None or workers is not None or threads is not None
                      or listen is not None or token_file is not None or ssl is not None
@@ -182,6 +215,15 @@ class Runtime:
                                 f"{type(checkpoint).__name__}: {checkpoint!r}")
             checkpoint = Checkpoint(checkpoint)
         self._checkpoint = checkpoint
+        from async_wf.observe._events import ObserveOptions
+
+        if metrics is not None:
+            _check_address(metrics)
+        self._observe = ObserveOptions(
+            progress=bool(progress), metrics=metrics,
+            trace=None if trace is None else os.fspath(trace),
+            report=None if report is None else os.fspath(report), dag=bool(dag))
+        self._observer: Observer | None = None
         self._sched: Scheduler | None = None
         self._tokens: tuple[contextvars.Token[Any], contextvars.Token[Any]] | None = None
         self._closed = False
@@ -204,7 +246,13 @@ class Runtime:
             from async_wf.checkpoint._runtime import Recorder
 
             recorder = Recorder(self._checkpoint, loop)
-        sched = Scheduler(loop, self._transport, checkpoint=recorder)
+        obs = None
+        if self._observe.any:
+            from async_wf.observe._events import Observer
+
+            obs = self._observer = Observer(self._observe)
+            self._transport.set_observer(obs)
+        sched = Scheduler(loop, self._transport, checkpoint=recorder, observer=obs)
         self._tokens = (current_scheduler.set(sched), _current_runtime.set(self))
         # the scheduler runs its callbacks in a context where it is current, so
         # that tasks started from any callback (even a thread's wake-up) can
@@ -213,6 +261,8 @@ class Runtime:
         self._sched = sched
         try:
             await self._transport.start(sched, loop)
+            if obs is not None:
+                obs.start(sched, loop)
         except BaseException:
             # not left current: a @task called afterwards must run the function,
             # not submit to a runtime that will never run anything
@@ -236,6 +286,10 @@ class Runtime:
             await self._sched.close(cancel=cancel)
         finally:
             self._leave_context()
+            obs = self._observer
+            if obs is not None:
+                obs.close()
+                obs.write_outputs()
 
     def _leave_context(self) -> None:
         """Stop being this context's current runtime (undo what ``start`` set)."""
@@ -306,6 +360,30 @@ class Runtime:
         if ck is not None:
             stats.update(ck.statistics())
         return stats
+
+    def dag(self, path: str | os.PathLike[str]) -> None:
+        """Write the graph of the tasks submitted so far to ``path`` in Graphviz DOT.
+
+        One node per task (labelled with its name and number, coloured by
+        its state), one edge per future passed as an argument.
+
+        Raises:
+            RuntimeError: the graph is not recorded: create the runtime with
+                ``dag=True`` (or ``report=``).
+        """
+        obs = self._observer
+        if obs is None or not obs.keep_graph:
+            raise RuntimeError("the task graph is not recorded: use Runtime(dag=True) "
+                               "to call dag()")
+        from async_wf.observe.dag import write_dot
+
+        write_dot(obs, os.fspath(path))
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the Prometheus endpoint while it runs, else None."""
+        obs = self._observer
+        return None if obs is None else obs.metrics_address
 
     @property
     def transport(self) -> Transport:
@@ -404,6 +482,12 @@ async def as_completed(
     finally:
         for f in fs:
             f.remove_done_callback(q.put_nowait)
+
+
+def _check_address(addr: str) -> None:
+    _host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"metrics must be 'host:port' (port 0: any free one), got {addr!r}")
 
 
 def _mpi_launched() -> bool:

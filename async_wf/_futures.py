@@ -48,6 +48,7 @@ class TaskFuture(asyncio.Future[Any]):
         "_kind",
         "_kwargs",
         "_lost",
+        "_obs_t",
         "_opts",
         "_run",
         "_sched",
@@ -74,6 +75,9 @@ class TaskFuture(asyncio.Future[Any]):
     _ignored: bool
     _lost: int
     _t0: float
+    # only with an observer: when the current attempt was dispatched, or
+    # (start, end, lane) once the transport says when it ran
+    _obs_t: float | tuple[float, float, int]
     _ckey: bytes | None
     _cparents: tuple[bytes, ...] | None  # keys of the inputs; None: not recorded
 

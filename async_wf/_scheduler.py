@@ -47,6 +47,7 @@ from async_wf._task import TaskFunction
 
 if TYPE_CHECKING:
     from async_wf.checkpoint._runtime import Recorder
+    from async_wf.observe._events import Observer
     from async_wf.transport import Transport
 
 log = logging.getLogger("async_wf")
@@ -95,10 +96,13 @@ class Scheduler:
         *,
         batch: int = 4096,
         checkpoint: Recorder | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self._loop = loop
         self._transport = transport
         self._ckpt = checkpoint
+        # None unless an observability option is on: every hook is behind one test
+        self._obs = observer
         self._ctx = contextvars.copy_context()
         self._batch = batch
         self._core = _corepick.Core()
@@ -180,6 +184,8 @@ class Scheduler:
             fut = self._new_future(TaskFuture, fn, args, kwargs, opts, kind, subst)
             fut._ckey = key
             fut._cparents = parents
+        if self._obs is not None and self._obs.keep_graph:
+            self._obs.submitted(fut, found)
         self._enqueue(fut, found)
         return fut
 
@@ -324,6 +330,8 @@ class Scheduler:
                         f._args = replace_in(f._args, TaskFuture, _value)
                         f._kwargs = replace_in(f._kwargs, TaskFuture, _value)
                         f._subst = False
+                if self._obs is not None:
+                    self._obs.dispatched(futs)
                 self._transport.dispatch(futs)
                 if len(handles) == n:
                     self._kick()
@@ -353,6 +361,8 @@ class Scheduler:
         core.finish_many(handles)
         core.forget(handles)
         tasks = self._tasks
+        if self._obs is not None:
+            self._obs.finished([tasks[h] for h in handles])
         for h in handles:
             del tasks[h]
         self.n_finished += len(handles)
@@ -385,6 +395,8 @@ class Scheduler:
             f"async_wf: raised by task {name!r} (#{fut._id}, attempt {fut._attempt}"
             f" of {opts.retries + 1})"
         )
+        if self._obs is not None:
+            self._obs.failed(fut, exc, fut._attempt <= opts.retries)
         if fut._attempt <= opts.retries:
             fut._attempt += 1
             self.n_retried += 1

@@ -13,9 +13,9 @@ costs a few wake-ups, not one per task.
 
 An optional ``claim(token)`` callback runs under the lock just as a thread
 takes an item; returning False skips the item (it was cancelled, or timed
-out, while queued) and reports ``(token, SKIPPED, None, 0.0)``. Each outcome
-carries the seconds the call took, so that callers can learn which
-functions are short.
+out, while queued) and reports ``(token, SKIPPED, None, 0.0, 0.0)``. Each
+outcome carries the seconds the call took, so that callers can learn which
+functions are short, and when it began (``perf_counter``), for traces.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ OK = 0
 ERROR = 1
 SKIPPED = 2
 
-Outcome = tuple[Any, int, Any, float]  # token, status, value, seconds the call took
+# token, status, value, seconds the call took, perf_counter() when it began
+Outcome = tuple[Any, int, Any, float, float]
 
 
 class ThreadPool:
@@ -44,7 +45,7 @@ class ThreadPool:
         nthreads: the most threads ever started (they start on demand).
         loop: the loop that ``deliver`` runs on.
         deliver: called on the loop with a list of ``(token, status, value,
-            seconds)``; for ERROR the value is ``(exception, formatted traceback)``.
+            seconds, start)``; for ERROR the value is ``(exception, formatted traceback)``.
         claim: called under the lock as a thread takes an item; False skips it.
         name: prefix of the threads' names.
         owner: marks each call as its token's task of ``owner``, for
@@ -116,15 +117,16 @@ class ThreadPool:
                 run = claim is None or claim(token)
             outcome: Outcome
             if not run:
-                outcome = (token, SKIPPED, None, 0.0)
+                outcome = (token, SKIPPED, None, 0.0, 0.0)
             else:
                 if owner is not None:
                     tls.cur = [owner, token, None]
                 t0 = perf_counter()
                 try:
-                    outcome = (token, OK, fn(*args, **kwargs), perf_counter() - t0)
+                    outcome = (token, OK, fn(*args, **kwargs), perf_counter() - t0, t0)
                 except BaseException as exc:  # a thread has nowhere to propagate to
-                    outcome = (token, ERROR, (exc, traceback.format_exc()), perf_counter() - t0)
+                    outcome = (token, ERROR, (exc, traceback.format_exc()),
+                               perf_counter() - t0, t0)
             # an idle thread must not keep its last task (and so its result) alive
             del fn, args, kwargs, token
             if owner is not None:

@@ -1,6 +1,8 @@
 """The ``async-wf`` command line.
 
-    async-wf run [--workers N | --threads N | --mpi N] [--checkpoint FILE] app.py [args...]
+    async-wf run [--workers N | --threads N | --mpi N] [--checkpoint FILE]
+                 [--progress] [--metrics HOST:PORT] [--trace FILE] [--report FILE]
+                 app.py [args...]
     async-wf worker --connect tcp://host:7450 --slots 2 --token-file token
     async-wf checkpoint inspect|verify|compact|forget FILE
 """
@@ -20,7 +22,9 @@ from async_wf.checkpoint import _cli as checkpoint_cli
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every ``async-wf`` command."""
-    p = argparse.ArgumentParser(prog="async-wf", description="async_wf task runtime.")
+    p = argparse.ArgumentParser(
+        prog="async-wf", description="async_wf task runtime.",
+        epilog="'async-wf COMMAND --help' gives the options of each command.")
     p.add_argument("--version", action="version", version=f"async_wf {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     r = sub.add_parser(
@@ -39,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run under mpiexec -n N (1 scheduler rank, N-1 worker ranks)")
     r.add_argument("--checkpoint", metavar="FILE",
                    help="record finished tasks in this checkpoint log; a re-run skips them")
+    obs = r.add_argument_group("observability (see async_wf.observe)")
+    obs.add_argument("--progress", action="store_true",
+                     help="show a live progress line on the terminal (quiet off a terminal)")
+    obs.add_argument("--metrics", metavar="HOST:PORT",
+                     help="serve Prometheus metrics on this address while the runtime runs")
+    obs.add_argument("--trace", metavar="FILE",
+                     help="write a Chrome trace-event timeline (Perfetto, chrome://tracing)")
+    obs.add_argument("--report", metavar="FILE",
+                     help="write a self-contained HTML report of the run")
     r.add_argument("app", help="the application script")
     r.add_argument("args", nargs=argparse.REMAINDER, help="the application's arguments")
     w = sub.add_parser(
@@ -88,6 +101,13 @@ def run_app(args: argparse.Namespace) -> int:
         opts["threads"] = args.threads
     if args.checkpoint is not None:
         opts["checkpoint"] = os.path.abspath(args.checkpoint)
+    if args.progress:
+        opts["progress"] = True
+    if args.metrics is not None:
+        opts["metrics"] = args.metrics
+    for name in ("trace", "report"):
+        if getattr(args, name) is not None:
+            opts[name] = os.path.abspath(getattr(args, name))
     if opts:
         os.environ[DEFAULTS_ENV] = json.dumps(opts)
     if args.mpi is not None:

@@ -309,6 +309,7 @@ class MpiWorker(Worker):
         self._wants_comm: dict[int, bool] = {}
         self._comms: dict[int, Any] = {}
         self._detached = False
+        self.forward_logs()
 
     def on_frame(self, kind: int, payload: memoryview, buffers: list[Any]) -> None:
         """Handle one frame of the runtime (SHUTDOWN and EXIT are the caller's)."""
@@ -327,6 +328,7 @@ class MpiWorker(Worker):
     def detach(self) -> None:
         """The runtime is over: drop queued work, report nothing more."""
         self._detached = True
+        self.stop_forwarding()
         for t in self._async.values():
             t.cancel()
         for part in self._parts.values():

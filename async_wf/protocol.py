@@ -81,6 +81,7 @@ ABORT = 9  # MPI: stop the ranks of an MPI task (another of its ranks failed)
 EXIT = 10  # MPI: the application is over, worker ranks leave
 SAVE = 11  # a task saved a step's state: (rid, step, pickled state)
 INSITU = 12  # in-situ bridge <-> hub: a pickled message tuple (async_wf.insitu)
+LOG = 13  # worker log records: [(logger name, level, message, created), ...]
 KIND_NAMES = {
     HELLO: "HELLO",
     AUTH: "AUTH",
@@ -94,6 +95,7 @@ KIND_NAMES = {
     EXIT: "EXIT",
     SAVE: "SAVE",
     INSITU: "INSITU",
+    LOG: "LOG",
 }
 
 HEADER = struct.Struct("!2sBBIQ")

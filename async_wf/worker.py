@@ -7,7 +7,13 @@
 limit from ``--slots``; blocking functions run in ``--slots`` threads;
 ``inline`` functions, and blocking functions that have proved short (see
 INLINE_BELOW), run on the loop. Outcomes are sent back in batches: all
-that finished in one loop iteration go in one RESULTS frame.
+that finished in one loop iteration go in one RESULTS frame. When the
+scheduler asks for timings (bit 0 of a TASKS frame's flags), a RESULTS
+frame also carries the start and end of each task that ran.
+
+Log records of the worker's process at or above its level (WARNING, INFO
+with ``-v``, or ``ASYNC_WF_LOG_LEVEL``) are forwarded to the scheduler in
+LOG frames, where they are logged again under ``async_wf.worker``.
 
 The worker exits when the scheduler says SHUTDOWN, closes the connection, or
 falls silent for longer than the heartbeat timeout; a worker started by a
@@ -19,14 +25,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import pickle
 import socket
 import ssl
 import sys
+import threading
 import time
 import traceback
+from array import array
 from time import perf_counter
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,7 +43,7 @@ from urllib.parse import urlsplit
 from async_wf import protocol as P
 from async_wf._context import TaskContext, call_on_loop, mark_coroutine, mark_thread
 from async_wf._errors import RemoteError
-from async_wf._threads import ERROR, OK, Outcome, ThreadPool
+from async_wf._threads import ERROR, OK, SKIPPED, Outcome, ThreadPool
 
 log = logging.getLogger("async_wf.worker")
 
@@ -55,6 +64,9 @@ INLINE_BUDGET = 5e-3
 _NO_KWARGS: dict[str, Any] = {}  # never mutated: ** unpacking copies it
 
 TOKEN_ENV = "ASYNC_WF_TOKEN"
+LOG_LEVEL_ENV = "ASYNC_WF_LOG_LEVEL"
+#: TASKS flags: bit 0, send each task's start and end with its result
+WANT_TIMES = 1
 SYS_PATH_ENV = "ASYNC_WF_SYS_PATH"
 
 
@@ -125,6 +137,14 @@ class Worker:
         self._stream: P.FrameStream | None = None
         self._pool: ThreadPool | None = None
         self._done: asyncio.Future[int] | None = None
+        self._timing = False
+        # rid, perf_counter start, end, rid, ...: floats, so that the frame
+        # carries 24 bytes per task and the scheduler unpickles no tuples
+        self._times = array("d")
+        self._wall_off = time.time() - perf_counter()
+        self._logs: list[tuple[str, int, str, float]] = []
+        self._log_lock = threading.Lock()
+        self._log_handler: _Forward | None = None
 
     async def run(
         self, host: str, port: int, ssl_ctx: ssl.SSLContext | None = None
@@ -141,14 +161,61 @@ class Worker:
             lambda: stream, host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None
         )
         watchdog = loop.create_task(self._watch())
+        self.forward_logs()
         try:
             return await self._done
         finally:
+            self.stop_forwarding()
             watchdog.cancel()
             for t in self._async.values():
                 t.cancel()
             self._pool.close()
             stream.close()
+
+    def forward_logs(self, level: int | None = None) -> None:
+        """Send this process's log records at ``level`` or above to the scheduler.
+
+        The default level is ``ASYNC_WF_LOG_LEVEL`` if set, else the root
+        logger's. Records of ``async_wf.worker`` itself (the connection's
+        own troubles) stay local: they matter most when there is no
+        connection to send them on.
+        """
+        if self._log_handler is not None:
+            return
+        if level is None:
+            env = os.environ.get(LOG_LEVEL_ENV)
+            level = logging.getLevelName(env.upper()) if env else None
+            if not isinstance(level, int):
+                level = logging.getLogger().getEffectiveLevel()
+        h = self._log_handler = _Forward(self, level)
+        # first, so that it marks the records it takes before the local
+        # handlers see them (see run_from_args)
+        logging.getLogger().handlers.insert(0, h)
+
+    def stop_forwarding(self) -> None:
+        """Stop forwarding log records (the connection is over)."""
+        h = self._log_handler
+        if h is not None:
+            self._log_handler = None
+            logging.getLogger().removeHandler(h)
+
+    def _queue_log(self, item: tuple[str, int, str, float]) -> None:
+        # any thread (a task in a slot): the loop sends the batch
+        with self._log_lock:
+            self._logs.append(item)
+            first = len(self._logs) == 1
+        loop = self._loop
+        if first and loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(self._send_logs)
+
+    def _send_logs(self) -> None:
+        with self._log_lock:
+            items = self._logs
+            self._logs = []
+        stream = self._stream
+        if items and stream is not None and self._state == "ready":
+            stream.send(P.encode(P.LOG, items))
 
     def _finish(self, code: int) -> None:
         if self._done is not None and not self._done.done():
@@ -221,7 +288,8 @@ class Worker:
 
     # ----------------------------------------------------------------- tasks
     def _run_batch(self, msg: Any, buffers: list[Any]) -> None:
-        new_fns, batch, floor = msg
+        new_fns, batch, floor, flags = msg
+        self._timing = bool(flags & WANT_TIMES)
         for fid, blob in new_fns:
             try:
                 self._fns[fid] = pickle.loads(blob)
@@ -298,6 +366,8 @@ class Worker:
         finally:
             mark_thread(None, None)
         took = perf_counter() - t0
+        if self._timing:
+            self._times.extend((rid, t0, t0 + took))
         if fid >= 0:
             self._learn(fid, took)
         return took
@@ -308,6 +378,7 @@ class Worker:
 
     async def _run_async(self, rid: int, fn: Any, args: Any, kwargs: Any) -> None:
         mark_coroutine(self, rid)
+        t0 = perf_counter() if self._timing else 0.0
         try:
             value = await fn(*args, **kwargs)
         except asyncio.CancelledError:
@@ -321,6 +392,8 @@ class Worker:
             self._report(rid, R_OK, value, None)
         finally:
             self._async.pop(rid, None)
+            if self._timing:
+                self._times.extend((rid, t0, perf_counter()))
 
     def task_context(self, token: Any) -> TaskContext:
         """The context of the task ``token`` (its rid, or (rid, function id)) running here.
@@ -362,8 +435,11 @@ class Worker:
     def _on_thread_results(self, items: list[Outcome]) -> None:
         pool = self._pool
         assert pool is not None
-        for (rid, fid), status, value, took in items:
+        times = self._times if self._timing else None
+        for (rid, fid), status, value, took, t0 in items:
             self._in_pool.discard(rid)
+            if times is not None and status != SKIPPED:
+                times.extend((rid, t0, t0 + took))
             if rid in self._cancelled:
                 with pool.lock:
                     self._cancelled.discard(rid)
@@ -399,7 +475,7 @@ class Worker:
         if not out or stream is None:
             return
         bufs: list[Any] = []
-        items = []
+        items: list[tuple[Any, ...]] = []
         for rid, status, value, tb in out:
             n0 = len(bufs)
             try:
@@ -414,7 +490,35 @@ class Worker:
                     f"the task's result could not be pickled: {type(exc).__name__}: {exc}"
                 ), bufs)
             items.append((rid, status, len(bufs) - n0, blob, tb))
-        stream.send(P.encode(P.RESULTS, items, P.DEFAULT_COMPRESS_MIN, bufs))
+        msg: Any = items
+        if self._timing:
+            # (items, offset from perf_counter to the wall clock, array of
+            # rid, start, end) for the tasks that ran (not those that failed
+            # to start)
+            msg = (items, self._wall_off, self._times)
+            self._times = array("d")
+        stream.send(P.encode(P.RESULTS, msg, P.DEFAULT_COMPRESS_MIN, bufs))
+
+
+class _Forward(logging.Handler):
+    """Hands the process's log records to the worker, which sends them in LOG frames."""
+
+    def __init__(self, worker: Worker, level: int) -> None:
+        super().__init__(level)
+        self.worker = worker
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == log.name:
+            return
+        try:
+            msg = record.getMessage()
+            if record.exc_info:
+                msg += "\n" + "".join(traceback.format_exception(*record.exc_info))
+        except Exception:
+            self.handleError(record)
+            return
+        record.async_wf_forwarded = True
+        self.worker._queue_log((record.name, record.levelno, msg, record.created))
 
 
 # --------------------------------------------------------------------- main
@@ -467,6 +571,11 @@ def run_from_args(args: argparse.Namespace) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
     )
+    if args.parent_pid is not None:
+        # a worker the runtime started shares its terminal: what it forwards
+        # is shown there once, by the scheduler, not twice
+        for h in logging.getLogger().handlers:
+            h.addFilter(lambda r: not getattr(r, "async_wf_forwarded", False))
     extra = os.environ.get(SYS_PATH_ENV)
     if extra:
         for p in reversed(extra.split(os.pathsep)):

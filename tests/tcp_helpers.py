@@ -327,3 +327,16 @@ async def exits_async() -> None:
     import sys
 
     sys.exit(3)
+
+
+def log_warning(msg: str) -> str:
+    """Log ``msg`` as a warning from a logger of the task's own (forwarded by its worker)."""
+    import logging
+
+    logging.getLogger("app.tasks").warning("task says %s", msg)
+    return msg
+
+
+def sleep_ms(ms: int) -> int:
+    time.sleep(ms / 1000)
+    return ms

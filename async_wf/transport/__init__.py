@@ -18,12 +18,24 @@ if TYPE_CHECKING:
 
     from async_wf._futures import TaskFuture
     from async_wf._scheduler import Scheduler
+    from async_wf.observe._events import Observer
 
 __all__ = ["Transport"]
 
 
 class Transport(abc.ABC):
     """Interface between the scheduler and whatever runs the tasks."""
+
+    #: the runtime's observer (``async_wf.observe``), None when observability is off
+    _obs: Observer | None = None
+
+    def set_observer(self, obs: Observer) -> None:
+        """Report task timings to ``obs`` (called before ``start``, only when one is on)."""
+        self._obs = obs
+
+    def link_bytes(self) -> list[tuple[int, str, int, int]]:
+        """Per connected worker: (lane id, name, bytes sent to it, bytes received from it)."""
+        return []
 
     @abc.abstractmethod
     async def start(self, sched: Scheduler, loop: asyncio.AbstractEventLoop) -> None:

@@ -39,6 +39,7 @@ import itertools
 import logging
 import time
 import types
+from array import array
 from typing import TYPE_CHECKING, Any, Protocol
 
 import cloudpickle
@@ -51,10 +52,13 @@ from async_wf.transport import Transport
 if TYPE_CHECKING:
     from async_wf._futures import TaskFuture
     from async_wf._scheduler import Scheduler
+    from async_wf.observe._events import Observer
 
 __all__ = ["RemoteTransport"]
 
 log = logging.getLogger("async_wf")
+wlog = logging.getLogger("async_wf.worker")
+WANT_TIMES = 1  # TASKS flags (worker.WANT_TIMES): send each task's start and end
 
 R_OK, R_ERROR, R_CANCELLED = 0, 1, 2
 K_MPI = 3  # the wire kind of one rank's part of an MPI task (worker.K_MPI)
@@ -189,6 +193,17 @@ class RemoteTransport(Transport):
         self.n_workers_lost = 0
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._flags = 0  # of every TASKS frame: worker.WANT_TIMES with an observer
+
+    def set_observer(self, obs: Observer) -> None:
+        """Report task timings to ``obs``: workers then time each task (see worker.py)."""
+        self._obs = obs
+        self._flags |= WANT_TIMES
+
+    def link_bytes(self) -> list[tuple[int, str, int, int]]:
+        """Per connected worker: (worker id, name, bytes sent to it, bytes received)."""
+        return [(w.id, f"worker #{w.id} {w.name}", w.stream.bytes_out, w.stream.bytes_in)
+                for w in self._order]
 
     # --------------------------------------------------------------- dispatch
     def capacity(self) -> int:
@@ -324,7 +339,8 @@ class RemoteTransport(Transport):
         if not batch:
             return 0
         w.stream.send(
-            P.encode(P.TASKS, (new_fns, batch, self._fid_floor), self._compress_min, bufs)
+            P.encode(P.TASKS, (new_fns, batch, self._fid_floor, self._flags),
+                     self._compress_min, bufs)
         )
         return int(batch[-1][0])
 
@@ -389,12 +405,24 @@ class RemoteTransport(Transport):
         if kind == P.RESULTS:
             results = P.loads(payload, buffers)
             try:
+                if type(results) is tuple:
+                    results = self._timed_results(w, results)
                 self._on_results(w, results, buffers)
             except (TypeError, ValueError) as exc:
                 # not a list of (rid, status, value, traceback)
                 raise P.ProtocolError(f"malformed RESULTS frame: {exc}") from exc
         elif kind == P.HEARTBEAT:
             pass
+        elif kind == P.LOG:
+            records = P.loads(payload, buffers)
+            try:
+                for name, level, msg, created in records:
+                    if not (type(name) is str and type(level) is int and type(msg) is str
+                            and type(created) is float):
+                        raise TypeError(f"bad log record {(name, level, msg, created)!r}")
+            except (TypeError, ValueError) as exc:
+                raise P.ProtocolError(f"malformed LOG frame: {exc}") from exc
+            self._on_log(w, records)
         elif kind == P.SAVE:
             try:
                 rid, step, blob = P.loads(payload, buffers)
@@ -405,6 +433,44 @@ class RemoteTransport(Transport):
             self._on_save(w, rid, step, blob)
         else:
             raise P.ProtocolError(f"unexpected {P.KIND_NAMES[kind]} frame from a worker")
+
+    def _on_log(self, w: _Worker, records: list[tuple[str, int, str, float]]) -> None:
+        """Log the records a worker forwarded, under ``async_wf.worker``, naming it."""
+        for name, level, msg, created in records:
+            if not wlog.isEnabledFor(level):
+                continue
+            rec = wlog.makeRecord(wlog.name, level, "(worker)", 0,
+                                  "worker #%d %s: %s: %s", (w.id, w.name, name, msg), None)
+            rec.created = created
+            rec.worker_id = w.id
+            rec.worker_logger = name
+            wlog.handle(rec)
+
+    def _timed_results(self, w: _Worker, msg: tuple[Any, ...]) -> list[Any]:
+        """Give the observer each task's start and end; return the result items.
+
+        ``msg`` is ``(items, offset, times)``: ``times`` an ``array("d")`` of
+        rid, start, end for each task that ran, in the worker's
+        ``perf_counter`` time, and ``offset`` what to add for its wall clock.
+
+        Raises:
+            TypeError, ValueError: ``msg`` does not have that shape.
+        """
+        items, off, times = msg
+        if type(off) is not float or type(times) is not array or times.typecode != "d":
+            raise TypeError(f"timings must be (items, float, array('d')), got {off!r}, "
+                            f"{times!r}")
+        obs = self._obs
+        if obs is not None:
+            get = w.inflight.get
+            lane = w.id
+            vals = iter(times.tolist())
+            # a float rid finds its int key: equal numbers hash alike
+            for rid, t0, t1 in zip(vals, vals, vals, strict=True):
+                fut = get(rid)
+                if fut is not None:
+                    fut._obs_t = (t0 + off, t1 + off, lane)  # see Observer.dispatched
+        return items  # type: ignore[no-any-return]
 
     def _on_save(self, w: _Worker, rid: int, step: int, blob: bytes) -> None:
         """A task running on ``w`` saved a step's state (see ``async_wf.task_context``)."""

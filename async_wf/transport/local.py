@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from async_wf._context import TaskContext, mark_coroutine, mark_thread
 from async_wf._errors import TaskTimeoutError
 from async_wf._scheduler import ASYNC, THREAD
-from async_wf._threads import ERROR, OK, Outcome, ThreadPool
+from async_wf._threads import ERROR, OK, SKIPPED, Outcome, ThreadPool
 from async_wf.transport import Transport
 
 if TYPE_CHECKING:
@@ -191,7 +191,12 @@ class LocalTransport(Transport):
     def _deliver(self, items: list[Outcome]) -> None:
         sched = self._sched
         assert sched is not None
-        for (fut, attempt), status, value, _took in items:
+        obs = self._obs
+        if obs is not None:
+            for (fut, attempt), status, _value, took, t0 in items:
+                if status != SKIPPED and fut._attempt == attempt and not fut.done():
+                    obs.thread_ran(fut, t0, took)
+        for (fut, attempt), status, value, _took, _t0 in items:
             if fut.done() or fut._attempt != attempt:
                 continue  # skipped, or an attempt already given up on
             if status == OK:

@@ -1,0 +1,491 @@
+"""Observability: trace, metrics, progress, report, DAG, worker logs, ``async-wf run`` flags.
+
+Each test runs a real runtime (in-process or with TCP worker processes) and
+checks what it produced: a trace file, a scrape over HTTP, a terminal's
+bytes, a page rendered by a real browser, log records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import pty
+import random
+import re
+import select
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from tcp_helpers import HANG, RawPeer, log_warning, sleep_ms, square, until
+
+import async_wf
+from async_wf import protocol as P
+from async_wf.observe.trace import pack_lanes
+
+UV = pytest.mark.asyncio(loop_factories=["uvloop"])
+REPO = Path(__file__).resolve().parents[2]
+
+
+def blocking(x: int) -> int:
+    time.sleep(0.002)
+    return x
+
+
+async def coro(x: int) -> int:
+    await asyncio.sleep(0)
+    return x + 1
+
+
+def fails(x: int) -> int:
+    raise ValueError(f"bad input {x}")
+
+
+@async_wf.task(retries=1)
+def flaky(marker: str, x: int) -> int:
+    """Fails the first time (whichever process runs it), then returns ``x``."""
+    try:
+        with open(marker, "x"):
+            pass
+    except FileExistsError:
+        return x
+    raise RuntimeError("first attempt fails")
+
+
+async def _workload(rt: async_wf.Runtime, marker_dir: Path) -> tuple[int, int]:
+    """20 blocking tasks, 20 coroutines, a sum of them, a failure, a retried task.
+
+    Returns (tasks submitted, attempts made).
+    """
+    a = [rt.submit(blocking, i) for i in range(20)]
+    b = [rt.submit(coro, i) for i in range(20)]
+    total = rt.submit(sum, a + b)
+    bad = rt.submit(fails, 7)
+    again = flaky(os.path.join(marker_dir, "flaky"), 5)
+    assert await total == sum(range(20)) + sum(range(1, 21))
+    with pytest.raises(ValueError, match="bad input 7"):
+        await bad
+    assert await again == 5
+    return 43, 44
+
+
+def _spans(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    doc = json.loads(path.read_text())
+    events = doc["traceEvents"]
+    return [e for e in events if e["ph"] == "X"], [e for e in events if e["ph"] == "M"]
+
+
+def _check_trace(path: Path, tasks: int, attempts: int) -> list[dict[str, Any]]:
+    spans, meta = _spans(path)
+    assert len(spans) == attempts
+    assert len({e["args"]["task"] for e in spans}) == tasks  # every task has a span
+    for e in spans:
+        assert e["dur"] >= 0 and e["ts"] >= 0 and e["name"] and e["args"]["key"]
+    named = {e["pid"] for e in meta if e["name"] == "process_name"}
+    assert {e["pid"] for e in spans} <= named
+    lanes: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    for e in spans:
+        lanes.setdefault((e["pid"], e["tid"]), []).append((e["ts"], e["ts"] + e["dur"]))
+    for iv in lanes.values():  # no two spans overlap on one lane
+        iv.sort()
+        for (_, end), (start, _) in itertools.pairwise(iv):
+            assert start >= end
+    statuses = sorted(e["args"]["status"] for e in spans)
+    assert statuses.count("error") == 1 and statuses.count("retry") == 1
+    return spans
+
+
+# ------------------------------------------------------------------ trace
+def test_pack_lanes_never_overlaps_and_uses_the_fewest_lanes() -> None:
+    rng = random.Random(7)
+    for _ in range(200):
+        spans = []
+        for _ in range(rng.randint(0, 40)):
+            a = rng.uniform(0, 10)
+            spans.append((a, a + rng.choice([0.0, rng.uniform(0, 3)])))
+        lanes = pack_lanes(spans)
+        by: dict[int, list[tuple[float, float]]] = {}
+        for s, lane in zip(spans, lanes, strict=True):
+            by.setdefault(lane, []).append(s)
+        for iv in by.values():
+            iv.sort()
+            for (_, e), (s, _) in itertools.pairwise(iv):
+                assert s >= e
+        # as many lanes as the most spans open at one instant (a span of no
+        # length is open at its instant too)
+        most = max((sum(1 for a, b in spans if a <= t < b) + (t == u) for t, u in spans),
+                   default=0)
+        assert len(set(lanes)) == most
+
+
+async def test_trace_local(tmp_path: Path) -> None:
+    path = tmp_path / "run.json"
+    async with async_wf.Runtime(threads=4, trace=path) as rt:
+        tasks, attempts = await _workload(rt, tmp_path)
+    spans = _check_trace(path, tasks, attempts)
+    assert {e["pid"] for e in spans} == {0}
+    # blocking tasks are timed in their thread: never more than 4 at once
+    blk = [(e["ts"], e["ts"] + e["dur"]) for e in spans if e["name"].endswith("blocking")]
+    assert len(blk) == 20
+    assert max(sum(1 for a, b in blk if a <= t < b) for t, _ in blk) <= 4
+
+
+@UV
+async def test_trace_tcp_one_lane_per_slot(tmp_path: Path) -> None:
+    path = tmp_path / "run.json"
+    async with async_wf.Runtime(workers=2, trace=path) as rt:
+        tasks, attempts = await _workload(rt, tmp_path)
+        wids = {w for w, _n, _o, _i in rt.transport.link_bytes()}
+    spans = _check_trace(path, tasks, attempts)
+    assert {e["pid"] for e in spans} <= wids and len(wids) == 2
+    # blocking tasks run on the single slot of each worker: one lane each
+    for w in wids:
+        assert {e["tid"] for e in spans
+                if e["pid"] == w and e["name"].endswith("blocking")} <= {0}
+    doc = json.loads(path.read_text())
+    counters = [e for e in doc["traceEvents"] if e["ph"] == "C"]
+    assert counters and all(e["pid"] in wids for e in counters)
+    assert max(e["args"]["sent"] for e in counters) > 0
+
+
+# ---------------------------------------------------------------- metrics
+def _scrape(addr: tuple[str, int]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://{addr[0]}:{addr[1]}/metrics", timeout=HANG) as r:
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+@UV
+async def test_metrics_scraped_over_http_during_a_tcp_run(tmp_path: Path) -> None:
+    async with async_wf.Runtime(workers=2, metrics="127.0.0.1:0",
+                                checkpoint=tmp_path / "ck.wfck") as rt:
+        addr = rt.metrics_address
+        assert addr is not None and addr[1] > 0
+        futs = [rt.submit(square, i) for i in range(30)]
+        assert sum(await async_wf.gather(*futs)) == sum(i * i for i in range(30))
+        slow = rt.submit(sleep_ms, 3000)
+        fn = "square"
+
+        def settled() -> bool:
+            m = _scrape(addr)
+            return (m.get(("async_wf_tasks_now", (("state", "running"),))) == 1
+                    and m.get(("async_wf_checkpoint_records_total", ())) == 30)
+
+        # the gauges come from a sample taken twice a second
+        await until(settled, "a sample with the long task running")
+        m = await asyncio.to_thread(_scrape, addr)
+        assert m[("async_wf_tasks_total", (("function", fn), ("state", "done")))] == 30
+        assert m[("async_wf_tasks_total", (("function", fn), ("state", "failed")))] == 0
+        assert m[("async_wf_task_duration_seconds_count", (("function", fn),))] == 30
+        assert m[("async_wf_task_duration_seconds_bucket",
+                  (("function", fn), ("le", "+Inf")))] == 30
+        assert m[("async_wf_workers", ())] == 2
+        assert m[("async_wf_workers_lost_total", ())] == 0
+        assert m[("async_wf_sent_bytes_total", ())] > 0
+        assert m[("async_wf_received_bytes_total", ())] > 0
+        assert m[("async_wf_checkpoint_written_bytes_total", ())] > 0
+        assert m[("async_wf_ready_queue", ())] == 0
+        slow.cancel()
+    assert rt.metrics_address is None
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://{addr[0]}:{addr[1]}/metrics", timeout=2)
+
+
+async def test_metrics_address_is_checked() -> None:
+    with pytest.raises(ValueError, match="host:port"):
+        async_wf.Runtime(metrics="localhost")
+
+
+async def test_metrics_address_in_use_fails_the_start() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        rt = async_wf.Runtime(metrics=f"127.0.0.1:{s.getsockname()[1]}")
+        with pytest.raises(OSError):
+            await rt.start()
+    with pytest.raises(RuntimeError, match="no async_wf runtime"):
+        async_wf.current_runtime()
+
+
+# --------------------------------------------------------------- progress
+PROGRESS_APP = textwrap.dedent('''
+    import asyncio, async_wf
+
+    async def noop(i):
+        await asyncio.sleep(0.001)
+
+    async def main():
+        async with async_wf.Runtime(progress=True) as rt:
+            await async_wf.gather(*[rt.submit(noop, i) for i in range(300)])
+            await asyncio.sleep(0.3)
+
+    async_wf.run(main())
+''')
+
+
+def test_progress_is_quiet_when_not_a_terminal(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text(PROGRESS_APP)
+    proc = subprocess.run([sys.executable, "app.py"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and proc.stderr == ""
+
+
+def test_progress_draws_on_a_terminal(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text(PROGRESS_APP)
+    master, slave = pty.openpty()
+    env = {**os.environ, "TERM": "xterm", "COLUMNS": "160"}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=tmp_path, stdin=slave,
+                            stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+        proc.wait(timeout=HANG)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode(errors="replace"))
+    assert proc.returncode == 0, text
+    assert "300/300" in text
+    assert "submitted 300" in text and "done 300" in text and "failed 0" in text
+    assert re.search(r"\| [1-9]\d* tasks/s", text)  # some redraw saw tasks ending
+
+
+# ----------------------------------------------------------------- report
+def _report_data(path: Path) -> dict[str, Any]:
+    page = path.read_text()
+    m = re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S)
+    assert m is not None
+    data: dict[str, Any] = json.loads(m.group(1))
+    return data
+
+
+@UV
+async def test_report_tcp(tmp_path: Path) -> None:
+    path = tmp_path / "run.html"
+    async with async_wf.Runtime(workers=2, report=path) as rt:
+        tasks, attempts = await _workload(rt, tmp_path)
+    data = _report_data(path)
+    assert len(data["stream"]) == attempts == data["stream_total"]
+    assert sum(data["throughput"]["bins"]) == attempts
+    fns = {f["name"].rsplit(".", 1)[-1]: f for f in data["functions"]}
+    assert fns["blocking"]["done"] == 20 and fns["fails"]["failed"] == 1
+    assert fns["flaky"]["retried"] == 1 and fns["flaky"]["done"] == 1
+    (fail,) = [f for f in data["failures"] if "fails" in f["name"]]
+    assert "ValueError: bad input 7" in fail["traceback"]
+    assert data["summary"]["workers (most at once)"] == 2
+    g = data["graph"]
+    assert g["tasks"] == tasks and g["edges"] == 40 and g["depth"] == 2
+    assert "<script src" not in path.read_text()  # self-contained: nothing to fetch
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium, chromium-browser or "
+                    "google-chrome on PATH: run 'make test-browser' to install Debian's "
+                    "chromium and run this test")
+async def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
+    path = tmp_path / "run.html"
+    async with async_wf.Runtime(threads=4, report=path) as rt:
+        _tasks, attempts = await _workload(rt, tmp_path)
+    browser = _chromium()
+    assert browser is not None
+    proc = await asyncio.create_subprocess_exec(
+        browser, "--headless", "--disable-gpu", "--no-sandbox", "--dump-dom",
+        f"--user-data-dir={tmp_path / 'profile'}", path.as_uri(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    dom = out.decode()
+    assert 'data-rendered="yes"' in dom, err.decode()[-2000:]
+    # what the page's own script built: one rect per attempt, a row per function
+    assert len(re.findall(r'<rect [^>]*class="task"', dom)) == attempts
+    assert len(re.findall(r'<tr class="fn"', dom)) == 5
+    assert dom.count('<details class="failure"') == 2  # the failure and the retried attempt
+    assert "<polyline" in dom
+
+
+# -------------------------------------------------------------------- dag
+async def test_dag_dot(tmp_path: Path) -> None:
+    async with async_wf.Runtime(dag=True) as rt:
+        a = rt.submit(coro, 1)
+        b = rt.submit(coro, 2)
+        c = rt.submit(sum, [a, b])
+        assert await c == 5
+        rt.dag(tmp_path / "g.dot")
+    text = (tmp_path / "g.dot").read_text()
+    assert text.startswith("digraph async_wf {")
+    assert re.findall(r"t(\d+) -> t(\d+);", text) == [("1", "3"), ("2", "3")]
+    assert len(re.findall(r"^  t\d+ \[label=", text, re.M)) == 3
+    if shutil.which("dot"):
+        subprocess.run(["dot", "-Tsvg", "-o", os.devnull, str(tmp_path / "g.dot")], check=True)
+
+
+async def test_dag_needs_recording(tmp_path: Path) -> None:
+    async with async_wf.Runtime() as rt:
+        with pytest.raises(RuntimeError, match=r"Runtime\(dag=True\)"):
+            rt.dag(tmp_path / "g.dot")
+
+
+# ---------------------------------------------------------------- logging
+@UV
+async def test_worker_log_records_reach_the_scheduler(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    async with async_wf.Runtime(workers=1) as rt:
+        assert await rt.submit(log_warning, "hello") == "hello"
+        wid = rt.transport.link_bytes()[0][0]
+
+        def seen() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.name == "async_wf.worker"
+                    and "task says hello" in r.getMessage()]
+
+        await until(seen, "the forwarded record")
+    (rec,) = seen()
+    assert rec.levelno == logging.WARNING
+    assert rec.worker_id == wid  # type: ignore[attr-defined]
+    assert rec.worker_logger == "app.tasks"  # type: ignore[attr-defined]
+    assert f"worker #{wid}" in rec.getMessage()
+
+
+@UV
+@pytest.mark.parametrize("frame", ["wrong-shape", "wrong-types", "bad-timings"])
+async def test_malformed_log_or_timing_frame_closes_that_connection_only(frame: str) -> None:
+    async with async_wf.Runtime(workers=1) as rt:
+        t = rt.transport
+        peer = await RawPeer.connect(t.address)  # type: ignore[attr-defined]
+        try:
+            await peer.handshake(t.secret)  # type: ignore[attr-defined]
+            await until(lambda: rt.statistics()["workers"] == 2, "the raw peer to join")
+            if frame == "wrong-shape":
+                peer.send(P.encode(P.LOG, 42))
+            elif frame == "bad-timings":
+                peer.send(P.encode(P.RESULTS, ([], "not an offset", [])))
+            else:
+                peer.send(P.encode(P.LOG, [("app", "WARNING", "msg", 1.0)]))
+            assert await peer.closed_by_peer()
+        finally:
+            peer.close()
+        await until(lambda: rt.statistics()["workers"] == 1, "only the real worker to stay")
+        assert await asyncio.wait_for(rt.submit(square, 7), HANG) == 49
+        assert rt.statistics()["workers_lost"] == 1
+
+
+# -------------------------------------------------------------------- cli
+CLI_APP = textwrap.dedent('''
+    import os, time
+    import async_wf
+
+    def work(i):
+        time.sleep(0.001)
+        return os.getpid()
+
+    async def main():
+        async with async_wf.Runtime() as rt:
+            pids = await async_wf.gather(*[rt.submit(work, i) for i in range(40)])
+        print(len(set(pids)), "worker processes")
+
+    async_wf.run(main())
+''')
+
+
+def test_cli_run_with_observability(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text(CLI_APP)
+    proc = subprocess.run(
+        [sys.executable, "-m", "async_wf.cli", "run", "--workers", "2", "--checkpoint",
+         "f.wfck", "--progress", "--trace", "t.json", "--report", "r.html", "app.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "2 worker processes"
+    assert proc.stderr == ""  # --progress is quiet off a terminal
+    spans, _meta = _spans(tmp_path / "t.json")
+    assert len(spans) == 40
+    assert len({e["pid"] for e in spans}) == 2
+    assert len(_report_data(tmp_path / "r.html")["stream"]) == 40
+    assert (tmp_path / "f.wfck").stat().st_size > 0
+
+
+def test_cli_help_lists_every_command() -> None:
+    proc = subprocess.run([sys.executable, "-m", "async_wf.cli", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for cmd in ("run", "worker", "checkpoint"):
+        assert re.search(rf"^\s+{cmd}\s+\S", proc.stdout, re.M), proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "async_wf.cli", "run", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    for flag in ("--progress", "--trace", "--metrics", "--report", "--checkpoint"):
+        assert flag in proc.stdout
+
+
+# -------------------------------------------------------------------- mpi
+MPI_APP = textwrap.dedent('''
+    import logging, time
+    import async_wf
+
+    def work(i):
+        time.sleep(0.002)
+        if i == 3:
+            logging.getLogger("app").warning("task %d on a rank warns", i)
+        return i
+
+    async def main():
+        async with async_wf.Runtime(trace="t.json") as rt:
+            print(sum(await async_wf.gather(*[rt.submit(work, i) for i in range(40)])))
+
+    async_wf.run(main())
+''')
+
+
+def test_mpi_trace_has_a_process_per_rank_and_rank_logs_come_back(tmp_path: Path) -> None:
+    pytest.importorskip("mpi4py", reason="the MPI tests need mpi4py (make test installs it)")
+    from async_wf._program import find_mpiexec
+
+    (tmp_path / "app.py").write_text(MPI_APP)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [find_mpiexec(), "-n", "3", sys.executable, "-m", "async_wf.mpi", "app.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(sum(range(40)))
+    # logged again on rank 0 under async_wf.worker (Python's last-resort handler)
+    assert re.search(r"worker #[12] rank [12]: app: task 3 on a rank warns", proc.stderr)
+    spans, meta = _spans(tmp_path / "t.json")
+    assert len(spans) == 40
+    names = {e["pid"]: e["args"]["name"] for e in meta if e["name"] == "process_name"}
+    assert {names[e["pid"]] for e in spans} <= {"worker #1 rank 1", "worker #2 rank 2"}
+    for pid in {e["pid"] for e in spans}:  # one slot per rank: one lane
+        assert {e["tid"] for e in spans if e["pid"] == pid} == {0}
