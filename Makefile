@@ -49,7 +49,8 @@ endif
 	$(PY) -m pytest -q -rs tests/unit/test_observe.py -k chromium
 
 # the figures in the README: the suite against the peers (installed here as
-# the [peers] extra), its scaling sweep, the core alone, the checkpoint log.
+# the [peers] extra), its scaling sweep, the core alone, the checkpoint log,
+# in-situ analytics.
 # QUICK=1: the suite only, small n, one repeat (about a minute).
 PEERS_STAMP := $(VENV)/.peers-stamp
 $(PEERS_STAMP): $(STAMP)
@@ -64,6 +65,7 @@ else
 	$(PY) -m bench --scaling --repeat 1 --timeout 180 --json bench/out/scaling.json --png docs/img/scaling.png
 	$(PY) bench/core.py
 	$(PY) bench/checkpoint.py --repeat 5
+	$(PY) bench/insitu.py --sizes 256,1024,2048 --ranks 4 --steps 200 --repeat 3 --json bench/out/insitu.json
 endif
 
 # a build with line tracing and bounds checks, for debugging the core

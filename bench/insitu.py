@@ -97,7 +97,7 @@ async def run_case(n: int, steps: int, ranks: int, mode: str) -> dict[str, Any]:
     from async_wf._program import find_mpiexec
     from async_wf.insitu import Hub
 
-    hub = await Hub.start(backpressure=int(os.environ.get("BP", "4")))
+    hub = await Hub.start(backpressure=4)
     sub = hub.subscribe("T") if mode in ("full", "task") else None
     # -m mpi4py: an exception on one rank aborts the job instead of leaving
     # its neighbours in a halo exchange for ever
