@@ -686,7 +686,8 @@ class Hub:
                 await self._server.wait_closed()
         self._done.set()
         for sub in self._subs.values():
-            sub._closed = True
+            # a loop still iterating ends: nothing more will arrive
+            sub._closed = sub._abandoned = True
             sub._deliver_ready()
 
     async def __aenter__(self) -> Hub:

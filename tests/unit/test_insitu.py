@@ -220,6 +220,24 @@ async def test_a_closed_subscription_releases_the_simulation() -> None:
     await hub.close()
 
 
+async def test_closing_the_hub_ends_its_subscriptions_and_frees_the_simulation() -> None:
+    hub = await Hub.start(backpressure=1)
+    sub = hub.subscribe("A")
+    sim = await _start_sim(hub, 40, 0.01, "-")
+    seen = []
+
+    async def consume() -> None:
+        async for step, _ in sub:
+            seen.append(step)
+            if step == 2:
+                await hub.close()
+
+    await asyncio.wait_for(consume(), 30)
+    _, err = await asyncio.wait_for(sim.communicate(), 30)
+    assert sim.returncode == 0, err.decode()  # it ran on to its end without analytics
+    assert seen == [0, 1, 2]
+
+
 async def test_callbacks_follow_a_change_of_array_at_the_named_step() -> None:
     hub = await Hub.start(backpressure=1)
     sub = hub.subscribe("A", region=((0, 2), (0, 6)))
