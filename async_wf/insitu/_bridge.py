@@ -317,25 +317,25 @@ class Bridge:
             self._waiting_sent = step
             self._send(("waiting", self.rank, step))
 
-    def _wanted(self, step: int) -> bool:
-        """True when some subscription wants some array at ``step`` (from any rank)."""
-        with self._cond:
-            for steps, entries in self._subs.values():
-                i = bisect.bisect_right(steps, step) - 1
-                if i >= 0 and entries[i].name is not None:
-                    return True
-        return False
-
-    def _report_skipped(self, step: int) -> None:
-        """Tell the hub which wanted pieces of ``step`` this rank did not publish."""
+    def _entries_at(self, step: int) -> list[tuple[int, _Entry]]:
+        """Each subscription's selection in effect at ``step``: (id, entry)."""
+        out = []
         with self._cond:
             for sid, (steps, entries) in self._subs.items():
                 i = bisect.bisect_right(steps, step) - 1
-                if i < 0:
-                    continue
-                e = entries[i]
-                if e.slices is not None and e.name not in self._published:
-                    self._send(("skip", sid, step, self.rank))
+                if i >= 0:
+                    out.append((sid, entries[i]))
+        return out
+
+    def _wanted(self, step: int) -> bool:
+        """True when some subscription wants some array at ``step`` (from any rank)."""
+        return any(e.name is not None for _, e in self._entries_at(step))
+
+    def _report_skipped(self, step: int) -> None:
+        """Tell the hub which wanted pieces of ``step`` this rank did not publish."""
+        for sid, e in self._entries_at(step):
+            if e.slices is not None and e.name not in self._published:
+                self._send(("skip", sid, step, self.rank))
 
     def _wait_horizon(self, step: int) -> None:
         """Block until the analytics lets this rank reach ``step`` (backpressure)."""
@@ -397,18 +397,13 @@ class Bridge:
         self._wait_horizon(step)
         sent = 0
         now = time.time()
-        with self._cond:
-            for sid, (steps, entries) in self._subs.items():
-                i = bisect.bisect_right(steps, step) - 1
-                if i < 0:
-                    continue
-                e = entries[i]
-                if e.name != name or e.slices is None:
-                    continue
-                piece = np.array(block[e.slices], copy=True, order="C")
-                self._send(("piece", sid, step, self.rank, now, piece))
-                sent += piece.nbytes
-                self.pieces_sent += 1
+        for sid, e in self._entries_at(step):
+            if e.name != name or e.slices is None:
+                continue
+            piece = np.array(block[e.slices], copy=True, order="C")
+            self._send(("piece", sid, step, self.rank, now, piece))
+            sent += piece.nbytes
+            self.pieces_sent += 1
         self.bytes_sent += sent
         return sent
 
