@@ -37,6 +37,8 @@ log = logging.getLogger("async_wf.insitu")
 _INF = 1 << 62
 #: steps of per-step statistics kept (bytes, senders, latency) per subscription
 HISTORY = 4096
+#: seconds a connection may take to authenticate
+HANDSHAKE_TIMEOUT = 5.0
 
 
 @dataclass
@@ -491,23 +493,40 @@ class Hub:
             payload, nonce = P.hello_payload()
             state["nonce"] = nonce
             stream.send(P.raw_frame(P.HELLO, payload))
+            state["timer"] = asyncio.get_running_loop().call_later(
+                HANDSHAKE_TIMEOUT, no_handshake, stream)
+
+        def no_handshake(stream: P.FrameStream) -> None:
+            # a peer that connects and never authenticates is not kept
+            if "authed" not in state:
+                stream.abort(P.ProtocolError(f"no handshake in {HANDSHAKE_TIMEOUT:g} s"))
 
         def on_frame(kind: int, payload: memoryview, buffers: list[Any]) -> None:
             if "authed" in state:
                 if kind != P.INSITU:
                     raise P.ProtocolError(f"unexpected {P.KIND_NAMES[kind]} frame from a rank")
-                self._on_message(stream, state, P.loads(payload, buffers))
+                msg = P.loads(payload, buffers)
+                try:
+                    self._on_message(stream, state, msg)
+                except (TypeError, ValueError, KeyError, IndexError) as exc:
+                    # a well-framed message of the wrong shape: that rank's
+                    # connection goes, the hub and the other ranks stay
+                    raise P.ProtocolError(
+                        f"malformed in-situ message {str(msg)[:80]}: {exc!r}") from exc
                 return
             if kind != P.AUTH:
                 raise P.ProtocolError(f"expected AUTH, got {P.KIND_NAMES[kind]}")
             _slots, _pid, _name, nonce_w = P.check_auth(bytes(payload), self.secret,
                                                         state["nonce"])
             state["authed"] = True
+            state["timer"].cancel()
             stream.send(P.raw_frame(P.WELCOME, P.welcome_payload(
                 self.secret, state["nonce"], nonce_w, 0, 0.0)))
             stream.decoder.max_frame = P.DEFAULT_MAX_FRAME
 
         def on_lost(stream: P.FrameStream, exc: BaseException | None) -> None:
+            if "timer" in state:
+                state["timer"].cancel()
             rank = state.get("rank")
             if rank is None:
                 if isinstance(exc, P.ProtocolError):
@@ -528,6 +547,9 @@ class Hub:
     def _on_message(self, stream: P.FrameStream, state: dict[str, Any],
                     msg: tuple[Any, ...]) -> None:
         op = msg[0]
+        if op != "layout" and msg[3 if op in ("piece", "skip") else 1] != state.get("rank"):
+            raise ValueError(f"{op!r} for rank {msg[3 if op in ('piece', 'skip') else 1]!r} "
+                             f"from the connection of rank {state.get('rank')}")
         if op == "piece":
             _, sid, step, rank, t_pub, arr = msg
             self._on_piece(sid, int(step), int(rank), float(t_pub), arr)

@@ -206,6 +206,50 @@ async def test_bad_input_gets_clear_errors_and_bad_frames_close_one_connection()
     await hub.close()
 
 
+async def _authed(hub: Hub) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw connection to ``hub`` that has passed the handshake."""
+    host, port = hub.address.removeprefix("tcp://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    dec = P.FrameDecoder()
+    _, hello, _ = dec.feed(await reader.readexactly(16 + 34))[0]
+    auth, nonce_s, nonce_w = P.answer_hello(bytes(hello), hub.secret, 1, "test")
+    writer.write(b"".join(P.raw_frame(P.AUTH, auth)))
+    kind, welcome, _ = dec.feed(await reader.readexactly(16 + 44))[0]
+    assert kind == P.WELCOME
+    P.check_welcome(bytes(welcome), hub.secret, nonce_s, nonce_w)
+    return reader, writer
+
+
+async def test_malformed_messages_and_silent_peers_lose_their_connection_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from async_wf.insitu import _hub
+
+    monkeypatch.setattr(_hub, "HANDSHAKE_TIMEOUT", 0.2)
+    hub = await Hub.start()
+    bad = [("piece", 1, 0),                               # too short
+           ("layout", 0, 2, {"A": ((4,), (0,), (9,))}),   # a block outside its array
+           ("waiting", 1, 5),                             # not registered as rank 1
+           ("hello?",)]                                   # unknown
+    for msg in bad:
+        reader, writer = await _authed(hub)
+        writer.write(b"".join(P.encode(P.INSITU, msg)))
+        assert await asyncio.wait_for(reader.read(), 10) == b"", msg
+        writer.close()
+    host, port = hub.address.removeprefix("tcp://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))  # says nothing
+    await reader.readexactly(16 + 34)
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    assert hub.rejected == len(bad) + 1
+    # the hub still serves a real simulation
+    sub = hub.subscribe("B")
+    sim = await _start_sim(hub, 2, 0.0, "-")
+    assert [s async for s, _ in sub] == [0, 1]
+    _, err = await sim.communicate()
+    assert sim.returncode == 0, err.decode()
+    await hub.close()
+
+
 async def test_a_closed_subscription_releases_the_simulation() -> None:
     hub = await Hub.start(backpressure=1)
     sub = hub.subscribe("A")
