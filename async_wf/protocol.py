@@ -241,6 +241,55 @@ def check_welcome(
     return worker_id, heartbeat
 
 
+class Challenge:
+    """The accepting side of the handshake on one connection (scheduler, in-situ hub).
+
+    Created when the connection opens: sends HELLO and arms a timer that
+    drops a peer which has not authenticated within ``timeout`` seconds.
+    ``check`` verifies the AUTH frame, ``welcome`` proves our side and
+    raises the frame limit, ``cancel`` disarms the timer when the
+    connection is lost first.
+    """
+
+    def __init__(self, stream: FrameStream, secret: bytes, loop: asyncio.AbstractEventLoop,
+                 timeout: float) -> None:
+        self.stream = stream
+        self.secret = secret
+        self.passed = False
+        payload, self._nonce = hello_payload()
+        self._nonce_w = b""
+        stream.send(raw_frame(HELLO, payload))
+        self._timer = loop.call_later(timeout, self._expire, timeout)
+
+    def _expire(self, timeout: float) -> None:
+        if not self.passed:
+            self.stream.abort(ProtocolError(f"no handshake in {timeout:g} s"))
+
+    def check(self, kind: int, payload: memoryview) -> tuple[int, int, str]:
+        """Verify the peer's AUTH frame; return its (slots, pid, name).
+
+        Raises:
+            ProtocolError: not an AUTH frame, or a malformed one.
+            AuthenticationError: the peer does not hold the secret.
+        """
+        if kind != AUTH:
+            raise ProtocolError(f"expected AUTH, got {KIND_NAMES[kind]}")
+        slots, pid, name, self._nonce_w = check_auth(bytes(payload), self.secret, self._nonce)
+        self.passed = True
+        self._timer.cancel()
+        return slots, pid, name
+
+    def welcome(self, peer_id: int, heartbeat: float, max_frame: int) -> None:
+        """Send WELCOME (our proof) and accept frames up to ``max_frame`` from now on."""
+        self.stream.send(raw_frame(WELCOME, welcome_payload(
+            self.secret, self._nonce, self._nonce_w, peer_id, heartbeat)))
+        self.stream.decoder.max_frame = max_frame
+
+    def cancel(self) -> None:
+        """Disarm the timer (the connection is gone)."""
+        self._timer.cancel()
+
+
 # ----------------------------------------------------------------- encoding
 def pack(obj: Any, bufs: list[pickle.PickleBuffer]) -> bytes:
     """Pickle ``obj`` on its own; its out-of-band buffers are appended to ``bufs``.

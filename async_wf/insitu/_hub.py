@@ -490,19 +490,13 @@ class Hub:
         state: dict[str, Any] = {}
 
         def on_open(stream: P.FrameStream) -> None:
-            payload, nonce = P.hello_payload()
-            state["nonce"] = nonce
-            stream.send(P.raw_frame(P.HELLO, payload))
-            state["timer"] = asyncio.get_running_loop().call_later(
-                HANDSHAKE_TIMEOUT, no_handshake, stream)
-
-        def no_handshake(stream: P.FrameStream) -> None:
-            # a peer that connects and never authenticates is not kept
-            if "authed" not in state:
-                stream.abort(P.ProtocolError(f"no handshake in {HANDSHAKE_TIMEOUT:g} s"))
+            # HANDSHAKE_TIMEOUT is read here, not bound at import: tests shorten it
+            state["challenge"] = P.Challenge(stream, self.secret, asyncio.get_running_loop(),
+                                             HANDSHAKE_TIMEOUT)
 
         def on_frame(kind: int, payload: memoryview, buffers: list[Any]) -> None:
-            if "authed" in state:
+            challenge = state["challenge"]
+            if challenge.passed:
                 if kind != P.INSITU:
                     raise P.ProtocolError(f"unexpected {P.KIND_NAMES[kind]} frame from a rank")
                 msg = P.loads(payload, buffers)
@@ -514,19 +508,12 @@ class Hub:
                     raise P.ProtocolError(
                         f"malformed in-situ message {str(msg)[:80]}: {exc!r}") from exc
                 return
-            if kind != P.AUTH:
-                raise P.ProtocolError(f"expected AUTH, got {P.KIND_NAMES[kind]}")
-            _slots, _pid, _name, nonce_w = P.check_auth(bytes(payload), self.secret,
-                                                        state["nonce"])
-            state["authed"] = True
-            state["timer"].cancel()
-            stream.send(P.raw_frame(P.WELCOME, P.welcome_payload(
-                self.secret, state["nonce"], nonce_w, 0, 0.0)))
-            stream.decoder.max_frame = P.DEFAULT_MAX_FRAME
+            challenge.check(kind, payload)
+            challenge.welcome(0, 0.0, P.DEFAULT_MAX_FRAME)
 
         def on_lost(stream: P.FrameStream, exc: BaseException | None) -> None:
-            if "timer" in state:
-                state["timer"].cancel()
+            if "challenge" in state:
+                state["challenge"].cancel()
             rank = state.get("rank")
             if rank is None:
                 if isinstance(exc, P.ProtocolError):

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 __all__ = ["NoWorkerError", "TcpTransport", "WorkerLostError"]
 
 log = logging.getLogger("async_wf")
+#: seconds a connecting worker has to authenticate
+HANDSHAKE_TIMEOUT = 5.0
 
 class TcpTransport(RemoteTransport):
     """Runs tasks on worker processes connected over TCP.
@@ -194,36 +196,23 @@ class TcpTransport(RemoteTransport):
         state: dict[str, Any] = {}
 
         def on_open(stream: P.FrameStream) -> None:
-            payload, nonce = P.hello_payload()
-            state["nonce"] = nonce
-            stream.send(P.raw_frame(P.HELLO, payload))
-            loop = self._loop
-            assert loop is not None
-            state["timer"] = loop.call_later(
-                5.0, lambda: "worker" in state or self._reject(stream, "no handshake in 5 s")
-            )
+            assert self._loop is not None
+            state["challenge"] = P.Challenge(stream, self.secret, self._loop, HANDSHAKE_TIMEOUT)
 
         def on_frame(kind: int, payload: memoryview, buffers: list[Any]) -> None:
             w = state.get("worker")
             if w is not None:
                 self._on_worker_frame(w, kind, payload, buffers)
                 return
-            if kind != P.AUTH:
-                raise P.ProtocolError(f"expected AUTH, got {P.KIND_NAMES[kind]}")
-            slots, pid, name, nonce_w = P.check_auth(bytes(payload), self.secret,
-                                                     state["nonce"])
+            challenge = state["challenge"]
+            slots, pid, name = challenge.check(kind, payload)
             if self._closing:
                 stream.close()
                 return
             wid = next(self._wids)
             w = _Worker(stream, wid, slots, pid, name, self._prefetch, self._async_limit)
             state["worker"] = w
-            state["timer"].cancel()
-            stream.send(P.raw_frame(
-                P.WELCOME,
-                P.welcome_payload(self.secret, state["nonce"], nonce_w, wid, self._heartbeat),
-            ))
-            stream.decoder.max_frame = self._max_frame
+            challenge.welcome(wid, self._heartbeat, self._max_frame)
             self._no_worker_since = None
             log.info("worker #%d %s (pid %d, %d slots) joined from %s", wid, name, pid, slots,
                      stream.peer)
@@ -232,8 +221,8 @@ class TcpTransport(RemoteTransport):
             self._join(w)
 
         def on_lost(stream: P.FrameStream, exc: BaseException | None) -> None:
-            if "timer" in state:
-                state["timer"].cancel()
+            if "challenge" in state:
+                state["challenge"].cancel()
             w = state.get("worker")
             if w is not None:
                 self._lost(w, exc)
@@ -246,10 +235,6 @@ class TcpTransport(RemoteTransport):
         stream = P.FrameStream(on_frame, on_lost)
         stream.on_open = on_open
         return stream
-
-    def _reject(self, stream: P.FrameStream, why: str) -> bool:
-        stream.abort(P.ProtocolError(why))  # counted as rejected when the loss is seen
-        return False
 
     # ----------------------------------------------------------------- faults
     def _lost(self, w: _Worker, exc: BaseException | None) -> None:
