@@ -158,7 +158,6 @@ class Runtime:
             metrics = metrics if metrics is not None else defaults.get("metrics")
             trace = trace if trace is not None else defaults.get("trace")
             report = report if report is not None else defaults.get("report")
-        if defaults:
             chose = (transport is not None or workers is not None or threads is not None
                      or listen is not None or token_file is not None or ssl is not None
                      or bool(tcp_options))

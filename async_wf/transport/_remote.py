@@ -197,7 +197,7 @@ class RemoteTransport(Transport):
 
     def set_observer(self, obs: Observer) -> None:
         """Report task timings to ``obs``: workers then time each task (see worker.py)."""
-        self._obs = obs
+        super().set_observer(obs)
         self._flags |= WANT_TIMES
 
     def link_bytes(self) -> list[tuple[int, str, int, int]]:
