@@ -19,7 +19,6 @@ same thing for the same step, whatever the timing.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import os
 import queue
@@ -34,7 +33,7 @@ import numpy as np
 
 from .. import protocol as P
 from ..worker import parse_url
-from ._layout import Block, Box, intersect, local_slices
+from ._layout import Block, Box, StepMap, intersect, local_slices
 
 ADDRESS_ENV = "ASYNC_WF_INSITU"
 TOKEN_ENV = "ASYNC_WF_INSITU_TOKEN"
@@ -128,8 +127,8 @@ class Bridge:
         self._first_step = 0
         self._idle_lease = 0
         # subscription id -> sorted from-steps and their entries
-        self._subs: dict[int, tuple[list[int], list[_Entry]]] = {}
-        self._steer: dict[str, tuple[list[int], list[Any]]] = {}
+        self._subs: dict[int, StepMap] = {}  # subscription id -> its _Entry from each step
+        self._steer: dict[str, StepMap] = {}
         self._step: int | None = None
         self._published: set[str] = set()
         self._waiting_sent = -1
@@ -256,10 +255,7 @@ class Bridge:
                 self._add_entry(sid, step, name, box)
             elif op == "steer":
                 _, key, step, value = msg
-                steps, values = self._steer.setdefault(key, ([], []))
-                i = bisect.bisect_right(steps, step)
-                steps.insert(i, step)
-                values.insert(i, value)
+                self._steer.setdefault(key, StepMap()).add(step, value)
             elif op == "start":
                 _, consumed, backpressure, first_step, lease, selects, steers = msg
                 self._consumed, self._backpressure = int(consumed), int(backpressure)
@@ -268,10 +264,7 @@ class Bridge:
                 for sid, step, name, box in selects:
                     self._add_entry(sid, step, name, box)
                 for key, step, value in steers:
-                    steps, values = self._steer.setdefault(key, ([], []))
-                    i = bisect.bisect_right(steps, step)
-                    steps.insert(i, step)
-                    values.insert(i, value)
+                    self._steer.setdefault(key, StepMap()).add(step, value)
                 self._ready = True
             elif op == "bye":
                 # the analytics finished: nothing is wanted any more, and no
@@ -284,10 +277,8 @@ class Bridge:
             self._cond.notify_all()
 
     def _add_entry(self, sid: int, step: int, name: str | None, box: Box | None) -> None:
-        steps, entries = self._subs.setdefault(sid, ([], []))
-        i = bisect.bisect_right(steps, step)
-        steps.insert(i, step)
-        entries.insert(i, _Entry(name, box, self.arrays.get(name) if name else None))
+        entry = _Entry(name, box, self.arrays.get(name) if name else None)
+        self._subs.setdefault(sid, StepMap()).add(step, entry)
 
     def _check(self) -> None:
         if self._lost is not None:
@@ -319,13 +310,9 @@ class Bridge:
 
     def _entries_at(self, step: int) -> list[tuple[int, _Entry]]:
         """Each subscription's selection in effect at ``step``: (id, entry)."""
-        out = []
         with self._cond:
-            for sid, (steps, entries) in self._subs.items():
-                i = bisect.bisect_right(steps, step) - 1
-                if i >= 0:
-                    out.append((sid, entries[i]))
-        return out
+            return [(sid, e) for sid, m in self._subs.items()
+                    if (e := m.at(step)) is not None]
 
     def _wanted(self, step: int) -> bool:
         """True when some subscription wants some array at ``step`` (from any rank)."""
@@ -422,10 +409,10 @@ class Bridge:
         self._check()
         self._wait_horizon(step)
         with self._cond:
-            steps, values = self._steer.get(key, ((), ()))
-            i = bisect.bisect_right(steps, step) - 1
-            if i >= 0:
-                return values[i]
+            m = self._steer.get(key)
+            value = _MISSING if m is None else m.at(step, _MISSING)
+        if value is not _MISSING:
+            return value
         if default is _MISSING:
             raise KeyError(f"no steering value {key!r} at step {step}")
         return default

@@ -15,7 +15,6 @@ why a change may only name a step beyond ``consumed + backpressure``.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import inspect
 import logging
@@ -31,7 +30,7 @@ import numpy as np
 from .. import protocol as P
 from ..worker import parse_url
 from ._bridge import ADDRESS_ENV, TOKEN_ENV
-from ._layout import Block, Box, box_shape, intersect, local_slices, normalize_region
+from ._layout import Block, Box, StepMap, box_shape, intersect, local_slices, normalize_region
 
 log = logging.getLogger("async_wf.insitu")
 _INF = 1 << 62
@@ -89,7 +88,6 @@ class _Plan:
 class _Pending:
     """A step being assembled for one subscription."""
 
-    plan: _Plan
     data: np.ndarray[Any, Any] | None = None
     got: set[int] = field(default_factory=set)
     skipped: set[int] = field(default_factory=set)
@@ -112,8 +110,7 @@ class Subscription:
         self.hub = hub
         self.id = sid
         self.window = window
-        self._steps: list[int] = []
-        self._plans: list[_Plan] = []
+        self._plans = StepMap()  # the _Plan in effect from each step
         self._ready: dict[int, np.ndarray[Any, Any] | None] = {}
         self._held: int | None = None  # handed out, not yet consumed
         self._consumed = -_INF
@@ -127,28 +124,24 @@ class Subscription:
         self.history: deque[StepRecord] = deque(maxlen=HISTORY)
 
     def __repr__(self) -> str:
-        return f"<Subscription {self.id} steps from {self._steps}>"
+        return f"<Subscription {self.id} steps from {self._plans.steps}>"
 
     # --------------------------------------------------------------- selection
     def plan_at(self, step: int) -> _Plan | None:
         """The selection in effect at ``step`` (None before the first)."""
-        i = bisect.bisect_right(self._steps, step) - 1
-        return self._plans[i] if i >= 0 else None
-
-    def _add(self, step: int, plan: _Plan) -> None:
-        i = bisect.bisect_right(self._steps, step)
-        self._steps.insert(i, step)
-        self._plans.insert(i, plan)
+        plan: _Plan | None = self._plans.at(step)
+        return plan
 
     def _next_needed(self, after: int) -> int:
         """The first step > ``after`` this subscription wants, or ``_INF``."""
-        s = max(after + 1, self._steps[0]) if self._steps else _INF
+        steps, plans = self._plans.steps, self._plans.values
+        s = max(after + 1, steps[0]) if steps else _INF
         if s >= _INF:
             return _INF
-        i = bisect.bisect_right(self._steps, s) - 1
-        if self._plans[i].name is not None:
+        i = self._plans.index(s)
+        if plans[i].name is not None:
             return s
-        for st, p in zip(self._steps[i + 1 :], self._plans[i + 1 :], strict=True):
+        for st, p in zip(steps[i + 1 :], plans[i + 1 :], strict=True):
             if p.name is not None:
                 return st
         return _INF
@@ -182,7 +175,7 @@ class Subscription:
         it are still delivered.
         """
         if self._closed:
-            return self._steps[-1]
+            return int(self._plans.steps[-1])
         if step is None:
             self._abandoned = True
             self._ready.clear()
@@ -249,7 +242,7 @@ class Subscription:
                     continue
                 self._held = s
                 return s, self._windowed(s, data)
-            if self.hub._finished(s):
+            if self.hub._finished():
                 return None
             self._event.clear()
             await self._event.wait()
@@ -432,7 +425,7 @@ class Hub:
             self._resolve(plan)  # a bad name or region fails here, in the caller
         if name is None:
             sub._closed = True
-        sub._add(eff, plan)
+        sub._plans.add(eff, plan)
         if new:
             sub._consumed = eff - 1
         if self._started:
@@ -481,8 +474,8 @@ class Hub:
             for stream in self._streams.values():
                 stream.send(msg)
 
-    def _finished(self, step: int) -> bool:
-        """True when no rank will send anything for ``step`` any more."""
+    def _finished(self) -> bool:
+        """True when every rank has closed or gone: nothing more will arrive."""
         return self._started and len(self._closed_ranks) == self._size
 
     # ------------------------------------------------------------- connections
@@ -583,7 +576,7 @@ class Hub:
         selects = []
         for sub in self._subs.values():
             try:
-                for plan in sub._plans:
+                for plan in sub._plans.values:
                     self._resolve(plan)
             except ValueError as exc:
                 # subscribed before the layouts were known: the error
@@ -592,7 +585,8 @@ class Hub:
                 sub._abandoned = True
                 continue
             selects += [(sub.id, step, plan.name, plan.box)
-                        for step, plan in zip(sub._steps, sub._plans, strict=True)]
+                        for step, plan in zip(sub._plans.steps, sub._plans.values,
+                                              strict=True)]
         self._started = True
         self._update_consumed()
         msg = P.encode(P.INSITU, ("start", self.consumed, self.backpressure, self.first_step,
@@ -618,26 +612,23 @@ class Hub:
         key = (sid, step)
         pend = self._pending.get(key)
         if pend is None:
-            pend = self._pending[key] = _Pending(plan)
+            pend = self._pending[key] = _Pending()
         if arr is None:
             pend.skipped.add(rank)
         else:
             part = plan.parts[rank]
+            want = tuple(sl.stop - sl.start for sl in part)
+            if arr.shape != want or (pend.data is not None and arr.dtype != pend.data.dtype):
+                raise P.ProtocolError(
+                    f"rank {rank} sent a piece of {arr.shape} {arr.dtype} for step {step}; "
+                    f"expected {want}"
+                    + ("" if pend.data is None else f" {pend.data.dtype}"))
             if len(plan.parts) == 1:
-                # one rank holds the whole region: its piece is the array, no copy
-                if arr.shape != box_shape(plan.box or ()):
-                    raise P.ProtocolError(f"rank {rank} sent a piece of shape {arr.shape} "
-                                          f"for step {step}; expected {box_shape(plan.box or ())}")
-                pend.data = arr
+                pend.data = arr  # one rank holds the whole region: its piece is the array
             else:
                 if pend.data is None:
                     pend.data = np.empty(box_shape(plan.box or ()), dtype=arr.dtype)
-                target = pend.data[part]
-                if target.shape != arr.shape or arr.dtype != pend.data.dtype:
-                    raise P.ProtocolError(
-                        f"rank {rank} sent a piece of {arr.shape} {arr.dtype} for step {step}; "
-                        f"expected {target.shape} {pend.data.dtype}")
-                target[...] = arr
+                pend.data[part] = arr
             pend.got.add(rank)
             pend.nbytes += arr.nbytes
             pend.t_pub = max(pend.t_pub, t_pub)
@@ -665,7 +656,7 @@ class Hub:
     def _wake_all(self) -> None:
         for sub in self._subs.values():
             sub._deliver_ready()
-        if self._started and len(self._closed_ranks) == self._size:
+        if self._finished():
             self._done.set()
 
     # ------------------------------------------------------------------ ending

@@ -1,7 +1,8 @@
-"""Blocks and regions of a distributed array, as half-open boxes of global indices."""
+"""Blocks and regions of a distributed array as boxes of global indices; values by step."""
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -111,3 +112,33 @@ def box_size(box: Box) -> int:
     for lo, hi in box:
         n *= hi - lo
     return n
+
+
+class StepMap:
+    """Values that hold from a step on: ``add(5, x)`` makes ``at(s)`` give x for s >= 5.
+
+    The shared shape of a subscription's selections (on the hub and on each
+    rank) and of a steering key's values. A value added at a step that
+    already has one holds after it: the later change wins.
+    """
+
+    __slots__ = ("steps", "values")
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.values: list[Any] = []
+
+    def add(self, step: int, value: Any) -> None:
+        """Let ``value`` hold from ``step`` on (until a later step's value)."""
+        i = bisect.bisect_right(self.steps, step)
+        self.steps.insert(i, step)
+        self.values.insert(i, value)
+
+    def index(self, step: int) -> int:
+        """The position of the value in effect at ``step``; -1 before the first."""
+        return bisect.bisect_right(self.steps, step) - 1
+
+    def at(self, step: int, default: Any = None) -> Any:
+        """The value in effect at ``step``, or ``default`` before the first."""
+        i = self.index(step)
+        return self.values[i] if i >= 0 else default
