@@ -45,37 +45,20 @@ def rank_main(n: int, steps: int, mode: str) -> None:
     """One simulation rank: the heat loop, with or without a bridge; rank 0 prints timings."""
     from mpi4py import MPI
 
-    from async_wf.insitu import Block, Bridge
+    from async_wf.insitu import Bridge
 
     comm = MPI.COMM_WORLD
-    dims = MPI.Compute_dims(comm.Get_size(), 2)
-    cart = comm.Create_cart(dims, periods=[False, False])
-    pr, pc = cart.Get_coords(cart.Get_rank())
-    r0, nr = heat.split(n, dims[0], pr)
-    c0, nc = heat.split(n, dims[1], pc)
-    nbrs = [cart.Shift(0, 1), cart.Shift(1, 1)]
-    u = heat.initial_field(n, slice(r0, r0 + nr), slice(c0, c0 + nc))
-    pad = np.zeros((nr + 2, nc + 2))
-    bridge = Bridge(comm, {"T": Block((n, n), (r0, c0), (nr, nc))}) if mode != "off" else None
+    rank = heat.HeatRank(comm, n)
+    bridge = Bridge(comm, {"T": rank.block}) if mode != "off" else None
     comm.Barrier()
     t0 = time.perf_counter()
     in_publish = []
     for t in range(steps):
         if bridge is not None:
             tp = time.perf_counter()
-            bridge.publish("T", u, t)
+            bridge.publish("T", rank.u, t)
             in_publish.append(time.perf_counter() - tp)
-        pad[1:-1, 1:-1] = u
-        (up, down), (left, right) = nbrs
-        for edge, dest, src, halo in ((u[0], up, down, (-1, slice(1, -1))),
-                                      (u[-1], down, up, (0, slice(1, -1))),
-                                      (u[:, 0], left, right, (slice(1, -1), -1)),
-                                      (u[:, -1], right, left, (slice(1, -1), 0))):
-            buf = np.empty(edge.shape[0])
-            cart.Sendrecv(np.ascontiguousarray(edge), dest, 0, buf, src, 0)
-            if src != MPI.PROC_NULL:
-                pad[halo] = buf
-        u = heat.heat_update(pad)
+        rank.step(0.0)
     took = time.perf_counter() - t0
     waited = 0.0
     if bridge is not None:

@@ -83,51 +83,72 @@ def split(n: int, parts: int, k: int) -> tuple[int, int]:
 
 
 # -------------------------------------------------------------- simulation
+class HeatRank:
+    """This rank's block of the field on a 2D grid of ranks, advanced one step at a time."""
+
+    def __init__(self, comm: Any, n: int) -> None:
+        from mpi4py import MPI
+
+        from async_wf.insitu import Block
+
+        dims = MPI.Compute_dims(comm.Get_size(), 2)
+        cart = self.cart = comm.Create_cart(dims, periods=[False, False])
+        pr, pc = cart.Get_coords(cart.Get_rank())
+        r0, nr = split(n, dims[0], pr)
+        c0, nc = split(n, dims[1], pc)
+        self.block = Block((n, n), (r0, c0), (nr, nc))
+        self.u = initial_field(n, slice(r0, r0 + nr), slice(c0, c0 + nc))
+        self._pad = np.empty((nr + 2, nc + 2))
+        up, down = cart.Shift(0, 1)
+        left, right = cart.Shift(1, 1)
+        # my edge row or column (as an index of u), where it goes, where mine
+        # comes from, its tag, and where that fills my halo
+        self._halos = (
+            ((0,), up, down, 0, (-1, slice(1, -1))),
+            ((-1,), down, up, 1, (0, slice(1, -1))),
+            ((slice(None), 0), left, right, 2, (slice(1, -1), -1)),
+            ((slice(None), -1), right, left, 3, (slice(1, -1), 0)),
+        )
+        self._none = MPI.PROC_NULL
+
+    def step(self, boundary: float) -> None:
+        """Exchange halos with the neighbours and advance the block one step."""
+        u, pad = self.u, self._pad
+        pad.fill(boundary)  # the global boundary; inner edges are overwritten by halos
+        pad[1:-1, 1:-1] = u
+        for edge, dest, src, tag, halo in self._halos:
+            # at the domain's edge, MPI.PROC_NULL leaves the boundary value in place
+            buf = np.empty(u[edge].shape[0])
+            self.cart.Sendrecv(np.ascontiguousarray(u[edge]), dest, tag, buf, src, tag)
+            if src != self._none:
+                pad[halo] = buf
+        self.u = heat_update(pad)
+
+
 def simulate(n: int, steps: int, record: str | None) -> None:
-    """One rank of the simulation (run under mpiexec): update, exchange halos, publish."""
+    """One rank of the simulation (run under mpiexec): publish, read steering, step."""
     from mpi4py import MPI
 
-    from async_wf.insitu import Block, Bridge
+    from async_wf.insitu import Bridge
 
     comm = MPI.COMM_WORLD
-    dims = MPI.Compute_dims(comm.Get_size(), 2)
-    cart = comm.Create_cart(dims, periods=[False, False])
-    pr, pc = cart.Get_coords(cart.Get_rank())
-    r0, nr = split(n, dims[0], pr)
-    c0, nc = split(n, dims[1], pc)
-    up, down = cart.Shift(0, 1)
-    left, right = cart.Shift(1, 1)
-    u = initial_field(n, slice(r0, r0 + nr), slice(c0, c0 + nc))
-    pad = np.empty((nr + 2, nc + 2))
+    rank = HeatRank(comm, n)
     seen: list[Any] = []
-    bridge = Bridge(comm, {"T": Block((n, n), (r0, c0), (nr, nc))}, timeout=30.0)
+    bridge = Bridge(comm, {"T": rank.block}, timeout=30.0)
     try:
         for t in range(steps):
             b = bridge.get("boundary", t, 0.0)
-            bridge.publish("T", u, t)
+            bridge.publish("T", rank.u, t)
             seen.append([t, b, time.time()])
-            pad.fill(b)  # the global boundary; inner edges are overwritten by halos
-            pad[1:-1, 1:-1] = u
-            # halo exchange: my edge rows and columns go to the neighbours,
-            # theirs fill my halo (at the domain's edge, MPI.PROC_NULL leaves
-            # the boundary value in place)
-            for edge, dest, src, tag, halo in (
-                (u[0], up, down, 0, (-1, slice(1, -1))),
-                (u[-1], down, up, 1, (0, slice(1, -1))),
-                (u[:, 0], left, right, 2, (slice(1, -1), -1)),
-                (u[:, -1], right, left, 3, (slice(1, -1), 0)),
-            ):
-                buf = np.empty(edge.shape[0])
-                cart.Sendrecv(np.ascontiguousarray(edge), dest, tag, buf, src, tag)
-                if src != MPI.PROC_NULL:
-                    pad[halo] = buf
-            u = heat_update(pad)
+            rank.step(b)
     finally:
         bridge.close()
     if record:
+        blk = rank.block
         with open(os.path.join(record, f"rank{comm.Get_rank()}.json"), "w") as f:
-            json.dump({"rank": comm.Get_rank(), "block": [r0, c0, nr, nc], "seen": seen,
-                       "bytes_sent": bridge.bytes_sent, "waited": bridge.waited}, f)
+            json.dump({"rank": comm.Get_rank(), "block": [*blk.start, *blk.shape],
+                       "seen": seen, "bytes_sent": bridge.bytes_sent,
+                       "waited": bridge.waited}, f)
 
 
 # --------------------------------------------------------------- analytics
