@@ -19,7 +19,7 @@ Analytics side (an async program with a ``Runtime``)::
 """
 
 from ._bridge import ADDRESS_ENV, TOKEN_ENV, AnalyticsTimeoutError, Bridge
-from ._hub import AnalyticsThread, Hub, StepRecord, Subscription
+from ._hub import AnalyticsThread, Hub, StepRecord, Subscription, Window
 from ._layout import Block
 
 __all__ = [
@@ -32,4 +32,5 @@ __all__ = [
     "Hub",
     "StepRecord",
     "Subscription",
+    "Window",
 ]

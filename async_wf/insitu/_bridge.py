@@ -418,6 +418,24 @@ class Bridge:
         return default
 
     @property
+    def state(self) -> str:
+        """``"active"``, ``"finished"`` (the hub closed: run on freely) or ``"lost"`` (it broke).
+
+        After ``"lost"``, ``publish`` and ``get`` raise ``AnalyticsTimeoutError``;
+        ``reason`` says what happened.
+        """
+        if self._bye:
+            return "finished"
+        return "active" if self._lost is None else "lost"
+
+    @property
+    def reason(self) -> str | None:
+        """Why the analytics released this rank (None while it is active)."""
+        if self._bye:
+            return "the analytics closed the hub"
+        return self._lost
+
+    @property
     def consumed(self) -> int:
         """The newest step the analytics has finished with, as last heard."""
         return self._consumed

@@ -96,14 +96,26 @@ class _Pending:
     assembly: float = 0.0
 
 
+class Window(np.ndarray):
+    """The last steps of a windowed subscription, stacked on a new first axis.
+
+    A NumPy array in every respect, plus ``steps``: the step number of each
+    entry along the first axis, oldest first.
+    """
+
+    steps: tuple[int, ...] = ()
+
+
 class Subscription:
     """A stream of one array (or a region of it), step by step, from a running simulation.
 
     Iterate with ``async for step, data in sub`` or register a per-step
     callback with ``on_step``. ``data`` is a NumPy array of the region, or,
-    with ``window=W``, the last ``min(W, k)`` steps stacked on a new first
-    axis. A step counts as consumed when the loop asks for the next one
-    (or the callback has finished); that is what lets the simulation go on.
+    with ``window=W``, a ``Window``: the last ``min(W, k)`` steps stacked on
+    a new first axis, their step numbers in ``data.steps``. A window starts
+    afresh when the selection (array or region) changes. A step counts as
+    consumed when the loop asks for the next one (or the callback has
+    finished); that is what lets the simulation go on.
     """
 
     def __init__(self, hub: Hub, sid: int, window: int) -> None:
@@ -115,8 +127,8 @@ class Subscription:
         self._held: int | None = None  # handed out, not yet consumed
         self._consumed = -_INF
         self._event = asyncio.Event()
-        self._win: deque[np.ndarray[Any, Any]] = deque(maxlen=window)
-        self._win_box: Box | None = None
+        self._win: deque[tuple[int, np.ndarray[Any, Any]]] = deque(maxlen=window)
+        self._win_sel: tuple[str | None, Box | None] | None = None
         self._closed = False
         self._abandoned = False  # closed at once: nothing more is delivered or awaited
         self._error: BaseException | None = None
@@ -125,6 +137,11 @@ class Subscription:
 
     def __repr__(self) -> str:
         return f"<Subscription {self.id} steps from {self._plans.steps}>"
+
+    @property
+    def first_step(self) -> int:
+        """The first step this subscription covers (its start may be later than asked)."""
+        return int(self._plans.steps[0])
 
     # --------------------------------------------------------------- selection
     def plan_at(self, step: int) -> _Plan | None:
@@ -251,13 +268,16 @@ class Subscription:
         if self.window == 1:
             return data
         plan = self.plan_at(step)
-        box = plan.box if plan is not None else None
-        if box != self._win_box:
-            # a new region starts a new window: arrays of two shapes cannot be stacked
+        sel = (plan.name, plan.box) if plan is not None else None
+        if sel != self._win_sel:
+            # another array or region starts a new window: stacking two
+            # fields of the same shape would mix quantities unnoticed
             self._win.clear()
-            self._win_box = box
-        self._win.append(data)
-        return np.stack(self._win)
+            self._win_sel = sel
+        self._win.append((step, data))
+        win = np.stack([d for _, d in self._win]).view(Window)
+        win.steps = tuple(s for s, _ in self._win)
+        return win
 
     def on_step(self, fn: Callable[[int, Any], Any]) -> asyncio.Task[None]:
         """Call ``fn(step, data)`` for every step, awaiting it when it returns an awaitable.
@@ -384,8 +404,17 @@ class Hub:
             raise ValueError(f"window must be >= 1 step, got {window}")
         sub = Subscription(self, self._next_sid, int(window))
         self._next_sid += 1
-        self._select(sub, name, region, step, new=True)
+        eff = self._select(sub, name, region, step, new=True)
         self._subs[sub.id] = sub
+        if self._started and step is None and eff > self._known + self.backpressure + 1:
+            # the ranks may be anywhere up to the horizon, which a lease taken
+            # while nobody subscribed pushed far ahead: say so rather than
+            # start silently many steps after the last step seen
+            log.warning(
+                "subscription %d starts at step %d: the ranks last reported step %d and may "
+                "run up to step %d without asking (idle_lease %d + backpressure %d); "
+                "subscribe before the simulation starts, or lower idle_lease, to start sooner",
+                sub.id, eff, self._known, self.horizon, self.idle_lease, self.backpressure)
         return sub
 
     def steer(self, key: str, value: Any, step: int | None = None) -> int:

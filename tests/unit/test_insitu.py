@@ -425,3 +425,95 @@ def test_the_insitu_benchmark_runs(tmp_path: Path) -> None:
     assert [r["mode"] for r in res] == ["off", "idle", "full", "task"]
     assert [r["bytes_per_step"] for r in res] == [0, 0, 32 * 32 * 8, 32 * 32 * 8]
     assert res[3]["task_roundtrip_s"] > 0 and res[2]["latency_s"] > 0
+
+
+SIM_TQ = textwrap.dedent("""
+    import json, sys, time
+    import numpy as np
+    from async_wf.insitu import AnalyticsTimeoutError, Block, Bridge
+    steps, delay = int(sys.argv[1]), float(sys.argv[2])
+    b = Bridge(None, {"T": Block((3,), (0,), (3,)), "Q": Block((3,), (0,), (3,))}, timeout=20)
+    error = None
+    for t in range(steps):
+        try:
+            b.publish("T", np.full(3, float(t)), t)
+            b.publish("Q", np.full(3, -float(t)), t)
+        except AnalyticsTimeoutError as exc:
+            error = str(exc)
+            break
+        time.sleep(delay)
+    print(json.dumps({"state": b.state, "reason": b.reason, "error": error}), flush=True)
+    b.close()
+""")
+
+
+async def _start_tq(hub: Hub, steps: int, delay: float) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SIM_TQ, str(steps), str(delay), env={**os.environ, **hub.environ()},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+async def test_a_window_restarts_when_the_array_changes_and_knows_its_steps() -> None:
+    hub = await Hub.start(backpressure=1)
+    sub = hub.subscribe("T", window=2)
+    assert sub.change(name="Q", step=3) == 3  # the same shape as T: must not be stacked with it
+    sim = await _start_tq(hub, 6, 0.0)
+    got = [(s, d.steps, d.tolist()) async for s, d in sub]
+    _, err = await sim.communicate()
+    assert sim.returncode == 0, err.decode()
+    assert got == [(0, (0,), [[0.0] * 3]), (1, (0, 1), [[0.0] * 3, [1.0] * 3]),
+                   (2, (1, 2), [[1.0] * 3, [2.0] * 3]), (3, (3,), [[-3.0] * 3]),
+                   (4, (3, 4), [[-3.0] * 3, [-4.0] * 3]), (5, (4, 5), [[-4.0] * 3, [-5.0] * 3])]
+    await hub.close()
+
+
+async def test_a_bridge_tells_a_finished_analytics_from_a_lost_one() -> None:
+    hub = await Hub.start(backpressure=1)
+    sub = hub.subscribe("T")
+    sim = await _start_tq(hub, 30, 0.01)
+    async for step, _ in sub:
+        if step == 2:
+            break
+    await hub.close()  # finished: the simulation runs on
+    out, err = await asyncio.wait_for(sim.communicate(), 60)
+    assert sim.returncode == 0, err.decode()
+    res = json.loads(out.decode().splitlines()[-1])
+    assert res == {"state": "finished", "reason": "the analytics closed the hub", "error": None}
+
+    hub = await Hub.start(backpressure=1)
+    sub = hub.subscribe("T")
+    sim = await _start_tq(hub, 30, 0.01)
+    async for step, _ in sub:
+        if step == 2:
+            break
+    for stream in list(hub._streams.values()):
+        # the connection breaks without a goodbye, as when the analytics dies
+        stream.abort(ConnectionResetError("test"))
+    out, err = await asyncio.wait_for(sim.communicate(), 60)
+    assert sim.returncode == 0, err.decode()
+    res = json.loads(out.decode().splitlines()[-1])
+    assert res["state"] == "lost" and res["error"] is not None
+    assert res["reason"].startswith("connection to the analytics hub at tcp://127.0.0.1:")
+    await hub.close()
+
+
+async def test_a_late_subscription_says_from_which_step_it_starts(
+        caplog: pytest.LogCaptureFixture) -> None:
+    hub = await Hub.start(backpressure=1, idle_lease=16)
+    early = hub.subscribe("T")
+    sim = await _start_tq(hub, 60, 0.005)
+    async for step, _ in early:
+        if step == 3:
+            break
+    early.close()
+    await asyncio.sleep(0.05)
+    with caplog.at_level("WARNING", logger="async_wf.insitu"):
+        late = hub.subscribe("Q")
+    steps = [s async for s, _ in late]
+    assert steps[0] == late.first_step
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any(f"subscription {late.id} starts at step {late.first_step}" in m
+               and "idle_lease" in m for m in msgs), msgs
+    _, err = await asyncio.wait_for(sim.communicate(), 60)
+    assert sim.returncode == 0, err.decode()
+    await hub.close()
