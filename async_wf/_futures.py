@@ -186,52 +186,183 @@ def _fn_name(fn: Any) -> str:
     return str(name)
 
 
-def collect(obj: Any, cls: type, out: list[Any]) -> bool:
+#: nesting depth of arguments searched recursively; deeper (or cyclic)
+#: structures are walked with an explicit stack, so that no argument can
+#: exhaust the interpreter's recursion limit at submit
+_MAX_DEPTH = 100
+
+
+def _is_future(obj: Any, cls: type) -> bool:
+    t = type(obj)
+    return t is cls or (t not in _CONTAINERS and isinstance(obj, cls))
+
+
+def _children(obj: Any) -> list[Any]:
+    """The items of a container ``collect`` looks into (keys and values of a dict)."""
+    if type(obj) is dict:
+        return [x for kv in obj.items() for x in kv]
+    if type(obj) in _CONTAINERS or isinstance(obj, tuple):
+        return list(obj)
+    return []
+
+
+def _self_referencing(fut: Any) -> ValueError:
+    return ValueError(
+        f"a future inside a self-referencing container cannot be an argument: {fut!r} "
+        "is reachable through a cycle of containers; pass it outside the cycle"
+    )
+
+
+def collect(obj: Any, cls: type, out: list[Any], _depth: int = 0) -> bool:
     """Append every instance of ``cls`` found in ``obj`` to ``out``.
 
     Returns:
         True if at least one was found.
+
+    Raises:
+        ValueError: a future sits inside a self-referencing container (it
+            could not be replaced by its value).
     """
     t = type(obj)
     if t is cls or (t not in _CONTAINERS and isinstance(obj, cls)):
         out.append(obj)
         return True
+    if _depth >= _MAX_DEPTH:
+        return _collect_deep(obj, cls, out)
     if t is dict:
         found = False
         for k, v in obj.items():
-            if collect(k, cls, out):
+            if collect(k, cls, out, _depth + 1):
                 found = True
-            if collect(v, cls, out):
+            if collect(v, cls, out, _depth + 1):
                 found = True
         return found
     if t in _CONTAINERS or isinstance(obj, tuple):
         found = False
         for x in obj:
-            if collect(x, cls, out):
+            if collect(x, cls, out, _depth + 1):
                 found = True
         return found
     return False
 
 
-def replace_in(obj: Any, cls: type, fn: Callable[[Any], Any]) -> Any:
+def _collect_deep(obj: Any, cls: type, out: list[Any]) -> bool:
+    """``collect`` for what lies below ``_MAX_DEPTH``: an explicit stack, cycle-safe."""
+    seen: set[int] = set()
+    stack = [obj]
+    found: list[Any] = []
+    cyclic = False
+    while stack:
+        o = stack.pop()
+        if _is_future(o, cls):
+            found.append(o)
+            continue
+        kids = _children(o)
+        if not kids:
+            continue
+        if id(o) in seen:
+            # seen twice: shared (harmless) or a cycle; only a cycle matters,
+            # and only when a future is found too (checked below)
+            cyclic = cyclic or _on_cycle(o)
+            continue
+        seen.add(id(o))
+        stack.extend(kids)
+    if found and cyclic:
+        raise _self_referencing(found[0])
+    out.extend(found)
+    return bool(found)
+
+
+def _on_cycle(start: Any) -> bool:
+    """True when ``start`` can reach itself through containers."""
+    seen: set[int] = set()
+    stack = list(_children(start))
+    while stack:
+        o = stack.pop()
+        if o is start:
+            return True
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        stack.extend(_children(o))
+    return False
+
+
+def replace_in(obj: Any, cls: type, fn: Callable[[Any], Any], _depth: int = 0) -> Any:
     """Return ``obj`` with every instance of ``cls`` inside replaced by ``fn(it)``.
 
-    Containers are rebuilt with their own type; everything else is kept as
-    it is. Call it only on arguments that ``collect`` found futures in.
+    Containers holding a replaced item are rebuilt with their own type; the
+    others, and everything that is not a container, are kept as they are.
+    Call it only on arguments that ``collect`` found futures in.
     """
     t = type(obj)
     if t is cls or (t not in _CONTAINERS and isinstance(obj, cls)):
         return fn(obj)
+    if _depth >= _MAX_DEPTH:
+        return _replace_deep(obj, cls, fn)
+    d = _depth + 1
     if t is list:
-        return [replace_in(x, cls, fn) for x in obj]
-    if t is tuple:
-        return tuple([replace_in(x, cls, fn) for x in obj])
+        new = [replace_in(x, cls, fn, d) for x in obj]
+        return obj if all(a is b for a, b in zip(new, obj, strict=True)) else new
     if t is dict:
-        return {replace_in(k, cls, fn): replace_in(v, cls, fn) for k, v in obj.items()}
-    if t is set or t is frozenset:
-        return t(replace_in(x, cls, fn) for x in obj)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return t(*[replace_in(x, cls, fn) for x in obj])
-    if isinstance(obj, tuple):
-        return t([replace_in(x, cls, fn) for x in obj])
+        pairs = [(replace_in(k, cls, fn, d), replace_in(v, cls, fn, d)) for k, v in obj.items()]
+        same = all(k2 is k and v2 is v for (k2, v2), (k, v) in zip(pairs, obj.items(),
+                                                                   strict=True))
+        return obj if same else dict(pairs)
+    if t in _CONTAINERS or isinstance(obj, tuple):
+        items = [replace_in(x, cls, fn, d) for x in obj]
+        if all(a is b for a, b in zip(items, obj, strict=True)):
+            return obj
+        return _rebuild(obj, items)
     return obj
+
+
+def _rebuild(obj: Any, items: list[Any]) -> Any:
+    """A container of ``obj``'s type holding ``items``."""
+    t = type(obj)
+    if t is list:
+        return items
+    if t is dict:
+        return dict(zip(items[::2], items[1::2], strict=True))
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return t(*items)
+    return t(items)
+
+
+def _replace_deep(obj: Any, cls: type, fn: Callable[[Any], Any]) -> Any:
+    """``replace_in`` below ``_MAX_DEPTH``: post-order with an explicit stack."""
+    memo: dict[int, Any] = {}
+    expanding: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(obj, False)]
+    cyclic = replaced = False
+    while stack:
+        o, ready = stack.pop()
+        oid = id(o)
+        if oid in memo:
+            continue
+        if not ready:
+            if oid in expanding:
+                continue
+            expanding.add(oid)
+            stack.append((o, True))
+            for c in _children(o):
+                if _children(c) and id(c) not in memo:
+                    if id(c) in expanding:
+                        cyclic = True
+                    else:
+                        stack.append((c, False))
+            continue
+        expanding.discard(oid)
+        kids = _children(o)
+        new = []
+        for c in kids:
+            if _is_future(c, cls):
+                new.append(fn(c))
+                replaced = True
+            else:
+                new.append(memo.get(id(c), c))
+        same = all(a is b for a, b in zip(new, kids, strict=True))
+        memo[oid] = o if same else _rebuild(o, new)
+    if cyclic and replaced:
+        raise _self_referencing(obj)
+    return memo.get(id(obj), obj) if _children(obj) else obj
