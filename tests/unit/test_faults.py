@@ -6,11 +6,16 @@ issue 22 with real processes and sockets.
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import threading
+import time
 from typing import Any
 
 import pytest
 
 import async_wf
+from async_wf.transport.tcp import TcpTransport
 
 
 def _depth(x: Any) -> int:
@@ -56,3 +61,68 @@ async def test_a_future_inside_a_self_referencing_container_gets_a_clear_error()
         with pytest.raises(ValueError, match="self-referencing container"):
             rt.submit(len, box)
         await f
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def _flood(host: str, port: int, n: int, hold: float, out: dict[str, Any]) -> None:
+    """Open ``n`` connections that never authenticate, hold them, then close them."""
+    socks = []
+    refused = 0
+    for _ in range(n):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            s.connect((host, port))
+            socks.append(s)
+        except OSError:
+            refused += 1
+            s.close()
+    time.sleep(hold)
+    # how many the scheduler has closed on us by now
+    closed = 0
+    for s in socks:
+        s.setblocking(False)
+        try:
+            closed += s.recv(65536) == b""  # EOF: the scheduler gave up on it
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed += 1
+    for s in socks:
+        s.close()
+    out.update(opened=len(socks), refused=refused, closed=closed)
+
+
+async def test_an_unauthenticated_flood_is_bounded_and_the_workflow_goes_on() -> None:
+    tr = TcpTransport(workers=2, max_handshakes=64)
+    async with async_wf.Runtime(transport=tr) as rt:
+        assert await rt.submit(sum, [1, 2]) == 3  # warm: workers joined
+        host, port = tr.address.removeprefix("tcp://").split(":")
+        rss0 = _rss()
+        out: dict[str, Any] = {}
+        flood = threading.Thread(target=_flood, args=(host, int(port), 600, 1.5, out))
+        flood.start()
+        held = 0
+        futs = [rt.submit(sum, [i, 1]) for i in range(300)]
+        while flood.is_alive():
+            held = max(held, tr.statistics()["connections_in_handshake"])
+            await asyncio.sleep(0.01)
+        flood.join()
+        assert [await f for f in futs] == [i + 1 for i in range(300)]
+        growth = _rss() - rss0
+        stats = tr.statistics()
+    assert out["opened"] + out["refused"] == 600
+    assert held <= 64, held
+    # beyond the bound, connections were closed at once rather than held for
+    # the handshake deadline (up to the listen backlog of 100 may not have
+    # been accepted yet when the flood looks)
+    assert out["closed"] + out["refused"] >= 600 - 64 - 100, out
+    assert stats["connections_rejected"] >= 600 - 64
+    assert growth < 16 << 20, growth
