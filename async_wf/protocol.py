@@ -485,14 +485,31 @@ class FrameDecoder:
     STAGING = 1 << 16
 
     def __init__(self, max_frame: int = PREAUTH_MAX_FRAME) -> None:
-        self.max_frame = max_frame
-        self._stage = bytearray(self.STAGING)
+        self._max_frame = max_frame
+        # before authentication a frame is at most PREAUTH_MAX_FRAME: a
+        # stranger's connection costs a few kilobytes, not the full staging
+        self._stage = bytearray(min(self.STAGING, HEADER.size + max_frame))
         self._start = 0
         self._end = 0
         self._body: bytearray | None = None  # a large frame being received directly
         self._body_got = 0
         self._kind = 0
         self._nbufs = 0
+
+    @property
+    def max_frame(self) -> int:
+        """The largest frame body accepted; raising it grows the staging buffer."""
+        return self._max_frame
+
+    @max_frame.setter
+    def max_frame(self, value: int) -> None:
+        self._max_frame = value
+        want = min(self.STAGING, HEADER.size + value)
+        if want > len(self._stage):
+            stage = bytearray(want)
+            n = self._end - self._start
+            stage[:n] = self._stage[self._start : self._end]
+            self._stage, self._start, self._end = stage, 0, n
 
     def get_buffer(self) -> memoryview:
         """Where the next received bytes must be written."""
@@ -505,7 +522,7 @@ class FrameDecoder:
         return memoryview(self._stage)[self._end :]
 
     def _header(self, mv: memoryview | bytearray, at: int) -> tuple[int, int, int]:
-        return check_header(mv, at, self.max_frame)
+        return check_header(mv, at, self._max_frame)
 
     def received(self, n: int) -> list[tuple[int, memoryview, list[Any]]]:
         """Account for ``n`` bytes written into ``get_buffer()``; return completed frames.

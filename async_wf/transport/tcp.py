@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import logging
 import os
+import resource
 import ssl as _ssl
 import subprocess
 import sys
@@ -42,8 +43,11 @@ if TYPE_CHECKING:
 __all__ = ["NoWorkerError", "TcpTransport", "WorkerLostError"]
 
 log = logging.getLogger("async_wf")
-#: seconds a connecting worker has to authenticate
-HANDSHAKE_TIMEOUT = 5.0
+#: seconds a connecting worker has to authenticate (a worker answers at
+#: once; only a stranger or a dead peer takes longer)
+HANDSHAKE_TIMEOUT = 3.0
+#: seconds between two warnings about refused connections
+_REFUSAL_LOG_EVERY = 10.0
 
 class TcpTransport(RemoteTransport):
     """Runs tasks on worker processes connected over TCP.
@@ -70,6 +74,10 @@ class TcpTransport(RemoteTransport):
             when it pays; 0 turns compression off.
         max_frame: the largest frame accepted from an authenticated worker.
         max_lost: a task whose worker is lost this many times fails.
+        max_handshakes: connections allowed to be authenticating at once;
+            more are closed on arrival (as are connections that would take
+            the last descriptors below the process's RLIMIT_NOFILE), so
+            strangers cannot exhaust memory or file descriptors.
 
     Raises:
         ValueError: an argument breaks its rule.
@@ -94,8 +102,10 @@ class TcpTransport(RemoteTransport):
         compress_min: int = P.DEFAULT_COMPRESS_MIN,
         max_frame: int = P.DEFAULT_MAX_FRAME,
         max_lost: int = 3,
+        max_handshakes: int = 64,
     ) -> None:
         for name, value, low in (("workers", workers, 0), ("slots", slots, 1),
+                                 ("max_handshakes", max_handshakes, 1),
                                  ("prefetch", prefetch, 1), ("async_limit", async_limit, 1),
                                  ("max_lost", max_lost, 1), ("compress_min", compress_min, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -136,6 +146,11 @@ class TcpTransport(RemoteTransport):
         self._joined: asyncio.Event | None = None
         self._no_worker_since: float | None = None
         self.n_rejected = 0
+        self._max_handshakes = max_handshakes
+        self._handshaking: set[P.FrameStream] = set()
+        self._fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._refused_since_log = 0
+        self._refusal_logged = 0.0
 
     @property
     def address(self) -> str:
@@ -197,6 +212,11 @@ class TcpTransport(RemoteTransport):
 
         def on_open(stream: P.FrameStream) -> None:
             assert self._loop is not None
+            why = self._refusal(stream)
+            if why is not None:
+                self._refuse(stream, why)
+                return
+            self._handshaking.add(stream)
             state["challenge"] = P.Challenge(stream, self.secret, self._loop, HANDSHAKE_TIMEOUT)
 
         def on_frame(kind: int, payload: memoryview, buffers: list[Any]) -> None:
@@ -205,6 +225,7 @@ class TcpTransport(RemoteTransport):
                 self._on_worker_frame(w, kind, payload, buffers)
                 return
             challenge = state["challenge"]
+            self._handshaking.discard(stream)
             slots, pid, name = challenge.check(kind, payload)
             if self._closing:
                 stream.close()
@@ -221,6 +242,7 @@ class TcpTransport(RemoteTransport):
             self._join(w)
 
         def on_lost(stream: P.FrameStream, exc: BaseException | None) -> None:
+            self._handshaking.discard(stream)
             if "challenge" in state:
                 state["challenge"].cancel()
             w = state.get("worker")
@@ -235,6 +257,33 @@ class TcpTransport(RemoteTransport):
         stream = P.FrameStream(on_frame, on_lost)
         stream.on_open = on_open
         return stream
+
+    def _refusal(self, stream: P.FrameStream) -> str | None:
+        """Why a new connection must be closed before its handshake, or None."""
+        if len(self._handshaking) >= self._max_handshakes:
+            return f"{self._max_handshakes} connections are in the handshake (max_handshakes)"
+        sock = stream.transport.get_extra_info("socket") if stream.transport else None
+        # descriptors are allocated lowest first, so a new socket's number
+        # is about how many are open: keep the last ones for the application
+        reserve = max(32, self._fd_limit // 16)
+        if sock is not None and sock.fileno() >= self._fd_limit - reserve:
+            return (f"file descriptor {sock.fileno()} is within {reserve} of the limit "
+                    f"{self._fd_limit} (RLIMIT_NOFILE)")
+        return None
+
+    def _refuse(self, stream: P.FrameStream, why: str) -> None:
+        """Close a connection at once, counting it; warn at most every few seconds."""
+        self.n_rejected += 1
+        self._refused_since_log += 1
+        stream.closed = True
+        if stream.transport is not None:
+            stream.transport.abort()
+        now = time.monotonic()
+        if now - self._refusal_logged >= _REFUSAL_LOG_EVERY:
+            log.warning("refused %d connection(s) before authentication: %s",
+                        self._refused_since_log, why)
+            self._refusal_logged = now
+            self._refused_since_log = 0
 
     # ----------------------------------------------------------------- faults
     def _lost(self, w: _Worker, exc: BaseException | None) -> None:
@@ -284,6 +333,7 @@ class TcpTransport(RemoteTransport):
             "workers": len(self._workers),
             "workers_lost": self.n_workers_lost,
             "connections_rejected": self.n_rejected,
+            "connections_in_handshake": len(self._handshaking),
             "bytes_sent": sent,
             "bytes_received": received,
         }
