@@ -7,9 +7,16 @@ issue 22 with real processes and sockets.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import re
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -126,3 +133,55 @@ async def test_an_unauthenticated_flood_is_bounded_and_the_workflow_goes_on() ->
     assert out["closed"] + out["refused"] >= 600 - 64 - 100, out
     assert stats["connections_rejected"] >= 600 - 64
     assert growth < 16 << 20, growth
+
+
+OVERSIZED = textwrap.dedent("""
+    import asyncio, json, time
+    import async_wf
+    from async_wf.transport.tcp import TcpTransport
+
+    def make(n):
+        return b"x" * n
+
+    def slow_make(n):
+        time.sleep(0.05)
+        return b"y" * n
+
+    async def main():
+        tr = TcpTransport(workers=2, slots=4, no_worker_timeout=5)
+        out = {}
+        async with async_wf.Runtime(transport=tr) as rt:
+            for name, fut in [("result", rt.submit(make, 2 << 20)),
+                              ("argument", rt.submit(len, b"z" * (2 << 20)))]:
+                try:
+                    await fut
+                    out[name] = "no error"
+                except Exception as exc:
+                    out[name] = f"{type(exc).__name__}: {exc}"
+            # results that fit one by one but not together in one frame
+            medium = await async_wf.gather(*[rt.submit(slow_make, 300_000) for _ in range(8)])
+            out["medium"] = [len(m) for m in medium]
+            small = [rt.submit(len, make(i)) for i in range(200)]
+            out["small"] = sum(await async_wf.gather(*small))
+            out["stats"] = {k: tr.statistics()[k] for k in ("workers", "workers_lost")}
+        print(json.dumps(out))
+
+    async_wf.run(main())
+""")
+
+
+def test_an_oversized_value_fails_its_task_only(tmp_path: Path) -> None:
+    app = tmp_path / "oversized.py"
+    app.write_text(OVERSIZED)
+    env = {**os.environ, "ASYNC_WF_MAX_FRAME": str(1 << 20)}
+    proc = subprocess.run([sys.executable, str(app)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert re.fullmatch(r"RemoteError: the result of the task is \d+ bytes, over the frame "
+                        r"limit of 1048576 bytes \(ASYNC_WF_MAX_FRAME\)", out["result"]), out
+    assert re.fullmatch(r"ValueError: the arguments of task 'len' are \d+ bytes, over the frame "
+                        r"limit of 1048576 bytes \(ASYNC_WF_MAX_FRAME\)", out["argument"]), out
+    assert out["medium"] == [300_000] * 8
+    assert out["small"] == sum(range(200))
+    assert out["stats"] == {"workers": 2, "workers_lost": 0}
