@@ -105,8 +105,43 @@ CODEC_LZ4 = 1
 
 #: largest frame accepted before the peer is authenticated
 PREAUTH_MAX_FRAME = 4096
-#: default largest frame after authentication (ASYNC_WF_MAX_FRAME overrides)
-DEFAULT_MAX_FRAME = 1 << 31
+MAX_FRAME_ENV = "ASYNC_WF_MAX_FRAME"
+
+
+def _max_frame_from_env() -> int:
+    raw = os.environ.get(MAX_FRAME_ENV)
+    if raw is None:
+        return 1 << 31
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1 << 16:
+        raise ValueError(f"${MAX_FRAME_ENV} must be an integer >= 65536 (bytes), got {raw!r}")
+    return value
+
+
+#: default largest frame after authentication, on both ends of a connection
+#: (set ASYNC_WF_MAX_FRAME in the environment of the scheduler and workers)
+DEFAULT_MAX_FRAME = _max_frame_from_env()
+#: room left in a frame for its header, table and the tuples around the blobs
+FRAME_MARGIN = 1 << 15
+
+
+def packed_size(blob: bytes, bufs: list[Any], start: int) -> int:
+    """Bytes that ``blob`` and its out-of-band buffers ``bufs[start:]`` take in a frame."""
+    n = len(blob)
+    for b in bufs[start:]:
+        n += b.raw().nbytes if isinstance(b, pickle.PickleBuffer) else len(b)
+    return n
+
+
+def too_large(what: str, name: str | None, size: int, limit: int) -> str:
+    """The message for a value that cannot travel in one frame."""
+    task = "the task" if name is None else f"task {name!r}"
+    verb = "are" if what.endswith("s") else "is"
+    return (f"the {what} of {task} {verb} {size} bytes, over the frame limit of {limit} "
+            f"bytes ({MAX_FRAME_ENV})")
 MAX_BUFFERS = 1 << 16
 DEFAULT_COMPRESS_MIN = 1 << 20
 _TRIAL = 1 << 16

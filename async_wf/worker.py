@@ -474,8 +474,10 @@ class Worker:
         stream = self._stream
         if not out or stream is None:
             return
+        budget = self.max_frame - P.FRAME_MARGIN
         bufs: list[Any] = []
         items: list[tuple[Any, ...]] = []
+        size = 0
         for rid, status, value, tb in out:
             n0 = len(bufs)
             try:
@@ -489,14 +491,34 @@ class Worker:
                 blob = P.pack(RemoteError(
                     f"the task's result could not be pickled: {type(exc).__name__}: {exc}"
                 ), bufs)
+            n = P.packed_size(blob, bufs, n0)
+            if n > budget:
+                # the scheduler would take the frame for an attack and drop
+                # this worker: fail the one task instead
+                del bufs[n0:]
+                status, tb = R_ERROR, None
+                blob = P.pack(RemoteError(P.too_large("result", None, n, self.max_frame)), bufs)
+                n = P.packed_size(blob, bufs, n0)
+            if items and size + n > budget:
+                # results that fit one by one but not together: one frame each batch
+                self._send_results(stream, items, bufs[:n0], last=False)
+                del bufs[:n0]
+                items, size = [], 0
+                n0 = 0
             items.append((rid, status, len(bufs) - n0, blob, tb))
+            size += n
+        self._send_results(stream, items, bufs, last=True)
+
+    def _send_results(self, stream: P.FrameStream, items: list[tuple[Any, ...]],
+                      bufs: list[Any], last: bool) -> None:
         msg: Any = items
         if self._timing:
             # (items, offset from perf_counter to the wall clock, array of
             # rid, start, end) for the tasks that ran (not those that failed
-            # to start)
-            msg = (items, self._wall_off, self._times)
-            self._times = array("d")
+            # to start); the timings go with the last frame of a flush
+            msg = (items, self._wall_off, self._times if last else array("d"))
+            if last:
+                self._times = array("d")
         stream.send(P.encode(P.RESULTS, msg, P.DEFAULT_COMPRESS_MIN, bufs))
 
 

@@ -290,6 +290,8 @@ class RemoteTransport(Transport):
         new_fns: list[tuple[int, bytes]] = []
         batch: list[tuple[Any, ...]] = []
         bufs: list[Any] = []
+        budget = P.DEFAULT_MAX_FRAME - P.FRAME_MARGIN
+        size = 0
         for fut in futs:
             fn = fut._fn
             key = _fn_key(fn)
@@ -317,6 +319,20 @@ class RemoteTransport(Transport):
                 self._unsendable(w, fut, "arguments", exc)
                 continue
             fid = entry[1]
+            n = P.packed_size(args_blob, bufs, n0) + (0 if fid in w.fids else len(entry[2]))
+            if n > budget:
+                # the worker would take the frame for an attack and hang up:
+                # fail this task, before anything of it is sent
+                del bufs[n0:]
+                self._refuse_task(w, fut, ValueError(P.too_large(
+                    "arguments", fut.name, n, P.DEFAULT_MAX_FRAME)))
+                continue
+            if batch and size + n > budget:
+                # tasks that fit one by one but not together: split the frame
+                self._send_frame(w, new_fns, batch, bufs[:n0])
+                del bufs[:n0]
+                new_fns, batch, size, n0 = [], [], 0, 0
+            size += n
             if fid not in w.fids:
                 w.fids.add(fid)
                 new_fns.append((fid, entry[2]))
@@ -338,11 +354,15 @@ class RemoteTransport(Transport):
                 fut._timer = loop.call_later(timeout, self._on_timeout, fut, w, rid)
         if not batch:
             return 0
+        self._send_frame(w, new_fns, batch, bufs)
+        return int(batch[-1][0])
+
+    def _send_frame(self, w: _Worker, new_fns: list[tuple[int, bytes]],
+                    batch: list[tuple[Any, ...]], bufs: list[Any]) -> None:
         w.stream.send(
             P.encode(P.TASKS, (new_fns, batch, self._fid_floor, self._flags),
                      self._compress_min, bufs)
         )
-        return int(batch[-1][0])
 
     def _unsendable(self, w: _Worker, fut: TaskFuture, what: str, exc: Exception) -> None:
         """Fail one task of a batch whose ``what`` cannot be pickled, and only it.
@@ -350,13 +370,17 @@ class RemoteTransport(Transport):
         Raising instead would leave the whole batch half-dispatched, its
         futures pending for ever. The credit taken for it on ``w`` is given back.
         """
+        self._refuse_task(w, fut, TypeError(
+            f"the {what} of task {fut.name!r} could not be pickled: {type(exc).__name__}: {exc}"
+        ))
+
+    def _refuse_task(self, w: _Worker, fut: TaskFuture, exc: Exception) -> None:
+        """Fail one task of a batch before it is sent; its credit on ``w`` is given back."""
         sched = self._sched
         assert sched is not None
         w.count(fut._kind, -1)
         fut._run = None
-        sched.task_error(fut, TypeError(
-            f"the {what} of task {fut.name!r} could not be pickled: {type(exc).__name__}: {exc}"
-        ))
+        sched.task_error(fut, exc)
 
     def _forget_functions(self) -> None:
         """Drop the function cache, here and (with the next frame) on every worker.
