@@ -340,3 +340,9 @@ def log_warning(msg: str) -> str:
 def sleep_ms(ms: int) -> int:
     time.sleep(ms / 1000)
     return ms
+
+
+def die_after(seconds: float) -> None:
+    """Kill the worker process running this task once it has run ``seconds``."""
+    time.sleep(seconds)
+    os._exit(3)

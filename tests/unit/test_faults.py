@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tcp_helpers as th
 
 import async_wf
 from async_wf.transport.tcp import TcpTransport
@@ -185,3 +186,17 @@ def test_an_oversized_value_fails_its_task_only(tmp_path: Path) -> None:
     assert out["medium"] == [300_000] * 8
     assert out["small"] == sum(range(200))
     assert out["stats"] == {"workers": 2, "workers_lost": 0}
+
+
+async def test_tasks_queued_on_a_lost_worker_are_not_blamed_for_it() -> None:
+    # max_lost=1: one loss fails a task; only the one that was running may fail
+    async with async_wf.Runtime(workers=2, slots=1, max_lost=1) as rt:
+        killer = rt.submit(th.die_after, 0.3)
+        await asyncio.sleep(0.05)  # the killer starts first on its worker
+        innocent = [rt.submit(th.sleep_ms, 5) for _ in range(200)]
+        with pytest.raises(async_wf.WorkerLostError, match="die_after"):
+            await killer
+        done = await async_wf.gather(*innocent, return_exceptions=True)
+        failed = [r for r in done if isinstance(r, BaseException)]
+        assert failed == [], f"{len(failed)} innocent tasks failed: {failed[:1]}"
+        assert rt.statistics()["workers_lost"] == 1
