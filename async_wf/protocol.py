@@ -675,6 +675,7 @@ class FrameStream(asyncio.BufferedProtocol):
         self.bytes_out = 0
         #: when bytes last arrived: a peer busy sending one huge frame is alive
         self.last_activity = time.monotonic()
+        self._lost_told = False  # on_lost is called once, by abort or connection_lost
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -711,7 +712,9 @@ class FrameStream(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
-        self.on_lost(self, self.error or exc)
+        if not self._lost_told:
+            self._lost_told = True
+            self.on_lost(self, self.error or exc)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -743,6 +746,11 @@ class FrameStream(asyncio.BufferedProtocol):
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
+        if not self._lost_told and self.transport is not None:
+            # tell the owner now, not when the loop gets to connection_lost:
+            # meanwhile it would hand work to a connection that drops it
+            self._lost_told = True
+            self.on_lost(self, reason)
 
     def close(self) -> None:
         """Close after pending writes are flushed."""

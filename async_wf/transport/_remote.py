@@ -623,13 +623,37 @@ class RemoteTransport(Transport):
         self._place_backlog()
         self._wake()
 
+    @staticmethod
+    def _suspects(w: _Worker) -> set[int]:
+        """ids of ``w``'s unfinished tasks that may have been running when it was lost.
+
+        A worker starts coroutines at once and blocking tasks in the order
+        they were sent, ``slots`` at a time, so among the unfinished ones
+        only the first ``slots`` blocking tasks (and every coroutine) can
+        have been running; the rest waited in its queue. If a result was
+        still on the wire, this blames a task that had finished instead of
+        the next one: the culprit is then caught at its next kill.
+        """
+        out: set[int] = set()
+        blocking = 0
+        for f in w.inflight.values():
+            if f.done():
+                continue
+            if f._kind != ASYNC:
+                if blocking >= w.slots:
+                    continue
+                blocking += 1
+            out.add(id(f))
+        return out
+
     def _release(self, w: _Worker, exc: BaseException | None) -> bool:
         """Forget a lost worker; its unfinished tasks go back to the ready queue.
 
         A task whose cancellation the worker had accepted is cancelled
         instead (running it again would make the canceller wait for ever);
         a task lost with ``max_lost`` workers fails with ``WorkerLostError``.
-        Returns False if ``w`` was already released.
+        Only tasks that may have been running count as lost with it
+        (``_suspects``). Returns False if ``w`` was already released.
         """
         if self._workers.pop(w.id, None) is None:
             return False
@@ -642,6 +666,7 @@ class RemoteTransport(Transport):
         self.n_workers_lost += 1
         futs = [f for f in w.inflight.values() if not f.done()]
         cancelled = {id(f) for rid, f in w.inflight.items() if rid in w.cancelling}
+        suspects = self._suspects(w)
         w.inflight.clear()
         log.warning("worker #%d %s lost (%s); %d task(s) go back to the ready queue",
                     w.id, w.name, exc or "connection closed", len(futs))
@@ -652,6 +677,11 @@ class RemoteTransport(Transport):
             fut._run = None
             if id(fut) in cancelled:
                 sched.task_cancelled(fut, "cancelled (its worker was lost meanwhile)")
+                continue
+            if id(fut) not in suspects:
+                # prefetched behind a running task: it cannot have killed the
+                # worker, and must not fail for it
+                sched.task_requeue(fut)
                 continue
             fut._lost += 1
             if fut._lost >= self._max_lost:
