@@ -346,3 +346,9 @@ def die_after(seconds: float) -> None:
     """Kill the worker process running this task once it has run ``seconds``."""
     time.sleep(seconds)
     os._exit(3)
+
+
+def slow_pid(seconds: float) -> int:
+    """The worker's pid, after ``seconds``: concurrent calls spread over the workers."""
+    time.sleep(seconds)
+    return os.getpid()

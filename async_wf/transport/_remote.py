@@ -686,8 +686,8 @@ class RemoteTransport(Transport):
             fut._lost += 1
             if fut._lost >= self._max_lost:
                 sched.task_error(fut, WorkerLostError(
-                    f"task {fut.name!r} was running on {fut._lost} workers that were lost; "
-                    "it is probably what kills them"
+                    f"task {fut.name!r} killed {fut._lost} workers (max_lost={self._max_lost}): "
+                    f"it was running on each when it was lost, so it is probably what kills them"
                 ))
             else:
                 sched.task_requeue(fut)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import contextlib
 import itertools
 import logging
@@ -48,6 +49,9 @@ log = logging.getLogger("async_wf")
 HANDSHAKE_TIMEOUT = 3.0
 #: seconds between two warnings about refused connections
 _REFUSAL_LOG_EVERY = 10.0
+#: replacements of dead worker processes allowed per window of seconds
+_RESPAWN_BURST = 8
+_RESPAWN_WINDOW = 60.0
 
 class TcpTransport(RemoteTransport):
     """Runs tasks on worker processes connected over TCP.
@@ -151,6 +155,8 @@ class TcpTransport(RemoteTransport):
         self._fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._refused_since_log = 0
         self._refusal_logged = 0.0
+        self._respawns: collections.deque[float] = collections.deque()
+        self._dying: list[subprocess.Popen[bytes]] = []
 
     @property
     def address(self) -> str:
@@ -287,8 +293,48 @@ class TcpTransport(RemoteTransport):
 
     # ----------------------------------------------------------------- faults
     def _lost(self, w: _Worker, exc: BaseException | None) -> None:
-        if self._release(w, exc) and not self._workers:
+        if not self._release(w, exc):
+            return
+        if not self._workers:
             self._no_worker_since = time.monotonic()
+        if not self._closing:
+            self._replace(w)
+
+    def _replace(self, w: _Worker) -> None:
+        """Start a new worker process in place of ``w`` if ``w`` was one of ours.
+
+        At most ``_RESPAWN_BURST`` replacements per ``_RESPAWN_WINDOW``
+        seconds: a machine that kills every worker at start must not make
+        this loop spawn processes as fast as it can.
+        """
+        proc = next((p for p in self._procs if p.pid == w.pid), None)
+        if proc is None:
+            return  # started by hand: it may come back by itself
+        self._procs.remove(proc)
+        if proc.poll() is None:
+            proc.kill()  # dropped but alive (stopped, or deaf): it must not come back
+            self._dying.append(proc)  # reaped later: waiting here would block the loop
+            how = "was dropped while its process ran; killed it"
+        else:
+            how = f"exited with code {proc.returncode}"
+        now = time.monotonic()
+        while self._respawns and now - self._respawns[0] > _RESPAWN_WINDOW:
+            self._respawns.popleft()
+        delay = 0.0
+        if len(self._respawns) >= _RESPAWN_BURST:
+            delay = _RESPAWN_WINDOW - (now - self._respawns[0])
+            log.warning("worker processes are dying fast (%d replaced in %g s): the next "
+                        "replacement starts in %.0f s", len(self._respawns), _RESPAWN_WINDOW,
+                        delay)
+        self._respawns.append(now + delay)
+        log.info("worker #%d (pid %d) %s; starting a replacement", w.id, w.pid, how)
+        assert self._loop is not None
+        self._loop.call_later(delay, self._respawn_one)
+
+    def _respawn_one(self) -> None:
+        self._dying = [p for p in self._dying if p.poll() is None]
+        if not self._closing:
+            self._spawn(1)
 
     async def _watch(self) -> None:
         sched = self._sched
@@ -355,8 +401,8 @@ class TcpTransport(RemoteTransport):
         deadline = loop.time() + 3.0
         while any(p.poll() is None for p in self._procs) and loop.time() < deadline:
             await asyncio.sleep(0.02)
-        _reap(self._procs)
-        self._procs = []
+        _reap(self._procs + self._dying)
+        self._procs, self._dying = [], []
         _live_transports.discard(self)
 
 
@@ -379,4 +425,4 @@ _live_transports: weakref.WeakSet[TcpTransport] = weakref.WeakSet()
 def _kill_orphans() -> None:
     # a runtime that was never closed (interpreter exiting after an error)
     for t in list(_live_transports):
-        _reap(t._procs)
+        _reap(t._procs + t._dying)

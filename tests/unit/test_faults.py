@@ -200,3 +200,19 @@ async def test_tasks_queued_on_a_lost_worker_are_not_blamed_for_it() -> None:
         failed = [r for r in done if isinstance(r, BaseException)]
         assert failed == [], f"{len(failed)} innocent tasks failed: {failed[:1]}"
         assert rt.statistics()["workers_lost"] == 1
+
+
+async def test_spawned_workers_that_die_are_replaced() -> None:
+    async with async_wf.Runtime(workers=2, slots=1, max_lost=2) as rt:
+        first = set(await async_wf.gather(*[rt.submit(th.slow_pid, 0.2) for _ in range(4)]))
+        assert len(first) == 2
+        with pytest.raises(async_wf.WorkerLostError,
+                           match=r"task 'die' killed 2 workers \(max_lost=2\)"):
+            await asyncio.wait_for(rt.submit(th.die), th.HANG)
+        deadline = time.monotonic() + th.HANG
+        while rt.statistics()["workers"] < 2:
+            assert time.monotonic() < deadline, rt.statistics()
+            await asyncio.sleep(0.05)
+        now = set(await async_wf.gather(*[rt.submit(th.slow_pid, 0.2) for _ in range(4)]))
+        assert len(now) == 2 and not now & first, (first, now)
+        assert rt.statistics()["workers_lost"] == 2
