@@ -1,15 +1,17 @@
 """A workflow for the checkpoint tests, run as a real process.
 
-    python tests/ckpt_app.py LOG COUNTS [--n N] [--order SEED] [--transport local|tcp]
-                             [--variant 2] [--fail-leaf I] [--sleep S] [--flush POLICY]
+    CKPT_COUNTS=FILE python tests/ckpt_app.py LOG [--n N] [--order SEED]
+                        [--transport local|tcp] [--flush POLICY]
 
 It builds ``n`` leaves, a pairwise tree over them, a NumPy task per leaf
 and a total, awaits everything and prints one JSON line of results. Every
-task run appends ``name:i`` to COUNTS (one ``write`` on an ``O_APPEND``
+task run appends ``name:i`` to CKPT_COUNTS (one ``write`` on an ``O_APPEND``
 file, so lines from threads and worker processes never interleave), so a
 test can tell which tasks ran. ``--order`` submits the leaves in a shuffled
-order; ``--variant 2`` changes the code of ``pair`` (and so the keys of the
-tree and the total); ``--fail-leaf`` makes one leaf raise.
+order. Environment: CKPT_VARIANT=2 changes the code of ``pair`` (and so the
+keys of the tree and the total); CKPT_FAIL=I makes leaf I raise;
+CKPT_SLEEP=S makes each leaf sleep S seconds; with CKPT_DONE=FILE a leaf
+also notes there that it is about to return.
 """
 
 from __future__ import annotations
@@ -27,16 +29,23 @@ import numpy as np
 import async_wf
 
 COUNTS = os.environ.get("CKPT_COUNTS", "")
+DONE = os.environ.get("CKPT_DONE", "")
 SLEEP = float(os.environ.get("CKPT_SLEEP", "0"))
 FAIL = int(os.environ.get("CKPT_FAIL", "-1"))
 
 
-def mark(what: str) -> None:
-    fd = os.open(COUNTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+def mark(what: str, path: str = COUNTS) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, f"{what}\n".encode())
     finally:
         os.close(fd)
+
+
+def done(what: str) -> None:
+    """Note in CKPT_DONE (if set) that a task is about to return."""
+    if DONE:
+        mark(what, DONE)
 
 
 def leaf(i: int) -> tuple[str, int, int]:
@@ -45,6 +54,7 @@ def leaf(i: int) -> tuple[str, int, int]:
         time.sleep(SLEEP)
     if i == FAIL:
         raise RuntimeError(f"leaf {i} fails on purpose")
+    done(f"leaf:{i}")
     return ("leaf", i, i * i)
 
 
@@ -69,7 +79,8 @@ def total(parts: list[tuple[str, int, int]], arrays: list[np.ndarray]) -> float:
 
 
 async def main(args: argparse.Namespace) -> None:
-    ck = async_wf.Checkpoint(args.log, flush=args.flush)
+    ck = async_wf.Checkpoint(args.log) if args.flush is None else \
+        async_wf.Checkpoint(args.log, flush=args.flush)
     opts: dict[str, object] = {"checkpoint": ck}
     if args.transport == "tcp":
         opts["workers"] = 2
@@ -104,7 +115,7 @@ if __name__ == "__main__":
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--order", type=int)
     p.add_argument("--transport", default="local")
-    p.add_argument("--flush", default="interval")
+    p.add_argument("--flush")
     a = p.parse_args()
     if not COUNTS:
         sys.exit("set CKPT_COUNTS")

@@ -24,6 +24,7 @@ import pytest
 
 import async_wf
 from async_wf.checkpoint import CheckpointLog, verify
+from async_wf.transport.local import default_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "tests" / "ckpt_app.py"
@@ -151,6 +152,38 @@ def test_sigkill_at_a_random_moment_then_rerun(tmp_path: Path, seed: int) -> Non
         f"{sorted(done_before & set(again))}"
     assert max(again.values(), default=1) == 1
     assert results(after) == results(reference)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_sigkill_costs_only_the_running_tasks_by_default(tmp_path: Path, seed: int) -> None:
+    # issue 16.5: with the default policy, a task that returned before the
+    # kill is not run again, except the last batch the loop had not yet
+    # taken in (at most one per thread)
+    rng = random.Random(1000 + seed)
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")])
+    e.update(CKPT_COUNTS=str(tmp_path / "c1"), CKPT_DONE=str(tmp_path / "done"),
+             CKPT_SLEEP="0.02")
+    proc = subprocess.Popen([sys.executable, str(APP), str(tmp_path / "run.wfck")],
+                            env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # 200 leaves of 20 ms on default_threads() threads: about 0.7 s of work
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "c1").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0.05, 0.6))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(LIMIT)
+    assert proc.returncode == -signal.SIGKILL
+    returned = set(ran(tmp_path, "done"))
+    run_app(tmp_path, "c2")
+    again = ran(tmp_path, "c2")
+    assert max(again.values(), default=1) == 1
+    lost = sorted(returned & set(again))
+    one_batch = default_threads()
+    assert len(lost) <= one_batch, (
+        f"{len(lost)} of the {len(returned)} tasks that returned before the kill ran again: "
+        f"{lost[:10]}"
+    )
 
 
 # -------------------------------------------------------------- corruption
