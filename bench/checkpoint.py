@@ -1,14 +1,16 @@
 """What the checkpoint log costs a running workflow, and what a re-run gains.
 
     python bench/checkpoint.py [--transports local,tcp] [--n 20000] [--payload-n 200]
-                               [--rerun-n 100000] [--index-n 1000000] [--repeat 3] [--json]
+                               [--rerun-n 100000] [--index-n 1000000] [--repeat 3]
+                               [--policies POLICY,...] [--json]
 
 Measured in one run, each figure the median of ``--repeat`` runs after a
 warm-up, every run with a fresh log file:
 
   noop      ``--n`` independent tasks ``noop(i)`` (distinct arguments, so
-            distinct keys and records), tasks/s without and with the log
-            (default flush policy), per transport, and the loss in percent
+            distinct keys and records), tasks/s without and with the log,
+            per transport and per flush policy in ``--policies`` (the
+            default policy and ``interval``), and the loss in percent
   payload   ``--payload-n`` tasks each returning a fresh 1 MiB NumPy array,
             MB/s of results without and with the log (every array recorded)
   rerun     ``--rerun-n`` noop tasks run once with the log (time T1), then the
@@ -18,7 +20,8 @@ warm-up, every run with a fresh log file:
             gives the lowest ratio. Also with tasks that sleep 1 ms
             (``--rerun-sleep-n`` of them, 2 worker processes), where the
             original run costs what real tasks cost.
-  index     opening a log of ``--index-n`` small results: records indexed per s
+  index     opening a log of ``--index-n`` small results (appended in batches
+            of 1000, as a runtime appends them): records indexed per s
 
 The log is written in a temporary directory on the local disk, no fsync.
 As in throughput.py, the cyclic GC is collected and then disabled during
@@ -47,6 +50,7 @@ import numpy as np
 
 import async_wf
 from async_wf.checkpoint import CheckpointLog, function_identity, task_key
+from async_wf.checkpoint._log import DEFAULT_FLUSH
 
 MIB = 1 << 20
 GC_OFF = True  # --gc on sets it False
@@ -65,9 +69,12 @@ def nap(i: int) -> int:
     return i
 
 
-async def _run(fn: Callable[[int], Any], n: int, transport: str, log: Path | None) -> float:
+async def _run(fn: Callable[[int], Any], n: int, transport: str, log: Path | None,
+               flush: str | None = None) -> float:
     """Seconds from the first submit to the last result (start-up excluded)."""
-    opts: dict[str, Any] = {"checkpoint": log} if log is not None else {}
+    opts: dict[str, Any] = {}
+    if log is not None:
+        opts["checkpoint"] = log if flush is None else async_wf.Checkpoint(log, flush=flush)
     if transport == "tcp":
         opts["workers"] = 2
     task = async_wf.task(fn, inline=True) if transport == "local" and fn is not nap else fn
@@ -95,18 +102,21 @@ def _median(fn: Callable[[], float], repeat: int) -> tuple[float, list[float]]:
 
 
 def run_pair(tmp: Path, fn: Callable[[int], Any], n: int, transport: str,
-             repeat: int) -> dict[str, Any]:
-    """The same workload without and with a (fresh) log."""
+             repeat: int, flush: str | None = None) -> dict[str, Any]:
+    """The same workload without and with a (fresh) log, with flush policy ``flush``."""
     counter = [0]
 
     def fresh() -> Path:
         counter[0] += 1
-        return tmp / f"{fn.__name__}-{transport}-{counter[0]}.wfck"
+        return tmp / f"{fn.__name__}-{transport}-{flush}-{counter[0]}.wfck"
 
     bare, s_bare = _median(lambda: asyncio.run(_run(fn, n, transport, None)), repeat)
-    logged, s_logged = _median(lambda: asyncio.run(_run(fn, n, transport, fresh())), repeat)
-    return {"n": n, "without_s": bare, "with_s": logged, "samples_without": s_bare,
-            "samples_with": s_logged, "loss_pct": 100 * (1 - bare / logged)}
+    logged, s_logged = _median(
+        lambda: asyncio.run(_run(fn, n, transport, fresh(), flush)), repeat
+    )
+    return {"n": n, "flush": flush or DEFAULT_FLUSH, "without_s": bare, "with_s": logged,
+            "samples_without": s_bare, "samples_with": s_logged,
+            "loss_pct": 100 * (1 - bare / logged)}
 
 
 def rerun(tmp: Path, fn: Callable[[int], Any], n: int, transport: str,
@@ -126,8 +136,10 @@ def index_rate(tmp: Path, n: int, repeat: int) -> dict[str, Any]:
     path = tmp / "index.wfck"
     fid = function_identity(noop)
     with CheckpointLog(path) as log:
-        for i in range(n):
-            log.put_result(task_key(fid, (i,), {}), None, function="bench:noop")
+        # in batches of 1000, as a runtime's loop appends them
+        for lo in range(0, n, 1000):
+            log.put_results([(task_key(fid, (i,), {}), None, "bench:noop", ())
+                             for i in range(lo, min(n, lo + 1000))])
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -147,6 +159,8 @@ def main() -> int:
     p.add_argument("--rerun-sleep-n", type=int, default=2000)
     p.add_argument("--index-n", type=int, default=1_000_000)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--policies", default=f"{DEFAULT_FLUSH},interval",
+                   help="flush policies timed on the noop workload (the first is the default)")
     p.add_argument("--gc", choices=("on", "off"), default="off",
                    help="the cyclic GC during timed runs (default: off, on both sides)")
     p.add_argument("--json", action="store_true", help="also print one JSON line")
@@ -158,11 +172,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="awf-bench-ckpt-") as d:
         tmp = Path(d)
         for transport in args.transports.split(","):
-            r = run_pair(tmp, noop, args.n, transport, args.repeat)
-            out[f"noop_{transport}"] = r
-            print(f"noop     {transport:5}  n={r['n']:<7} without {r['n'] / r['without_s']:>9,.0f}"
-                  f" tasks/s  with log {r['n'] / r['with_s']:>9,.0f} tasks/s"
-                  f"  loss {r['loss_pct']:5.1f} %", flush=True)
+            for flush in args.policies.split(","):
+                r = run_pair(tmp, noop, args.n, transport, args.repeat, flush)
+                out[f"noop_{transport}" + ("" if flush == DEFAULT_FLUSH else f"_{flush}")] = r
+                print(f"noop     {transport:5}  n={r['n']:<7} without "
+                      f"{r['n'] / r['without_s']:>9,.0f} tasks/s  with log "
+                      f"{r['n'] / r['with_s']:>9,.0f} tasks/s  loss {r['loss_pct']:5.1f} %"
+                      f"  flush={flush}{' (default)' if flush == DEFAULT_FLUSH else ''}",
+                      flush=True)
             r = run_pair(tmp, make_array, args.payload_n, transport, args.repeat)
             out[f"payload_{transport}"] = r
             mb = r["n"] * MIB / 1e6

@@ -54,10 +54,13 @@ class Checkpoint:
     Args:
         path: the log file, created if missing. One runtime at a time may
             write it: a second gets ``CheckpointLockedError``.
-        flush: when buffered records are written to the file:
-            ``"interval"`` (default: at most every ``flush_interval``
-            seconds, and by a timer when tasks stop finishing), ``"every"``
-            (every ``flush_every`` records) or ``"record"`` (every record).
+        flush: when records are written to the file: ``"record"``
+            (default: the results of the tasks that finished in one loop
+            iteration are written, with one call, before their dependents
+            are dispatched, so a SIGKILL costs only the running tasks),
+            ``"every"`` (every ``flush_every`` records) or ``"interval"``
+            (at most every ``flush_interval`` seconds, and by a timer when
+            tasks stop finishing; a SIGKILL loses up to that much).
         flush_every: records per write with ``flush="every"``.
         flush_interval: seconds between writes with ``flush="interval"``.
         fsync: make every write durable (``fdatasync``) against power loss.
