@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -222,6 +224,66 @@ def test_truncated_log_loses_only_its_tail(tmp_path: Path) -> None:
     again = run_app(tmp_path, "c2", "--n", "40")
     assert sum(ran(tmp_path, "c2").values()) == 1
     assert results(again) == results(first)
+
+
+# ------------------------------------------------------------ what it says
+def square_slowly(x: int) -> int:
+    time.sleep(0.05)
+    return x * x
+
+
+async def test_a_resumed_run_says_what_it_reused(tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    # issue 16.6: only rt.statistics()["reused"] knew
+    path = tmp_path / "x.wfck"
+    caplog.set_level(logging.INFO, logger="async_wf")
+    async with async_wf.Runtime(checkpoint=path) as rt:
+        await async_wf.gather(*[rt.submit(square_slowly, i) for i in range(3)])
+    said = [r.getMessage() for r in caplog.records]
+    assert not any("resuming" in m for m in said), said
+    assert f"checkpoint log {path}: reused 0 of 3 tasks, ran 3" in said, said
+    caplog.clear()
+    async with async_wf.Runtime(checkpoint=path) as rt:
+        await async_wf.gather(*[rt.submit(square_slowly, i) for i in range(5)])
+    said = [r.getMessage() for r in caplog.records]
+    assert f"resuming from {path}: 3 records" in said, said
+    assert f"checkpoint log {path}: reused 3 of 5 tasks, ran 2" in said, said
+
+
+INTERRUPTED_APP = """
+import sys, time, async_wf
+
+def step(i):
+    time.sleep(0.05)
+    return i
+
+async def main():
+    async with async_wf.Runtime(checkpoint="run.wfck") as rt:
+        await async_wf.gather(*[rt.submit(step, i) for i in range(400)])
+
+async_wf.run(main())
+"""
+
+
+def test_ctrl_c_of_a_recorded_run_says_how_to_resume(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text(INTERRUPTED_APP)
+    proc = subprocess.Popen([sys.executable, "app.py", "--its", "args"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + LIMIT
+    while (not (tmp_path / "run.wfck").exists()
+           or (tmp_path / "run.wfck").stat().st_size < 4096):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=LIMIT)
+    assert proc.returncode != 0
+    m = re.search(r"interrupted: (\d+) finished tasks are recorded in run\.wfck; run the "
+                  r"same command again to resume", err)
+    assert m, err
+    assert "app.py --its args" in err, err
+    with CheckpointLog(tmp_path / "run.wfck", readonly=True) as log:
+        assert len(log) >= int(m.group(1)) > 0
 
 
 # ------------------------------------------------------------- in-process API

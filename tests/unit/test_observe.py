@@ -247,12 +247,12 @@ def test_progress_is_quiet_when_not_a_terminal(tmp_path: Path) -> None:
     assert proc.stdout == "" and proc.stderr == ""
 
 
-def test_progress_draws_on_a_terminal(tmp_path: Path) -> None:
-    (tmp_path / "app.py").write_text(PROGRESS_APP)
+def _on_a_terminal(tmp_path: Path, *args: str) -> tuple[int, str]:
+    """Run ``python app.py args`` on a pseudo-terminal: (exit code, text without escapes)."""
     master, slave = pty.openpty()
     env = {**os.environ, "TERM": "xterm", "COLUMNS": "160"}
     env.pop("NO_COLOR", None)
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=tmp_path, stdin=slave,
+    proc = subprocess.Popen([sys.executable, "app.py", *args], cwd=tmp_path, stdin=slave,
                             stdout=slave, stderr=slave, env=env)
     os.close(slave)
     out = b""
@@ -273,11 +273,31 @@ def test_progress_draws_on_a_terminal(tmp_path: Path) -> None:
     finally:
         os.close(master)
         proc.wait(timeout=HANG)
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode(errors="replace"))
-    assert proc.returncode == 0, text
+    return proc.returncode, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode(errors="replace"))
+
+
+def test_progress_draws_on_a_terminal(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text(PROGRESS_APP)
+    code, text = _on_a_terminal(tmp_path)
+    assert code == 0, text
     assert "300/300" in text
     assert "submitted 300" in text and "done 300" in text and "failed 0" in text
     assert re.search(r"\| [1-9]\d* tasks/s", text)  # some redraw saw tasks ending
+
+
+def test_progress_of_a_resumed_run_counts_reused_tasks(tmp_path: Path) -> None:
+    # issue 16.6: a resumed run ended at "134/208", which looks like a failure
+    app = PROGRESS_APP.replace("Runtime(progress=True)",
+                               "Runtime(progress=True, checkpoint='run.wfck')")
+    app = app.replace("range(300)", "range(int(__import__('sys').argv[1]))")
+    (tmp_path / "app.py").write_text(app)
+    code, text = _on_a_terminal(tmp_path, "200")
+    assert code == 0, text
+    code, text = _on_a_terminal(tmp_path, "300")
+    assert code == 0, text
+    assert "300/300" in text, text[-500:]
+    assert "reused 200" in text and "done 100" in text, text[-500:]
+    assert "resuming from run.wfck: 200 records" in text, text[-500:]
 
 
 # ----------------------------------------------------------------- report
