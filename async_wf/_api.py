@@ -307,6 +307,11 @@ class Runtime:
         return await self.start()
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._sched is not None and exc_type is not None and issubclass(
+            exc_type, KeyboardInterrupt | asyncio.CancelledError
+        ):
+            # Ctrl-C under asyncio.run arrives as a cancel of the main task
+            self._sched.interrupted = True
         await self.close(cancel=exc_type is not None or not self._wait_on_exit)
 
     # ------------------------------------------------------------------- work
@@ -351,7 +356,10 @@ class Runtime:
             (tasks resolved from the checkpoint log without running),
             ``ready_queue`` (ready-queue length), ``elapsed_s``, ``tasks_per_s``
             (finished tasks per second since start) and ``core`` ("cython" or
-            "python").
+            "python"); with a checkpoint log also ``checkpoint_recorded``
+            (results appended by this run), ``checkpoint_unusable``,
+            ``checkpoint_records`` (results in the log) and
+            ``checkpoint_found`` (results it held when the run started).
         """
         stats = self._scheduler().statistics()
         stats.update(self._transport.statistics())

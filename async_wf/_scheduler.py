@@ -116,6 +116,8 @@ class Scheduler:
         self._t0 = time.perf_counter()
         # cumulative counters; the core only knows the tasks it still holds
         self.n_submitted = 0
+        #: set by the runtime when Ctrl-C (or a cancel) ends its ``async with``
+        self.interrupted = False
         self.n_finished = 0
         self.n_failed = 0
         self.n_cancelled = 0
@@ -639,7 +641,7 @@ class Scheduler:
                     await self._transport.close()
                 finally:
                     if self._ckpt is not None:
-                        self._ckpt.close()
+                        self._close_log()
             return
         try:
             if cancel:
@@ -658,7 +660,12 @@ class Scheduler:
                 await self._transport.close()
             finally:
                 if self._ckpt is not None:
-                    self._ckpt.close()
+                    self._close_log()
+
+    def _close_log(self) -> None:
+        assert self._ckpt is not None
+        self._ckpt.close(self.n_reused, self.n_submitted, self.n_finished + self.n_failed,
+                         self.interrupted)
 
     def _fail_leftovers(self) -> None:
         tasks = self._tasks

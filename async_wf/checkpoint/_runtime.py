@@ -16,6 +16,8 @@ import asyncio
 import logging
 import math
 import os
+import shlex
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -131,6 +133,9 @@ class Recorder:
         self.n_recorded = 0
         self.n_unusable = 0
         self.found_at_open = len(self.log)
+        if self.found_at_open:
+            log.info("resuming from %s: %d record%s", self.log.path, self.found_at_open,
+                     "" if self.found_at_open == 1 else "s")
         for problem in self.log.problems[:5]:
             log.warning("checkpoint log %s: %s at byte %d", self.log.path, problem.reason,
                         problem.offset)
@@ -338,10 +343,18 @@ class Recorder:
             return
         self._timer = self._loop.call_later(self.config.flush_interval, self._tick)
 
-    def close(self) -> None:
-        """Write what is buffered and close the log; later reads use a read-only view."""
+    def close(self, reused: int = 0, submitted: int = 0, ran: int = 0,
+              interrupted: bool = False) -> None:
+        """Write what is buffered and close the log; later reads use a read-only view.
+
+        Logs what the run did with the log (``reused`` of ``submitted`` tasks
+        came from it, ``ran`` were executed) at INFO, and with
+        ``interrupted`` a warning that says how to resume.
+        """
         if self._closed:
             return
+        log.info("checkpoint log %s: reused %d of %d tasks, ran %d", self.log.path, reused,
+                 submitted, ran)
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
@@ -350,6 +363,11 @@ class Recorder:
             self.log.close()
         except CheckpointError as exc:
             log.error("checkpoint log %s: closing failed: %s", self.log.path, exc)
+        if interrupted:
+            n = len(self.log)
+            log.warning("interrupted: %d finished task%s recorded in %s; run the same command "
+                        "again to resume from them: %s", n, " is" if n == 1 else "s are",
+                        self.log.path, shlex.join(["python", *sys.argv]))
 
     def statistics(self) -> dict[str, int]:
         """Counts for ``Runtime.statistics``."""
@@ -357,6 +375,7 @@ class Recorder:
             "checkpoint_recorded": self.n_recorded,
             "checkpoint_unusable": self.n_unusable,
             "checkpoint_records": len(self.log),
+            "checkpoint_found": self.found_at_open,
         }
 
     def _warn_once(self, what: str, message: str) -> None:

@@ -177,6 +177,7 @@ class Observer:
         if ck is not None:
             st.update(ck.statistics())
             st["checkpoint_bytes"] = int(getattr(ck.log, "_end", 0))
+            st["checkpoint_path"] = ck.log.path
         links = tr.link_bytes()
         for lane, name, _out, _in in links:
             self.lanes.setdefault(lane, name)

@@ -1,8 +1,9 @@
 """The live progress line: ``Runtime(progress=True)``, ``async-wf run --progress``.
 
 A ``rich`` progress bar on stderr: tasks ended out of tasks submitted, with
-the counts running, done and failed and the recent rate. It is refreshed by
-the observer's timer on the runtime's loop (five times a second), not by a
+the counts running, done, reused from a checkpoint log, failed and the
+recent rate; a resumed run first says how many records it found. It is
+refreshed by the observer's timer on the runtime's loop (five times a second), not by a
 thread of rich's own, so it reads the counters without locks. When stderr
 is not a terminal (a pipe, a log file, CI) it shows nothing at all.
 """
@@ -34,6 +35,7 @@ class ProgressDisplay:
         self.active = self.console.is_terminal
         self._progress: Progress | None = None
         self._task: TaskID | None = None
+        self._said_resume = False
         if not self.active:
             return
         self._progress = Progress(
@@ -53,8 +55,11 @@ class ProgressDisplay:
     @staticmethod
     def describe(snap: dict[str, object]) -> str:
         """The counts shown beside the bar, from an observer snapshot."""
+        reused = int(snap.get("reused", 0))  # type: ignore[call-overload]
         return (f"submitted {snap.get('submitted', 0)} | running {snap.get('running', 0)} | "
-                f"done {snap.get('finished', 0)} | failed {snap.get('failed', 0)} | "
+                f"done {snap.get('finished', 0)} | "
+                + (f"[cyan]reused {reused}[/] | " if reused else "")
+                + f"failed {snap.get('failed', 0)} | "
                 f"{float(snap.get('rate', 0.0)):.0f} tasks/s")  # type: ignore[arg-type]
 
     def tick(self) -> None:
@@ -63,8 +68,14 @@ class ProgressDisplay:
         if progress is None or self._task is None:
             return
         snap = self.obs.snapshot
+        found = int(snap.get("checkpoint_found", 0))
+        if found and not self._said_resume:
+            self._said_resume = True
+            progress.console.print(f"async_wf: resuming from {snap.get('checkpoint_path')}: "
+                                   f"{found} record{'' if found == 1 else 's'}", markup=False)
+        # reused tasks count as done: a resumed run ends at N/N, not part-way
         ended = int(snap.get("finished", 0)) + int(snap.get("failed", 0)) \
-            + int(snap.get("cancelled", 0))
+            + int(snap.get("cancelled", 0)) + int(snap.get("reused", 0))
         progress.update(self._task, total=int(snap.get("submitted", 0)), completed=ended,
                         counts=self.describe(snap))
         progress.refresh()
