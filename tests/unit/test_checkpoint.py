@@ -226,6 +226,44 @@ def test_truncated_log_loses_only_its_tail(tmp_path: Path) -> None:
     assert results(again) == results(first)
 
 
+# ----------------------------------------------------- what the key sees
+GLOBALS_APP = """
+import sys, async_wf
+import helper
+
+SCALE = int(sys.argv[1])
+
+def f(x):
+    print("ran f", x, file=sys.stderr)
+    return x * SCALE + helper.OFFSET
+
+async def main():
+    async with async_wf.Runtime(checkpoint="run.wfck") as rt:
+        print(await async_wf.gather(*[rt.submit(f, i) for i in range(3)]))
+
+async_wf.run(main())
+"""
+
+
+def test_a_changed_global_or_imported_constant_reruns_the_task(tmp_path: Path) -> None:
+    # issue 16.1: the second run reused the first run's results
+    (tmp_path / "app.py").write_text(GLOBALS_APP)
+
+    def run(scale: int, offset: int) -> tuple[str, int]:
+        (tmp_path / "helper.py").write_text(f"OFFSET = {offset}\n")
+        proc = subprocess.run([sys.executable, "app.py", str(scale)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=LIMIT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip(), proc.stderr.count("ran f")
+
+    assert run(2, 0) == ("[0, 2, 4]", 3)
+    assert run(2, 0) == ("[0, 2, 4]", 0)  # nothing changed: all reused
+    assert run(3, 0) == ("[0, 3, 6]", 3)
+    assert run(3, 100) == ("[100, 103, 106]", 3)
+    assert run(2, 0) == ("[0, 2, 4]", 0)  # the first records are still there
+
+
 # ------------------------------------------------------------ what it says
 def square_slowly(x: int) -> int:
     time.sleep(0.05)

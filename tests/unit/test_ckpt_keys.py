@@ -616,3 +616,68 @@ def test_args_given_as_a_list_key_like_the_same_tuple() -> None:
     # the quick paths take tuples only; a list goes the general way, same key
     fid = function_identity(len)
     assert task_key(fid, [1, "a", None], {}) == task_key(fid, (1, "a", None), {})
+
+
+# ------------------------------------------------------- globals (issue 16.1)
+GLOBALS_SRC = """
+import logging
+import {helper}
+
+SCALE = {scale}
+TABLE = {{"a": (1, 2.5, None), "b": [True, b"x"]}}
+log = logging.getLogger("wf")
+
+def f(x):
+    log.debug("f")
+    return x * SCALE + {helper}.OFFSET + TABLE["a"][0]
+
+def g(x):
+    return f(x)          # a helper's globals count for its callers
+
+def h(x):
+    return x + 1         # reads nothing
+"""
+
+
+def _module_with(tmp_path: Path, scale: int, offset: object, where: str) -> dict[str, Any]:
+    """A module reading SCALE, TABLE and helper.OFFSET, with ``helper`` a real imported module.
+
+    Each ``where`` is a directory of its own with its own ``helper.py``; the
+    module has the same name each time, as in two runs of one program.
+    """
+    d = tmp_path / where
+    d.mkdir()
+    (d / "helper.py").write_text(f"OFFSET = {offset!r}\nimport os\nNAMES = os.sep\n")
+    sys.path.insert(0, str(d))
+    try:
+        return compile_module(GLOBALS_SRC.format(helper="helper", scale=scale), "wfglobals")
+    finally:
+        sys.path.remove(str(d))
+        sys.modules.pop("helper", None)
+
+
+def test_globals_a_function_reads_are_in_its_identity(tmp_path: Path) -> None:
+    base, same, scale, offset = (
+        _module_with(tmp_path, 2, 10, "a"), _module_with(tmp_path, 2, 10, "b"),
+        _module_with(tmp_path, 3, 10, "c"), _module_with(tmp_path, 2, 11, "d"),
+    )
+    ids = {k: function_identity(m["f"]) for k, m in
+           {"base": base, "same": same, "scale": scale, "offset": offset}.items()}
+    assert ids["base"] == ids["same"]
+    assert ids["scale"] != ids["base"], "SCALE = 3 instead of 2 must change the key"
+    assert ids["offset"] != ids["base"], "helper.OFFSET = 11 instead of 10 must change the key"
+    assert function_identity(scale["g"]) != function_identity(base["g"])
+    assert function_identity(scale["h"]) == function_identity(base["h"])
+    base["TABLE"]["b"].append(3)  # a container read by f, changed in place
+    assert function_identity(base["f"]) != ids["base"]
+
+
+def test_globals_without_a_stable_hash_are_left_out_visibly_or_refused(tmp_path: Path) -> None:
+    m = _module_with(tmp_path, 2, 10, "a")
+    seen = _keys.explain(m["f"])
+    assert ("wfglobals:f", "SCALE", "int") in seen.included
+    assert ("wfglobals:f", "helper.OFFSET", "int") in seen.included
+    assert ("wfglobals:f", "log", "logging.Logger") in seen.left_out
+    with pytest.raises(CheckpointKeyError, match=r"global 'log' of wfglobals:f .*logging\.Logger"):
+        function_identity(m["f"], strict=True)
+    assert function_identity(m["h"], strict=True) == function_identity(m["h"])
