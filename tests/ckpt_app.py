@@ -28,15 +28,12 @@ import numpy as np
 
 import async_wf
 
-COUNTS = os.environ.get("CKPT_COUNTS", "")
-DONE = os.environ.get("CKPT_DONE", "")
-SLEEP = float(os.environ.get("CKPT_SLEEP", "0"))
-FAIL = int(os.environ.get("CKPT_FAIL", "-1"))
-
 
 def mark(what: str, path: str = "") -> None:
-    # the file is not a default value: defaults are part of a task's key
-    fd = os.open(path or COUNTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    # the file is read from the environment at each call, not from a global
+    # or a default: those are part of a task's key, and each run of a test
+    # counts into a file of its own
+    fd = os.open(path or os.environ["CKPT_COUNTS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, f"{what}\n".encode())
     finally:
@@ -45,15 +42,18 @@ def mark(what: str, path: str = "") -> None:
 
 def done(what: str) -> None:
     """Note in CKPT_DONE (if set) that a task is about to return."""
-    if DONE:
-        mark(what, DONE)
+    path = os.environ.get("CKPT_DONE")
+    if path:
+        mark(what, path)
 
 
 def leaf(i: int) -> tuple[str, int, int]:
     mark(f"leaf:{i}")
-    if SLEEP:
-        time.sleep(SLEEP)
-    if i == FAIL:
+    # from the environment at each call: a global would be part of the key
+    sleep = float(os.environ.get("CKPT_SLEEP", "0"))
+    if sleep:
+        time.sleep(sleep)
+    if i == int(os.environ.get("CKPT_FAIL", "-1")):
         raise RuntimeError(f"leaf {i} fails on purpose")
     done(f"leaf:{i}")
     return ("leaf", i, i * i)
@@ -118,6 +118,6 @@ if __name__ == "__main__":
     p.add_argument("--transport", default="local")
     p.add_argument("--flush")
     a = p.parse_args()
-    if not COUNTS:
+    if not os.environ.get("CKPT_COUNTS"):
         sys.exit("set CKPT_COUNTS")
     asyncio.run(main(a))

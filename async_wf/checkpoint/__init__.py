@@ -1,16 +1,19 @@
 """The incremental checkpoint log: task keys, the append-only log file, its tools.
 
 ``task_key`` and ``function_identity`` make deterministic, content-addressed
-keys; ``CheckpointLog`` stores results, MPI task states and commits under
-them; ``inspect``, ``verify``, ``compact`` and ``forget_function`` are what
-``async-wf checkpoint`` runs. docs/checkpoint.md describes the format and
-its guarantees.
+keys (``explain`` says what a function's identity sees); ``CheckpointLog``
+stores results, MPI task states and commits under them; ``inspect``,
+``verify``, ``compact`` and ``forget_function`` are what ``async-wf
+checkpoint`` runs. docs/checkpoint.md describes the format and its
+guarantees.
 """
 
 from async_wf.checkpoint._keys import (
     CheckpointError,
     CheckpointKeyError,
     FileRef,
+    KeyReport,
+    explain,
     function_identity,
     stable_hash,
     task_key,
@@ -42,11 +45,13 @@ __all__ = [
     "Compaction",
     "FileRef",
     "FunctionStats",
+    "KeyReport",
     "LogStatistics",
     "Problem",
     "ResultInfo",
     "Verification",
     "compact",
+    "explain",
     "forget_function",
     "function_identity",
     "inspect",

@@ -4,6 +4,7 @@
     async-wf checkpoint verify FILE [--unpickle]
     async-wf checkpoint compact FILE
     async-wf checkpoint forget FILE --function NAME
+    async-wf checkpoint explain APP.py:FUNCTION [ARG...]
 
 Exit status: 0 when all is well; 1 when ``verify`` finds a problem or
 ``forget`` finds nothing to forget; 2 when the command cannot do its work
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 EXIT_OK = 0
 EXIT_FOUND = 1
@@ -66,6 +67,17 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--function", required=True, metavar="NAME",
         help="module:qualname, or a qualname that only one module in the log has",
     )
+    s = sub.add_parser(
+        "explain",
+        help="what a function's key sees: the module-level values in it and those left out",
+        description="Load a program's module (its `if __name__ == \"__main__\"` part does "
+        "not run) and list the module-level values that the key of one of its functions "
+        "includes, and those it leaves out because they have no stable hash.",
+    )
+    s.add_argument("target", metavar="APP.py:FUNCTION",
+                   help="a program file (or an importable module) and a function in it")
+    s.add_argument("argv", nargs="*", metavar="ARG",
+                   help="the program's arguments (sys.argv[1:] while its module loads)")
     return p
 
 
@@ -79,7 +91,8 @@ def run_from_args(args: argparse.Namespace, out: TextIO | None = None) -> int:
     from async_wf.checkpoint import CheckpointError
 
     out = out or sys.stdout
-    actions = {"inspect": _inspect, "verify": _verify, "compact": _compact, "forget": _forget}
+    actions = {"inspect": _inspect, "verify": _verify, "compact": _compact, "forget": _forget,
+               "explain": _explain}
     try:
         return actions[args.action](args, out)
     except (CheckpointError, OSError, ValueError) as exc:
@@ -184,6 +197,45 @@ def _forget(args: argparse.Namespace, out: TextIO) -> int:
         file=out,
     )
     return EXIT_FOUND
+
+
+def _explain(args: argparse.Namespace, out: TextIO) -> int:
+    import importlib
+    import importlib.util
+    import os
+
+    from async_wf.checkpoint import explain
+
+    where, sep, qualname = args.target.rpartition(":")
+    if not sep or not where or not qualname:
+        raise ValueError(f"the target must be APP.py:FUNCTION or module:FUNCTION, "
+                         f"got {args.target!r}")
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    try:
+        if where.endswith(".py"):
+            if not os.path.isfile(where):
+                raise ValueError(f"no such program file: {where!r}")
+            sys.argv = [where, *args.argv]
+            sys.path.insert(0, os.path.dirname(os.path.abspath(where)))
+            spec = importlib.util.spec_from_file_location("__async_wf_explain__", where)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            sys.argv = [where, *args.argv]
+            module = importlib.import_module(where)
+        obj: Any = module
+        for part in qualname.split("."):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                raise ValueError(f"{where} has no {qualname!r}") from None
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+    if not callable(obj):
+        raise ValueError(f"{qualname!r} in {where} is a {type(obj).__name__}, not a function")
+    print(explain(obj), file=out)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

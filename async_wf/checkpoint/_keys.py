@@ -246,14 +246,17 @@ Leaf = Callable[[Any], "bytes | None"]
 class _Encoder:
     """Writes the self-delimiting encoding of values and functions into ``buf``."""
 
-    __slots__ = ("active", "buf", "depth", "funcs", "leaf")
+    __slots__ = ("active", "buf", "depth", "funcs", "leaf", "seen", "strict")
 
-    def __init__(self, leaf: Leaf | None = None) -> None:
+    def __init__(self, leaf: Leaf | None = None, strict: bool = False,
+                 seen: KeyReport | None = None) -> None:
         self.buf = bytearray()
         self.leaf = leaf
         self.active: set[int] = set()  # ids of the mutable containers being encoded
         self.funcs: set[int] = set()  # ids of the functions being encoded
         self.depth = 0
+        self.strict = strict  # a global without a stable hash is an error
+        self.seen = seen  # where to note the globals read (explain)
 
     # ---- values
     def value(self, obj: Any) -> None:
@@ -532,6 +535,115 @@ class _Encoder:
         for name, target in found:
             self.text(name)
             self.function(target)
+        data = _global_values(names, env)
+        if data:
+            # only when there are some: the identity of a function that
+            # reads no module-level value is what it was before they counted
+            self._global_values(fn, data)
+
+    def _global_values(self, fn: types.FunctionType, data: list[tuple[str, Any]]) -> None:
+        self.buf += b"G" + _U64(len(data))
+        owner = _callable_name(fn)
+        for label, value in data:
+            self.text(label)
+            mark = len(self.buf)
+            try:
+                self.value(value)
+            except _KeyFailure as exc:
+                del self.buf[mark:]
+                if self.strict:
+                    raise _KeyFailure(
+                        f"global {label!r} of {owner} is a {_kind(value)}, which has no "
+                        f"stable hash ({exc.reason}); with strict=False it is left out of "
+                        "the key (a change of it then reruns nothing)", way_out=False
+                    ) from None
+                # left out: its type only, as a default value without a hash
+                self.buf += b"u"
+                self.text(_type_name(type(value)))
+                if self.seen is not None:
+                    self.seen.left_out.append((owner, label, _kind(value)))
+            else:
+                if self.seen is not None:
+                    self.seen.included.append((owner, label, _kind(value)))
+
+
+#: how deep ``a.b.c.VALUE`` is followed from a module the code names
+_MODULE_HOPS = 3
+
+
+def _is_value(obj: Any) -> bool:
+    """A module-level name that holds data rather than code (which counts by its code)."""
+    return not (callable(obj) or isinstance(obj, types.ModuleType))
+
+
+def _global_values(names: tuple[str, ...], env: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The module-level values that code looking up ``names`` in ``env`` may read.
+
+    ``names`` are every global and attribute name the code uses, so for a
+    module it names (``helper``) the attributes of that module among them
+    (``helper.OFFSET``) are taken, following modules a few hops. A name
+    read as an attribute of something else but also present in the module
+    is taken too: that can only make the key change more often, never less.
+    Sorted by label, so the order is the same in every run.
+    """
+    out: list[tuple[str, Any]] = []
+    modules: list[tuple[str, types.ModuleType, int]] = []
+    for name in names:
+        if name not in env or name.startswith("__"):
+            continue  # a builtin, or the module's own dunders (__file__ moves with the tree)
+        obj = env[name]
+        if isinstance(obj, types.ModuleType):
+            modules.append((name, obj, 1))
+        elif _is_value(obj):
+            out.append((name, obj))
+    visited = {id(m) for _, m, _ in modules}
+    while modules:
+        label, mod, hops = modules.pop()
+        attrs = getattr(mod, "__dict__", {})
+        for name in names:
+            if name.startswith("__") or name not in attrs:
+                continue
+            obj = attrs[name]
+            if isinstance(obj, types.ModuleType):
+                if hops < _MODULE_HOPS and id(obj) not in visited:
+                    visited.add(id(obj))
+                    modules.append((f"{label}.{name}", obj, hops + 1))
+            elif _is_value(obj):
+                out.append((f"{label}.{name}", obj))
+    out.sort(key=lambda item: item[0])
+    return out
+
+
+def _kind(obj: Any) -> str:
+    """A value's type as a user writes it: ``int``, ``logging.Logger``."""
+    cls = type(obj)
+    return cls.__qualname__ if cls.__module__ == "builtins" else \
+        f"{cls.__module__}.{cls.__qualname__}"
+
+
+@dataclasses.dataclass
+class KeyReport:
+    """What a function's identity sees (``explain``).
+
+    ``included`` and ``left_out`` list ``(function, global, type)`` for the
+    module-level values read by the function and by the same-module helpers
+    it calls: included ones change the key when they change; left-out ones
+    have no stable hash and do not.
+    """
+
+    function: str
+    included: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    left_out: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"the key of {self.function} sees its code, the code of the same-module "
+                 "functions and classes it names, and these module-level values:"]
+        lines += [f"  {g}  ({t}, read by {f})" for f, g, t in self.included] or ["  (none)"]
+        if self.left_out:
+            lines.append("left out (no stable hash: a change of them reruns nothing; "
+                         "Checkpoint(strict=True) refuses them):")
+            lines += [f"  {g}  ({t}, read by {f})" for f, g, t in self.left_out]
+        return "\n".join(lines)
 
 
 def _callable_name(fn: Any) -> str:
@@ -830,7 +942,22 @@ def _global_names(code: types.CodeType) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------ public API
-def function_identity(fn: Callable[..., Any], version: str | None = None) -> bytes:
+def explain(fn: Callable[..., Any], version: str | None = None) -> KeyReport:
+    """What the identity of ``fn`` sees: the module-level values in it and those left out.
+
+    ``str()`` of the report is a readable listing (``async-wf checkpoint
+    explain`` prints it).
+
+    Raises:
+        CheckpointKeyError: as ``function_identity``.
+    """
+    report = KeyReport(_callable_name(fn))
+    _identity(fn, version, False, report)
+    return report
+
+
+def function_identity(fn: Callable[..., Any], version: str | None = None,
+                      strict: bool = False) -> bytes:
     """The 32-byte identity of a task's function: what its results depend on.
 
     It combines the module and qualified name with a digest of the code
@@ -853,20 +980,35 @@ def function_identity(fn: Callable[..., Any], version: str | None = None) -> byt
     - Other callable objects: their class's name, its ``__call__`` and the
       instance's stable hash.
 
-    Default and closure values without a stable hash (a logger, a lock)
-    contribute their type's name only; a change of such a value does not
-    change the identity. Nor do module-level constants the code reads, or
-    code of other modules (libraries): use ``version`` for those.
+    Module-level values that the code reads (``SCALE``, ``TABLE["a"]``,
+    ``helper.OFFSET`` in an imported module, ``sys.argv``) are in, by
+    content, as arguments are: a change of them changes the identity. They
+    are read when the identity is computed (once per function per run).
+
+    Default, closure and global values without a stable hash (a logger, a
+    lock, a client) contribute their type's name only; a change of such a
+    value does not change the identity (``explain`` lists them; ``strict``
+    makes them an error). Nor does code of other modules (libraries), what
+    C extensions keep, files read by name or environment variables: use
+    ``version``, ``FileRef`` arguments or ``key=`` for those.
 
     Args:
         fn: the task's function.
         version: the task's ``version`` option; changing it invalidates by hand.
+        strict: a module-level value without a stable hash is an error
+            rather than left out.
 
     Raises:
         CheckpointKeyError: ``fn`` is bound to an instance, or a partial holds
-            arguments, that have no stable hash; or ``fn`` is not callable.
+            arguments, that have no stable hash; ``fn`` is not callable; or,
+            with ``strict``, a global it reads has no stable hash.
     """
-    enc = _Encoder()
+    return _identity(fn, version, strict, None)
+
+
+def _identity(fn: Callable[..., Any], version: str | None, strict: bool,
+              seen: KeyReport | None) -> bytes:
+    enc = _Encoder(strict=strict, seen=seen)
     try:
         enc.function(fn)
     except _KeyFailure as exc:

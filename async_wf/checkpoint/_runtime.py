@@ -26,6 +26,8 @@ from async_wf._futures import TaskFuture, _fn_name
 from async_wf.checkpoint._keys import (
     CheckpointError,
     CheckpointKeyError,
+    KeyReport,
+    _identity,
     _quick_key,
     function_identity,
     stable_hash,
@@ -66,6 +68,10 @@ class Checkpoint:
         flush_every: records per write with ``flush="every"``.
         flush_interval: seconds between writes with ``flush="interval"``.
         fsync: make every write durable (``fdatasync``) against power loss.
+        strict: a module-level value that a task's function reads and that
+            has no stable hash (a logger, a lock, a client) fails ``submit``
+            with ``CheckpointKeyError`` naming it, rather than being left
+            out of the key (logged at DEBUG; ``async_wf.checkpoint.explain``).
 
     Raises:
         ValueError: an option breaks its rule (checked when the log opens).
@@ -76,6 +82,7 @@ class Checkpoint:
     flush_every: int = DEFAULT_FLUSH_EVERY
     flush_interval: float = DEFAULT_FLUSH_INTERVAL
     fsync: bool = False
+    strict: bool = False
 
 
 def _leaf(obj: Any) -> bytes | None:
@@ -86,14 +93,14 @@ def _leaf(obj: Any) -> bytes | None:
     return None
 
 
-def _program_identity(fn: Any, version: str | None) -> bytes | None:
+def _program_identity(fn: Any, version: str | None, strict: bool) -> bytes | None:
     """The identity of a ``binary=`` task: its function plus the command line."""
     from async_wf._program import ProgramTask
 
     if not isinstance(fn, ProgramTask):
         return None
     return stable_hash(
-        (function_identity(fn.fn, version), str(fn.binary), tuple(fn.args), fn.nprocs)
+        (function_identity(fn.fn, version, strict), str(fn.binary), tuple(fn.args), fn.nprocs)
     )
 
 
@@ -156,7 +163,15 @@ class Recorder:
         except TypeError:  # an unhashable callable object
             ck, fid = None, None
         if fid is None:
-            fid = _program_identity(fn, version) or function_identity(fn, version)
+            strict = self.config.strict
+            fid = _program_identity(fn, version, strict)
+            if fid is None:
+                seen = KeyReport(_fn_name(fn))
+                fid = _identity(fn, version, strict, seen)
+                if seen.left_out:
+                    log.debug("the key of %s leaves out %s: no stable hash (a change of "
+                              "them reruns nothing)", seen.function,
+                              ", ".join(f"{g} ({t})" for _, g, t in seen.left_out))
             if ck is not None:
                 if len(self._fids) >= _FID_CACHE:
                     self._fids.clear()

@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -377,7 +378,16 @@ async def test_recorded_chain_reads_only_what_is_awaited(tmp_path: Path) -> None
         assert rt.statistics()["finished"] == 0
 
 
-CALLS: list[str] = []
+class CallLog(list[str]):
+    """The calls the tasks below made.
+
+    Not a plain list: a plain list read by a task's function is part of its
+    key (a module-level value), and this one grows between the runs of a
+    test; an instance of a class of its own has no stable hash and is left out.
+    """
+
+
+CALLS = CallLog()
 
 
 @async_wf.task(checkpoint=False)
@@ -510,17 +520,19 @@ def test_killed_long_task_resumes_after_rerun(tmp_path: Path, transport: str) ->
     assert f"TOTAL {sum(range(10))}" in second.stdout
 
 
-BROKEN = {"on": False}
+# an Event, not a dict: the switch stands for a change the key cannot see
+# (another version of the class's module), so it must not be in the key
+BROKEN = threading.Event()
 
 
 class Touchy:
-    """A result that cannot be unpickled while BROKEN["on"] (a class that changed)."""
+    """A result that cannot be unpickled while BROKEN is set (a class that changed)."""
 
     def __init__(self, x: int) -> None:
         self.x = x
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        if BROKEN["on"]:
+        if BROKEN.is_set():
             raise ValueError("this code cannot read the old Touchy")
         self.__dict__.update(state)
 
@@ -535,7 +547,7 @@ async def test_unreadable_record_reruns_the_task_and_is_replaced(tmp_path: Path)
     CALLS.clear()
     async with async_wf.Runtime(checkpoint=path) as rt:
         assert (await rt.submit(make_touchy, 4)).x == 4
-    BROKEN["on"] = True
+    BROKEN.set()
     try:
         async with async_wf.Runtime(checkpoint=path) as rt:
             f = rt.submit(make_touchy, 4)
@@ -543,7 +555,7 @@ async def test_unreadable_record_reruns_the_task_and_is_replaced(tmp_path: Path)
             got = await f  # the read fails: the task runs instead
             assert rt.statistics()["checkpoint_unusable"] == 1
     finally:
-        BROKEN["on"] = False
+        BROKEN.clear()
     assert got.x == 4 and CALLS == ["touchy 4", "touchy 4"]
     async with async_wf.Runtime(checkpoint=path) as rt:
         assert (await rt.submit(make_touchy, 4)).x == 4

@@ -131,3 +131,33 @@ def test_console_script(log_file: Path) -> None:
     proc = cli("verify", str(log_file), exe=[exe])
     assert proc.returncode == 0, proc.stderr
     assert "OK" in proc.stdout
+
+
+EXPLAINED_APP = """
+import logging, sys
+import helper
+
+SCALE = int(sys.argv[1])
+log = logging.getLogger("app")
+
+def f(x):
+    log.info("f")
+    return x * SCALE + helper.OFFSET
+
+if __name__ == "__main__":
+    raise SystemExit("the program's main part must not run")
+"""
+
+
+def test_explain_lists_what_the_key_sees(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text(EXPLAINED_APP)
+    (tmp_path / "helper.py").write_text("OFFSET = 7\n")
+    proc = cli("explain", str(tmp_path / "app.py") + ":f", "3")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    included, _, left_out = out.partition("left out")
+    assert re.search(r"SCALE\s+\(int, read by __async_wf_explain__:f\)", included), out
+    assert re.search(r"helper\.OFFSET\s+\(int", included), out
+    assert re.search(r"log\s+\(logging\.Logger", left_out), out
+    bad = cli("explain", str(tmp_path / "app.py") + ":nope", "3")
+    assert bad.returncode == 2 and "has no 'nope'" in bad.stderr
