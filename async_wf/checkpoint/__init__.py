@@ -17,6 +17,7 @@ from async_wf.checkpoint._keys import (
     function_identity,
     stable_hash,
     task_key,
+    tree_digest,
 )
 from async_wf.checkpoint._log import (
     CheckpointCorruptError,
@@ -57,5 +58,6 @@ __all__ = [
     "inspect",
     "stable_hash",
     "task_key",
+    "tree_digest",
     "verify",
 ]

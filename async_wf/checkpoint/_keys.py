@@ -39,8 +39,10 @@ import enum
 import functools
 import hashlib
 import os
+import stat
 import struct
 import sys
+import time
 import types
 from collections.abc import Callable
 from pathlib import PurePath
@@ -165,13 +167,21 @@ class FileRef(os.PathLike[str]):
     take it, through ``__fspath__``), and the task's key changes when the
     file does.
 
-    ``by="content"`` (default) hashes the file's bytes, read in 1 MiB chunks,
-    every time a key is computed. The path itself is not part of the key: a
-    moved or renamed copy of the same data gives the same key.
+    ``by="content"`` (default) hashes the file's bytes, read in 1 MiB chunks;
+    the digest is kept for the rest of the process under the file's (path,
+    device, inode, size, mtime, ctime), so a large input is read once per
+    run (a file modified in the last two seconds is not kept: its mtime may
+    not have ticked yet). The path itself is not part of the key: a moved
+    or renamed copy of the same data gives the same key.
     ``by="mtime"`` uses the path, the size and the modification time in
     nanoseconds: cheap on huge files, but a rewrite that keeps size and
     mtime (rare; some copy tools preserve mtime) goes unnoticed, and a
     ``touch`` invalidates.
+
+    A directory (a Zarr store, a directory of NetCDF files) stands for its
+    whole tree: the relative path of every file and subdirectory, sorted,
+    with each file's content digest (or its size and mtime with
+    ``by="mtime"``). Symbolic links are followed to their targets' content.
 
     Args:
         path: the file.
@@ -220,23 +230,97 @@ class FileRef(os.PathLike[str]):
         Raises:
             OSError: the file cannot be read (or, by mtime, stat'ed).
         """
+        st = os.stat(self.path)
+        if stat.S_ISDIR(st.st_mode):
+            return tree_digest(self.path, self.by)
         if self.by == "mtime":
-            st = os.stat(self.path)
             h = hashlib.blake2b(digest_size=DIGEST_SIZE, person=_PERSON_VALUE)
             h.update(b"mtime")
-            h.update(_U64(len(self.path.encode("utf-8", "surrogateescape"))))
-            h.update(self.path.encode("utf-8", "surrogateescape"))
+            _text_into(h, self.path)
             h.update(_U64(st.st_size))
             h.update(_I64(st.st_mtime_ns))
             return h.digest()
-        h = hashlib.blake2b(digest_size=DIGEST_SIZE, person=_PERSON_VALUE)
-        h.update(b"content")
-        chunk = bytearray(FILE_CHUNK)
-        view = memoryview(chunk)
-        with open(self.path, "rb", buffering=0) as f:
-            while n := f.readinto(chunk):
-                h.update(view[:n])
-        return h.digest()
+        return _content_digest(self.path, st)
+
+
+#: content digests of files, by (path, device, inode, size, mtime, ctime)
+_CONTENT_CACHE: dict[tuple[str, int, int, int, int, int], bytes] = {}
+_CONTENT_CACHE_MAX = 100_000
+#: a file modified this recently (ns) may change again within its mtime tick
+_RACY_NS = 2_000_000_000
+
+
+def _text_into(h: Any, text: str) -> None:
+    b = text.encode("utf-8", "surrogateescape")
+    h.update(_U64(len(b)))
+    h.update(b)
+
+
+def _content_digest(path: str, st: os.stat_result) -> bytes:
+    """The digest of a regular file's bytes, from the cache when its stat is unchanged."""
+    ck = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    got = _CONTENT_CACHE.get(ck)
+    if got is not None:
+        return got
+    h = hashlib.blake2b(digest_size=DIGEST_SIZE, person=_PERSON_VALUE)
+    h.update(b"content")
+    chunk = bytearray(FILE_CHUNK)
+    view = memoryview(chunk)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(chunk):
+            h.update(view[:n])
+    digest = h.digest()
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
+        if len(_CONTENT_CACHE) >= _CONTENT_CACHE_MAX:
+            _CONTENT_CACHE.clear()
+        _CONTENT_CACHE[ck] = digest
+    return digest
+
+
+def tree_digest(root: str | os.PathLike[str], by: str = "content") -> bytes:
+    """The digest of a directory tree: relative paths, and each file's content or stat.
+
+    With ``by="content"`` the root's own path is not in it (a copy of the
+    tree elsewhere gives the same digest); with ``by="mtime"`` it is, as for
+    a single file.
+
+    Raises:
+        OSError: the tree cannot be walked, or a file in it cannot be read.
+        ValueError: ``by`` is neither ``"content"`` nor ``"mtime"``.
+    """
+    if by not in ("content", "mtime"):
+        raise ValueError(f"by must be 'content' or 'mtime', got {by!r}")
+    top = os.fspath(root)
+    h = hashlib.blake2b(digest_size=DIGEST_SIZE, person=_PERSON_VALUE)
+    h.update(b"tree-" + by.encode())
+    if by == "mtime":
+        _text_into(h, top)
+    entries: list[tuple[str, bool]] = []
+
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    for dirpath, dirnames, filenames in os.walk(top, onerror=fail):
+        rel = os.path.relpath(dirpath, top)
+        for name in dirnames:
+            entries.append((os.path.normpath(os.path.join(rel, name)), True))
+        for name in filenames:
+            entries.append((os.path.normpath(os.path.join(rel, name)), False))
+    entries.sort()
+    h.update(_U64(len(entries)))
+    for rel, is_dir in entries:
+        _text_into(h, rel)
+        if is_dir:
+            h.update(b"/")
+            continue
+        full = os.path.join(top, rel)
+        st = os.stat(full)
+        if by == "mtime":
+            h.update(b"m" + _U64(st.st_size))
+            h.update(_I64(st.st_mtime_ns))
+        else:
+            h.update(b"c" + _content_digest(full, st))
+    return h.digest()
 
 
 # --------------------------------------------------------------------- encoder
@@ -346,6 +430,8 @@ class _Encoder:
             self.soft(obj.value)
         elif isinstance(obj, tuple) and hasattr(type(obj), "_fields"):
             _namedtuple(self, obj)
+        elif _ecosystem(self, obj):
+            pass
         elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             _dataclass(self, obj)
         elif (np := sys.modules.get("numpy")) is not None and _numpy(self, obj, np):
@@ -854,6 +940,68 @@ def _ndarray(enc: _Encoder, obj: Any) -> None:
     # once into C order, which is what makes two layouts of equal arrays agree
     data = obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)
     enc.blob(data.reshape(-1).view(np.uint8))
+
+
+#: libraries whose objects dask.base.tokenize keys by content
+_TOKENIZED = frozenset({"xarray", "pandas", "dask"})
+
+
+def _ecosystem(enc: _Encoder, obj: Any) -> bool:
+    """Encode a Zarr, xarray, pandas or dask object, or anything with ``__dask_tokenize__``.
+
+    Returns False for other objects. Zarr arrays and groups are keyed by the
+    content of their directory in a local store, not by dask's token, which
+    names the store and would not change when chunks are rewritten in place.
+    """
+    cls = type(obj)
+    root = getattr(cls, "__module__", "").partition(".")[0]
+    if root == "zarr":
+        _zarr(enc, obj)
+        return True
+    if root not in _TOKENIZED and not hasattr(cls, "__dask_tokenize__"):
+        return False
+    try:
+        import dask
+        from dask.base import tokenize
+    except ImportError:
+        raise _KeyFailure(
+            f"a value of type {_type_name(cls)} is keyed by dask.base.tokenize, and dask "
+            "is not installed (pip install dask)"
+        ) from None
+    try:
+        # without this, dask falls back to a random token for what it cannot
+        # hash, which would be a new key in every run
+        with dask.config.set({"tokenize.ensure-deterministic": True}):
+            token = tokenize(obj)
+    except Exception as exc:
+        raise _KeyFailure(
+            f"dask cannot give a value of type {_type_name(cls)} a deterministic token "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+    enc.buf += b"D"
+    enc.text(_type_name(cls))
+    enc.text(str(token))
+    return True
+
+
+def _zarr(enc: _Encoder, obj: Any) -> None:
+    store = getattr(obj, "store", None)
+    top = getattr(store, "root", None) or getattr(store, "path", None)  # zarr 3, zarr 2
+    node = getattr(obj, "path", "") or ""
+    if top is None or not os.path.isdir(os.path.join(os.fspath(top), node)):
+        raise _KeyFailure(
+            f"a {_type_name(type(obj))} that is not in a local directory store has no "
+            "stable hash (its content cannot be read cheaply)"
+        )
+    try:
+        digest = tree_digest(os.path.join(os.fspath(top), node))
+    except OSError as exc:
+        raise _KeyFailure(f"the zarr store {os.fspath(top)!r} cannot be read: {exc}",
+                          way_out=False) from None
+    enc.buf += b"Z"
+    enc.text(_type_name(type(obj)))
+    enc.text(node)
+    enc.buf += digest
 
 
 def _plain_function(enc: _Encoder, obj: types.FunctionType) -> None:
