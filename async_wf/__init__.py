@@ -36,6 +36,9 @@ from async_wf.checkpoint import (
     CheckpointError,
     CheckpointKeyError,
     CheckpointLockedError,
+    FileIn,
+    FileInOut,
+    FileOut,
     FileRef,
 )
 from async_wf.checkpoint._runtime import Checkpoint
@@ -53,6 +56,9 @@ __all__ = [
     "DependencyError",
     "Executor",
     "ExecutorFuture",
+    "FileIn",
+    "FileInOut",
+    "FileOut",
     "FileRef",
     "NoWorkerError",
     "ProgramError",

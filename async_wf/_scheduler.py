@@ -41,9 +41,11 @@ from typing import TYPE_CHECKING, Any
 from async_wf import core as _corepick
 from async_wf._context import TaskContext, call_on_loop
 from async_wf._errors import DependencyError, RuntimeClosedError, WorkflowAborted
-from async_wf._futures import RecordedFuture, TaskFuture, collect, replace_in
+from async_wf._files import FileOrder
+from async_wf._futures import RecordedFuture, TaskFuture, _fn_name, collect, replace_in
 from async_wf._options import DEFAULT_OPTIONS, TaskOptions
 from async_wf._task import TaskFunction
+from async_wf.checkpoint._keys import FileArg, files_in_use
 
 if TYPE_CHECKING:
     from async_wf.checkpoint._runtime import Recorder
@@ -116,6 +118,9 @@ class Scheduler:
         self._t0 = time.perf_counter()
         # cumulative counters; the core only knows the tasks it still holds
         self.n_submitted = 0
+        self._files = FileOrder()
+        # recorded tasks that wait for files, in case their record cannot be read
+        self._file_deps: dict[TaskFuture, list[TaskFuture]] = {}
         #: set by the runtime when Ctrl-C (or a cancel) ends its ``async with``
         self.interrupted = False
         self.n_finished = 0
@@ -163,6 +168,18 @@ class Scheduler:
                     f"argument {dep!r} is a future of another runtime; "
                     "futures can only be passed within the runtime that made them"
                 )
+        plan = None
+        if files_in_use[0]:
+            fargs: list[FileArg] = []
+            if args:
+                collect(args, FileArg, fargs)
+            if kwargs:
+                collect(kwargs, FileArg, fargs)
+            if fargs:
+                plan = self._files.plan(fargs)
+                for dep in plan.deps:
+                    if dep not in found:
+                        found.append(dep)
         ck = self._ckpt
         fut: TaskFuture
         if ck is None:
@@ -170,11 +187,12 @@ class Scheduler:
             fut._ckey = None
             fut._cparents = None
         else:
-            key = ck.key(fn, opts, args, kwargs, found)
+            key = ck.key(fn, opts, args, kwargs, found, plan)
             parents: tuple[bytes, ...] | None = None
             if key is not None and opts.checkpoint:
                 parents = tuple([d._ckey for d in found])  # type: ignore[misc]
-                if key in ck:
+                if key in ck and (plan is None or not plan.outputs
+                                  or ck.outputs_match(key, opts.name or _fn_name(fn))):
                     rec: RecordedFuture = self._new_future(
                         RecordedFuture, fn, args, kwargs, opts, kind, subst)
                     rec._ckey = key
@@ -182,10 +200,18 @@ class Scheduler:
                     rec._handle = -1
                     rec._unread = True
                     self.n_reused += 1
+                    if plan is not None:
+                        self._files.register(rec, plan)
+                        if plan.deps:
+                            self._file_deps[rec] = plan.deps  # if its record fails to read
                     return rec
             fut = self._new_future(TaskFuture, fn, args, kwargs, opts, kind, subst)
             fut._ckey = key
             fut._cparents = parents
+            if plan is not None and plan.outputs and parents is not None:
+                ck.expect_outputs(fut, plan.outputs)
+        if plan is not None:
+            self._files.register(fut, plan)
         if self._obs is not None and self._obs.keep_graph:
             self._obs.submitted(fut, found)
         self._enqueue(fut, found)
@@ -261,9 +287,11 @@ class Scheduler:
             found: list[TaskFuture] = []
             collect(fut._args, TaskFuture, found)
             collect(fut._kwargs, TaskFuture, found)
+            found += [d for d in self._file_deps.pop(fut, ()) if d not in found]
             self.n_reused -= 1
             self._enqueue(fut, found)
             return
+        self._file_deps.pop(fut, None)
         fut.set_result(value)
         fut._args = ()
         fut._kwargs = {}

@@ -159,7 +159,32 @@ def _unsupported(obj: Any) -> NoReturn:
 
 
 # --------------------------------------------------------------------- FileRef
-class FileRef(os.PathLike[str]):
+#: set once a file argument has been made: until then submit skips looking
+#: for them, so programs that never use files pay nothing
+files_in_use = [False]
+
+
+def _check_by(by: str) -> None:
+    if by not in ("content", "mtime"):
+        raise ValueError(f"FileRef by must be 'content' or 'mtime', got {by!r}")
+
+
+def _path_text(path: str | os.PathLike[str]) -> str:
+    fs = os.fspath(path)
+    if not isinstance(fs, str):
+        raise TypeError(f"FileRef path must be a str path, got {type(fs).__name__}")
+    return fs
+
+
+class FileArg(os.PathLike[str]):
+    """The base of the file arguments (``FileRef`` and its kinds, ``FileOut``)."""
+
+    __slots__ = ()
+    path: str
+    by: str
+
+
+class FileRef(FileArg):
     """A path argument whose key is the file's content, or its size and mtime.
 
     Pass ``FileRef("data.csv")`` instead of ``"data.csv"`` to a task: the task
@@ -195,13 +220,10 @@ class FileRef(os.PathLike[str]):
     __slots__ = ("by", "path")
 
     def __init__(self, path: str | os.PathLike[str], by: str = "content") -> None:
-        if by not in ("content", "mtime"):
-            raise ValueError(f"FileRef by must be 'content' or 'mtime', got {by!r}")
-        fs = os.fspath(path)
-        if not isinstance(fs, str):
-            raise TypeError(f"FileRef path must be a str path, got {type(fs).__name__}")
-        self.path: str = fs
+        _check_by(by)
+        self.path: str = _path_text(path)
         self.by: str = by
+        files_in_use[0] = True
 
     def __fspath__(self) -> str:
         """The path, so that the task can use the FileRef as any path."""
@@ -211,18 +233,18 @@ class FileRef(os.PathLike[str]):
         return self.path
 
     def __repr__(self) -> str:
-        return f"FileRef({self.path!r}, by={self.by!r})"
+        return f"{type(self).__name__}({self.path!r}, by={self.by!r})"
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, FileRef):
+        if not isinstance(other, FileArg):
             return NotImplemented
-        return (self.path, self.by) == (other.path, other.by)
+        return (type(self), self.path, self.by) == (type(other), other.path, other.by)
 
     def __hash__(self) -> int:
-        return hash((FileRef, self.path, self.by))
+        return hash((type(self), self.path, self.by))
 
     def __reduce__(self) -> tuple[type[FileRef], tuple[str, str]]:
-        return (FileRef, (self.path, self.by))
+        return (type(self), (self.path, self.by))
 
     def digest(self) -> bytes:
         """The part of a key that stands for the file (32 bytes).
@@ -241,6 +263,92 @@ class FileRef(os.PathLike[str]):
             h.update(_I64(st.st_mtime_ns))
             return h.digest()
         return _content_digest(self.path, st)
+
+
+class FileIn(FileRef):
+    """A file or directory the task reads (PyCOMPSs' ``FILE_IN``/``DIRECTORY_IN``).
+
+    A ``FileRef`` that says so: if an earlier task of the same runtime
+    writes the path (``FileOut``/``FileInOut``), this task waits for it and
+    its key takes that task's key in place of the content (which does not
+    exist yet at submit); otherwise it is keyed by content (or ``by="mtime"``).
+    A plain ``FileRef`` behaves the same.
+    """
+
+    __slots__ = ()
+
+
+class FileInOut(FileRef):
+    """A file or directory the task reads and rewrites (PyCOMPSs' ``FILE_INOUT``).
+
+    The task waits for the path's previous writer and its readers, and is
+    then the path's producer: tasks submitted later that take the path wait
+    for it. Tasks that take one path as ``FileInOut`` therefore run one at a
+    time, in submission order. Its key is the input's (as ``FileIn``) plus
+    the path; with a checkpoint log the path's content after the task is
+    recorded and checked before the result is reused.
+    """
+
+    __slots__ = ()
+
+
+class FileOut(FileArg):
+    """A file or directory the task writes (PyCOMPSs' ``FILE_OUT``/``DIRECTORY_OUT``).
+
+    The path need not exist at submit. The task waits for the path's
+    previous writer and for the tasks that read that version, then is its
+    producer: later ``FileIn``/``FileInOut``/``FileRef`` arguments with the
+    path wait for it. Its key holds the path (as written), not content.
+    With a checkpoint log the path's content digest (or size and mtime with
+    ``by="mtime"``; a directory's whole tree) is recorded when the task
+    finishes, and a later run reuses the result only if the path still
+    matches; otherwise the task runs again and rewrites it.
+
+    Args:
+        path: where the task writes.
+        by: how the recorded output is checked: ``"content"`` or ``"mtime"``.
+
+    Raises:
+        ValueError: ``by`` is neither.
+        TypeError: ``path`` is not a str or a str path object.
+    """
+
+    __slots__ = ("by", "path")
+
+    def __init__(self, path: str | os.PathLike[str], by: str = "content") -> None:
+        _check_by(by)
+        self.path: str = _path_text(path)
+        self.by: str = by
+        files_in_use[0] = True
+
+    def __fspath__(self) -> str:
+        """The path, so that the task can open it for writing."""
+        return self.path
+
+    def __str__(self) -> str:
+        return self.path
+
+    def __repr__(self) -> str:
+        return f"FileOut({self.path!r}, by={self.by!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FileArg):
+            return NotImplemented
+        return (type(self), self.path, self.by) == (type(other), other.path, other.by)
+
+    def __hash__(self) -> int:
+        return hash((FileOut, self.path, self.by))
+
+    def __reduce__(self) -> tuple[type[FileOut], tuple[str, str]]:
+        return (FileOut, (self.path, self.by))
+
+    def digest(self) -> bytes:
+        """The digest of what is at the path now, as ``FileRef(path, by).digest()``.
+
+        Raises:
+            OSError: nothing readable is there.
+        """
+        return FileRef(self.path, self.by).digest()
 
 
 #: content digests of files, by (path, device, inode, size, mtime, ctime)
@@ -1021,6 +1129,18 @@ def _fileref(enc: _Encoder, obj: FileRef) -> None:
     enc.buf += digest
 
 
+def _fileinout(enc: _Encoder, obj: FileInOut) -> None:
+    _fileref(enc, obj)  # FileIn encodes as FileRef: the same input, the same key
+    enc.buf += b"X"
+    enc.text(obj.path)
+
+
+def _fileout(enc: _Encoder, obj: FileOut) -> None:
+    enc.buf += b"O"
+    enc.text(obj.by)
+    enc.text(obj.path)
+
+
 _EXACT: dict[type, Callable[[_Encoder, Any], None]] = {
     type(None): _none,
     bool: _bool,
@@ -1033,6 +1153,9 @@ _EXACT: dict[type, Callable[[_Encoder, Any], None]] = {
     set: _plain_set,
     frozenset: _frozenset,
     FileRef: _fileref,
+    FileIn: _fileref,
+    FileInOut: _fileinout,
+    FileOut: _fileout,
     types.FunctionType: _plain_function,
 }
 

@@ -13,11 +13,13 @@ Everything here runs on the scheduler's event loop thread, like the log.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import os
 import shlex
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,6 +28,8 @@ from async_wf._futures import TaskFuture, _fn_name
 from async_wf.checkpoint._keys import (
     CheckpointError,
     CheckpointKeyError,
+    FileArg,
+    FileRef,
     KeyReport,
     _identity,
     _quick_key,
@@ -41,6 +45,7 @@ from async_wf.checkpoint._log import (
 )
 
 if TYPE_CHECKING:
+    from async_wf._files import FilePlan
     from async_wf._options import TaskOptions
 
 log = logging.getLogger("async_wf")
@@ -93,6 +98,34 @@ def _leaf(obj: Any) -> bytes | None:
     return None
 
 
+def _file_leaf(produced: dict[str, TaskFuture]) -> Callable[[Any], bytes | None]:
+    """``_leaf``, and a file written earlier in the run stands for its writer's key."""
+
+    def leaf(obj: Any) -> bytes | None:
+        if isinstance(obj, TaskFuture):
+            key: bytes = obj._ckey  # type: ignore[assignment]
+            return key
+        if isinstance(obj, FileRef):
+            writer = produced.get(os.path.abspath(obj.path))
+            if writer is not None:
+                # not the content, which does not exist yet at submit; the
+                # kind and the path as given, as their encodings hold them
+                return stable_hash((type(obj).__name__, obj.by, obj.path,
+                                    writer._ckey))
+        return None
+
+    return leaf
+
+
+#: the name under which the outputs of a task are recorded (``async-wf checkpoint inspect``)
+OUTPUTS_NAME = "async_wf:file outputs"
+
+
+def outputs_key(key: bytes) -> bytes:
+    """The key of the record that holds the outputs of the task whose key is ``key``."""
+    return hashlib.blake2b(b"outputs\0" + key, digest_size=len(key)).digest()
+
+
 def _program_identity(fn: Any, version: str | None, strict: bool) -> bytes | None:
     """The identity of a ``binary=`` task: its function plus the command line."""
     from async_wf._program import ProgramTask
@@ -134,6 +167,10 @@ class Recorder:
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._reader: CheckpointLog | None = None
+        # tasks with FileOut/FileInOut arguments -> those arguments; weak, so
+        # that a task that fails (and is never recorded) leaves nothing here
+        self._outputs: weakref.WeakKeyDictionary[TaskFuture, list[FileArg]] = \
+            weakref.WeakKeyDictionary()
         # state saves of tasks on several ranks: key -> step -> ranks that saved
         self._saves: dict[bytes, dict[int, set[int]]] = {}
         #: results appended, recorded results that could not be used
@@ -185,6 +222,7 @@ class Recorder:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         found: list[TaskFuture],
+        plan: FilePlan | None = None,
     ) -> bytes | None:
         """The task's key, or None when it cannot have one.
 
@@ -205,7 +243,7 @@ class Recorder:
                         f"from task {dep.name!r} has no key"
                     )
                     return None
-            leaf = _leaf
+            leaf = _leaf if plan is None or not plan.produced else _file_leaf(plan.produced)
         else:
             leaf = None
         version = opts.version
@@ -232,6 +270,46 @@ class Recorder:
     # ------------------------------------------------------------- results
     def __contains__(self, key: bytes) -> bool:
         return key in self.log
+
+    # -------------------------------------------------------------- outputs
+    def expect_outputs(self, fut: TaskFuture, outputs: list[FileArg]) -> None:
+        """Record the content of ``outputs`` with ``fut``'s result when it finishes."""
+        self._outputs[fut] = outputs
+
+    def outputs_match(self, key: bytes, name: str) -> bool:
+        """Whether the recorded outputs of task ``key`` are still there, unchanged.
+
+        When they are not, the task's record is forgotten (a tombstone), so
+        that its rerun is recorded in its place.
+        """
+        okey = outputs_key(key)
+        why = None
+        if okey not in self.log:
+            why = "its outputs were not recorded"
+        else:
+            try:
+                recorded = self.read(okey)
+            except Exception as exc:
+                recorded = ()
+                why = f"the record of its outputs cannot be read ({exc})"
+            for path, by, digest in recorded:
+                try:
+                    now = FileRef(path, by).digest()
+                except OSError:
+                    why = f"its output {path} is missing"
+                    break
+                if now != digest:
+                    why = f"its output {path} changed since it ran"
+                    break
+        if why is None:
+            return True
+        log.info("task %r: %s; running it again", name, why)
+        if not self._closed:
+            try:
+                self.log.forget(key)
+            except CheckpointError as err:
+                self._warn_once("", f"checkpoint log {self.log.path}: no more records: {err}")
+        return False
 
     def read(self, key: bytes) -> Any:
         """The recorded result of ``key``.
@@ -282,6 +360,10 @@ class Recorder:
                 if len(names) < _FID_CACHE:
                     names[nk] = name
             items.append((key, value, name, fut._cparents))
+            if self._outputs:
+                outs = self._outputs.pop(fut, None)
+                if outs is not None:
+                    self._add_outputs(items, fut, key, outs)
         if not items:
             return
         try:
@@ -297,6 +379,21 @@ class Recorder:
                 fut.name, f"task {fut.name!r}: result not recorded, it cannot be pickled "
                 f"({type(err).__name__}: {err}); declare it with checkpoint=False"
             )
+
+    def _add_outputs(self, items: list[tuple[bytes, Any, str, tuple[bytes, ...]]],
+                     fut: TaskFuture, key: bytes, outs: list[FileArg]) -> None:
+        recorded = []
+        for out in outs:
+            try:
+                recorded.append((out.path, out.by, FileRef(out.path, out.by).digest()))
+            except OSError as exc:
+                # recorded without its outputs: the next run finds no outputs
+                # record and runs the task again
+                self._warn_once(fut.name, f"task {fut.name!r} finished but its output "
+                                f"{out.path} cannot be read ({exc.strerror or exc}); it "
+                                "will run again in the next run")
+                return
+        items.append((outputs_key(key), tuple(recorded), OUTPUTS_NAME, (key,)))
 
     # -------------------------------------------------------------- states
     def save(self, key: bytes, rank: int, nranks: int, step: int, state: Any) -> None:
