@@ -1,0 +1,78 @@
+"""Errors that say what to do (issue 21, "errors" part): each message checked."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+import async_wf
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def slow_add(a: int, b: int) -> int:
+    time.sleep(0.3)
+    return a + b
+
+
+async def test_a_forgotten_await_says_so() -> None:
+    async with async_wf.Runtime() as rt:
+        fut = rt.submit(add, 1, 2)
+        for attempt in (lambda: fut + 1, lambda: 1 + fut, lambda: fut * 2, lambda: fut - 1,
+                        lambda: fut / 2, lambda: fut[0], lambda: bool(fut),
+                        lambda: fut < 3, lambda: len(fut)):  # type: ignore[operator,index,arg-type]
+            with pytest.raises(TypeError, match=r"TaskFuture .*did you forget 'await'"):
+                attempt()
+        assert await fut == 3  # and await still works
+
+
+def test_unknown_runtime_option_suggests_the_closest_name() -> None:
+    with pytest.raises(TypeError, match=r"Runtime\(\) got an unknown option 'worker'; "
+                                        r"did you mean 'workers'\?"):
+        async_wf.Runtime(worker=2)
+    with pytest.raises(TypeError, match=r"unknown option 'heartbeats'; did you mean 'heartbeat'"):
+        async_wf.Runtime(workers=1, heartbeats=1.0)
+    with pytest.raises(TypeError, match=r"unknown option 'zzz'"):
+        async_wf.Runtime(zzz=1)
+
+
+def test_exception_classes_print_as_the_package() -> None:
+    for cls in (async_wf.DependencyError, async_wf.TaskTimeoutError, async_wf.WorkflowAborted,
+                async_wf.RuntimeClosedError, async_wf.RemoteError, async_wf.NoWorkerError,
+                async_wf.WorkerLostError, async_wf.CheckpointKeyError,
+                async_wf.CheckpointError):
+        assert cls.__module__ == "async_wf", cls
+        assert repr(cls).startswith("<class 'async_wf."), repr(cls)
+
+
+def test_run_inside_a_running_loop_suggests_await() -> None:
+    async def main() -> int:
+        return 1
+
+    async def outer() -> None:
+        coro = main()
+        try:
+            with pytest.raises(RuntimeError, match=r"use 'await main\(\)'"):
+                async_wf.run(coro)
+        finally:
+            coro.close()
+
+    asyncio.run(outer())
+
+
+async def test_result_of_a_pending_task_says_await_on_the_loop_and_waits_elsewhere() -> None:
+    async with async_wf.Runtime() as rt:
+        fut = rt.submit(slow_add, 2, 3)
+        with pytest.raises(asyncio.InvalidStateError, match=r"not done yet.*'await'"):
+            fut.result()
+        got: list[object] = []
+        t = threading.Thread(target=lambda: got.append(fut.result()))
+        t.start()
+        assert await fut == 5
+        await asyncio.to_thread(t.join, 10)
+        assert got == [5]
