@@ -85,3 +85,15 @@ __all__ = [
     "task_context",
     "wait",
 ]
+
+
+def _public_exception_names() -> None:
+    # exceptions print and pickle as async_wf.X, where users import them from,
+    # not as the private module that defines them
+    for name in __all__:
+        obj = globals()[name]
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            obj.__module__ = __name__
+
+
+_public_exception_names()

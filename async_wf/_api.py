@@ -169,6 +169,8 @@ class Runtime:
                             "--threads of async-wf run do not apply to this Runtime")
             if checkpoint is None:
                 checkpoint = defaults.get("checkpoint")
+        if tcp_options:
+            _check_tcp_options(tcp_options)
         tcp = workers is not None or listen is not None or token_file is not None or ssl is not None
         name = transport if isinstance(transport, str) else None
         if transport is not None and name is None and (tcp or tcp_options or threads is not None):
@@ -505,6 +507,24 @@ def _mpi_launched() -> bool:
     return mod is not None and mod.current_session() is not None
 
 
+def _check_tcp_options(given: dict[str, Any]) -> None:
+    """Refuse an option neither ``Runtime`` nor ``TcpTransport`` has, with the closest name."""
+    import difflib
+    import inspect
+
+    from async_wf.transport.tcp import TcpTransport
+
+    tcp = set(inspect.signature(TcpTransport.__init__).parameters) - {"self"}
+    for name in given:
+        if name in tcp:
+            continue
+        known = sorted(tcp | set(inspect.signature(Runtime.__init__).parameters)
+                       - {"self", "tcp_options"})
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; the options are {known}"
+        raise TypeError(f"Runtime() got an unknown option {name!r}{hint}")
+
+
 def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
     """Run an async ``main()`` to completion on uvloop when installed, else asyncio.
 
@@ -521,7 +541,11 @@ def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
     # checked before a loop is made, as asyncio.run does: the Runner would
     # otherwise fail again while closing its new loop
     if asyncio._get_running_loop() is not None:
-        raise RuntimeError("async_wf.run() cannot be called from a running event loop")
+        name = getattr(main, "__name__", None) or "main"
+        raise RuntimeError(
+            f"async_wf.run() cannot be called from a running event loop (a notebook, "
+            f"python -m asyncio, or async code): use 'await {name}()' there instead"
+        )
     factory: Callable[[], asyncio.AbstractEventLoop] | None
     if _mpi_launched():
         from async_wf._mpi_channel import new_event_loop

@@ -15,6 +15,7 @@ as the future itself, not its value.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -128,6 +129,53 @@ class TaskFuture(asyncio.Future[Any]):
         elif self.done():
             state = "failed" if self.exception() is not None else "finished"
         return f"<TaskFuture #{self._id} {self.name!r} {state}>"
+
+    def result(self) -> Any:
+        """The task's result; in a thread other than the runtime's loop, wait for it.
+
+        On the loop's thread a task that is not done raises
+        ``InvalidStateError`` saying to ``await`` it (waiting there would
+        block the loop that runs the task); in any other thread the call
+        waits, as ``concurrent.futures.Future.result()`` does.
+
+        Raises:
+            asyncio.InvalidStateError: not done, on the loop's thread, or
+                its loop is not running.
+            asyncio.CancelledError: the task was cancelled.
+            Exception: what the task raised.
+        """
+        if not self.done():
+            self._wait_outside_loop()
+        return super().result()
+
+    def _wait_outside_loop(self) -> None:
+        loop = self.get_loop()
+        if asyncio._get_running_loop() is loop:
+            raise asyncio.InvalidStateError(
+                f"task {self.name!r} is not done yet: use 'await' on it (or a done "
+                "callback); result() waits only when called from another thread"
+            )
+        if loop.is_closed() or not loop.is_running():
+            raise asyncio.InvalidStateError(
+                f"task {self.name!r} is not done and its runtime's loop is not running"
+            )
+        done = threading.Event()
+        loop.call_soon_threadsafe(self.add_done_callback, lambda _f: done.set())
+        done.wait()
+
+    # A future used as if it were its value is the commonest slip of a new
+    # user: say so, instead of Python's "unsupported operand type(s)".
+    def _not_a_value(self, *_: Any) -> Any:
+        raise TypeError(
+            f"a TaskFuture ({self!r}) is not its task's result: did you forget 'await'? "
+            "(value = await fut)"
+        )
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _not_a_value
+    __truediv__ = __rtruediv__ = __floordiv__ = __rfloordiv__ = _not_a_value
+    __mod__ = __rmod__ = __pow__ = __rpow__ = __matmul__ = __rmatmul__ = _not_a_value
+    __neg__ = __pos__ = __abs__ = __getitem__ = __len__ = __bool__ = _not_a_value
+    __lt__ = __le__ = __gt__ = __ge__ = __float__ = __int__ = __index__ = _not_a_value
 
 
 class RecordedFuture(TaskFuture):
