@@ -352,3 +352,9 @@ def slow_pid(seconds: float) -> int:
     """The worker's pid, after ``seconds``: concurrent calls spread over the workers."""
     time.sleep(seconds)
     return os.getpid()
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``("host", port)`` of a ``tcp://host:port`` address."""
+    host, _, port = address.removeprefix("tcp://").rpartition(":")
+    return host.strip("[]"), int(port)

@@ -216,3 +216,87 @@ async def test_spawned_workers_that_die_are_replaced() -> None:
         now = set(await async_wf.gather(*[rt.submit(th.slow_pid, 0.2) for _ in range(4)]))
         assert len(now) == 2 and not now & first, (first, now)
         assert rt.statistics()["workers_lost"] == 2
+
+
+# ------------------------------------------------- TLS bound to the token (22.6)
+def test_a_scheduler_reachable_from_other_hosts_without_tls_is_flagged() -> None:
+    from async_wf.transport.tcp import exposed
+
+    for host in ("0.0.0.0", "::", "", "10.1.2.3", "node17.cluster"):
+        assert exposed(host), host
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert not exposed(host), host
+
+
+def _silent_for(host: str, port: int, seconds: float) -> bool:
+    """True if a plain TCP client hears nothing first (a TLS server waits for a ClientHello)."""
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.settimeout(seconds)
+        try:
+            return s.recv(16) == b""
+        except TimeoutError:
+            return True
+
+
+async def test_ssl_auto_encrypts_with_the_workers_it_starts(caplog: Any) -> None:
+    async with async_wf.Runtime(workers=2, ssl="auto") as rt:
+        assert await async_wf.gather(*[rt.submit(th.square, i) for i in range(20)]) == \
+            [i * i for i in range(20)]
+        host, port = th.parse_address(rt.transport.address)  # type: ignore[attr-defined]
+        assert await asyncio.to_thread(_silent_for, host, port, 0.5)
+    async with async_wf.Runtime(workers=1) as rt:  # without TLS the server speaks first
+        host, port = th.parse_address(rt.transport.address)  # type: ignore[attr-defined]
+        assert not await asyncio.to_thread(_silent_for, host, port, 2.0)
+    assert "without TLS" not in caplog.text  # loopback: nothing to warn about
+
+
+async def test_an_external_worker_with_the_token_file_joins_over_tls(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    async with async_wf.Runtime(listen="tcp://127.0.0.1:0", token_file=token,
+                                ssl="auto") as rt:
+        proc = th.start_worker(rt.transport.address,  # type: ignore[attr-defined]
+                               "--token-file", str(token), "--tls-auto")
+        try:
+            assert await asyncio.wait_for(rt.submit(th.square, 7), th.HANG) == 49
+        finally:
+            th.stop(proc)
+
+
+def test_a_worker_refuses_a_server_without_the_token_key(tmp_path: Path) -> None:
+    # an impostor (or a relay) serving TLS with a certificate of another key
+    from async_wf import _tls
+    from async_wf import protocol as P
+
+    token = tmp_path / "token"
+    P.write_token_file(token, P.new_secret())
+    ctx = _tls.server_context(P.new_secret())
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            try:
+                with ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.settimeout(5)
+                    seen.append(tls.recv(100))  # what the worker sends: nothing
+            except (OSError, ssl_error()):
+                pass
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    proc = subprocess.run([sys.executable, "-m", "async_wf.worker", "--connect",
+                           f"tcp://127.0.0.1:{port}", "--token-file", str(token), "--tls-auto"],
+                          capture_output=True, text=True, timeout=60, env=th.worker_env())
+    t.join(10)
+    srv.close()
+    assert proc.returncode != 0
+    assert "not the one derived from the token" in proc.stderr, proc.stderr
+    assert seen in ([], [b""]), seen
+
+
+def ssl_error() -> type[Exception]:
+    import ssl
+
+    return ssl.SSLError
