@@ -92,7 +92,10 @@ class Runtime:
         token_file: with ``listen``: the file holding the secret that
             external workers must prove they know; created (mode 0600) with
             a fresh secret if missing.
-        ssl: a server ``ssl.SSLContext`` to require TLS from workers.
+        ssl: ``"auto"`` for TLS bound to the token (the workers it starts
+            check the scheduler's certificate against the token; external
+            ones take ``--tls-auto``; needs ``cryptography``), or a server
+            ``ssl.SSLContext`` to require TLS from workers with your own PKI.
         wait_on_exit: wait for outstanding tasks when the block exits
             normally (True) or cancel them (False).
         transport: a ``Transport`` instance to run tasks with, or the name
@@ -140,7 +143,7 @@ class Runtime:
         workers: int | None = None,
         listen: str | None = None,
         token_file: str | os.PathLike[str] | None = None,
-        ssl: _ssl.SSLContext | None = None,
+        ssl: _ssl.SSLContext | Literal["auto"] | None = None,
         wait_on_exit: bool = True,
         transport: Transport | Literal["local", "tcp", "mpi"] | None = None,
         checkpoint: str | os.PathLike[str] | Checkpoint | None = None,

@@ -80,7 +80,7 @@ def server_context(secret: bytes) -> ssl.SSLContext:
 
     key = token_key(secret)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "async_wf scheduler")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name).issuer_name(name).public_key(key.public_key())

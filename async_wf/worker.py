@@ -147,9 +147,15 @@ class Worker:
         self._log_handler: _Forward | None = None
 
     async def run(
-        self, host: str, port: int, ssl_ctx: ssl.SSLContext | None = None
+        self, host: str, port: int, ssl_ctx: ssl.SSLContext | None = None,
+        tls_auto: bool = False,
     ) -> int:
-        """Connect, serve until told to stop; return the process exit code."""
+        """Connect, serve until told to stop; return the process exit code.
+
+        With ``tls_auto`` the connection is TLS and the scheduler's
+        certificate must carry the key derived from the token
+        (``async_wf._tls``), checked before any frame is read.
+        """
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._done = loop.create_future()
@@ -157,6 +163,21 @@ class Worker:
                                 claim=self._claim, name="async_wf-worker", owner=self)
         stream = P.FrameStream(self._on_frame, self._on_lost)
         self._stream = stream
+        if tls_auto:
+            from async_wf import _tls
+
+            ssl_ctx = _tls.client_context()
+
+            def pin(s: P.FrameStream) -> None:
+                assert s.transport is not None
+                try:
+                    _tls.check_server(s.transport.get_extra_info("ssl_object"), self.secret)
+                except _tls.TlsPinError as exc:
+                    log.error("worker %s: %s", self.name, exc)
+                    self._finish(1)
+                    s.abort(exc)
+
+            stream.on_open = pin
         await loop.create_connection(
             lambda: stream, host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None
         )
@@ -576,6 +597,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--tls-ca", help="CA file to verify the scheduler's TLS certificate")
     p.add_argument("--tls-cert", help="client certificate for TLS")
     p.add_argument("--tls-key", help="key of the client certificate")
+    p.add_argument("--tls-auto", action="store_true",
+                   help="TLS with the certificate derived from the token (the runtime has "
+                   "ssl='auto'); a server without it is refused")
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -613,7 +637,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     from async_wf._api import run
 
     try:
-        return run(worker.run(host, port, _ssl_from(args)))
+        return run(worker.run(host, port, _ssl_from(args), tls_auto=args.tls_auto))
     except KeyboardInterrupt:
         return 130
     except OSError as exc:

@@ -18,6 +18,7 @@ import asyncio
 import atexit
 import collections
 import contextlib
+import ipaddress
 import itertools
 import logging
 import os
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from async_wf import protocol as P
 from async_wf._errors import (
@@ -64,9 +65,13 @@ class TcpTransport(RemoteTransport):
         token_file: read the secret from this file, or create the file with
             a fresh secret (mode 0600) if it does not exist, for external
             workers started with ``--token-file``.
-        ssl: a server-side ``ssl.SSLContext`` to require TLS.
+        ssl: ``"auto"``: TLS with a certificate whose key is derived from
+            the token, which the workers (started here, or with
+            ``--tls-auto`` and the token file) check, so a relay cannot sit
+            in the middle (needs ``cryptography``); or a server-side
+            ``ssl.SSLContext`` of your own PKI.
         tls_ca: CA file the workers started here use to verify the scheduler
-            (needed with ``ssl`` and ``workers``).
+            (needed with an ``ssl.SSLContext`` and ``workers``).
         slots: threads per started worker for blocking tasks.
         prefetch: blocking tasks outstanding per worker slot.
         async_limit: ``async def`` tasks outstanding per worker.
@@ -94,7 +99,7 @@ class TcpTransport(RemoteTransport):
         listen: str | None = None,
         token: bytes | None = None,
         token_file: str | os.PathLike[str] | None = None,
-        ssl: _ssl.SSLContext | None = None,
+        ssl: _ssl.SSLContext | Literal["auto"] | None = None,
         tls_ca: str | None = None,
         slots: int = 1,
         prefetch: int = 64,
@@ -129,12 +134,20 @@ class TcpTransport(RemoteTransport):
                 P.write_token_file(token_file, token)
         if token is not None and len(token) < 16:
             raise ValueError(f"token must be at least 16 bytes, got {len(token)}")
-        if ssl is not None and workers and tls_ca is None:
-            raise ValueError("workers started with ssl= need tls_ca= to verify the scheduler")
+        if isinstance(ssl, str) and ssl != "auto":
+            raise ValueError(f"ssl must be 'auto', an ssl.SSLContext or None, got {ssl!r}")
+        if isinstance(ssl, _ssl.SSLContext) and workers and tls_ca is None:
+            raise ValueError("workers started with an ssl.SSLContext need tls_ca= to verify "
+                             "the scheduler (or use ssl='auto')")
         super().__init__(prefetch=prefetch, async_limit=async_limit,
                          compress_min=compress_min, max_lost=max_lost)
         self.secret = token if token is not None else P.new_secret()
         self._n_spawn = workers
+        self._tls_auto = ssl == "auto"
+        if ssl == "auto":
+            from async_wf._tls import server_context
+
+            ssl = server_context(self.secret)
         self._ssl = ssl
         self._tls_ca = tls_ca
         self._slots = slots
@@ -178,6 +191,13 @@ class TcpTransport(RemoteTransport):
         )
         sock = self._server.sockets[0]
         self._port = sock.getsockname()[1]
+        if self._ssl is None and exposed(self._host):
+            log.warning(
+                "async_wf is listening on %s:%d without TLS: the token handshake proves "
+                "who connects, but anyone on the network path can relay the connection "
+                "and then read or inject tasks; give Runtime(ssl='auto') (TLS bound to "
+                "the token; workers add --tls-auto) or an ssl.SSLContext",
+                self._host or "*", self._port)
         _live_transports.add(self)
         self._watchdog = loop.create_task(self._watch())
         if self._n_spawn:
@@ -207,7 +227,9 @@ class TcpTransport(RemoteTransport):
         env[SYS_PATH_ENV] = os.pathsep.join(p or os.getcwd() for p in sys.path)
         cmd = [sys.executable, "-m", "async_wf.worker", "--connect", f"tcp://{host}:{self._port}",
                "--slots", str(self._slots), "--parent-pid", str(os.getpid())]
-        if self._tls_ca:
+        if self._tls_auto:
+            cmd += ["--tls-auto"]
+        elif self._tls_ca:
             cmd += ["--tls-ca", self._tls_ca]
         for _ in range(n):
             self._procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
@@ -404,6 +426,16 @@ class TcpTransport(RemoteTransport):
         _reap(self._procs + self._dying)
         self._procs, self._dying = [], []
         _live_transports.discard(self)
+
+
+def exposed(host: str) -> bool:
+    """Whether a listener on ``host`` may be reached from other machines (not loopback)."""
+    if host in ("localhost", "localhost.localdomain"):
+        return False
+    try:
+        return not ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return True  # a wildcard (""), or a name that resolves elsewhere
 
 
 def _reap(procs: list[subprocess.Popen[bytes]]) -> None:
