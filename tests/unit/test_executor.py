@@ -18,6 +18,9 @@ from async_wf import DependencyError, Executor, ExecutorFuture, RuntimeClosedErr
 # module-level functions, so that ProcessPoolExecutor can pickle them
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
 def square(x: int) -> int:
     return x * x
 
@@ -180,8 +183,96 @@ def test_future_of_another_executor_is_refused() -> None:
 
 
 def test_invalid_max_workers() -> None:
-    with pytest.raises(ValueError, match="max_workers must be an int >= 1, got 0"):
-        Executor(max_workers=0)
+    # the standard library's words, and the value
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"max_workers must be greater than 0, got {bad}"):
+            Executor(max_workers=bad)
+
+
+# ------------------------------------------- concurrent.futures semantics (17)
+def test_shutdown_cancel_futures_leaves_them_cancelled_not_failed() -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    def blocker() -> None:
+        started.set()
+        release.wait(10)
+
+    ex = Executor(max_workers=1)
+    ex.submit(blocker)
+    assert started.wait(10)
+    queued = [ex.submit(square, i) for i in range(50)]
+    ex.shutdown(wait=False, cancel_futures=True)
+    release.set()
+    ex.shutdown(wait=True)
+    cancelled = [f for f in queued if f.cancelled()]
+    assert len(cancelled) == 50, f"{len(cancelled)} of 50 cancelled"
+
+
+def test_cancel_succeeds_for_a_task_waiting_for_its_inputs() -> None:
+    release = threading.Event()
+    ran: list[int] = []
+
+    def slow() -> int:
+        release.wait(10)
+        return 1
+
+    def record(x: int) -> int:
+        ran.append(x)
+        return x
+
+    with Executor(max_workers=2) as ex:
+        a = ex.submit(slow)
+        b = ex.submit(record, a)
+        c = ex.submit(record, 5)  # queued behind nothing: may start at once
+        assert c.result(timeout=10) == 5
+        assert b.cancel() is True
+        assert b.cancelled()
+        release.set()
+        assert a.result(timeout=10) == 1
+    assert ran == [5]
+    with pytest.raises(cf.CancelledError):
+        b.result(timeout=0)
+
+
+def test_map_validates_chunksize_and_cancels_on_timeout() -> None:
+    ran: list[int] = []
+
+    def nap(i: int) -> int:
+        ran.append(i)
+        threading.Event().wait(0.2)
+        return i
+
+    with Executor(max_workers=1) as ex:
+        with pytest.raises(ValueError, match="chunksize must be >= 1, got 0"):
+            ex.map(square, [1], chunksize=0)
+        results = ex.map(nap, range(30), timeout=0.5)
+        with pytest.raises(TimeoutError):
+            list(results)
+    # the calls that had not started when map gave up were cancelled
+    assert len(ran) < 10, ran
+
+
+EXIT_APP = """
+import sys, time, async_wf
+
+def slow(path):
+    time.sleep(0.5)
+    open(path, "w").write("done")
+
+ex = async_wf.Executor(max_workers=1)
+ex.submit(slow, sys.argv[1])
+# no shutdown: the interpreter's exit waits for the running task
+"""
+
+
+def test_interpreter_exit_lets_running_tasks_finish(tmp_path: Path) -> None:
+    marker = tmp_path / "done"
+    proc = subprocess.run([sys.executable, "-c", EXIT_APP, str(marker)], capture_output=True,
+                          text=True, timeout=60, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stderr
+    assert marker.read_text() == "done"
+    assert proc.stderr == ""
 
 
 def test_tasks_run_on_uvloop_and_statistics() -> None:
