@@ -19,12 +19,14 @@ import collections
 import concurrent.futures as cf
 import contextlib
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from async_wf._api import Runtime, run
 from async_wf._errors import RuntimeClosedError
 from async_wf._futures import TaskFuture, collect, replace_in
+from async_wf.transport.local import _QUEUED
 
 __all__ = ["Executor", "ExecutorFuture"]
 
@@ -32,12 +34,42 @@ __all__ = ["Executor", "ExecutorFuture"]
 class ExecutorFuture(cf.Future[Any]):
     """The ``concurrent.futures.Future`` of a task submitted through ``Executor``.
 
-    It becomes RUNNING when the runtime has accepted the task: from then on
-    ``cancel()`` returns False, as for any running ``concurrent.futures``
-    future.
+    ``running()`` is True once the task has started (taken by a thread, or
+    sent to a worker process or rank, where it may wait behind others in
+    the worker's own queue). ``cancel()`` succeeds until then: a task still
+    waiting for its inputs or queued behind others is cancelled, with its
+    dependents, and ends ``cancelled()``.
     """
 
     _task: TaskFuture | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    def running(self) -> bool:
+        """True if the task has started and not finished."""
+        t = self._task
+        return not self.done() and t is not None and _started(t)
+
+    def cancel(self) -> bool:
+        """Cancel the task unless it has started; return whether it is cancelled."""
+        t = self._task
+        if t is not None and not self.done() and _started(t):
+            return False
+        if not super().cancel():
+            return False
+        loop = self._loop
+        if t is not None and loop is not None:
+            # the runtime cancels the task (and its dependents) on its loop;
+            # if it started meanwhile, its result is dropped there
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(t.cancel)
+        return True
+
+
+def _started(t: TaskFuture) -> bool:
+    # read from the caller's thread: a stale answer only moves the moment
+    # from which cancel() refuses by one hand-over
+    run = t._run
+    return run is not None and run != _QUEUED
 
 
 def _as_task(f: ExecutorFuture) -> TaskFuture:
@@ -60,16 +92,31 @@ class Executor(cf.Executor):
             b = ex.submit(process, a)      # waits for a, receives its value
             print(b.result())
 
+    As with ``concurrent.futures``, ``cancel()`` works until a task starts,
+    ``shutdown(cancel_futures=True)`` cancels what has not started, and an
+    executor still open when the interpreter exits waits for its tasks. The
+    differences (a lost worker's tasks run again elsewhere instead of
+    ``BrokenProcessPool``; futures as arguments are dependencies;
+    ``chunksize`` does not group calls; no ``initializer`` yet) are listed in
+    the README.
+
     Args:
         max_workers: threads for blocking functions (``Runtime(threads=...)``).
         **runtime_options: passed on to ``Runtime``.
+
+    Raises:
+        ValueError: ``max_workers`` < 1 ("must be greater than 0").
+        TypeError: ``max_workers`` is not an int, or an unknown option.
     """
 
     def __init__(self, max_workers: int | None = None, **runtime_options: Any) -> None:
-        if max_workers is not None and (
-            isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1
-        ):
-            raise ValueError(f"max_workers must be an int >= 1, got {max_workers!r}")
+        if max_workers is not None:
+            if isinstance(max_workers, bool) or not isinstance(max_workers, int):
+                raise TypeError(f"max_workers must be an int, got "
+                                f"{type(max_workers).__name__}: {max_workers!r}")
+            if max_workers < 1:
+                # the standard library's words, and the value
+                raise ValueError(f"max_workers must be greater than 0, got {max_workers}")
         self._rt = Runtime(threads=max_workers, **runtime_options)
         self._inbox: collections.deque[tuple[Any, ...]] = collections.deque()
         self._lock = threading.Lock()
@@ -81,6 +128,7 @@ class Executor(cf.Executor):
         self._cancel_on_close = False
         self._thread = threading.Thread(target=self._main, name="async_wf-executor", daemon=True)
         self._thread.start()
+        _live.add(self)
         self._started.wait()
         if self._start_error is not None:
             raise RuntimeError("the executor's runtime failed to start") from self._start_error
@@ -116,7 +164,8 @@ class Executor(cf.Executor):
             self._inbox.clear()
         rt = self._rt
         for cfut, fn, args, kwargs in items:
-            if not cfut.set_running_or_notify_cancel():
+            # left PENDING (see ExecutorFuture): cancel() works until the task starts
+            if cfut.cancelled():
                 continue
             try:
                 found: list[ExecutorFuture] = []
@@ -128,6 +177,7 @@ class Executor(cf.Executor):
             except BaseException as exc:
                 cfut.set_exception(exc)
                 continue
+            cfut._loop = self._loop
             cfut._task = tf
             tf.add_done_callback(_Relay(cfut))
 
@@ -143,6 +193,8 @@ class Executor(cf.Executor):
             raise TypeError(f"submit needs a callable, got {type(fn).__name__}: {fn!r}")
         fut = ExecutorFuture()
         with self._lock:
+            if _interpreter_exiting:
+                raise RuntimeClosedError("cannot submit after interpreter shutdown has started")
             if self._shutdown:
                 raise RuntimeClosedError("cannot submit after shutdown")
             wake = not self._inbox
@@ -180,9 +232,44 @@ class Executor(cf.Executor):
         if wait:
             self._thread.join()
 
+    def map(self, fn: Callable[..., Any], *iterables: Any, timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[Any]:
+        """``fn`` over the items of ``iterables`` in order, as ``Executor.map``.
+
+        When ``timeout`` expires the calls not yet started are cancelled.
+        ``chunksize`` is accepted for compatibility and checked; calls are
+        not grouped (each is a task already as cheap as a chunk elsewhere).
+
+        Raises:
+            ValueError: ``chunksize`` < 1.
+            TimeoutError: from the iterator, when ``timeout`` expires.
+        """
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
+        return super().map(fn, *iterables, timeout=timeout)
+
     def statistics(self) -> dict[str, Any]:
         """The runtime's statistics (see ``Runtime.statistics``)."""
         return self._rt.statistics()
+
+
+# Executors still open when the interpreter exits: their tasks are waited for,
+# as ThreadPoolExecutor and ProcessPoolExecutor do. The loop thread is a
+# daemon (an executor dropped without shutdown must not keep a program
+# alive after its main thread ends with an error), so the wait is explicit.
+_live: weakref.WeakSet[Executor] = weakref.WeakSet()
+_interpreter_exiting = False
+
+
+def _at_exit() -> None:
+    global _interpreter_exiting
+    _interpreter_exiting = True
+    for ex in list(_live):
+        ex.shutdown(wait=True)
+
+
+# run before the interpreter stops daemon threads (concurrent.futures does the same)
+threading._register_atexit(_at_exit)  # type: ignore[attr-defined]
 
 
 class _Relay:
@@ -195,8 +282,11 @@ class _Relay:
 
     def __call__(self, tf: asyncio.Future[Any]) -> None:
         cfut = self.cfut
+        if cfut.done():
+            return  # cancelled by the caller meanwhile
         if tf.cancelled():
-            cfut.set_exception(cf.CancelledError("the task was cancelled"))
+            if not cfut.cancel():
+                cfut.set_exception(cf.CancelledError("the task was cancelled"))
             return
         exc = tf.exception()
         if exc is not None:
