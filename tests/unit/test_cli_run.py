@@ -92,6 +92,7 @@ def test_the_exit_code_of_the_application_is_kept(tmp_path: Path) -> None:
     (["--workers", "0"], "--workers: must be an integer >= 1, got '0'"),
     (["--mpi", "1"], "--mpi: must be >= 2"),
     (["--workers", "2", "--mpi", "3"], "not allowed with argument"),
+    (["--metrics", "9464"], "--metrics: must be HOST:PORT (port 0: any free one), got '9464'"),
 ])
 def test_bad_options_are_refused_with_the_rule(tmp_path: Path, opts: list[str],
                                                message: str) -> None:
@@ -118,3 +119,50 @@ def test_a_malformed_defaults_variable_names_the_rule(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "ASYNC_WF_DEFAULTS: option 'workers' must be one of" in proc.stderr
     assert "got 'two'" in proc.stderr
+
+
+def test_options_after_the_application_are_its_own_and_a_warning_says_so(
+        tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text(APP)
+    proc = subprocess.run(
+        [sys.executable, "-m", "async_wf.cli", "run", "app.py", "--workers", "2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["argv"] == ["app.py", "--workers", "2"]  # the application's own
+    assert out["pids"] == [out["app"]]  # so not on workers
+    assert "--workers after app.py goes to the application" in proc.stderr
+
+
+def test_python_dash_m_async_wf_is_the_command(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "async_wf", "--version"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("async_wf ")
+
+
+def test_run_listens_for_external_workers_with_a_token_file(tmp_path: Path) -> None:
+    app = APP.replace("async_wf.Runtime()", "async_wf.Runtime()")
+    (tmp_path / "app.py").write_text(app.replace(
+        "futs = [", "print('listening', rt.transport.address, flush=True)\n"
+        "            futs = ["))
+    token = tmp_path / "token"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "async_wf.cli", "run", "--listen", "tcp://127.0.0.1:0",
+         "--token-file", str(token), "app.py"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("listening tcp://127.0.0.1:"), line + proc.stderr.read()  # type: ignore[union-attr]
+    worker = subprocess.Popen([sys.executable, "-m", "async_wf.cli", "worker", "--connect",
+                               line.split()[1], "--token-file", str(token)],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        worker.kill()
+        worker.communicate()
+    assert proc.returncode == 0, err
+    res = json.loads(out.splitlines()[-1])
+    assert res["app"] not in res["pids"] and len(res["pids"]) == 1  # ran on the worker

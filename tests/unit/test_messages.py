@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +80,31 @@ async def test_result_of_a_pending_task_says_await_on_the_loop_and_waits_elsewhe
         assert await fut == 5
         await asyncio.to_thread(t.join, 10)
         assert got == [5]
+
+
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (["--token-file", "/nonexistent/token"], {},
+     "async-wf worker: cannot read the token file '/nonexistent/token'"),
+    (["--token-file", "BADTOKEN"], {},
+     "async-wf worker: the token file 'BADTOKEN' must hold a hex token"),
+    ([], {"ASYNC_WF_TOKEN": "xyz"},
+     "async-wf worker: ASYNC_WF_TOKEN must hold a hex token"),
+])
+def test_token_problems_are_one_line(tmp_path: Path, args: list[str], env: dict[str, str],
+                                     message: str) -> None:
+    (tmp_path / "BADTOKEN").write_text("not hex\n")
+    proc = subprocess.run([sys.executable, "-m", "async_wf", "worker", "--connect",
+                           "tcp://127.0.0.1:9", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **env})
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+async def test_a_missing_program_is_named_with_the_path() -> None:
+    async with async_wf.Runtime() as rt:
+        t = async_wf.task(lambda: None, binary="nosuch-program-xyz")
+        with pytest.raises(FileNotFoundError,
+                           match=r"program 'nosuch-program-xyz' not found \(PATH="):
+            await rt.submit(t)
