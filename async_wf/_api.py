@@ -30,7 +30,7 @@ log = logging.getLogger("async_wf")
 #: what an application's own ``Runtime(...)`` leaves out
 DEFAULTS_ENV = "ASYNC_WF_DEFAULTS"
 _DEFAULT_TYPES: dict[str, type] = {
-    "workers": int, "threads": int, "checkpoint": str,
+    "workers": int, "threads": int, "checkpoint": str, "listen": str, "token_file": str,
     "progress": bool, "metrics": str, "trace": str, "report": str,
 }
 
@@ -39,8 +39,9 @@ def launch_defaults() -> dict[str, Any]:
     """The options ``async-wf run`` passes to every ``Runtime`` of the application.
 
     Read from the environment variable ``ASYNC_WF_DEFAULTS`` (a JSON object
-    with any of ``workers``, ``threads``, ``checkpoint``, ``progress``,
-    ``metrics``, ``trace``, ``report``); empty when unset.
+    with any of ``workers``, ``threads``, ``checkpoint``, ``listen``,
+    ``token_file``, ``progress``, ``metrics``, ``trace``, ``report``); empty
+    when unset.
 
     Raises:
         ValueError: the variable is not such an object (the message gives
@@ -167,9 +168,12 @@ class Runtime:
             if not chose:
                 workers = defaults.get("workers")
                 threads = defaults.get("threads")
-            elif "workers" in defaults or "threads" in defaults:
-                log.warning("the application chooses its own transport: the --workers or "
-                            "--threads of async-wf run do not apply to this Runtime")
+                listen = defaults.get("listen")
+                token_file = defaults.get("token_file")
+            elif any(k in defaults for k in ("workers", "threads", "listen", "token_file")):
+                log.warning("the application chooses its own transport: the --workers, "
+                            "--threads, --listen or --token-file of async-wf run do not "
+                            "apply to this Runtime")
             if checkpoint is None:
                 checkpoint = defaults.get("checkpoint")
         if tcp_options:
@@ -496,10 +500,11 @@ async def as_completed(
             f.remove_done_callback(q.put_nowait)
 
 
-def _check_address(addr: str) -> None:
-    _host, sep, port = addr.rpartition(":")
+def _check_address(addr: str, what: str = "metrics") -> None:
+    """Refuse anything but ``host:port`` (``tcp://host:port`` too, as ``listen=`` takes)."""
+    _host, sep, port = addr.removeprefix("tcp://").rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"metrics must be 'host:port' (port 0: any free one), got {addr!r}")
+        raise ValueError(f"{what} must be 'host:port' (port 0: any free one), got {addr!r}")
 
 
 def _mpi_launched() -> bool:

@@ -115,11 +115,20 @@ async def run_program(
         if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
             raise ValueError(f"nprocs must be an int >= 1, got {nprocs!r}")
         cmd = [find_mpiexec(), "-n", str(nprocs), *cmd]
-    proc = await asyncio.create_subprocess_exec(
-        *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, cwd=cwd, env=_child_env(env),
-        start_new_session=True,  # its own process group: a cancel kills mpiexec's ranks too
-    )
+    child_env = _child_env(env)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, cwd=cwd, env=child_env,
+            start_new_session=True,  # its own process group: a cancel kills mpiexec's ranks too
+        )
+    except FileNotFoundError as exc:
+        if exc.filename not in (None, cmd[0]) and os.path.sep in os.fspath(program):
+            raise
+        where = (child_env or os.environ).get("PATH", "")
+        raise FileNotFoundError(
+            exc.errno, f"program {cmd[0]!r} not found (PATH={where})", cmd[0]
+        ) from None
     try:
         out, err = await proc.communicate()
     except BaseException:

@@ -1,10 +1,13 @@
 """The ``async-wf`` command line.
 
-    async-wf run [--workers N | --threads N | --mpi N] [--checkpoint FILE]
+    async-wf run [--workers N | --threads N | --mpi N] [--listen tcp://HOST:PORT]
+                 [--token-file FILE] [--checkpoint FILE]
                  [--progress] [--metrics HOST:PORT] [--trace FILE] [--report FILE]
                  app.py [args...]
     async-wf worker --connect tcp://host:7450 --slots 2 --token-file token
-    async-wf checkpoint inspect|verify|compact|forget FILE
+    async-wf checkpoint inspect|verify|compact|forget|explain ...
+
+``python -m async_wf`` is the same command.
 """
 
 from __future__ import annotations
@@ -41,17 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run tasks in-process, on N threads")
     how.add_argument("--mpi", type=_at_least_2, metavar="N",
                      help="run under mpiexec -n N (1 scheduler rank, N-1 worker ranks)")
+    r.add_argument("--listen", metavar="tcp://HOST:PORT", type=_address,
+                   help="accept external workers ('async-wf worker --connect') here")
+    r.add_argument("--token-file", metavar="FILE",
+                   help="the workers' token (created, mode 0600, if missing)")
     r.add_argument("--checkpoint", metavar="FILE",
                    help="record finished tasks in this checkpoint log; a re-run skips them")
     obs = r.add_argument_group("observability (see async_wf.observe)")
     obs.add_argument("--progress", action="store_true",
                      help="show a live progress line on the terminal (quiet off a terminal)")
-    obs.add_argument("--metrics", metavar="HOST:PORT",
+    obs.add_argument("--metrics", metavar="HOST:PORT", type=_address,
                      help="serve Prometheus metrics on this address while the runtime runs")
     obs.add_argument("--trace", metavar="FILE",
                      help="write a Chrome trace-event timeline (Perfetto, chrome://tracing)")
     obs.add_argument("--report", metavar="FILE",
                      help="write a self-contained HTML report of the run")
+    r.set_defaults(run_options=frozenset(
+        o for a in r._actions for o in a.option_strings if o.startswith("--") and o != "--help"))
     r.add_argument("app", help="the application script")
     r.add_argument("args", nargs=argparse.REMAINDER, help="the application's arguments")
     w = sub.add_parser(
@@ -79,6 +88,17 @@ def _positive(text: str) -> int:
     return n
 
 
+def _address(text: str) -> str:
+    from async_wf._api import _check_address
+
+    try:
+        _check_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be HOST:PORT (port 0: any free one), got {text!r}") from None
+    return text
+
+
 def _at_least_2(text: str) -> int:
     n = _positive(text)
     if n < 2:
@@ -94,11 +114,21 @@ def run_app(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.app):
         print(f"async-wf run: no such application file: {args.app!r}", file=sys.stderr)
         return 2
+    for arg in args.args:
+        if arg.split("=", 1)[0] in args.run_options:
+            print(f"async-wf run: {arg.split('=', 1)[0]} after {args.app} goes to the "
+                  f"application, not to async-wf run: put it before {args.app} to set the "
+                  "runtime's option", file=sys.stderr)
     opts: dict[str, object] = {}
     if args.workers is not None:
         opts["workers"] = args.workers
     if args.threads is not None:
         opts["threads"] = args.threads
+    if args.listen is not None:
+        opts["listen"] = args.listen if args.listen.startswith("tcp://") else \
+            f"tcp://{args.listen}"
+    if args.token_file is not None:
+        opts["token_file"] = os.path.abspath(args.token_file)
     if args.checkpoint is not None:
         opts["checkpoint"] = os.path.abspath(args.checkpoint)
     if args.progress:

@@ -37,7 +37,7 @@ import time
 import traceback
 from array import array
 from time import perf_counter
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from async_wf import protocol as P
@@ -565,13 +565,29 @@ class _Forward(logging.Handler):
 
 
 # --------------------------------------------------------------------- main
+def _die(message: str) -> NoReturn:
+    """One line on stderr and exit status 2: a usage problem, no traceback."""
+    print(f"async-wf worker: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _secret_from(args: argparse.Namespace) -> bytes:
     if args.token_file:
-        return P.read_token_file(args.token_file)
+        try:
+            return P.read_token_file(args.token_file)
+        except OSError as exc:
+            _die(f"cannot read the token file {args.token_file!r}: {exc.strerror or exc}")
+        except ValueError:
+            _die(f"the token file {args.token_file!r} must hold a hex token (as the "
+                 "runtime's token_file= writes it)")
     env = os.environ.get(TOKEN_ENV)
     if env:
-        return bytes.fromhex(env)
-    raise SystemExit(f"async-wf worker: give --token-file or set {TOKEN_ENV}")
+        try:
+            return bytes.fromhex(env.strip())
+        except ValueError:
+            # the value is a secret: not repeated here
+            _die(f"{TOKEN_ENV} must hold a hex token ({len(env)} characters given)")
+    _die(f"give --token-file or set {TOKEN_ENV}")
 
 
 def _ssl_from(args: argparse.Namespace) -> ssl.SSLContext | None:

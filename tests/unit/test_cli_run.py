@@ -143,10 +143,9 @@ def test_python_dash_m_async_wf_is_the_command(tmp_path: Path) -> None:
 
 
 def test_run_listens_for_external_workers_with_a_token_file(tmp_path: Path) -> None:
-    app = APP.replace("async_wf.Runtime()", "async_wf.Runtime()")
-    (tmp_path / "app.py").write_text(app.replace(
+    (tmp_path / "app.py").write_text(APP.replace(
         "futs = [", "print('listening', rt.transport.address, flush=True)\n"
-        "            futs = ["))
+        "        futs = ["))
     token = tmp_path / "token"
     proc = subprocess.Popen(
         [sys.executable, "-m", "async_wf.cli", "run", "--listen", "tcp://127.0.0.1:0",
