@@ -108,3 +108,24 @@ async def test_a_missing_program_is_named_with_the_path() -> None:
         with pytest.raises(FileNotFoundError,
                            match=r"program 'nosuch-program-xyz' not found \(PATH="):
             await rt.submit(t)
+
+
+REPL = """\
+import async_wf, os
+rt = await async_wf.Runtime(workers=1).start()
+where = async_wf.task(lambda: os.getpid())
+print("TASK", await where() != os.getpid())
+print("SUBMIT", await async_wf.submit(os.getpid) != os.getpid())
+await rt.close()
+print("AFTER", where() == os.getpid())
+"""
+
+
+def test_a_runtime_started_at_the_top_level_of_a_repl_serves_later_statements() -> None:
+    # python -m asyncio runs each statement in a task of its own, as a
+    # notebook runs each cell: the runtime must stay current between them
+    proc = subprocess.run([sys.executable, "-m", "asyncio"], input=REPL, capture_output=True,
+                          text=True, timeout=120)
+    out = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines()
+           if line.split() and line.split()[0] in ("TASK", "SUBMIT", "AFTER")}
+    assert out == {"TASK": "True", "SUBMIT": "True", "AFTER": "True"}, proc.stdout + proc.stderr
