@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from async_wf._errors import RuntimeClosedError
 from async_wf._futures import TaskFuture
 from async_wf._scheduler import Scheduler
-from async_wf._task import current_scheduler
+from async_wf._task import closed, current_scheduler, find_scheduler, opened
 from async_wf.checkpoint._runtime import Checkpoint
 from async_wf.transport import Transport
 from async_wf.transport.local import LocalTransport
@@ -267,6 +267,7 @@ class Runtime:
         # submit nested tasks
         sched.set_context(contextvars.copy_context())
         self._sched = sched
+        opened(loop, sched)
         try:
             await self._transport.start(sched, loop)
             if obs is not None:
@@ -276,6 +277,7 @@ class Runtime:
             # not submit to a runtime that will never run anything
             self._closed = True
             self._leave_context()
+            closed(loop, sched)
             await sched.close(cancel=True)
             raise
         return self
@@ -293,6 +295,7 @@ class Runtime:
         try:
             await self._sched.close(cancel=cancel)
         finally:
+            closed(self._sched._loop, self._sched)
             self._leave_context()
             obs = self._observer
             if obs is not None:
@@ -426,7 +429,7 @@ def submit(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
     Raises:
         RuntimeError: no runtime is running in this context.
     """
-    sched = current_scheduler.get()
+    sched = find_scheduler()
     if sched is None:
         raise RuntimeError("no async_wf runtime is running here; use 'async with Runtime()'")
     return sched.submit(fn, args, kwargs)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
 
@@ -20,6 +22,50 @@ R = TypeVar("R")
 current_scheduler: contextvars.ContextVar[Scheduler | None] = contextvars.ContextVar(
     "async_wf_current_scheduler", default=None
 )
+
+#: the open schedulers of each event loop: a notebook cell or a statement of
+#: ``python -m asyncio`` runs in a task of its own, whose context does not
+#: see what an earlier cell's ``await Runtime().start()`` set
+_open: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[Scheduler]] = \
+    weakref.WeakKeyDictionary()
+
+
+def opened(loop: asyncio.AbstractEventLoop, sched: Scheduler) -> None:
+    """Note that ``sched`` runs on ``loop`` until ``closed`` is called."""
+    _open.setdefault(loop, []).append(sched)
+
+
+def closed(loop: asyncio.AbstractEventLoop, sched: Scheduler) -> None:
+    """Undo ``opened``."""
+    scheds = _open.get(loop)
+    if scheds is not None and sched in scheds:
+        scheds.remove(sched)
+        if not scheds:
+            del _open[loop]
+
+
+def find_scheduler() -> Scheduler | None:
+    """The scheduler a call here goes to: this context's, else the one open on this loop.
+
+    Raises:
+        RuntimeError: no runtime in this context and several open on this
+            loop: which one is meant is not clear.
+    """
+    sched = current_scheduler.get()
+    if sched is not None or not _open:
+        return sched
+    loop = asyncio._get_running_loop()
+    if loop is None:
+        return None  # a thread without a loop: a blocking task calls its helpers inline
+    scheds = _open.get(loop)
+    if not scheds:
+        return None
+    if len(scheds) > 1:
+        raise RuntimeError(
+            f"{len(scheds)} async_wf runtimes are open on this event loop and none is entered "
+            "here: use rt.submit(...) to say which, or 'async with' one of them"
+        )
+    return scheds[0]
 
 
 class TaskFunction(Generic[P, R]):
@@ -75,7 +121,7 @@ class TaskFunction(Generic[P, R]):
         Raises:
             RuntimeError: no runtime is running in this context.
         """
-        sched = current_scheduler.get()
+        sched = find_scheduler()
         if sched is None:
             raise RuntimeError(
                 "no async_wf runtime is running here; cannot submit "
@@ -85,7 +131,7 @@ class TaskFunction(Generic[P, R]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Submit inside a running runtime (returns a TaskFuture), else call the function."""
-        sched = current_scheduler.get()
+        sched = find_scheduler()
         if sched is None or not sched.accepting:
             return self._fn(*args, **kwargs)
         return sched.submit(self, args, kwargs)
