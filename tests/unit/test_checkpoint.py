@@ -325,6 +325,27 @@ def test_ctrl_c_of_a_recorded_run_says_how_to_resume(tmp_path: Path) -> None:
         assert len(log) >= int(m.group(1)) > 0
 
 
+def big_array(i: int) -> np.ndarray:
+    return np.full(1 << 16, float(i))  # 512 KiB
+
+
+async def test_large_recorded_results_warn_once_per_function(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # issue 16: intermediates that make the log much larger than needed
+    ck = async_wf.Checkpoint(tmp_path / "x.wfck", warn_bytes=1 << 20)
+    caplog.set_level(logging.WARNING, logger="async_wf")
+    async with async_wf.Runtime(checkpoint=ck) as rt:
+        await async_wf.gather(*[rt.submit(big_array, i) for i in range(6)])
+        await rt.submit(square, 3)
+    said = [r.getMessage() for r in caplog.records if "checkpoint=False" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "big_array" in said[0] and "MiB" in said[0], said
+    with pytest.raises(ValueError, match="warn_bytes must be an int >= 0, got -1"):
+        async with async_wf.Runtime(checkpoint=async_wf.Checkpoint(tmp_path / "y.wfck",
+                                                                   warn_bytes=-1)):
+            pass
+
+
 # ------------------------------------------------------------- in-process API
 def square(x: int) -> int:
     return x * x
