@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("async_wf")
 
+#: values smaller than this are not counted toward warn_bytes (cheap to record)
+_BIG_VALUE = 64 << 10
 _FID_CACHE = 10_000  # function identities kept per runtime (lambdas made in a loop)
 
 
@@ -73,6 +75,10 @@ class Checkpoint:
         flush_every: records per write with ``flush="every"``.
         flush_interval: seconds between writes with ``flush="interval"``.
         fsync: make every write durable (``fdatasync``) against power loss.
+        warn_bytes: once a function's recorded results (arrays and bytes,
+            counted by their size in memory) pass this many bytes in a run,
+            a warning says so once, pointing at ``@task(checkpoint=False)``
+            for intermediates; 0 turns it off. Default 1 GiB.
         strict: a module-level value that a task's function reads and that
             has no stable hash (a logger, a lock, a client) fails ``submit``
             with ``CheckpointKeyError`` naming it, rather than being left
@@ -88,6 +94,7 @@ class Checkpoint:
     flush_interval: float = DEFAULT_FLUSH_INTERVAL
     fsync: bool = False
     strict: bool = False
+    warn_bytes: int = 1 << 30
 
 
 def _leaf(obj: Any) -> bytes | None:
@@ -151,7 +158,12 @@ class Recorder:
     """
 
     def __init__(self, config: Checkpoint, loop: asyncio.AbstractEventLoop) -> None:
+        wb = config.warn_bytes
+        if isinstance(wb, bool) or not isinstance(wb, int) or wb < 0:
+            raise ValueError(f"warn_bytes must be an int >= 0, got {wb!r}")
         self.config = config
+        # bytes of the large values recorded per function name, until warned
+        self._big: dict[str, int] = {}
         self.log = CheckpointLog(
             config.path,
             flush=config.flush,
@@ -360,6 +372,11 @@ class Recorder:
                 if len(names) < _FID_CACHE:
                     names[nk] = name
             items.append((key, value, name, fut._cparents))
+            nbytes = getattr(value, "nbytes", None)
+            if type(nbytes) is int and nbytes >= _BIG_VALUE:
+                self._count_big(name, nbytes)
+            elif type(value) is bytes and len(value) >= _BIG_VALUE:
+                self._count_big(name, len(value))
             if self._outputs:
                 outs = self._outputs.pop(fut, None)
                 if outs is not None:
@@ -379,6 +396,21 @@ class Recorder:
                 fut.name, f"task {fut.name!r}: result not recorded, it cannot be pickled "
                 f"({type(err).__name__}: {err}); declare it with checkpoint=False"
             )
+
+    def _count_big(self, name: str, nbytes: int) -> None:
+        limit = self.config.warn_bytes
+        total = self._big.get(name, 0)
+        if not limit or total < 0:
+            return  # off, or warned already
+        total += nbytes
+        if total < limit:
+            self._big[name] = total
+            return
+        self._big[name] = -1
+        log.warning("task function %s has put %.0f MiB of results in the checkpoint log %s "
+                    "in this run; if they are intermediates that are cheap to recompute, "
+                    "declare it @task(checkpoint=False): its dependents are still recorded",
+                    name, total / (1 << 20), self.log.path)
 
     def _add_outputs(self, items: list[tuple[bytes, Any, str, tuple[bytes, ...]]],
                      fut: TaskFuture, key: bytes, outs: list[FileArg]) -> None:
