@@ -14,6 +14,8 @@ import contextlib
 import os
 import pickle
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -358,3 +360,72 @@ def parse_address(address: str) -> tuple[str, int]:
     """``("host", port)`` of a ``tcp://host:port`` address."""
     host, _, port = address.removeprefix("tcp://").rpartition(":")
     return host.strip("[]"), int(port)
+
+
+class CuttableProxy:
+    """A TCP relay on loopback whose link can be cut (every connection reset) and restored.
+
+    While cut it also refuses new connections, as a network that is down does.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self._srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self._srv.getsockname()[1]
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._up = True
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                a, _ = self._srv.accept()
+            except OSError:
+                return
+            with self._lock:
+                if not self._up:
+                    a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    a.close()  # a reset, as a refused connection
+                    continue
+                try:
+                    b = socket.create_connection(self.target)
+                except OSError:
+                    a.close()
+                    continue
+                self.connections += 1
+                self._socks += [a, b]
+            for src, dst in ((a, b), (b, a)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        """Reset every relayed connection and refuse new ones."""
+        with self._lock:
+            self._up = False
+            socks, self._socks = self._socks, []
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+
+    def restore(self) -> None:
+        """Accept and relay connections again."""
+        with self._lock:
+            self._up = True
+
+    def close(self) -> None:
+        """Stop listening and reset what is relayed."""
+        self.cut()
+        self._srv.close()

@@ -300,3 +300,71 @@ def ssl_error() -> type[Exception]:
     import ssl
 
     return ssl.SSLError
+
+
+# ---------------------------------------------------------- reconnection (22.4)
+def slow_pid_of(i: int) -> tuple[int, int]:
+    time.sleep(0.05)
+    return i, os.getpid()
+
+
+async def test_an_external_worker_reconnects_after_a_network_cut(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    async with async_wf.Runtime(listen="tcp://127.0.0.1:0", token_file=token,
+                                heartbeat=0.2, no_worker_timeout=30) as rt:
+        proxy = th.CuttableProxy(th.parse_address(rt.transport.address))  # type: ignore[attr-defined]
+        proc = th.start_worker(f"tcp://127.0.0.1:{proxy.port}", "--token-file", str(token),
+                               "--reconnect", "30")
+        try:
+            futs = [rt.submit(slow_pid_of, i) for i in range(60)]
+            await asyncio.wait_for(futs[0], th.HANG)
+            proxy.cut()
+            await asyncio.sleep(3.0)  # down for longer than the heartbeat timeout (2 s)
+            assert proc.poll() is None, "the worker must wait for the network, not exit"
+            proxy.restore()
+            done = await asyncio.wait_for(async_wf.gather(*futs), th.HANG)
+            assert [i for i, _ in done] == list(range(60))
+            assert {p for _, p in done} == {proc.pid}  # the same process, reconnected
+            assert proxy.connections >= 2
+            assert rt.statistics()["failed"] == 0
+        finally:
+            proxy.close()
+            th.stop(proc)
+
+
+def test_a_worker_told_to_stop_does_not_reconnect(tmp_path: Path) -> None:
+    async def main() -> tuple[int, str, float]:
+        token = tmp_path / "token"
+        async with async_wf.Runtime(listen="tcp://127.0.0.1:0", token_file=token) as rt:
+            addr = rt.transport.address  # type: ignore[attr-defined]
+            proc = th.start_worker(addr, "--token-file", str(token), "--reconnect", "30")
+            assert await asyncio.wait_for(rt.submit(th.square, 3), th.HANG) == 9
+        t0 = time.monotonic()
+        code = await asyncio.to_thread(proc.wait, th.HANG)  # told SHUTDOWN at the close
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+        return code, err, time.monotonic() - t0
+
+    code, err, took = asyncio.run(main())
+    assert code == 0 and took < 10, (code, took, err)
+
+
+async def test_a_worker_gives_up_reconnecting_after_its_grace_period(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    async with async_wf.Runtime(listen="tcp://127.0.0.1:0", token_file=token,
+                                heartbeat=0.2) as rt:
+        proxy = th.CuttableProxy(th.parse_address(rt.transport.address))  # type: ignore[attr-defined]
+        proc = th.start_worker(f"tcp://127.0.0.1:{proxy.port}", "--token-file", str(token),
+                               "--reconnect", "1.5")
+        try:
+            assert await asyncio.wait_for(rt.submit(th.square, 3), th.HANG) == 9
+            proxy.cut()  # for good
+            code = await asyncio.to_thread(proc.wait, th.HANG)
+            assert proc.stderr is not None
+            err = proc.stderr.read().decode()
+            assert code != 0
+            assert "gave up reconnecting after 1.5 s" in err, err
+        finally:
+            proxy.close()
+            th.stop(proc)
