@@ -112,6 +112,10 @@ class Worker:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.secret = secret
+        #: the connection was lost after the handshake (reset, or the
+        #: scheduler went silent), not ended by SHUTDOWN: worth reconnecting
+        self.lost = False
+        self.joined = False
         self.slots = slots
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.parent_pid = parent_pid
@@ -190,7 +194,9 @@ class Worker:
             watchdog.cancel()
             for t in self._async.values():
                 t.cancel()
-            self._pool.close()
+            # after a lost connection the queued calls belong to the
+            # scheduler's past: it has queued them again elsewhere
+            self._pool.close(drop_queued=self.lost)
             stream.close()
 
     def forward_logs(self, level: int | None = None) -> None:
@@ -254,6 +260,8 @@ class Worker:
                       "(wrong token?)", self.name)
             self._finish(1)
         else:
+            if self._done is not None and not self._done.done():
+                self.lost = True  # not told SHUTDOWN first
             self._finish(0)
 
     def _on_frame(self, kind: int, payload: memoryview, buffers: list[Any]) -> None:
@@ -286,6 +294,7 @@ class Worker:
                 bytes(payload), self.secret, *self._nonces
             )
             self._state = "ready"
+            self.joined = True
             stream.decoder.max_frame = self.max_frame
             log.info("worker %s joined as #%d", self.name, self.worker_id)
 
@@ -298,7 +307,9 @@ class Worker:
                 stream.send(P.raw_frame(P.HEARTBEAT))
             silent = time.monotonic() - max(self._last_heard, stream.last_activity)
             if silent > max(10 * self._heartbeat, 10.0):
-                log.error("worker %s: scheduler silent for %.0f s, exiting", self.name, silent)
+                log.error("worker %s: scheduler silent for %.0f s, dropping the connection",
+                          self.name, silent)
+                self.lost = self._state == "ready"
                 self._finish(1)
                 return
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
@@ -565,6 +576,11 @@ class _Forward(logging.Handler):
 
 
 # --------------------------------------------------------------------- main
+#: the first pause before reconnecting, and the longest (doubling between)
+_RECONNECT_FIRST = 0.1
+_RECONNECT_MAX = 5.0
+
+
 def _die(message: str) -> NoReturn:
     """One line on stderr and exit status 2: a usage problem, no traceback."""
     print(f"async-wf worker: {message}", file=sys.stderr)
@@ -616,6 +632,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--tls-auto", action="store_true",
                    help="TLS with the certificate derived from the token (the runtime has "
                    "ssl='auto'); a server without it is refused")
+    p.add_argument("--reconnect", type=float, default=60.0, metavar="SECONDS",
+                   help="after a lost connection (a network cut, a restarted switch), try "
+                   "again for this long, with backoff (default 60; 0: exit at once)")
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -649,16 +668,43 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise SystemExit(f"async-wf worker: {exc}") from None
     if args.slots < 1:
         raise SystemExit(f"async-wf worker: --slots must be >= 1, got {args.slots}")
-    worker = Worker(_secret_from(args), args.slots, args.name, args.parent_pid)
+    if args.reconnect < 0:
+        raise SystemExit(f"async-wf worker: --reconnect must be >= 0 seconds, "
+                         f"got {args.reconnect:g}")
+    secret = _secret_from(args)
     from async_wf._api import run
 
-    try:
-        return run(worker.run(host, port, _ssl_from(args), tls_auto=args.tls_auto))
-    except KeyboardInterrupt:
-        return 130
-    except OSError as exc:
-        print(f"async-wf worker: cannot connect to {args.connect}: {exc}", file=sys.stderr)
-        return 2
+    # spawned workers are replaced by their runtime instead of reconnecting
+    grace = 0.0 if args.parent_pid is not None else args.reconnect
+    lost_at: float | None = None
+    delay = _RECONNECT_FIRST
+    while True:
+        worker = Worker(secret, args.slots, args.name, args.parent_pid)
+        try:
+            code = run(worker.run(host, port, _ssl_from(args), tls_auto=args.tls_auto))
+        except KeyboardInterrupt:
+            return 130
+        except OSError as exc:
+            if lost_at is None:
+                print(f"async-wf worker: cannot connect to {args.connect}: {exc}",
+                      file=sys.stderr)
+                return 2
+            code = 2
+        else:
+            if worker.lost and grace > 0:
+                if worker.joined:
+                    lost_at, delay = time.monotonic(), _RECONNECT_FIRST
+                    log.warning("worker %s: connection to %s lost; reconnecting for up to "
+                                "%g s", worker.name, args.connect, grace)
+            elif lost_at is None or worker.joined:
+                return code  # told to stop, refused, or no reconnecting
+        assert lost_at is not None
+        if time.monotonic() - lost_at > grace:
+            print(f"async-wf worker: gave up reconnecting after {grace:g} s: "
+                  f"{args.connect} did not take the connection back", file=sys.stderr)
+            return code or 1
+        time.sleep(delay)
+        delay = min(delay * 2, _RECONNECT_MAX)
 
 
 if __name__ == "__main__":
