@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 SOURCES := pyproject.toml setup.py $(wildcard src_cython/*.pyx src_cython/*.pxi src_cython/async_wf/*.pxd)
 
-.PHONY: install demo test test-fast test-slow test-browser lint bench bench-core debug clean
+.PHONY: install demo test test-fast test-slow test-faults test-browser lint bench bench-core debug clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,14 +25,26 @@ lint: install
 # lint + types, the suite on the compiled core, then the runtime suite again
 # on the pure-Python twin (the core tests run both twins in the first pass)
 test: lint
-	$(PY) -m pytest -q -m "not slow"
-	ASYNC_WF_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "not slow" --ignore=tests/unit/test_core.py
+	$(PY) -m pytest -q -m "not slow and not faults"
+	ASYNC_WF_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "not slow and not faults" --ignore=tests/unit/test_core.py
 
 test-fast: install
-	$(PY) -m pytest -q -x -m "not slow"
+	$(PY) -m pytest -q -x -m "not slow and not faults"
 
 test-slow: install
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m "slow and not faults"
+
+# the fault-injection campaign (issue 22): worker kills and stops under load,
+# a crash-looping task, an oversized result, a pre-auth flood, and a 15 s
+# network cut to a worker in a network namespace (root and iproute2: installed
+# with apt-get when run as root); figures in faults-report.jsonl
+test-faults: install
+	@if ! command -v ip >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && apt-get install -y -q iproute2; \
+	fi
+	rm -f faults-report.jsonl
+	$(PY) -m pytest -q -rs -m faults tests/faults
+	@cat faults-report.jsonl
 
 # the HTML report rendered by a real headless Chromium (make test skips that
 # test when no browser is on PATH): installs Debian's chromium when run as

@@ -182,9 +182,10 @@ class Worker:
                     s.abort(exc)
 
             stream.on_open = pin
-        await loop.create_connection(
+        # bounded: a SYN into a cut link is retried by the kernel for minutes
+        await asyncio.wait_for(loop.create_connection(
             lambda: stream, host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None
-        )
+        ), CONNECT_TIMEOUT)
         watchdog = loop.create_task(self._watch())
         self.forward_logs()
         try:
@@ -576,6 +577,8 @@ class _Forward(logging.Handler):
 
 
 # --------------------------------------------------------------------- main
+#: seconds a connection attempt may take (TimeoutError, an OSError, after it)
+CONNECT_TIMEOUT = 10.0
 #: the first pause before reconnecting, and the longest (doubling between)
 _RECONNECT_FIRST = 0.1
 _RECONNECT_MAX = 5.0
