@@ -368,3 +368,21 @@ async def test_a_worker_gives_up_reconnecting_after_its_grace_period(tmp_path: P
         finally:
             proxy.close()
             th.stop(proc)
+
+
+def quick_work(i: int) -> int:
+    time.sleep(0.002)
+    return i
+
+
+async def test_a_killer_is_blamed_not_the_task_that_finished_just_before_it() -> None:
+    # a quick task that finished right before the killer started, its result
+    # not sent yet, looked unfinished: it took the blame instead of the killer
+    async with async_wf.Runtime(workers=2, heartbeat=0.2, max_lost=3) as rt:
+        killer = rt.submit(th.die)
+        futs = [rt.submit(quick_work, i) for i in range(600)]
+        with pytest.raises(async_wf.WorkerLostError, match=r"task 'die' killed 3 workers"):
+            await asyncio.wait_for(killer, th.HANG)
+        done = await asyncio.wait_for(async_wf.gather(*futs, return_exceptions=True), th.HANG)
+        assert [d for d in done if isinstance(d, BaseException)] == []
+        assert rt.statistics()["workers_lost"] == 3
