@@ -114,6 +114,7 @@ class _Worker:
         "n_thread",
         "name",
         "pid",
+        "quarantine",
         "slots",
         "stream",
         "thread_limit",
@@ -143,8 +144,13 @@ class _Worker:
         self.async_limit = async_limit
         self.last_heard = time.monotonic()
         self.gang: Any = None  # the MPI task this rank is part of (async_wf.transport.mpi)
+        # the rid of a task that was running when a worker was lost, sent here
+        # alone: nothing else is sent until it ends (see _pick_alone)
+        self.quarantine = 0
 
     def free(self, kind: int) -> int:
+        if self.quarantine:
+            return 0
         if kind == ASYNC:
             return self.async_limit - self.n_async
         if self.gang is not None:
@@ -206,6 +212,25 @@ class RemoteTransport(Transport):
                 for w in self._order]
 
     # --------------------------------------------------------------- dispatch
+    def _pick_alone(self) -> _Worker | None:
+        """A worker with nothing outstanding, for a task suspected of killing workers.
+
+        Sent alone, such a task is the only one that can be blamed if the
+        worker dies again: a quick task that finished just before it, its
+        result not sent yet, is not (without this, one innocent task next
+        to the killer in the queue took the blame each time and the killer
+        never reached ``max_lost``).
+        """
+        for w in self._order:
+            if (w.n_thread == 0 and w.n_async == 0 and not w.quarantine
+                    and w.gang is None):
+                return w
+        return None
+
+    def _send_alone(self, w: _Worker, fut: TaskFuture) -> None:
+        w.count(fut._kind, 1)
+        w.quarantine = self._send_tasks(w, [fut]) or 0
+
     def capacity(self) -> int:
         """How many tasks the scheduler may pop now (see the module docstring).
 
@@ -259,7 +284,12 @@ class RemoteTransport(Transport):
             kind = fut._kind
             if kind == ASYNC:
                 n_async += 1
-            w = self._pick(kind)
+            elif fut._lost:
+                w = self._pick_alone()
+                if w is not None:
+                    self._send_alone(w, fut)
+                    continue
+            w = None if fut._lost and kind != ASYNC else self._pick(kind)
             if w is None:
                 self._seq += 1
                 heapq.heappush(self._backlog[kind != ASYNC],
@@ -408,6 +438,13 @@ class RemoteTransport(Transport):
                 if fut.done():
                     heapq.heappop(heap)
                     continue
+                if fut._lost and fut._kind != ASYNC:
+                    w = self._pick_alone()
+                    if w is None:
+                        break
+                    heapq.heappop(heap)
+                    self._send_alone(w, fut)
+                    continue
                 w = self._pick(fut._kind)
                 if w is None:
                     break
@@ -516,6 +553,8 @@ class RemoteTransport(Transport):
         for rid, status, nbufs, blob, tb in results:
             start = pos
             pos += nbufs
+            if rid == w.quarantine:
+                w.quarantine = 0
             fut = w.inflight.pop(rid, None)
             w.cancelling.discard(rid)
             if fut is None:
