@@ -433,3 +433,34 @@ def test_mpi_task_resumes_from_its_last_complete_step(tmp_path: Path) -> None:
     assert f"VALUES [{want}, {want}]" in proc.stdout, proc.stdout
     steps = restored(proc.stdout)
     assert {s for _, s in steps} in ({"3"}, {"2"}), steps
+
+
+MAIN_VALUES = """
+    import dataclasses
+    import async_wf
+
+    @dataclasses.dataclass
+    class Point:
+        x: int
+
+    def get_x(p):
+        return p.x
+
+    def scale(p, by):
+        return by(p.x)
+
+    def triple(v):
+        return 3 * v
+
+    async def main():
+        async with async_wf.Runtime() as rt:
+            print("OK x", await rt.submit(get_x, Point(3)))
+            print("OK fn", await rt.submit(scale, Point(2), triple))
+
+    async_wf.run(main())
+"""
+
+
+def test_instances_and_functions_of_main_travel_as_arguments(tmp_path: Path) -> None:
+    # issue 17.2: "Can't get attribute 'Point'" on the worker ranks
+    assert oks(mpirun(tmp_path, 2, MAIN_VALUES)) == {"x 3", "fn 6"}

@@ -846,3 +846,40 @@ async def test_sys_exit_in_an_async_task_fails_the_task_not_the_worker() -> None
             await rt.submit(exits_async)
         assert await rt.submit(echo, "alive") == "alive"
         assert rt.statistics()["workers_lost"] == 0
+
+
+MAIN_VALUES_TCP = """
+import dataclasses, sys
+import async_wf
+
+@dataclasses.dataclass
+class Point:
+    x: int
+
+def get_x(p):
+    return p.x
+
+def scale(p, by):
+    return by(p.x)
+
+def triple(v):
+    return 3 * v
+
+async def main():
+    async with async_wf.Runtime(workers=2) as rt:
+        print(await rt.submit(get_x, Point(3)), await rt.submit(scale, Point(2), triple))
+        back = await rt.submit(lambda: Point(5))
+        print(type(back) is Point, back.x)
+
+async_wf.run(main())
+"""
+
+
+def test_instances_and_functions_of_main_travel_as_arguments(tmp_path: Path) -> None:
+    # issue 17.2: "RemoteError ... Can't get attribute 'Point'" on the workers
+    (tmp_path / "app.py").write_text(MAIN_VALUES_TCP)
+    proc = subprocess.run([sys.executable, "app.py"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=HANG, env=worker_env())
+    assert proc.returncode == 0, proc.stderr
+    # and a result of such a class comes back as the program's own class
+    assert proc.stdout.split("\n")[:2] == ["3 6", "True 5"], proc.stdout + proc.stderr
