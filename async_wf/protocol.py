@@ -326,24 +326,35 @@ class Challenge:
 
 
 # ----------------------------------------------------------------- encoding
-def pack(obj: Any, bufs: list[pickle.PickleBuffer]) -> bytes:
+def pack(obj: Any, bufs: list[pickle.PickleBuffer], main_by_value: bool = False) -> bytes:
     """Pickle ``obj`` on its own; its out-of-band buffers are appended to ``bufs``.
 
     Tasks' arguments and results are packed one by one inside a frame, so
     that one that cannot be unpickled on the other side fails its own task,
     not the whole frame (and with it the connection).
 
+    ``main_by_value``: what plain pickle would refer to by the name
+    ``__main__.X`` (a class or function of the program's script) goes by
+    value, through cloudpickle, as task functions do: a worker's ``__main__``
+    is not the program's. For arguments only: a result must come back as
+    the program's own class, by name.
+
     Raises:
         pickle.PicklingError (or what cloudpickle raises): ``obj`` cannot be pickled.
     """
     n0 = len(bufs)
     try:
-        return pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
+        blob = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
+        # the module name appears in the pickle of any reference to it; a
+        # string that merely contains it costs a cloudpickle, nothing worse
+        if not (main_by_value and b"__main__" in blob):
+            return blob
     except Exception:
-        del bufs[n0:]
-        f = io.BytesIO()
-        cloudpickle.CloudPickler(f, protocol=5, buffer_callback=bufs.append).dump(obj)
-        return f.getvalue()
+        pass
+    del bufs[n0:]
+    f = io.BytesIO()
+    cloudpickle.CloudPickler(f, protocol=5, buffer_callback=bufs.append).dump(obj)
+    return f.getvalue()
 
 
 def unpack(blob: bytes, buffers: list[Any], start: int, count: int) -> Any:

@@ -343,7 +343,7 @@ class RemoteTransport(Transport):
             try:
                 # each task's arguments in a blob of their own: one that the
                 # worker cannot unpickle fails that task, not the frame
-                args_blob = P.pack((fut._args, fut._kwargs or None), bufs)
+                args_blob = P.pack((fut._args, fut._kwargs or None), bufs, main_by_value=True)
             except Exception as exc:
                 del bufs[n0:]
                 self._unsendable(w, fut, "arguments", exc)
