@@ -352,3 +352,23 @@ def slow_pid(seconds: float) -> int:
     """The worker's pid, after ``seconds``: concurrent calls spread over the workers."""
     time.sleep(seconds)
     return os.getpid()
+
+
+def exit_when_loaded() -> None:
+    """Rebuilds an ``ExitsWhenUnpickled``: raises SystemExit in whoever unpickles it."""
+    raise SystemExit("raised while unpickling")
+
+
+class ExitsWhenUnpickled:
+    """Pickles fine; unpickling it raises SystemExit (a BaseException, not an Exception)."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (exit_when_loaded, ())
+
+    def __call__(self) -> int:
+        return 1
+
+
+def make_exiting() -> ExitsWhenUnpickled:
+    """A task whose result the scheduler cannot unpickle without SystemExit."""
+    return ExitsWhenUnpickled()
