@@ -372,3 +372,14 @@ class ExitsWhenUnpickled:
 def make_exiting() -> ExitsWhenUnpickled:
     """A task whose result the scheduler cannot unpickle without SystemExit."""
     return ExitsWhenUnpickled()
+
+
+class ExitingError(Exception):
+    """An exception that pickles, but whose unpickling raises SystemExit."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (exit_when_loaded, ())
+
+
+def raise_exiting() -> None:
+    raise ExitingError("cannot come back")

@@ -272,6 +272,10 @@ async def test_a_result_whose_unpickling_raises_system_exit_fails_its_task_only(
                            match=r"the result of task 'make_exiting' could not be unpickled "
                                  r"here: SystemExit: raised while unpickling"):
             await asyncio.wait_for(rt.submit(th.make_exiting), th.HANG)
+        # an exception that cannot make the round trip comes back as a RemoteError
+        with pytest.raises(async_wf.RemoteError,
+                           match=r"tcp_helpers\.ExitingError: cannot come back"):
+            await asyncio.wait_for(rt.submit(th.raise_exiting), th.HANG)
         t0 = time.monotonic()
         assert await asyncio.wait_for(rt.submit(th.square, 3), th.HANG) == 9
         assert time.monotonic() - t0 < 2.0
