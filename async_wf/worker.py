@@ -93,7 +93,10 @@ def portable_exception(exc: BaseException) -> BaseException:
         back = pickle.loads(parts[1], buffers=parts[2:])
         if isinstance(back, BaseException):
             return exc
-    except Exception:
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        # SystemExit from an unpickling __reduce__ included: it would end the loop
         pass
     return RemoteError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}")
 
@@ -293,7 +296,12 @@ class Worker:
         for fid, blob in new_fns:
             try:
                 self._fns[fid] = pickle.loads(blob)
-            except Exception as exc:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
+                # SystemExit included: raised out of the frame handler it
+                # would end the worker, and the scheduler would resend the
+                # task to the next worker
                 self._fn_errors[fid] = RemoteError(
                     f"the task function could not be loaded on worker {self.name}: "
                     f"{type(exc).__name__}: {exc}"
@@ -309,7 +317,9 @@ class Worker:
             pos += nbufs
             try:
                 args, kw = P.unpack(blob, buffers, start, nbufs)
-            except Exception as exc:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
                 # this task alone: e.g. an argument's module is missing here
                 self._report(rid, R_ERROR, RemoteError(
                     f"the arguments of the task could not be loaded on worker {self.name}: "
