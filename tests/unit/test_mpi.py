@@ -433,3 +433,32 @@ def test_mpi_task_resumes_from_its_last_complete_step(tmp_path: Path) -> None:
     assert f"VALUES [{want}, {want}]" in proc.stdout, proc.stdout
     steps = restored(proc.stdout)
     assert {s for _, s in steps} in ({"3"}, {"2"}), steps
+
+
+LEARNT_QUICK = """
+    import time
+    import async_wf
+
+    async def main():
+        async with async_wf.Runtime() as rt:
+            for _ in range(6):  # one at a time: the rank learns that sleep(0) is short
+                await rt.submit(time.sleep, 0)
+            t0 = time.monotonic()
+            at = []
+            quick = [rt.submit(time.sleep, 0) for _ in range(2)]
+            for f in quick:
+                f.add_done_callback(lambda _: at.append(time.monotonic() - t0))
+            slow = rt.submit(time.sleep, 1.5)
+            await async_wf.gather(*quick)
+            await slow
+            took = time.monotonic() - t0
+            assert took >= 1.5 and max(at) < 0.5, (at, took)
+            print("OK quick first")
+
+    async_wf.run(main())
+"""
+
+
+def test_a_slow_call_of_a_function_learnt_as_quick_holds_no_other_task(tmp_path: Path) -> None:
+    # the worker ranks run tasks with the TCP worker's code (MpiWorker)
+    assert oks(mpirun(tmp_path, 2, LEARNT_QUICK)) == {"quick first"}
