@@ -281,11 +281,13 @@ for _name in ("bcast", "gather", "scatter", "allgather", "alltoall", "reduce", "
 
 # ----------------------------------------------------------- worker ranks
 class _Link:
-    __slots__ = ("channel", "root")
+    __slots__ = ("channel", "frames_left", "root")
 
     def __init__(self, channel: MpiChannel, root: int) -> None:
         self.channel = channel
         self.root = root
+        #: frames of the current batch still to be handled (see Worker._alone)
+        self.frames_left = 0
 
     def send(self, parts: list[Any]) -> None:
         self.channel.send(self.root, parts)
@@ -419,7 +421,10 @@ async def _serve(session: Session) -> int:
     holder: list[MpiWorker] = []
 
     def on_frames(frames: list[tuple[int, int, memoryview, list[Any]]]) -> None:
+        left = len(frames)
         for src, kind, payload, buffers in frames:
+            left -= 1
+            link.frames_left = left
             if done.done():
                 return
             if src != session.root:

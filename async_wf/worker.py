@@ -5,11 +5,12 @@
 
 ``async def`` tasks run concurrently on the worker's own event loop, with no
 limit from ``--slots``; blocking functions run in ``--slots`` threads;
-``inline`` functions, and blocking functions that have proved short (see
-INLINE_BELOW), run on the loop. Outcomes are sent back in batches: all
-that finished in one loop iteration go in one RESULTS frame. When the
-scheduler asks for timings (bit 0 of a TASKS frame's flags), a RESULTS
-frame also carries the start and end of each task that ran.
+``inline`` functions, and blocking functions that have proved short when
+nothing else is in flight here (see INLINE_BELOW), run on the loop.
+Outcomes are sent back in batches: all that finished in one loop iteration
+go in one RESULTS frame. When the scheduler asks for timings (bit 0 of a
+TASKS frame's flags), a RESULTS frame also carries the start and end of
+each task that ran.
 
 Log records of the worker's process at or above its level (WARNING, INFO
 with ``-v``, or ``ASYNC_WF_LOG_LEVEL``) are forwarded to the scheduler in
@@ -27,8 +28,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import pickle
+import select
 import socket
 import ssl
 import sys
@@ -53,13 +56,16 @@ K_ASYNC, K_THREAD, K_INLINE, K_MPI = 0, 1, 2, 3
 # result statuses on the wire
 R_OK, R_ERROR, R_CANCELLED = 0, 1, 2
 
-# A blocking function whose calls average less than INLINE_BELOW seconds runs
-# on the worker's loop instead of a slot thread: for such a function the two
-# thread hand-offs cost more than the call. At most INLINE_BUDGET seconds of
-# such calls run per batch, so heartbeats and I/O keep flowing; a function
-# that turns slow drives its average up and goes back to the threads.
+# A blocking function whose calls average less than INLINE_BELOW seconds may
+# run on the worker's loop instead of a slot thread: for such a function the
+# two thread hand-offs cost more than the call (a dependent chain gains most).
+# It does only when the call would hold up nothing else: it is the last task
+# of the last frame read, and no other task runs here and no result waits to
+# be sent (see Worker._alone). One call on the loop that takes more than
+# INLINE_NEVER seconds sends the function to the threads for good; while a
+# call on the loop outlasts a heartbeat, a guard thread sends the heartbeats.
 INLINE_BELOW = 200e-6
-INLINE_BUDGET = 5e-3
+INLINE_NEVER = 5e-3
 
 _NO_KWARGS: dict[str, Any] = {}  # never mutated: ** unpacking copies it
 
@@ -148,6 +154,19 @@ class Worker:
         self._logs: list[tuple[str, int, str, float]] = []
         self._log_lock = threading.Lock()
         self._log_handler: _Forward | None = None
+        # a call on the loop (inline) that outlasts a heartbeat: the guard
+        # thread writes heartbeats to the socket itself, under the gate,
+        # while the loop's thread is in the call (see _guard_beats)
+        self._gate = threading.Lock()
+        self._inline_t0 = 0.0  # perf_counter() when the running inline call began, or 0
+        self._raw_fd: int | None = None  # the socket the guard may write to; None: no guard
+        self._raw_broken = False  # the guard left half a frame on the socket
+        self._guard_busy = False  # the guard holds the gate and may write
+        self._guard: threading.Thread | None = None
+        self._guard_stop = threading.Event()
+        # learnt-quick functions may run on the loop: only where heartbeats
+        # go on meanwhile (the guard; MPI ranks have none), not over TLS
+        self._learnt_inline = True
 
     async def run(
         self, host: str, port: int, ssl_ctx: ssl.SSLContext | None = None
@@ -163,11 +182,18 @@ class Worker:
         await loop.create_connection(
             lambda: stream, host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None
         )
+        sock = stream.transport.get_extra_info("socket") if stream.transport else None
+        if ssl_ctx is None and sock is not None:
+            self._raw_fd = sock.fileno()
+        else:
+            # the guard cannot write into a TLS stream
+            self._learnt_inline = False
         watchdog = loop.create_task(self._watch())
         self.forward_logs()
         try:
             return await self._done
         finally:
+            self._guard_stop.set()
             self.stop_forwarding()
             watchdog.cancel()
             for t in self._async.values():
@@ -310,9 +336,9 @@ class Worker:
         pool = self._pool
         assert loop is not None and pool is not None
         dur = self._dur
-        spent = 0.0
+        last = len(batch) - 1
         pos = 0
-        for rid, fid, kind, nbufs, blob, extra in batch:
+        for i, (rid, fid, kind, nbufs, blob, extra) in enumerate(batch):
             start = pos
             pos += nbufs
             try:
@@ -338,8 +364,9 @@ class Worker:
                 self._async[rid] = loop.create_task(self._run_async(rid, fn, args, kwargs))
             elif kind == K_THREAD:
                 d = dur.get(fid)
-                if d is not None and d < INLINE_BELOW and spent < INLINE_BUDGET:
-                    spent += self._run_inline(rid, fid, fn, args, kwargs)
+                if (d is not None and d < INLINE_BELOW and i == last and self._learnt_inline
+                        and self._alone()):
+                    self._run_inline(rid, fid, fn, args, kwargs)
                 else:
                     self._in_pool.add(rid)
                     pool.put((rid, fid), fn, args, kwargs)
@@ -354,6 +381,17 @@ class Worker:
                 for fid in [f for f in table if f < floor]:
                     del table[fid]
 
+    def _alone(self) -> bool:
+        """True if a call run on the loop now would hold up nothing but itself.
+
+        Nothing else runs or waits here (no thread, no coroutine, no
+        result to send), and no other frame of the scheduler's waits to be
+        handled after this one.
+        """
+        stream = self._stream
+        return not (self._in_pool or self._async or self._out or stream is None
+                    or stream.frames_left)
+
     def _start_mpi(self, rid: int, fid: int, fn: Any, args: Any, kwargs: Any,
                    gang: Any) -> None:
         """Start this rank's part of an MPI task (only MPI worker ranks can)."""
@@ -361,9 +399,12 @@ class Worker:
             f"worker {self.name} is not an MPI rank and cannot run an mpi=k task"
         ), None)
 
-    def _run_inline(self, rid: int, fid: int, fn: Any, args: Any, kwargs: Any) -> float:
-        """Run ``fn`` on the loop thread; return the seconds it took."""
+    def _run_inline(self, rid: int, fid: int, fn: Any, args: Any, kwargs: Any) -> None:
+        """Run ``fn`` on the loop thread (with the guard keeping heartbeats going)."""
         t0 = perf_counter()
+        if self._guard is None and self._raw_fd is not None:
+            self._start_guard()
+        self._inline_t0 = t0
         mark_thread(self, rid)
         try:
             value = fn(*args, **kwargs)
@@ -375,12 +416,94 @@ class Worker:
             self._report(rid, R_OK, value, None)
         finally:
             mark_thread(None, None)
+            self._inline_t0 = 0.0
+            if self._guard_busy:
+                # wait out the heartbeat the guard is writing, before this
+                # thread writes to the socket again
+                with self._gate:
+                    pass
         took = perf_counter() - t0
         if self._timing:
             self._times.extend((rid, t0, t0 + took))
         if fid >= 0:
-            self._learn(fid, took)
-        return took
+            if took > INLINE_NEVER:
+                # never on the loop again (inf stays inf in the average): a
+                # call that runs this long holds up the frames that arrive
+                # meanwhile. Calls in a thread only feed the average: theirs
+                # include waits for the GIL.
+                self._dur[fid] = math.inf
+            else:
+                self._learn(fid, took)
+        if took > self._heartbeat:
+            # frames from the scheduler wait unread behind the call: that
+            # silence is this worker's, not the scheduler's (see _watch)
+            self._last_heard = time.monotonic()
+            if self._raw_broken:
+                stream = self._stream
+                if stream is not None:
+                    stream.abort(P.ProtocolError(
+                        "a heartbeat could not be written whole during a long inline call"))
+
+    def _start_guard(self) -> None:
+        self._guard = threading.Thread(target=self._guard_beats, name="async_wf-beats",
+                                       daemon=True)
+        self._guard.start()
+
+    def _guard_beats(self) -> None:
+        """Thread: send heartbeats while a call runs on the loop for longer than a beat.
+
+        The loop's thread is then inside the call and touches neither the
+        socket nor the transport; it takes the gate before it does again,
+        so the heartbeat written here under the gate is never cut into by,
+        nor cuts into, a frame of the loop's.
+        """
+        beat = self._heartbeat
+        frame = b"".join(P.raw_frame(P.HEARTBEAT))
+        while not self._guard_stop.wait(beat / 2):
+            t0 = self._inline_t0
+            if not t0 or perf_counter() - t0 < beat:
+                continue
+            with self._gate:
+                # busy before the check: the loop's thread, which clears
+                # _inline_t0 and then reads _guard_busy, either sees busy
+                # and waits at the gate, or has cleared _inline_t0 before
+                # the check below, which then writes nothing
+                self._guard_busy = True
+                try:
+                    if self._inline_t0 == t0 and not self._raw_broken:
+                        self._write_raw(frame)
+                finally:
+                    self._guard_busy = False
+
+    def _write_raw(self, data: bytes) -> None:
+        """Write ``data`` straight to the socket (the guard's thread, under the gate)."""
+        stream = self._stream
+        fd = self._raw_fd
+        tr = stream.transport if stream is not None else None
+        if (fd is None or tr is None or stream is None or stream.closed or tr.is_closing()
+                or tr.get_write_buffer_size()):
+            # bytes of the transport's wait to be written: ours would cut
+            # into them. Rare: a call only runs on the loop when nothing
+            # else is in flight here.
+            return
+        view = memoryview(data)
+        deadline = time.monotonic() + 5 * self._heartbeat
+        while view:
+            try:
+                n = os.write(fd, view)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                return  # the connection is gone: the loop sees it after the call
+            if n == 0 and len(view) == len(data):
+                return  # nothing written, nothing broken: the next beat tries again
+            view = view[n:]
+            if view:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._raw_broken = True
+                    return
+                select.select([], [fd], [], left)
 
     def _learn(self, fid: int, took: float) -> None:
         d = self._dur.get(fid)
