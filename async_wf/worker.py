@@ -5,8 +5,8 @@
 
 ``async def`` tasks run concurrently on the worker's own event loop, with no
 limit from ``--slots``; blocking functions run in ``--slots`` threads;
-``inline`` functions, and blocking functions that have proved short when
-nothing else is in flight here (see INLINE_BELOW), run on the loop.
+``inline`` functions, and blocking functions that have proved short (see
+INLINE_BELOW), run on the loop, watched by a guard thread.
 Outcomes are sent back in batches: all that finished in one loop iteration
 go in one RESULTS frame. When the scheduler asks for timings (bit 0 of a
 TASKS frame's flags), a RESULTS frame also carries the start and end of
@@ -58,14 +58,17 @@ R_OK, R_ERROR, R_CANCELLED = 0, 1, 2
 
 # A blocking function whose calls average less than INLINE_BELOW seconds may
 # run on the worker's loop instead of a slot thread: for such a function the
-# two thread hand-offs cost more than the call (a dependent chain gains most).
-# It does only when the call would hold up nothing else: it is the last task
-# of the last frame read, and no other task runs here and no result waits to
-# be sent (see Worker._alone). One call on the loop that takes more than
-# INLINE_NEVER seconds sends the function to the threads for good; while a
-# call on the loop outlasts a heartbeat, a guard thread sends the heartbeats.
+# two thread hand-offs cost more than the call. At most INLINE_BUDGET seconds
+# of such calls run per batch, and none while a coroutine runs here. A call
+# that runs GUARD_TICK seconds is rescued by the guard thread (Worker._rescue):
+# it sends the results that wait, hands the rest of the batch to the threads,
+# and sends the heartbeats. One call on the loop that takes more than
+# INLINE_NEVER seconds sends the function to the threads for good: frames
+# that arrive meanwhile still wait for such a call.
 INLINE_BELOW = 200e-6
+INLINE_BUDGET = 5e-3
 INLINE_NEVER = 5e-3
+GUARD_TICK = 20e-3
 
 _NO_KWARGS: dict[str, Any] = {}  # never mutated: ** unpacking copies it
 
@@ -154,18 +157,28 @@ class Worker:
         self._logs: list[tuple[str, int, str, float]] = []
         self._log_lock = threading.Lock()
         self._log_handler: _Forward | None = None
-        # a call on the loop (inline) that outlasts a heartbeat: the guard
-        # thread writes heartbeats to the socket itself, under the gate,
-        # while the loop's thread is in the call (see _guard_beats)
+        # the batch being started, for the guard to take the rest of
+        self._batch: list[Any] | None = None
+        self._batch_bufs: list[Any] | None = None
+        self._batch_i = 0
+        self._batch_pos = 0
+        # a call on the loop (inline) that runs long: the guard thread does
+        # the loop's work meanwhile, under the gate (see _rescue)
         self._gate = threading.Lock()
         self._inline_t0 = 0.0  # perf_counter() when the running inline call began, or 0
-        self._raw_fd: int | None = None  # the socket the guard may write to; None: no guard
+        self._raw_fd: int | None = None  # the socket the guard may write to
         self._raw_broken = False  # the guard left half a frame on the socket
-        self._guard_busy = False  # the guard holds the gate and may write
+        self._guard_busy = False  # the guard holds the gate and may act
         self._guard: threading.Thread | None = None
+        self._guard_can = False  # set once connected (MpiWorker: its own sending)
         self._guard_stop = threading.Event()
-        # learnt-quick functions may run on the loop: only where heartbeats
-        # go on meanwhile (the guard; MPI ranks have none), not over TLS
+        self._guard_wake = threading.Event()
+        self._guard_idle = False
+        self._sending_now = False  # _flush writes through _send_now (the guard)
+        self._beats = True  # send heartbeats (MPI ranks have none)
+        self._beat_at = 0.0
+        # learnt-quick functions may run on the loop only where the guard
+        # can send: not over TLS
         self._learnt_inline = True
 
     async def run(
@@ -185,6 +198,7 @@ class Worker:
         sock = stream.transport.get_extra_info("socket") if stream.transport else None
         if ssl_ctx is None and sock is not None:
             self._raw_fd = sock.fileno()
+            self._guard_can = True
         else:
             # the guard cannot write into a TLS stream
             self._learnt_inline = False
@@ -194,6 +208,7 @@ class Worker:
             return await self._done
         finally:
             self._guard_stop.set()
+            self._guard_wake.set()
             self.stop_forwarding()
             watchdog.cancel()
             for t in self._async.values():
@@ -332,48 +347,20 @@ class Worker:
                     f"the task function could not be loaded on worker {self.name}: "
                     f"{type(exc).__name__}: {exc}"
                 )
-        loop = self._loop
-        pool = self._pool
-        assert loop is not None and pool is not None
-        dur = self._dur
-        last = len(batch) - 1
-        pos = 0
-        for i, (rid, fid, kind, nbufs, blob, extra) in enumerate(batch):
-            start = pos
-            pos += nbufs
-            try:
-                args, kw = P.unpack(blob, buffers, start, nbufs)
-            except KeyboardInterrupt:
-                raise
-            except BaseException as exc:
-                # this task alone: e.g. an argument's module is missing here
-                self._report(rid, R_ERROR, RemoteError(
-                    f"the arguments of the task could not be loaded on worker {self.name}: "
-                    f"{type(exc).__name__}: {exc}"
-                ), traceback.format_exc())
-                continue
-            kwargs = kw if kw is not None else _NO_KWARGS
-            if extra is not None and kind != K_MPI:
-                self._ctx_info[rid] = (0, 1, extra)
-            fn = self._fns.get(fid)
-            if fn is None:
-                err = self._fn_errors.get(fid) or RemoteError(f"unknown function id {fid}")
-                self._report(rid, R_ERROR, err, None)
-                continue
-            if kind == K_ASYNC:
-                self._async[rid] = loop.create_task(self._run_async(rid, fn, args, kwargs))
-            elif kind == K_THREAD:
-                d = dur.get(fid)
-                if (d is not None and d < INLINE_BELOW and i == last and self._learnt_inline
-                        and self._alone()):
-                    self._run_inline(rid, fid, fn, args, kwargs)
-                else:
-                    self._in_pool.add(rid)
-                    pool.put((rid, fid), fn, args, kwargs)
-            elif kind == K_INLINE:
-                self._run_inline(rid, -1, fn, args, kwargs)
-            else:
-                self._start_mpi(rid, fid, fn, args, kwargs, extra)
+        # the items left are the guard's to take (see _rescue) while a call
+        # of this batch runs long on the loop
+        self._batch = batch
+        self._batch_bufs = buffers
+        self._batch_i = 0
+        self._batch_pos = 0
+        spent = 0.0
+        n = len(batch)
+        while self._batch_i < n:
+            i = self._batch_i
+            self._batch_i = i + 1
+            spent += self._start(batch[i], buffers, spent)
+        self._batch = None
+        self._batch_bufs = None
         if floor > self._fid_floor:
             # the scheduler dropped its cache: ids below floor are never sent again
             self._fid_floor = floor
@@ -381,16 +368,64 @@ class Worker:
                 for fid in [f for f in table if f < floor]:
                     del table[fid]
 
+    def _start(self, item: tuple[Any, ...], buffers: list[Any], spent: float) -> float:
+        """Start one task of a batch; return the seconds it ran on the loop.
+
+        ``spent < 0``: the guard's thread, which starts nothing on the loop.
+        """
+        rid, fid, kind, nbufs, blob, extra = item
+        start = self._batch_pos
+        self._batch_pos = start + nbufs
+        try:
+            args, kw = P.unpack(blob, buffers, start, nbufs)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            # this task alone: e.g. an argument's module is missing here
+            self._report(rid, R_ERROR, RemoteError(
+                f"the arguments of the task could not be loaded on worker {self.name}: "
+                f"{type(exc).__name__}: {exc}"
+            ), traceback.format_exc())
+            return 0.0
+        kwargs = kw if kw is not None else _NO_KWARGS
+        if extra is not None and kind != K_MPI:
+            self._ctx_info[rid] = (0, 1, extra)
+        fn = self._fns.get(fid)
+        if fn is None:
+            err = self._fn_errors.get(fid) or RemoteError(f"unknown function id {fid}")
+            self._report(rid, R_ERROR, err, None)
+            return 0.0
+        if kind == K_THREAD:
+            d = self._dur.get(fid)
+            if (d is not None and d < INLINE_BELOW and 0.0 <= spent < INLINE_BUDGET
+                    and self._learnt_inline and not self._async
+                    and (self._guard_can or self._alone())):
+                return self._run_inline(rid, fid, fn, args, kwargs)
+            self._in_pool.add(rid)
+            pool = self._pool
+            assert pool is not None
+            pool.put((rid, fid), fn, args, kwargs)
+        elif kind == K_ASYNC:
+            loop = self._loop
+            assert loop is not None
+            self._async[rid] = loop.create_task(self._run_async(rid, fn, args, kwargs))
+        elif kind == K_INLINE:
+            return self._run_inline(rid, -1, fn, args, kwargs)
+        else:
+            self._start_mpi(rid, fid, fn, args, kwargs, extra)
+        return 0.0
+
     def _alone(self) -> bool:
         """True if a call run on the loop now would hold up nothing but itself.
 
-        Nothing else runs or waits here (no thread, no coroutine, no
-        result to send), and no other frame of the scheduler's waits to be
-        handled after this one.
+        Where no guard can stand in for the loop (MPI ranks), a learnt-quick
+        call runs there only then: it is the batch's last task, nothing else
+        runs or waits here, and no other frame waits to be handled.
         """
         stream = self._stream
-        return not (self._in_pool or self._async or self._out or stream is None
-                    or stream.frames_left)
+        batch = self._batch
+        return not (batch is None or self._batch_i < len(batch) or self._in_pool or self._out
+                    or stream is None or stream.frames_left)
 
     def _start_mpi(self, rid: int, fid: int, fn: Any, args: Any, kwargs: Any,
                    gang: Any) -> None:
@@ -399,38 +434,33 @@ class Worker:
             f"worker {self.name} is not an MPI rank and cannot run an mpi=k task"
         ), None)
 
-    def _run_inline(self, rid: int, fid: int, fn: Any, args: Any, kwargs: Any) -> None:
-        """Run ``fn`` on the loop thread (with the guard keeping heartbeats going)."""
-        t0 = perf_counter()
-        if self._guard is None and self._raw_fd is not None:
+    def _run_inline(self, rid: int, fid: int, fn: Any, args: Any, kwargs: Any) -> float:
+        """Run ``fn`` on the loop thread, the guard watching; return the seconds it took."""
+        if self._guard is None and self._guard_can:
             self._start_guard()
+        t0 = perf_counter()
         self._inline_t0 = t0
+        if self._guard_idle:
+            self._guard_wake.set()
         mark_thread(self, rid)
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:
+            self._end_inline()
             if isinstance(exc, KeyboardInterrupt):
                 raise
             self._report(rid, R_ERROR, exc, traceback.format_exc())
         else:
+            self._end_inline()
             self._report(rid, R_OK, value, None)
-        finally:
-            mark_thread(None, None)
-            self._inline_t0 = 0.0
-            if self._guard_busy:
-                # wait out the heartbeat the guard is writing, before this
-                # thread writes to the socket again
-                with self._gate:
-                    pass
         took = perf_counter() - t0
         if self._timing:
             self._times.extend((rid, t0, t0 + took))
         if fid >= 0:
             if took > INLINE_NEVER:
-                # never on the loop again (inf stays inf in the average): a
-                # call that runs this long holds up the frames that arrive
-                # meanwhile. Calls in a thread only feed the average: theirs
-                # include waits for the GIL.
+                # never on the loop again (inf stays inf in the average):
+                # frames that arrive meanwhile wait for such a call. Calls in
+                # a thread only feed the average: theirs include GIL waits.
                 self._dur[fid] = math.inf
             else:
                 self._learn(fid, took)
@@ -438,67 +468,136 @@ class Worker:
             # frames from the scheduler wait unread behind the call: that
             # silence is this worker's, not the scheduler's (see _watch)
             self._last_heard = time.monotonic()
-            if self._raw_broken:
-                stream = self._stream
-                if stream is not None:
-                    stream.abort(P.ProtocolError(
-                        "a heartbeat could not be written whole during a long inline call"))
+        if self._raw_broken:
+            stream = self._stream
+            if stream is not None:
+                stream.abort(P.ProtocolError(
+                    "a frame could not be written whole during a long call on the loop"))
+        return took
+
+    def _end_inline(self) -> None:
+        mark_thread(None, None)
+        self._inline_t0 = 0.0
+        if self._guard_busy:
+            # wait for the guard to finish its rescue before this thread
+            # touches the worker's state or the socket again
+            with self._gate:
+                pass
 
     def _start_guard(self) -> None:
-        self._guard = threading.Thread(target=self._guard_beats, name="async_wf-beats",
+        self._guard = threading.Thread(target=self._watch_inline, name="async_wf-guard",
                                        daemon=True)
         self._guard.start()
 
-    def _guard_beats(self) -> None:
-        """Thread: send heartbeats while a call runs on the loop for longer than a beat.
+    def _watch_inline(self) -> None:
+        """The guard's thread: rescue what a long call on the loop would hold up.
 
-        The loop's thread is then inside the call and touches neither the
-        socket nor the transport; it takes the gate before it does again,
-        so the heartbeat written here under the gate is never cut into by,
-        nor cuts into, a frame of the loop's.
+        Every GUARD_TICK while calls run on the loop (asleep after a second
+        without one), it looks at the call running there; once that call has
+        run GUARD_TICK, it takes over under the gate (see _rescue).
         """
-        beat = self._heartbeat
-        frame = b"".join(P.raw_frame(P.HEARTBEAT))
-        while not self._guard_stop.wait(beat / 2):
+        stop = self._guard_stop
+        last_seen = perf_counter()
+        while not stop.is_set():
             t0 = self._inline_t0
-            if not t0 or perf_counter() - t0 < beat:
+            now = perf_counter()
+            if t0:
+                last_seen = now
+                if now - t0 >= GUARD_TICK:
+                    self._rescue(t0)
+            elif now - last_seen > 1.0:
+                self._guard_idle = True
+                if not self._inline_t0:  # see _run_inline: it wakes us if it saw idle
+                    self._guard_wake.wait()
+                self._guard_wake.clear()
+                self._guard_idle = False
+                last_seen = perf_counter()
                 continue
-            with self._gate:
-                # busy before the check: the loop's thread, which clears
-                # _inline_t0 and then reads _guard_busy, either sees busy
-                # and waits at the gate, or has cleared _inline_t0 before
-                # the check below, which then writes nothing
-                self._guard_busy = True
-                try:
-                    if self._inline_t0 == t0 and not self._raw_broken:
-                        self._write_raw(frame)
-                finally:
-                    self._guard_busy = False
+            stop.wait(GUARD_TICK)
 
-    def _write_raw(self, data: bytes) -> None:
-        """Write ``data`` straight to the socket (the guard's thread, under the gate)."""
-        stream = self._stream
-        fd = self._raw_fd
-        tr = stream.transport if stream is not None else None
-        if (fd is None or tr is None or stream is None or stream.closed or tr.is_closing()
-                or tr.get_write_buffer_size()):
-            # bytes of the transport's wait to be written: ours would cut
-            # into them. Rare: a call only runs on the loop when nothing
-            # else is in flight here.
-            return
-        view = memoryview(data)
-        deadline = time.monotonic() + 5 * self._heartbeat
-        while view:
+    def _rescue(self, t0: float) -> None:
+        """Under the gate, while the call begun at ``t0`` still runs on the loop.
+
+        The loop's thread is inside that call: it touches none of the
+        worker's state until it has passed the gate (``_end_inline``). So
+        this thread may do the loop's work meanwhile: hand the rest of the
+        batch to the slot threads, take their outcomes, send the results
+        that wait, and the heartbeat.
+        """
+        with self._gate:
+            # busy before the check: the loop's thread clears _inline_t0
+            # and then reads _guard_busy, so either it waits at the gate, or
+            # the check below sees the call ended and does nothing
+            self._guard_busy = True
             try:
-                n = os.write(fd, view)
+                if self._inline_t0 != t0 or self._raw_broken:
+                    return
+                pending = self._flush_pending
+                # _report must not schedule a flush from this thread
+                self._flush_pending = True
+                batch = self._batch
+                bufs = self._batch_bufs
+                if batch is not None and bufs is not None:
+                    while self._batch_i < len(batch) and batch[self._batch_i][2] == K_THREAD:
+                        self._batch_i += 1
+                        self._start(batch[self._batch_i - 1], bufs, -1.0)
+                pool = self._pool
+                if pool is not None:
+                    items = pool.take_now()
+                    if items:
+                        self._on_thread_results(items)
+                if self._out and self._can_send_now():
+                    self._sending_now = True
+                    try:
+                        self._flush()
+                    finally:
+                        self._sending_now = False
+                self._flush_pending = pending
+                if self._out and not pending:
+                    # the socket was not free: the loop sends them after the call
+                    self._flush_pending = True
+                    loop = self._loop
+                    assert loop is not None
+                    loop.call_soon_threadsafe(self._flush)
+                now = perf_counter()
+                if self._beats and now - t0 >= self._heartbeat / 2 \
+                        and now - self._beat_at >= self._heartbeat / 2 \
+                        and self._can_send_now():
+                    self._beat_at = now
+                    self._send_now(P.raw_frame(P.HEARTBEAT))
+            finally:
+                self._guard_busy = False
+
+    def _can_send_now(self) -> bool:
+        """True if the guard may write a frame now: no bytes of the transport's wait."""
+        stream = self._stream
+        tr = stream.transport if stream is not None else None
+        return not (self._raw_fd is None or tr is None or stream is None or stream.closed
+                    or tr.is_closing() or tr.get_write_buffer_size())
+
+    def _send_now(self, parts: list[Any]) -> None:
+        """Write one frame straight to the socket (the guard, under the gate).
+
+        Only after ``_can_send_now``: nothing of the transport's is queued,
+        so the frame goes whole after what it wrote. Half a frame left when
+        the socket stays full for 5 heartbeats sets ``_raw_broken``: the
+        connection is then dropped.
+        """
+        fd = self._raw_fd
+        stream = self._stream
+        assert fd is not None and stream is not None
+        data = memoryview(b"".join(parts))
+        stream.bytes_out += len(data)
+        deadline = time.monotonic() + 5 * self._heartbeat
+        while data:
+            try:
+                n = os.write(fd, data)
             except BlockingIOError:
                 n = 0
             except OSError:
                 return  # the connection is gone: the loop sees it after the call
-            if n == 0 and len(view) == len(data):
-                return  # nothing written, nothing broken: the next beat tries again
-            view = view[n:]
-            if view:
+            data = data[n:]
+            if data:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._raw_broken = True
@@ -652,7 +751,11 @@ class Worker:
             msg = (items, self._wall_off, self._times if last else array("d"))
             if last:
                 self._times = array("d")
-        stream.send(P.encode(P.RESULTS, msg, P.DEFAULT_COMPRESS_MIN, bufs))
+        parts = P.encode(P.RESULTS, msg, P.DEFAULT_COMPRESS_MIN, bufs)
+        if self._sending_now:
+            self._send_now(parts)
+        else:
+            stream.send(parts)
 
 
 class _Forward(logging.Handler):
