@@ -218,8 +218,9 @@ async def test_spawned_workers_that_die_are_replaced() -> None:
         assert rt.statistics()["workers_lost"] == 2
 
 
-async def _teach_quick(rt: async_wf.Runtime, n: int = 6) -> None:
-    # one task a batch, awaited one by one: the worker learns sleep_ms(0) is short
+async def _teach_quick(rt: async_wf.Runtime, n: int = 20) -> None:
+    # one task a batch, awaited one by one: the worker learns sleep_ms(0) is
+    # short (enough calls for a slow first one to fade from the average)
     for _ in range(n):
         assert await asyncio.wait_for(rt.submit(th.sleep_ms, 0), th.HANG) == 0
 
@@ -296,4 +297,17 @@ async def test_an_argument_or_function_whose_unpickling_raises_system_exit_fails
         t0 = time.monotonic()
         assert await asyncio.wait_for(rt.submit(th.square, 3), th.HANG) == 9
         assert time.monotonic() - t0 < 2.0
+        assert rt.statistics()["workers_lost"] == 0
+
+
+async def test_a_long_inline_call_does_not_lose_its_worker_nor_hold_the_others() -> None:
+    # declared inline: it runs on the worker's loop by request, and the
+    # results and heartbeats must still go on meanwhile
+    async with async_wf.Runtime(workers=1, slots=2, heartbeat=0.2) as rt:
+        t0 = time.monotonic()
+        slow = rt.submit(async_wf.task(th.sleep_ms, inline=True), 3000)
+        quick = [rt.submit(th.sleep_ms, 0) for _ in range(2)]
+        await asyncio.wait_for(async_wf.gather(*quick), th.HANG)
+        assert time.monotonic() - t0 < 1.5
+        assert await asyncio.wait_for(slow, th.HANG) == 3000
         assert rt.statistics()["workers_lost"] == 0

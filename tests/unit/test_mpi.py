@@ -441,7 +441,7 @@ LEARNT_QUICK = """
 
     async def main():
         async with async_wf.Runtime() as rt:
-            for _ in range(6):  # one at a time: the rank learns that sleep(0) is short
+            for _ in range(20):  # one at a time: the rank learns that sleep(0) is short
                 await rt.submit(time.sleep, 0)
             t0 = time.monotonic()
             at = []
