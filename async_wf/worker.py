@@ -348,17 +348,63 @@ class Worker:
                     f"{type(exc).__name__}: {exc}"
                 )
         # the items left are the guard's to take (see _rescue) while a call
-        # of this batch runs long on the loop
+        # of this batch runs long on the loop: it reads where to go on in
+        # _batch_i and _batch_pos, set before each such call
         self._batch = batch
         self._batch_bufs = buffers
-        self._batch_i = 0
-        self._batch_pos = 0
+        loop = self._loop
+        pool = self._pool
+        assert loop is not None and pool is not None
+        dur = self._dur
+        learnt = self._learnt_inline
+        guarded = self._guard_can
         spent = 0.0
+        pos = 0
+        i = 0
         n = len(batch)
-        while self._batch_i < n:
-            i = self._batch_i
-            self._batch_i = i + 1
-            spent += self._start(batch[i], buffers, spent)
+        while i < n:
+            rid, fid, kind, nbufs, blob, extra = batch[i]
+            i += 1
+            start = pos
+            pos += nbufs
+            try:
+                args, kw = P.unpack(blob, buffers, start, nbufs)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
+                self._unloadable(rid, exc)
+                continue
+            kwargs = kw if kw is not None else _NO_KWARGS
+            if extra is not None and kind != K_MPI:
+                self._ctx_info[rid] = (0, 1, extra)
+            fn = self._fns.get(fid)
+            if fn is None:
+                err = self._fn_errors.get(fid) or RemoteError(f"unknown function id {fid}")
+                self._report(rid, R_ERROR, err, None)
+                continue
+            if kind == K_ASYNC:
+                self._async[rid] = loop.create_task(self._run_async(rid, fn, args, kwargs))
+            elif kind == K_THREAD:
+                d = dur.get(fid)
+                if (d is not None and d < INLINE_BELOW and spent < INLINE_BUDGET and learnt
+                        and not self._async):
+                    self._batch_i = i
+                    if guarded or self._alone():
+                        self._batch_pos = pos
+                        spent += self._run_inline(rid, fid, fn, args, kwargs)
+                        i = self._batch_i  # the guard may have taken some
+                        pos = self._batch_pos
+                        continue
+                self._in_pool.add(rid)
+                pool.put((rid, fid), fn, args, kwargs)
+            elif kind == K_INLINE:
+                self._batch_i = i
+                self._batch_pos = pos
+                spent += self._run_inline(rid, -1, fn, args, kwargs)
+                i = self._batch_i
+                pos = self._batch_pos
+            else:
+                self._start_mpi(rid, fid, fn, args, kwargs, extra)
         self._batch = None
         self._batch_bufs = None
         if floor > self._fid_floor:
@@ -368,52 +414,45 @@ class Worker:
                 for fid in [f for f in table if f < floor]:
                     del table[fid]
 
-    def _start(self, item: tuple[Any, ...], buffers: list[Any], spent: float) -> float:
-        """Start one task of a batch; return the seconds it ran on the loop.
+    def _unloadable(self, rid: int, exc: BaseException) -> None:
+        # this task alone: e.g. an argument's module is missing here
+        self._report(rid, R_ERROR, RemoteError(
+            f"the arguments of the task could not be loaded on worker {self.name}: "
+            f"{type(exc).__name__}: {exc}"
+        ), traceback.format_exc())
 
-        ``spent < 0``: the guard's thread, which starts nothing on the loop.
+    def _hand_over_rest(self) -> None:
+        """Put the batch's blocking tasks not yet started in the pool (the guard).
+
+        Up to the first task of another kind: those need the loop, which
+        goes on with them after the long call.
         """
-        rid, fid, kind, nbufs, blob, extra = item
-        start = self._batch_pos
-        self._batch_pos = start + nbufs
-        try:
-            args, kw = P.unpack(blob, buffers, start, nbufs)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:
-            # this task alone: e.g. an argument's module is missing here
-            self._report(rid, R_ERROR, RemoteError(
-                f"the arguments of the task could not be loaded on worker {self.name}: "
-                f"{type(exc).__name__}: {exc}"
-            ), traceback.format_exc())
-            return 0.0
-        kwargs = kw if kw is not None else _NO_KWARGS
-        if extra is not None and kind != K_MPI:
-            self._ctx_info[rid] = (0, 1, extra)
-        fn = self._fns.get(fid)
-        if fn is None:
-            err = self._fn_errors.get(fid) or RemoteError(f"unknown function id {fid}")
-            self._report(rid, R_ERROR, err, None)
-            return 0.0
-        if kind == K_THREAD:
-            d = self._dur.get(fid)
-            if (d is not None and d < INLINE_BELOW and 0.0 <= spent < INLINE_BUDGET
-                    and self._learnt_inline and not self._async
-                    and (self._guard_can or self._alone())):
-                return self._run_inline(rid, fid, fn, args, kwargs)
+        batch = self._batch
+        buffers = self._batch_bufs
+        pool = self._pool
+        if batch is None or buffers is None or pool is None:
+            return
+        while self._batch_i < len(batch) and batch[self._batch_i][2] == K_THREAD:
+            rid, fid, _kind, nbufs, blob, extra = batch[self._batch_i]
+            self._batch_i += 1
+            start = self._batch_pos
+            self._batch_pos = start + nbufs
+            try:
+                args, kw = P.unpack(blob, buffers, start, nbufs)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
+                self._unloadable(rid, exc)
+                continue
+            if extra is not None:
+                self._ctx_info[rid] = (0, 1, extra)
+            fn = self._fns.get(fid)
+            if fn is None:
+                err = self._fn_errors.get(fid) or RemoteError(f"unknown function id {fid}")
+                self._report(rid, R_ERROR, err, None)
+                continue
             self._in_pool.add(rid)
-            pool = self._pool
-            assert pool is not None
-            pool.put((rid, fid), fn, args, kwargs)
-        elif kind == K_ASYNC:
-            loop = self._loop
-            assert loop is not None
-            self._async[rid] = loop.create_task(self._run_async(rid, fn, args, kwargs))
-        elif kind == K_INLINE:
-            return self._run_inline(rid, -1, fn, args, kwargs)
-        else:
-            self._start_mpi(rid, fid, fn, args, kwargs, extra)
-        return 0.0
+            pool.put((rid, fid), fn, args, kw if kw is not None else _NO_KWARGS)
 
     def _alone(self) -> bool:
         """True if a call run on the loop now would hold up nothing but itself.
@@ -443,16 +482,25 @@ class Worker:
         if self._guard_idle:
             self._guard_wake.set()
         mark_thread(self, rid)
+        error: BaseException | None = None
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:
-            self._end_inline()
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            self._report(rid, R_ERROR, exc, traceback.format_exc())
-        else:
-            self._end_inline()
+            error = exc
+            tb = traceback.format_exc()
+        mark_thread(None, None)
+        self._inline_t0 = 0.0
+        if self._guard_busy:
+            # wait for the guard to finish its rescue before this thread
+            # touches the worker's state or the socket again
+            with self._gate:
+                pass
+        if error is None:
             self._report(rid, R_OK, value, None)
+        elif isinstance(error, KeyboardInterrupt):
+            raise error
+        else:
+            self._report(rid, R_ERROR, error, tb)
         took = perf_counter() - t0
         if self._timing:
             self._times.extend((rid, t0, t0 + took))
@@ -474,15 +522,6 @@ class Worker:
                 stream.abort(P.ProtocolError(
                     "a frame could not be written whole during a long call on the loop"))
         return took
-
-    def _end_inline(self) -> None:
-        mark_thread(None, None)
-        self._inline_t0 = 0.0
-        if self._guard_busy:
-            # wait for the guard to finish its rescue before this thread
-            # touches the worker's state or the socket again
-            with self._gate:
-                pass
 
     def _start_guard(self) -> None:
         self._guard = threading.Thread(target=self._watch_inline, name="async_wf-guard",
@@ -519,7 +558,7 @@ class Worker:
         """Under the gate, while the call begun at ``t0`` still runs on the loop.
 
         The loop's thread is inside that call: it touches none of the
-        worker's state until it has passed the gate (``_end_inline``). So
+        worker's state until it has passed the gate (``_run_inline``). So
         this thread may do the loop's work meanwhile: hand the rest of the
         batch to the slot threads, take their outcomes, send the results
         that wait, and the heartbeat.
@@ -535,12 +574,7 @@ class Worker:
                 pending = self._flush_pending
                 # _report must not schedule a flush from this thread
                 self._flush_pending = True
-                batch = self._batch
-                bufs = self._batch_bufs
-                if batch is not None and bufs is not None:
-                    while self._batch_i < len(batch) and batch[self._batch_i][2] == K_THREAD:
-                        self._batch_i += 1
-                        self._start(batch[self._batch_i - 1], bufs, -1.0)
+                self._hand_over_rest()
                 pool = self._pool
                 if pool is not None:
                     items = pool.take_now()
