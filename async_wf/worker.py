@@ -537,13 +537,20 @@ class Worker:
         """
         stop = self._guard_stop
         last_seen = perf_counter()
+        failed = 0.0
         while not stop.is_set():
             t0 = self._inline_t0
             now = perf_counter()
             if t0:
                 last_seen = now
-                if now - t0 >= GUARD_TICK:
-                    self._rescue(t0)
+                if now - t0 >= GUARD_TICK and t0 != failed:
+                    try:
+                        self._rescue(t0)
+                    except Exception:
+                        # a bug here must not end the guard for the worker's
+                        # life, nor log 50 times a second: that call is left be
+                        failed = t0
+                        log.exception("worker %s: the guard failed", self.name)
             elif now - last_seen > 1.0:
                 self._guard_idle = True
                 if not self._inline_t0:  # see _run_inline: it wakes us if it saw idle
@@ -574,25 +581,28 @@ class Worker:
                 pending = self._flush_pending
                 # _report must not schedule a flush from this thread
                 self._flush_pending = True
-                self._hand_over_rest()
-                pool = self._pool
-                if pool is not None:
-                    items = pool.take_now()
-                    if items:
-                        self._on_thread_results(items)
-                if self._out and self._can_send_now():
-                    self._sending_now = True
-                    try:
-                        self._flush()
-                    finally:
-                        self._sending_now = False
-                self._flush_pending = pending
-                if self._out and not pending:
-                    # the socket was not free: the loop sends them after the call
-                    self._flush_pending = True
-                    loop = self._loop
-                    assert loop is not None
-                    loop.call_soon_threadsafe(self._flush)
+                try:
+                    self._hand_over_rest()
+                    pool = self._pool
+                    if pool is not None:
+                        items = pool.take_now()
+                        if items:
+                            self._on_thread_results(items)
+                    if self._out and self._can_send_now():
+                        self._sending_now = True
+                        try:
+                            self._flush()
+                        finally:
+                            self._sending_now = False
+                finally:
+                    self._flush_pending = pending
+                    if self._out and not pending:
+                        # not sent (the socket was not free): the loop sends
+                        # them once the call is over
+                        self._flush_pending = True
+                        loop = self._loop
+                        assert loop is not None
+                        loop.call_soon_threadsafe(self._flush)
                 now = perf_counter()
                 if self._beats and now - t0 >= self._heartbeat / 2 \
                         and now - self._beat_at >= self._heartbeat / 2 \
