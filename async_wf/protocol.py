@@ -675,8 +675,6 @@ class FrameStream(asyncio.BufferedProtocol):
         self.bytes_out = 0
         #: when bytes last arrived: a peer busy sending one huge frame is alive
         self.last_activity = time.monotonic()
-        #: frames of the current read still to be handed to on_frame after this one
-        self.frames_left = 0
         self._lost_told = False  # on_lost is called once, by abort or connection_lost
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -698,11 +696,9 @@ class FrameStream(asyncio.BufferedProtocol):
         try:
             frames = self.decoder.received(nbytes)
             while frames:
-                self.frames_left = len(frames)
                 for kind, payload, buffers in frames:
                     if self.closed:
                         return
-                    self.frames_left -= 1
                     self.on_frame(kind, payload, buffers)
                 # the decoder stops after a handshake frame, so that what
                 # follows it (WELCOME then TASKS, in one read) is decoded

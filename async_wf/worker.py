@@ -170,16 +170,16 @@ class Worker:
         self._raw_broken = False  # the guard left half a frame on the socket
         self._guard_busy = False  # the guard holds the gate and may act
         self._guard: threading.Thread | None = None
-        self._guard_can = False  # set once connected (MpiWorker: its own sending)
+        # a guard can stand in for the loop: set once connected over plain
+        # TCP (the guard cannot write into a TLS stream); MpiWorker sends
+        # through its channel
+        self._guard_can = False
         self._guard_stop = threading.Event()
         self._guard_wake = threading.Event()
         self._guard_idle = False
         self._sending_now = False  # _flush writes through _send_now (the guard)
         self._beats = True  # send heartbeats (MPI ranks have none)
         self._beat_at = 0.0
-        # learnt-quick functions may run on the loop only where the guard
-        # can send: not over TLS
-        self._learnt_inline = True
 
     async def run(
         self, host: str, port: int, ssl_ctx: ssl.SSLContext | None = None
@@ -199,9 +199,6 @@ class Worker:
         if ssl_ctx is None and sock is not None:
             self._raw_fd = sock.fileno()
             self._guard_can = True
-        else:
-            # the guard cannot write into a TLS stream
-            self._learnt_inline = False
         watchdog = loop.create_task(self._watch())
         self.forward_logs()
         try:
@@ -356,7 +353,8 @@ class Worker:
         pool = self._pool
         assert loop is not None and pool is not None
         dur = self._dur
-        learnt = self._learnt_inline
+        # learnt-quick functions run on the loop only where a guard can
+        # stand in for it (not over TLS)
         guarded = self._guard_can
         spent = 0.0
         pos = 0
@@ -386,15 +384,14 @@ class Worker:
                 self._async[rid] = loop.create_task(self._run_async(rid, fn, args, kwargs))
             elif kind == K_THREAD:
                 d = dur.get(fid)
-                if (d is not None and d < INLINE_BELOW and spent < INLINE_BUDGET and learnt
+                if (d is not None and d < INLINE_BELOW and spent < INLINE_BUDGET and guarded
                         and not self._async):
                     self._batch_i = i
-                    if guarded or self._alone():
-                        self._batch_pos = pos
-                        spent += self._run_inline(rid, fid, fn, args, kwargs)
-                        i = self._batch_i  # the guard may have taken some
-                        pos = self._batch_pos
-                        continue
+                    self._batch_pos = pos
+                    spent += self._run_inline(rid, fid, fn, args, kwargs)
+                    i = self._batch_i  # the guard may have taken some
+                    pos = self._batch_pos
+                    continue
                 self._in_pool.add(rid)
                 pool.put((rid, fid), fn, args, kwargs)
             elif kind == K_INLINE:
@@ -453,18 +450,6 @@ class Worker:
                 continue
             self._in_pool.add(rid)
             pool.put((rid, fid), fn, args, kw if kw is not None else _NO_KWARGS)
-
-    def _alone(self) -> bool:
-        """True if a call run on the loop now would hold up nothing but itself.
-
-        Where no guard can stand in for the loop (MPI ranks), a learnt-quick
-        call runs there only then: it is the batch's last task, nothing else
-        runs or waits here, and no other frame waits to be handled.
-        """
-        stream = self._stream
-        batch = self._batch
-        return not (batch is None or self._batch_i < len(batch) or self._in_pool or self._out
-                    or stream is None or stream.frames_left)
 
     def _start_mpi(self, rid: int, fid: int, fn: Any, args: Any, kwargs: Any,
                    gang: Any) -> None:

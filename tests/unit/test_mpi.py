@@ -439,6 +439,9 @@ LEARNT_QUICK = """
     import time
     import async_wf
 
+    def nap(seconds):
+        time.sleep(seconds)
+
     async def main():
         async with async_wf.Runtime() as rt:
             for _ in range(20):  # one at a time: the rank learns that sleep(0) is short
@@ -454,6 +457,20 @@ LEARNT_QUICK = """
             took = time.monotonic() - t0
             assert took >= 1.5 and max(at) < 0.5, (at, took)
             print("OK quick first")
+            # the slow call first: the calls behind it in its batch go on
+            for _ in range(20):
+                await rt.submit(nap, 0)
+            t0 = time.monotonic()
+            at = []
+            slow = rt.submit(nap, 1.5)
+            quick = [rt.submit(nap, 0) for _ in range(2)]
+            for f in quick:
+                f.add_done_callback(lambda _: at.append(time.monotonic() - t0))
+            await async_wf.gather(*quick)
+            await slow
+            took = time.monotonic() - t0
+            assert took >= 1.5 and max(at) < 0.5, (at, took)
+            print("OK slow first")
 
     async_wf.run(main())
 """
@@ -461,4 +478,4 @@ LEARNT_QUICK = """
 
 def test_a_slow_call_of_a_function_learnt_as_quick_holds_no_other_task(tmp_path: Path) -> None:
     # the worker ranks run tasks with the TCP worker's code (MpiWorker)
-    assert oks(mpirun(tmp_path, 2, LEARNT_QUICK)) == {"quick first"}
+    assert oks(mpirun(tmp_path, 2, LEARNT_QUICK)) == {"quick first", "slow first"}
