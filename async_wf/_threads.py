@@ -147,6 +147,18 @@ class ThreadPool:
                 return False  # the loop is closed: nobody is waiting any more
         return True
 
+    def take_now(self) -> list[Outcome]:
+        """Take the outcomes reported so far, from any thread.
+
+        For a caller that stands in for the loop while the loop's thread is
+        held up; the wake-up already scheduled on the loop then delivers
+        what came after, or nothing.
+        """
+        with self.lock:
+            items = self._results
+            self._results = []
+        return items
+
     def _take(self) -> None:
         with self.lock:
             items = self._results

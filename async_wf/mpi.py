@@ -309,6 +309,12 @@ class MpiWorker(Worker):
         self._wants_comm: dict[int, bool] = {}
         self._comms: dict[int, Any] = {}
         self._detached = False
+        # the guard sends what a long call on the loop would hold up (see
+        # Worker._rescue) through the channel: MPI is initialised with
+        # MPI_THREAD_MULTIPLE, and a small frame leaves at once (a large
+        # one's buffers move when the loop's selector progresses again)
+        self._guard_can = True
+        self._beats = False
         self.forward_logs()
 
     def on_frame(self, kind: int, payload: memoryview, buffers: list[Any]) -> None:
@@ -328,6 +334,8 @@ class MpiWorker(Worker):
     def detach(self) -> None:
         """The runtime is over: drop queued work, report nothing more."""
         self._detached = True
+        self._guard_stop.set()
+        self._guard_wake.set()
         self.stop_forwarding()
         for t in self._async.values():
             t.cancel()
@@ -342,6 +350,14 @@ class MpiWorker(Worker):
             self._out = []
             return
         super()._flush()
+
+    def _can_send_now(self) -> bool:
+        return not self._detached
+
+    def _send_now(self, parts: list[Any]) -> None:
+        link = self._stream
+        assert link is not None
+        link.send(parts)
 
     def _start_mpi(self, rid: int, fid: int, fn: Any, args: Any, kwargs: Any,
                    gang: Any) -> None:

@@ -6,10 +6,11 @@
 ``async def`` tasks run concurrently on the worker's own event loop, with no
 limit from ``--slots``; blocking functions run in ``--slots`` threads;
 ``inline`` functions, and blocking functions that have proved short (see
-INLINE_BELOW), run on the loop. Outcomes are sent back in batches: all
-that finished in one loop iteration go in one RESULTS frame. When the
-scheduler asks for timings (bit 0 of a TASKS frame's flags), a RESULTS
-frame also carries the start and end of each task that ran.
+INLINE_BELOW), run on the loop, watched by a guard thread.
+Outcomes are sent back in batches: all that finished in one loop iteration
+go in one RESULTS frame. When the scheduler asks for timings (bit 0 of a
+TASKS frame's flags), a RESULTS frame also carries the start and end of
+each task that ran.
 
 Log records of the worker's process at or above its level (WARNING, INFO
 with ``-v``, or ``ASYNC_WF_LOG_LEVEL``) are forwarded to the scheduler in
@@ -27,8 +28,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import pickle
+import select
 import socket
 import ssl
 import sys
@@ -53,13 +56,19 @@ K_ASYNC, K_THREAD, K_INLINE, K_MPI = 0, 1, 2, 3
 # result statuses on the wire
 R_OK, R_ERROR, R_CANCELLED = 0, 1, 2
 
-# A blocking function whose calls average less than INLINE_BELOW seconds runs
-# on the worker's loop instead of a slot thread: for such a function the two
-# thread hand-offs cost more than the call. At most INLINE_BUDGET seconds of
-# such calls run per batch, so heartbeats and I/O keep flowing; a function
-# that turns slow drives its average up and goes back to the threads.
+# A blocking function whose calls average less than INLINE_BELOW seconds may
+# run on the worker's loop instead of a slot thread: for such a function the
+# two thread hand-offs cost more than the call. At most INLINE_BUDGET seconds
+# of such calls run per batch, and none while a coroutine runs here. A call
+# that runs GUARD_TICK seconds is rescued by the guard thread (Worker._rescue):
+# it sends the results that wait, hands the rest of the batch to the threads,
+# and sends the heartbeats. One call on the loop that takes more than
+# INLINE_NEVER seconds sends the function to the threads for good: frames
+# that arrive meanwhile still wait for such a call.
 INLINE_BELOW = 200e-6
 INLINE_BUDGET = 5e-3
+INLINE_NEVER = 5e-3
+GUARD_TICK = 20e-3
 
 _NO_KWARGS: dict[str, Any] = {}  # never mutated: ** unpacking copies it
 
@@ -93,7 +102,10 @@ def portable_exception(exc: BaseException) -> BaseException:
         back = pickle.loads(parts[1], buffers=parts[2:])
         if isinstance(back, BaseException):
             return exc
-    except Exception:
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        # SystemExit from an unpickling __reduce__ included: it would end the loop
         pass
     return RemoteError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}")
 
@@ -149,6 +161,29 @@ class Worker:
         self._logs: list[tuple[str, int, str, float]] = []
         self._log_lock = threading.Lock()
         self._log_handler: _Forward | None = None
+        # the batch being started, for the guard to take the rest of
+        self._batch: list[Any] | None = None
+        self._batch_bufs: list[Any] | None = None
+        self._batch_i = 0
+        self._batch_pos = 0
+        # a call on the loop (inline) that runs long: the guard thread does
+        # the loop's work meanwhile, under the gate (see _rescue)
+        self._gate = threading.Lock()
+        self._inline_t0 = 0.0  # perf_counter() when the running inline call began, or 0
+        self._raw_fd: int | None = None  # the socket the guard may write to
+        self._raw_broken = False  # the guard left half a frame on the socket
+        self._guard_busy = False  # the guard holds the gate and may act
+        self._guard: threading.Thread | None = None
+        # a guard can stand in for the loop: set once connected over plain
+        # TCP (the guard cannot write into a TLS stream); MpiWorker sends
+        # through its channel
+        self._guard_can = False
+        self._guard_stop = threading.Event()
+        self._guard_wake = threading.Event()
+        self._guard_idle = False
+        self._sending_now = False  # _flush writes through _send_now (the guard)
+        self._beats = True  # send heartbeats (MPI ranks have none)
+        self._beat_at = 0.0
 
     async def run(
         self, host: str, port: int, ssl_ctx: ssl.SSLContext | None = None,
@@ -186,11 +221,17 @@ class Worker:
         await asyncio.wait_for(loop.create_connection(
             lambda: stream, host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None
         ), CONNECT_TIMEOUT)
+        sock = stream.transport.get_extra_info("socket") if stream.transport else None
+        if ssl_ctx is None and sock is not None:
+            self._raw_fd = sock.fileno()
+            self._guard_can = True
         watchdog = loop.create_task(self._watch())
         self.forward_logs()
         try:
             return await self._done
         finally:
+            self._guard_stop.set()
+            self._guard_wake.set()
             self.stop_forwarding()
             watchdog.cancel()
             for t in self._async.values():
@@ -326,28 +367,43 @@ class Worker:
         for fid, blob in new_fns:
             try:
                 self._fns[fid] = pickle.loads(blob)
-            except Exception as exc:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
+                # SystemExit included: raised out of the frame handler it
+                # would end the worker, and the scheduler would resend the
+                # task to the next worker
                 self._fn_errors[fid] = RemoteError(
                     f"the task function could not be loaded on worker {self.name}: "
                     f"{type(exc).__name__}: {exc}"
                 )
+        # the items left are the guard's to take (see _rescue) while a call
+        # of this batch runs long on the loop: it reads where to go on in
+        # _batch_i and _batch_pos, set before each such call
+        self._batch = batch
+        self._batch_bufs = buffers
         loop = self._loop
         pool = self._pool
         assert loop is not None and pool is not None
         dur = self._dur
+        # learnt-quick functions run on the loop only where a guard can
+        # stand in for it (not over TLS)
+        guarded = self._guard_can
         spent = 0.0
         pos = 0
-        for rid, fid, kind, nbufs, blob, extra in batch:
+        i = 0
+        n = len(batch)
+        while i < n:
+            rid, fid, kind, nbufs, blob, extra = batch[i]
+            i += 1
             start = pos
             pos += nbufs
             try:
                 args, kw = P.unpack(blob, buffers, start, nbufs)
-            except Exception as exc:
-                # this task alone: e.g. an argument's module is missing here
-                self._report(rid, R_ERROR, RemoteError(
-                    f"the arguments of the task could not be loaded on worker {self.name}: "
-                    f"{type(exc).__name__}: {exc}"
-                ), traceback.format_exc())
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
+                self._unloadable(rid, exc)
                 continue
             kwargs = kw if kw is not None else _NO_KWARGS
             if extra is not None and kind != K_MPI:
@@ -361,21 +417,72 @@ class Worker:
                 self._async[rid] = loop.create_task(self._run_async(rid, fn, args, kwargs))
             elif kind == K_THREAD:
                 d = dur.get(fid)
-                if d is not None and d < INLINE_BELOW and spent < INLINE_BUDGET:
+                if (d is not None and d < INLINE_BELOW and spent < INLINE_BUDGET and guarded
+                        and not self._async):
+                    self._batch_i = i
+                    self._batch_pos = pos
                     spent += self._run_inline(rid, fid, fn, args, kwargs)
-                else:
-                    self._in_pool.add(rid)
-                    pool.put((rid, fid), fn, args, kwargs)
+                    i = self._batch_i  # the guard may have taken some
+                    pos = self._batch_pos
+                    continue
+                self._in_pool.add(rid)
+                pool.put((rid, fid), fn, args, kwargs)
             elif kind == K_INLINE:
-                self._run_inline(rid, -1, fn, args, kwargs)
+                self._batch_i = i
+                self._batch_pos = pos
+                spent += self._run_inline(rid, -1, fn, args, kwargs)
+                i = self._batch_i
+                pos = self._batch_pos
             else:
                 self._start_mpi(rid, fid, fn, args, kwargs, extra)
+        self._batch = None
+        self._batch_bufs = None
         if floor > self._fid_floor:
             # the scheduler dropped its cache: ids below floor are never sent again
             self._fid_floor = floor
             for table in (self._fns, self._fn_errors, self._dur):
                 for fid in [f for f in table if f < floor]:
                     del table[fid]
+
+    def _unloadable(self, rid: int, exc: BaseException) -> None:
+        # this task alone: e.g. an argument's module is missing here
+        self._report(rid, R_ERROR, RemoteError(
+            f"the arguments of the task could not be loaded on worker {self.name}: "
+            f"{type(exc).__name__}: {exc}"
+        ), traceback.format_exc())
+
+    def _hand_over_rest(self) -> None:
+        """Put the batch's blocking tasks not yet started in the pool (the guard).
+
+        Up to the first task of another kind: those need the loop, which
+        goes on with them after the long call.
+        """
+        batch = self._batch
+        buffers = self._batch_bufs
+        pool = self._pool
+        if batch is None or buffers is None or pool is None:
+            return
+        while self._batch_i < len(batch) and batch[self._batch_i][2] == K_THREAD:
+            rid, fid, _kind, nbufs, blob, extra = batch[self._batch_i]
+            self._batch_i += 1
+            start = self._batch_pos
+            self._batch_pos = start + nbufs
+            try:
+                args, kw = P.unpack(blob, buffers, start, nbufs)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
+                self._unloadable(rid, exc)
+                continue
+            if extra is not None:
+                self._ctx_info[rid] = (0, 1, extra)
+            fn = self._fns.get(fid)
+            if fn is None:
+                err = self._fn_errors.get(fid) or RemoteError(f"unknown function id {fid}")
+                self._report(rid, R_ERROR, err, None)
+                continue
+            self._in_pool.add(rid)
+            pool.put((rid, fid), fn, args, kw if kw is not None else _NO_KWARGS)
 
     def _start_mpi(self, rid: int, fid: int, fn: Any, args: Any, kwargs: Any,
                    gang: Any) -> None:
@@ -385,25 +492,179 @@ class Worker:
         ), None)
 
     def _run_inline(self, rid: int, fid: int, fn: Any, args: Any, kwargs: Any) -> float:
-        """Run ``fn`` on the loop thread; return the seconds it took."""
+        """Run ``fn`` on the loop thread, the guard watching; return the seconds it took."""
+        if self._guard is None and self._guard_can:
+            self._start_guard()
         t0 = perf_counter()
+        self._inline_t0 = t0
+        if self._guard_idle:
+            self._guard_wake.set()
         mark_thread(self, rid)
+        error: BaseException | None = None
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            self._report(rid, R_ERROR, exc, traceback.format_exc())
-        else:
+            error = exc
+            tb = traceback.format_exc()
+        mark_thread(None, None)
+        self._inline_t0 = 0.0
+        if self._guard_busy:
+            # wait for the guard to finish its rescue before this thread
+            # touches the worker's state or the socket again
+            with self._gate:
+                pass
+        if error is None:
             self._report(rid, R_OK, value, None)
-        finally:
-            mark_thread(None, None)
+        elif isinstance(error, KeyboardInterrupt):
+            raise error
+        else:
+            self._report(rid, R_ERROR, error, tb)
         took = perf_counter() - t0
         if self._timing:
             self._times.extend((rid, t0, t0 + took))
         if fid >= 0:
-            self._learn(fid, took)
+            if took > INLINE_NEVER:
+                # never on the loop again (inf stays inf in the average):
+                # frames that arrive meanwhile wait for such a call. Calls in
+                # a thread only feed the average: theirs include GIL waits.
+                self._dur[fid] = math.inf
+            else:
+                self._learn(fid, took)
+        if took > self._heartbeat:
+            # frames from the scheduler wait unread behind the call: that
+            # silence is this worker's, not the scheduler's (see _watch)
+            self._last_heard = time.monotonic()
+        if self._raw_broken:
+            stream = self._stream
+            if stream is not None:
+                stream.abort(P.ProtocolError(
+                    "a frame could not be written whole during a long call on the loop"))
         return took
+
+    def _start_guard(self) -> None:
+        self._guard = threading.Thread(target=self._watch_inline, name="async_wf-guard",
+                                       daemon=True)
+        self._guard.start()
+
+    def _watch_inline(self) -> None:
+        """The guard's thread: rescue what a long call on the loop would hold up.
+
+        Every GUARD_TICK while calls run on the loop (asleep after a second
+        without one), it looks at the call running there; once that call has
+        run GUARD_TICK, it takes over under the gate (see _rescue).
+        """
+        stop = self._guard_stop
+        last_seen = perf_counter()
+        failed = 0.0
+        while not stop.is_set():
+            t0 = self._inline_t0
+            now = perf_counter()
+            if t0:
+                last_seen = now
+                if now - t0 >= GUARD_TICK and t0 != failed:
+                    try:
+                        self._rescue(t0)
+                    except Exception:
+                        # a bug here must not end the guard for the worker's
+                        # life, nor log 50 times a second: that call is left be
+                        failed = t0
+                        log.exception("worker %s: the guard failed", self.name)
+            elif now - last_seen > 1.0:
+                self._guard_idle = True
+                if not self._inline_t0:  # see _run_inline: it wakes us if it saw idle
+                    self._guard_wake.wait()
+                self._guard_wake.clear()
+                self._guard_idle = False
+                last_seen = perf_counter()
+                continue
+            stop.wait(GUARD_TICK)
+
+    def _rescue(self, t0: float) -> None:
+        """Under the gate, while the call begun at ``t0`` still runs on the loop.
+
+        The loop's thread is inside that call: it touches none of the
+        worker's state until it has passed the gate (``_run_inline``). So
+        this thread may do the loop's work meanwhile: hand the rest of the
+        batch to the slot threads, take their outcomes, send the results
+        that wait, and the heartbeat.
+        """
+        with self._gate:
+            # busy before the check: the loop's thread clears _inline_t0
+            # and then reads _guard_busy, so either it waits at the gate, or
+            # the check below sees the call ended and does nothing
+            self._guard_busy = True
+            try:
+                if self._inline_t0 != t0 or self._raw_broken:
+                    return
+                pending = self._flush_pending
+                # _report must not schedule a flush from this thread
+                self._flush_pending = True
+                try:
+                    self._hand_over_rest()
+                    pool = self._pool
+                    if pool is not None:
+                        items = pool.take_now()
+                        if items:
+                            self._on_thread_results(items)
+                    if self._out and self._can_send_now():
+                        self._sending_now = True
+                        try:
+                            self._flush()
+                        finally:
+                            self._sending_now = False
+                finally:
+                    self._flush_pending = pending
+                    if self._out and not pending:
+                        # not sent (the socket was not free): the loop sends
+                        # them once the call is over
+                        self._flush_pending = True
+                        loop = self._loop
+                        assert loop is not None
+                        loop.call_soon_threadsafe(self._flush)
+                now = perf_counter()
+                if self._beats and now - t0 >= self._heartbeat / 2 \
+                        and now - self._beat_at >= self._heartbeat / 2 \
+                        and self._can_send_now():
+                    self._beat_at = now
+                    self._send_now(P.raw_frame(P.HEARTBEAT))
+            finally:
+                self._guard_busy = False
+
+    def _can_send_now(self) -> bool:
+        """True if the guard may write a frame now: no bytes of the transport's wait."""
+        stream = self._stream
+        tr = stream.transport if stream is not None else None
+        return not (self._raw_fd is None or tr is None or stream is None or stream.closed
+                    or tr.is_closing() or tr.get_write_buffer_size())
+
+    def _send_now(self, parts: list[Any]) -> None:
+        """Write one frame straight to the socket (the guard, under the gate).
+
+        Only after ``_can_send_now``: nothing of the transport's is queued,
+        so the frame goes whole after what it wrote. Half a frame left when
+        the socket stays full for 5 heartbeats sets ``_raw_broken``: the
+        connection is then dropped.
+        """
+        fd = self._raw_fd
+        stream = self._stream
+        assert fd is not None and stream is not None
+        data = memoryview(b"".join(parts))
+        stream.bytes_out += len(data)
+        deadline = time.monotonic() + 5 * self._heartbeat
+        while data:
+            try:
+                n = os.write(fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                return  # the connection is gone: the loop sees it after the call
+            data = data[n:]
+            if data:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._raw_broken = True
+                    return
+                select.select([], [fd], [], left)
 
     def _learn(self, fid: int, took: float) -> None:
         d = self._dur.get(fid)
@@ -552,7 +813,11 @@ class Worker:
             msg = (items, self._wall_off, self._times if last else array("d"))
             if last:
                 self._times = array("d")
-        stream.send(P.encode(P.RESULTS, msg, P.DEFAULT_COMPRESS_MIN, bufs))
+        parts = P.encode(P.RESULTS, msg, P.DEFAULT_COMPRESS_MIN, bufs)
+        if self._sending_now:
+            self._send_now(parts)
+        else:
+            stream.send(parts)
 
 
 class _Forward(logging.Handler):

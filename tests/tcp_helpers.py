@@ -429,3 +429,34 @@ class CuttableProxy:
         """Stop listening and reset what is relayed."""
         self.cut()
         self._srv.close()
+
+
+def exit_when_loaded() -> None:
+    """Rebuilds an ``ExitsWhenUnpickled``: raises SystemExit in whoever unpickles it."""
+    raise SystemExit("raised while unpickling")
+
+
+class ExitsWhenUnpickled:
+    """Pickles fine; unpickling it raises SystemExit (a BaseException, not an Exception)."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (exit_when_loaded, ())
+
+    def __call__(self) -> int:
+        return 1
+
+
+def make_exiting() -> ExitsWhenUnpickled:
+    """A task whose result the scheduler cannot unpickle without SystemExit."""
+    return ExitsWhenUnpickled()
+
+
+class ExitingError(Exception):
+    """An exception that pickles, but whose unpickling raises SystemExit."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (exit_when_loaded, ())
+
+
+def raise_exiting() -> None:
+    raise ExitingError("cannot come back")

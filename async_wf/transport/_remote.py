@@ -567,8 +567,12 @@ class RemoteTransport(Transport):
             if status != R_CANCELLED:
                 try:
                     value = P.unpack(blob, buffers, start, nbufs)
-                except Exception as exc:
-                    # this result alone is lost, not the connection and the others
+                except KeyboardInterrupt:
+                    raise  # the user's Ctrl-C, not the value's fault
+                except BaseException as exc:
+                    # this result alone is lost, not the connection and the
+                    # others: SystemExit too (a __reduce__ may raise anything),
+                    # which would otherwise end the connection's handler
                     what = "result" if status == R_OK else "exception"
                     status = R_ERROR
                     value = RemoteError(

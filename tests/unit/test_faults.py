@@ -386,3 +386,98 @@ async def test_a_killer_is_blamed_not_the_task_that_finished_just_before_it() ->
         done = await asyncio.wait_for(async_wf.gather(*futs, return_exceptions=True), th.HANG)
         assert [d for d in done if isinstance(d, BaseException)] == []
         assert rt.statistics()["workers_lost"] == 3
+
+
+async def _teach_quick(rt: async_wf.Runtime, n: int = 20) -> None:
+    # one task a batch, awaited one by one: the worker learns sleep_ms(0) is
+    # short (enough calls for a slow first one to fade from the average)
+    for _ in range(n):
+        assert await asyncio.wait_for(rt.submit(th.sleep_ms, 0), th.HANG) == 0
+
+
+@pytest.mark.parametrize("slow_first", [False, True], ids=["slow-last", "slow-first"])
+async def test_a_slow_call_of_a_function_learnt_as_quick_holds_no_other_task(
+        slow_first: bool) -> None:
+    async with async_wf.Runtime(workers=1, slots=2) as rt:
+        await _teach_quick(rt)
+        t0 = time.monotonic()
+        quick_at: list[float] = []
+
+        def quick() -> Any:
+            f = rt.submit(th.sleep_ms, 0)
+            f.add_done_callback(lambda _: quick_at.append(time.monotonic() - t0))
+            return f
+
+        # submitted together, so that they go to the worker together
+        if slow_first:
+            slow = rt.submit(th.sleep_ms, 1500)
+            calls = [quick(), quick()]
+        else:
+            calls = [quick(), quick()]
+            slow = rt.submit(th.sleep_ms, 1500)
+        await asyncio.wait_for(async_wf.gather(*calls), th.HANG)
+        assert await asyncio.wait_for(slow, th.HANG) == 1500
+        slow_at = time.monotonic() - t0
+        assert slow_at >= 1.5
+        # the quick ones are not held until the slow call ends
+        assert max(quick_at) < 0.5, (quick_at, slow_at)
+        # and the worker goes on running quick calls at once afterwards
+        t1 = time.monotonic()
+        await asyncio.wait_for(rt.submit(th.sleep_ms, 0), th.HANG)
+        assert time.monotonic() - t1 < 0.5
+        assert rt.statistics()["workers_lost"] == 0
+
+
+async def test_a_long_call_of_a_function_learnt_as_quick_does_not_lose_its_worker() -> None:
+    # heartbeat 0.2 s: a worker silent for 2 s (10 beats) is dropped
+    async with async_wf.Runtime(workers=1, slots=1, heartbeat=0.2) as rt:
+        await _teach_quick(rt)
+        assert await asyncio.wait_for(rt.submit(th.sleep_ms, 3000), th.HANG) == 3000
+        assert rt.statistics()["workers_lost"] == 0
+        assert await asyncio.wait_for(rt.submit(th.sleep_ms, 0), th.HANG) == 0
+
+
+async def test_a_result_whose_unpickling_raises_system_exit_fails_its_task_only() -> None:
+    async with async_wf.Runtime(workers=1, slots=1) as rt:
+        with pytest.raises(async_wf.RemoteError,
+                           match=r"the result of task 'make_exiting' could not be unpickled "
+                                 r"here: SystemExit: raised while unpickling"):
+            await asyncio.wait_for(rt.submit(th.make_exiting), th.HANG)
+        # an exception that cannot make the round trip comes back as a RemoteError
+        with pytest.raises(async_wf.RemoteError,
+                           match=r"tcp_helpers\.ExitingError: cannot come back"):
+            await asyncio.wait_for(rt.submit(th.raise_exiting), th.HANG)
+        t0 = time.monotonic()
+        assert await asyncio.wait_for(rt.submit(th.square, 3), th.HANG) == 9
+        assert time.monotonic() - t0 < 2.0
+        assert rt.statistics()["workers_lost"] == 0
+
+
+async def test_an_argument_or_function_whose_unpickling_raises_system_exit_fails_its_task_only(
+) -> None:
+    async with async_wf.Runtime(workers=1, slots=1) as rt:
+        with pytest.raises(async_wf.RemoteError,
+                           match=r"the arguments of the task could not be loaded on worker "
+                                 r".*: SystemExit: raised while unpickling"):
+            await asyncio.wait_for(rt.submit(th.echo, th.ExitsWhenUnpickled()), th.HANG)
+        with pytest.raises(async_wf.RemoteError,
+                           match=r"the task function could not be loaded on worker "
+                                 r".*: SystemExit: raised while unpickling"):
+            await asyncio.wait_for(rt.submit(th.ExitsWhenUnpickled()), th.HANG)
+        t0 = time.monotonic()
+        assert await asyncio.wait_for(rt.submit(th.square, 3), th.HANG) == 9
+        assert time.monotonic() - t0 < 2.0
+        assert rt.statistics()["workers_lost"] == 0
+
+
+async def test_a_long_inline_call_does_not_lose_its_worker_nor_hold_the_others() -> None:
+    # declared inline: it runs on the worker's loop by request, and the
+    # results and heartbeats must still go on meanwhile
+    async with async_wf.Runtime(workers=1, slots=2, heartbeat=0.2) as rt:
+        t0 = time.monotonic()
+        slow = rt.submit(async_wf.task(th.sleep_ms, inline=True), 3000)
+        quick = [rt.submit(th.sleep_ms, 0) for _ in range(2)]
+        await asyncio.wait_for(async_wf.gather(*quick), th.HANG)
+        assert time.monotonic() - t0 < 1.5
+        assert await asyncio.wait_for(slow, th.HANG) == 3000
+        assert rt.statistics()["workers_lost"] == 0

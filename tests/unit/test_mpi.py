@@ -461,6 +461,52 @@ MAIN_VALUES = """
 """
 
 
+LEARNT_QUICK = """
+    import time
+    import async_wf
+
+    def nap(seconds):
+        time.sleep(seconds)
+
+    async def main():
+        async with async_wf.Runtime() as rt:
+            for _ in range(20):  # one at a time: the rank learns that sleep(0) is short
+                await rt.submit(time.sleep, 0)
+            t0 = time.monotonic()
+            at = []
+            quick = [rt.submit(time.sleep, 0) for _ in range(2)]
+            for f in quick:
+                f.add_done_callback(lambda _: at.append(time.monotonic() - t0))
+            slow = rt.submit(time.sleep, 1.5)
+            await async_wf.gather(*quick)
+            await slow
+            took = time.monotonic() - t0
+            assert took >= 1.5 and max(at) < 0.5, (at, took)
+            print("OK quick first")
+            # the slow call first: the calls behind it in its batch go on
+            for _ in range(20):
+                await rt.submit(nap, 0)
+            t0 = time.monotonic()
+            at = []
+            slow = rt.submit(nap, 1.5)
+            quick = [rt.submit(nap, 0) for _ in range(2)]
+            for f in quick:
+                f.add_done_callback(lambda _: at.append(time.monotonic() - t0))
+            await async_wf.gather(*quick)
+            await slow
+            took = time.monotonic() - t0
+            assert took >= 1.5 and max(at) < 0.5, (at, took)
+            print("OK slow first")
+
+    async_wf.run(main())
+"""
+
+
 def test_instances_and_functions_of_main_travel_as_arguments(tmp_path: Path) -> None:
     # issue 17.2: "Can't get attribute 'Point'" on the worker ranks
     assert oks(mpirun(tmp_path, 2, MAIN_VALUES)) == {"x 3", "fn 6"}
+
+
+def test_a_slow_call_of_a_function_learnt_as_quick_holds_no_other_task(tmp_path: Path) -> None:
+    # the worker ranks run tasks with the TCP worker's code (MpiWorker)
+    assert oks(mpirun(tmp_path, 2, LEARNT_QUICK)) == {"quick first", "slow first"}

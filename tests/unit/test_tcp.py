@@ -44,6 +44,7 @@ from tcp_helpers import (
     raise_two_arg,
     raise_value_error,
     rendezvous,
+    sleep_ms,
     square,
     start_worker,
     stop,
@@ -709,6 +710,21 @@ async def test_plain_worker_gives_up_on_a_tls_runtime(
         finally:
             stop(plain)
         assert rt.statistics()["workers"] == 0
+
+
+@UV
+async def test_a_long_call_learnt_as_quick_does_not_lose_a_tls_worker(
+    tls: tuple[ssl.SSLContext, str], tmp_path: Path
+) -> None:
+    # heartbeat 0.2 s: 2 s of silence drops the worker, and over TLS nothing
+    # but the loop itself can send a heartbeat
+    ctx, ca_file = tls
+    async with async_wf.Runtime(workers=1, slots=1, ssl=ctx, tls_ca=ca_file,
+                                token_file=tmp_path / "token", heartbeat=0.2) as rt:
+        for _ in range(20):  # the worker would learn that sleep_ms(0) is short
+            assert await asyncio.wait_for(rt.submit(sleep_ms, 0), HANG) == 0
+        assert await asyncio.wait_for(rt.submit(sleep_ms, 3000), HANG) == 3000
+        assert rt.statistics()["workers_lost"] == 0
 
 
 # ----------------------------------------------------------------------- CLI
