@@ -460,3 +460,21 @@ class ExitingError(Exception):
 
 def raise_exiting() -> None:
     raise ExitingError("cannot come back")
+
+
+class Holder:
+    """An object whose release in a worker process leaves a file behind."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+        self.owner = os.getpid()
+        self.payload = bytes(1 << 20)
+
+    def value(self) -> int:
+        """A method to submit: ``rt.submit(holder.value)``."""
+        return 7
+
+    def __del__(self) -> None:
+        if os.getpid() != self.owner:  # a copy in a worker, not the test's own
+            with open(self.marker, "w"):
+                pass

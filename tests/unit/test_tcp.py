@@ -28,6 +28,7 @@ import pytest
 import trustme
 from tcp_helpers import (
     HANG,
+    Holder,
     RawPeer,
     add,
     alive,
@@ -899,3 +900,16 @@ def test_instances_and_functions_of_main_travel_as_arguments(tmp_path: Path) -> 
     assert proc.returncode == 0, proc.stderr
     # and a result of such a class comes back as the program's own class
     assert proc.stdout.split("\n")[:2] == ["3 6", "True 5"], proc.stdout + proc.stderr
+
+
+@UV
+async def test_a_bound_method_does_not_keep_its_object_alive_on_the_worker(
+        tmp_path: Path) -> None:
+    # issue 17.5: the function cache held obj.method, and so obj, for good
+    marker = tmp_path / "released"
+    holder = Holder(str(marker))
+    async with async_wf.Runtime(workers=1) as rt:
+        assert await rt.submit(holder.value) == 7
+        assert await rt.submit(square, 2) == 4  # the worker goes on to other work
+        await until(marker.exists, "the worker to release the object", timeout=5)
+        assert await rt.submit(holder.value) == 7  # and it can be sent again
