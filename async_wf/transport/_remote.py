@@ -80,13 +80,11 @@ class Link(Protocol):
 
 
 def _fn_key(fn: Any) -> Any:
-    """Cache key of a task function: its identity, or (self, function) for a bound method.
+    """Cache key of a task function: its identity.
 
-    ``obj.method`` is a new object at every attribute access; keyed by its
-    own id, the whole ``obj`` would be pickled and sent again for every task.
+    A bound method never gets here: ``_send_tasks`` sends its function,
+    and its object as the first argument.
     """
-    if type(fn) is types.MethodType:
-        return (id(fn.__self__), id(fn.__func__))
     return id(fn)
 
 
@@ -324,6 +322,13 @@ class RemoteTransport(Transport):
         size = 0
         for fut in futs:
             fn = fut._fn
+            args = fut._args
+            if type(fn) is types.MethodType:
+                # the function goes in the cache, the object with the
+                # arguments: cached, obj.method would keep obj alive on the
+                # worker (and here) for as long as the runtime runs
+                args = (fn.__self__, *args)
+                fn = fn.__func__
             key = _fn_key(fn)
             entry = self._fn_blobs.get(key)
             if entry is None or not _same_fn(entry[0], fn):
@@ -343,7 +348,7 @@ class RemoteTransport(Transport):
             try:
                 # each task's arguments in a blob of their own: one that the
                 # worker cannot unpickle fails that task, not the frame
-                args_blob = P.pack((fut._args, fut._kwargs or None), bufs, main_by_value=True)
+                args_blob = P.pack((args, fut._kwargs or None), bufs, main_by_value=True)
             except Exception as exc:
                 del bufs[n0:]
                 self._unsendable(w, fut, "arguments", exc)
