@@ -478,3 +478,13 @@ class Holder:
         if os.getpid() != self.owner:  # a copy in a worker, not the test's own
             with open(self.marker, "w"):
                 pass
+
+
+def set_env_flag(value: str) -> None:
+    """An Executor initializer: mark this process."""
+    os.environ["AWF_TEST_INIT"] = value
+
+
+def env_flag() -> str | None:
+    """What ``set_env_flag`` left in this process."""
+    return os.environ.get("AWF_TEST_INIT")

@@ -339,3 +339,45 @@ def test_executor_is_a_concurrent_futures_executor() -> None:
     assert issubclass(Executor, cf.Executor)
     with Executor(max_workers=2) as ex:
         assert workload(ex) == [i * i for i in range(8)] + [2 * i + 8 for i in range(8)]
+
+
+def test_initializer_runs_once_in_each_thread() -> None:
+    seen: list[str] = []
+    local = threading.local()
+
+    def init(tag: str) -> None:
+        local.tag = tag
+        seen.append(threading.current_thread().name)
+
+    def tag(i: int) -> str:
+        threading.Event().wait(0.01)
+        return str(local.tag)
+
+    with Executor(max_workers=3, initializer=init, initargs=("ready",)) as ex:
+        assert set(ex.map(tag, range(30))) == {"ready"}
+    assert 1 <= len(seen) <= 3 and len(set(seen)) == len(seen)
+
+
+def test_initializer_runs_in_each_worker_process() -> None:
+    import tcp_helpers as th
+
+    with Executor(workers=2, initializer=th.set_env_flag, initargs=("yes",)) as ex:
+        futs = [ex.submit(th.env_flag) for _ in range(20)]
+        assert {f.result(timeout=60) for f in futs} == {"yes"}
+
+
+def test_a_failing_initializer_breaks_the_pool_as_the_standard_library_does() -> None:
+    def bad() -> None:
+        raise ValueError("no database")
+
+    with Executor(max_workers=1, initializer=bad) as ex:
+        fut = ex.submit(square, 2)
+        with pytest.raises(cf.BrokenExecutor, match="initializer failed"):
+            fut.result(timeout=10)
+
+
+def test_constructor_names_what_the_user_passed() -> None:
+    with pytest.raises(TypeError, match="initializer must be callable, got int"):
+        Executor(initializer=3)  # type: ignore[arg-type]
+    with pytest.raises(NotImplementedError, match="max_tasks_per_child"):
+        Executor(workers=1, max_tasks_per_child=5)
