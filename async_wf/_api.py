@@ -120,6 +120,11 @@ class Runtime:
             at close.
         dag: record the task graph, for ``dag(path)`` (a report records it
             too).
+        initializer: a callable run once in each thread of the local
+            transport (a failure breaks the pool: tasks then fail with
+            ``BrokenThreadPool``) or in each worker process started with
+            ``workers=`` (a failure stops the start). Not for MPI ranks or
+            workers started by hand.
         **tcp_options: further options of ``TcpTransport`` (``slots``,
             ``prefetch``, ``heartbeat``, ``no_worker_timeout``, ...).
 
@@ -153,6 +158,7 @@ class Runtime:
         trace: str | os.PathLike[str] | None = None,
         report: str | os.PathLike[str] | None = None,
         dag: bool = False,
+        initializer: Callable[[], Any] | None = None,
         **tcp_options: Any,
     ) -> None:
         defaults = launch_defaults()
@@ -180,7 +186,8 @@ class Runtime:
             _check_tcp_options(tcp_options)
         tcp = workers is not None or listen is not None or token_file is not None or ssl is not None
         name = transport if isinstance(transport, str) else None
-        if transport is not None and name is None and (tcp or tcp_options or threads is not None):
+        if transport is not None and name is None and (
+                tcp or tcp_options or threads is not None or initializer is not None):
             raise ValueError("give transport= alone, or the options of a built-in transport")
         if name is not None and name not in ("local", "tcp", "mpi"):
             raise ValueError(f"transport must be 'local', 'tcp', 'mpi' or a Transport, "
@@ -189,7 +196,12 @@ class Runtime:
             # the default: the options say which, else the launch does
             name = "tcp" if tcp or tcp_options else (
                 "mpi" if threads is None and _mpi_launched() else "local")
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be callable, got "
+                            f"{type(initializer).__name__}: {initializer!r}")
         if name == "mpi":
+            if initializer is not None:
+                raise ValueError("initializer= is not supported with transport='mpi' yet")
             if tcp or tcp_options or threads is not None:
                 raise ValueError("transport='mpi' takes no options of the local or TCP "
                                  "transports (worker slots are set at launch: --slots)")
@@ -208,12 +220,13 @@ class Runtime:
                 listen=listen,
                 token_file=token_file,
                 ssl=ssl,
+                initializer=initializer,
                 **tcp_options,
             )
         elif name == "local":
             if tcp or tcp_options:
                 raise ValueError("transport='local' takes no options of the TCP transport")
-            transport = LocalTransport(threads)
+            transport = LocalTransport(threads, initializer)
         assert transport is not None and not isinstance(transport, str)
         self._transport: Transport = transport
         self._wait_on_exit = wait_on_exit

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import concurrent.futures as cf
 import contextlib
+import functools
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -97,11 +98,17 @@ class Executor(cf.Executor):
     executor still open when the interpreter exits waits for its tasks. The
     differences (a lost worker's tasks run again elsewhere instead of
     ``BrokenProcessPool``; futures as arguments are dependencies;
-    ``chunksize`` does not group calls; no ``initializer`` yet) are listed in
-    the README.
+    ``chunksize`` does not group calls; no ``max_tasks_per_child`` yet) are
+    listed in the README.
 
     Args:
         max_workers: threads for blocking functions (``Runtime(threads=...)``).
+        initializer: called with ``initargs`` once in each thread, or in each
+            worker process with ``workers=N``; if it raises, the tasks fail
+            with ``BrokenThreadPool`` (threads) or the executor does not
+            start (processes).
+        initargs: the arguments of ``initializer``.
+        max_tasks_per_child: not supported yet (``NotImplementedError``).
         **runtime_options: passed on to ``Runtime``.
 
     Raises:
@@ -109,7 +116,18 @@ class Executor(cf.Executor):
         TypeError: ``max_workers`` is not an int, or an unknown option.
     """
 
-    def __init__(self, max_workers: int | None = None, **runtime_options: Any) -> None:
+    def __init__(self, max_workers: int | None = None,
+                 initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (),
+                 max_tasks_per_child: int | None = None, **runtime_options: Any) -> None:
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be callable, got "
+                            f"{type(initializer).__name__}: {initializer!r}")
+        if max_tasks_per_child is not None:
+            raise NotImplementedError(
+                "max_tasks_per_child is not supported yet: worker processes live as long "
+                "as the executor (a lost one is replaced)")
+        if initializer is not None:
+            runtime_options["initializer"] = functools.partial(initializer, *initargs)
         if max_workers is not None:
             if isinstance(max_workers, bool) or not isinstance(max_workers, int):
                 raise TypeError(f"max_workers must be an int, got "

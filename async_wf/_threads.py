@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
 import threading
 import traceback
 from collections.abc import Callable
+from concurrent.futures.thread import BrokenThreadPool
 from time import perf_counter
 from typing import Any
 
 from async_wf import _context
+
+log = logging.getLogger("async_wf")
 
 OK = 0
 ERROR = 1
@@ -50,6 +54,9 @@ class ThreadPool:
         name: prefix of the threads' names.
         owner: marks each call as its token's task of ``owner``, for
             ``async_wf.task_context()``.
+        initializer: called once by each thread before its first call. If
+            it raises, the pool is broken, as ``ThreadPoolExecutor``'s is:
+            every call from then on fails with ``BrokenThreadPool``.
     """
 
     def __init__(
@@ -60,8 +67,11 @@ class ThreadPool:
         claim: Callable[[Any], bool] | None = None,
         name: str = "async_wf",
         owner: Any = None,
+        initializer: Callable[[], Any] | None = None,
     ) -> None:
         self.nthreads = nthreads
+        self._initializer = initializer
+        self.broken: BaseException | None = None
         self.lock = threading.Lock()
         self._cond = threading.Condition(self.lock)
         self._loop = loop
@@ -106,6 +116,12 @@ class ThreadPool:
         claim = self._claim
         owner = self._owner
         tls = _context._tls
+        if self._initializer is not None:
+            try:
+                self._initializer()
+            except BaseException as exc:
+                log.error("a thread initializer failed: %s: %s", type(exc).__name__, exc)
+                self.broken = exc
         while True:
             with self.lock:
                 while not heap:
@@ -118,6 +134,11 @@ class ThreadPool:
             outcome: Outcome
             if not run:
                 outcome = (token, SKIPPED, None, 0.0, 0.0)
+            elif self.broken is not None:
+                err = BrokenThreadPool("a thread initializer failed, the pool is not usable "
+                                       "any more")
+                err.__cause__ = self.broken
+                outcome = (token, ERROR, (err, ""), 0.0, perf_counter())
             else:
                 if owner is not None:
                     tls.cur = [owner, token, None]

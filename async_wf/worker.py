@@ -77,6 +77,8 @@ LOG_LEVEL_ENV = "ASYNC_WF_LOG_LEVEL"
 #: TASKS flags: bit 0, send each task's start and end with its result
 WANT_TIMES = 1
 SYS_PATH_ENV = "ASYNC_WF_SYS_PATH"
+#: a base64 cloudpickle of the callable a spawned worker runs once at start
+INIT_ENV = "ASYNC_WF_WORKER_INIT"
 
 
 def parse_url(url: str) -> tuple[str, int]:
@@ -940,6 +942,17 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise SystemExit(f"async-wf worker: --reconnect must be >= 0 seconds, "
                          f"got {args.reconnect:g}")
     secret = _secret_from(args)
+    init = os.environ.pop(INIT_ENV, None)
+    if init:
+        import base64
+
+        try:
+            pickle.loads(base64.b64decode(init))()
+        except Exception as exc:
+            # the runtime sees a worker that exited at start-up and says so
+            print(f"async-wf worker: the initializer failed: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+            return 3
     from async_wf._api import run
 
     # spawned workers are replaced by their runtime instead of reconnecting

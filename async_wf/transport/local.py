@@ -24,6 +24,7 @@ import asyncio
 import inspect
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from async_wf._context import TaskContext, mark_coroutine, mark_thread
@@ -52,7 +53,9 @@ def default_threads() -> int:
 class LocalTransport(Transport):
     """Runs tasks in this process: see the module docstring."""
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None,
+                 initializer: Callable[[], Any] | None = None) -> None:
+        self._initializer = initializer
         if threads is None:
             threads = default_threads()
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -67,7 +70,7 @@ class LocalTransport(Transport):
         self._sched = sched
         self._loop = loop
         self._pool = ThreadPool(self._max_threads, loop, self._deliver, claim=self._claim,
-                                owner=self)
+                                owner=self, initializer=self._initializer)
 
     def capacity(self) -> int:
         """Unbounded: coroutines are cheap and thread tasks queue here by priority."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import base64
 import collections
 import contextlib
 import ipaddress
@@ -28,7 +29,10 @@ import subprocess
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, cast
+
+import cloudpickle
 
 from async_wf import protocol as P
 from async_wf._errors import (
@@ -36,7 +40,7 @@ from async_wf._errors import (
     WorkerLostError,
 )
 from async_wf.transport._remote import RemoteTransport, _Worker
-from async_wf.worker import SYS_PATH_ENV, TOKEN_ENV, parse_url
+from async_wf.worker import INIT_ENV, SYS_PATH_ENV, TOKEN_ENV, parse_url
 
 if TYPE_CHECKING:
     from async_wf._futures import TaskFuture
@@ -83,6 +87,9 @@ class TcpTransport(RemoteTransport):
             when it pays; 0 turns compression off.
         max_frame: the largest frame accepted from an authenticated worker.
         max_lost: a task whose worker is lost this many times fails.
+        initializer: called once in each worker process this transport
+            starts, before it connects (pickled by value); a worker whose
+            initializer raises exits, and the start fails.
         max_handshakes: connections allowed to be authenticating at once;
             more are closed on arrival (as are connections that would take
             the last descriptors below the process's RLIMIT_NOFILE), so
@@ -112,6 +119,7 @@ class TcpTransport(RemoteTransport):
         max_frame: int = P.DEFAULT_MAX_FRAME,
         max_lost: int = 3,
         max_handshakes: int = 64,
+        initializer: Callable[[], Any] | None = None,
     ) -> None:
         for name, value, low in (("workers", workers, 0), ("slots", slots, 1),
                                  ("max_handshakes", max_handshakes, 1),
@@ -144,6 +152,8 @@ class TcpTransport(RemoteTransport):
         self.secret = token if token is not None else P.new_secret()
         self._n_spawn = workers
         self._tls_auto = ssl == "auto"
+        self._init_blob = None if initializer is None else \
+            base64.b64encode(cloudpickle.dumps(initializer)).decode()
         if ssl == "auto":
             from async_wf._tls import server_context
 
@@ -225,6 +235,8 @@ class TcpTransport(RemoteTransport):
         env = dict(os.environ)
         env[TOKEN_ENV] = self.secret.hex()
         env[SYS_PATH_ENV] = os.pathsep.join(p or os.getcwd() for p in sys.path)
+        if self._init_blob is not None:
+            env[INIT_ENV] = self._init_blob
         cmd = [sys.executable, "-m", "async_wf.worker", "--connect", f"tcp://{host}:{self._port}",
                "--slots", str(self._slots), "--parent-pid", str(os.getpid())]
         if self._tls_auto:
