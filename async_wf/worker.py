@@ -209,24 +209,28 @@ class Worker:
 
             ssl_ctx = _tls.client_context()
 
-            def pin(s: P.FrameStream) -> None:
-                assert s.transport is not None
+        def opened(s: P.FrameStream) -> None:
+            # in connection_made, before any frame: the first TASKS frame may
+            # be handled before the coroutine below resumes from connecting
+            assert s.transport is not None
+            if tls_auto:
                 try:
                     _tls.check_server(s.transport.get_extra_info("ssl_object"), self.secret)
                 except _tls.TlsPinError as exc:
                     log.error("worker %s: %s", self.name, exc)
                     self._finish(1)
                     s.abort(exc)
+                    return
+            sock = s.transport.get_extra_info("socket")
+            if ssl_ctx is None and sock is not None:
+                self._raw_fd = sock.fileno()
+                self._guard_can = True
 
-            stream.on_open = pin
+        stream.on_open = opened
         # bounded: a SYN into a cut link is retried by the kernel for minutes
         await asyncio.wait_for(loop.create_connection(
             lambda: stream, host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None
         ), CONNECT_TIMEOUT)
-        sock = stream.transport.get_extra_info("socket") if stream.transport else None
-        if ssl_ctx is None and sock is not None:
-            self._raw_fd = sock.fileno()
-            self._guard_can = True
         watchdog = loop.create_task(self._watch())
         self.forward_logs()
         try:
