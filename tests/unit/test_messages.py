@@ -129,3 +129,19 @@ def test_a_runtime_started_at_the_top_level_of_a_repl_serves_later_statements() 
                           text=True, timeout=120)
     out = dict(re.findall(r"(TASK|SUBMIT|AFTER) (True|False)", proc.stdout))
     assert out == {"TASK": "True", "SUBMIT": "True", "AFTER": "True"}, proc.stdout + proc.stderr
+
+
+async def test_runtime_and_future_reprs_say_where_things_stand() -> None:
+    rt = async_wf.Runtime(threads=2)
+    assert repr(rt) == "<async_wf.Runtime local, not started>"
+    async with rt:
+        fut = rt.submit(slow_add, 1, 2)
+        text = repr(rt)
+        assert text.startswith("<async_wf.Runtime local, running: 1 submitted"), text
+        html = rt._repr_html_()
+        assert "<table" in html and "submitted" in html and "<progress" in html
+        assert await fut == 3
+        assert "1 done" in repr(rt)
+        assert repr(fut) == "<TaskFuture #1 'slow_add' finished>"
+        assert fut._repr_html_().count("finished") == 1
+    assert repr(rt).startswith("<async_wf.Runtime local, closed: 1 submitted")
