@@ -315,6 +315,41 @@ class Runtime:
                 obs.close()
                 obs.write_outputs()
 
+    def _kind(self) -> str:
+        name = type(self._transport).__name__.removesuffix("Transport").lower()
+        workers = self._transport.statistics().get("workers")
+        return name if workers is None else f"{name}, {workers} workers"
+
+    def _counts(self) -> dict[str, int]:
+        st = self._sched.statistics() if self._sched is not None else {}
+        return {k: int(st.get(k, 0)) for k in
+                ("submitted", "running", "finished", "reused", "failed", "cancelled")}
+
+    def __repr__(self) -> str:
+        if self._sched is None:
+            state = "closed" if self._closed else "not started"
+            return f"<async_wf.Runtime {self._kind()}, {state}>"
+        c = self._counts()
+        state = "closed" if self._closed else "running"
+        reused = f", {c['reused']} reused" if c["reused"] else ""
+        return (f"<async_wf.Runtime {self._kind()}, {state}: {c['submitted']} submitted, "
+                f"{c['running']} running, {c['finished']} done{reused}, {c['failed']} failed>")
+
+    def _repr_html_(self) -> str:
+        """A small table and a progress bar, for Jupyter."""
+        import html
+
+        if self._sched is None:
+            return f"<code>{html.escape(repr(self))}</code>"
+        c = self._counts()
+        ended = c["finished"] + c["reused"] + c["failed"] + c["cancelled"]
+        rows = "".join(f"<tr><th style='text-align:left'>{k}</th><td>{v}</td></tr>"
+                       for k, v in c.items())
+        return (f"<div><b>async_wf.Runtime</b> {html.escape(self._kind())} "
+                f"({'closed' if self._closed else 'running'})<br>"
+                f"<progress value='{ended}' max='{max(c['submitted'], 1)}'></progress> "
+                f"{ended}/{c['submitted']}<table>{rows}</table></div>")
+
     def _leave_context(self) -> None:
         """Stop being this context's current runtime (undo what ``start`` set)."""
         if self._tokens is None:

@@ -130,6 +130,12 @@ class TaskFuture(asyncio.Future[Any]):
             state = "failed" if self.exception() is not None else "finished"
         return f"<TaskFuture #{self._id} {self.name!r} {state}>"
 
+    def _repr_html_(self) -> str:
+        """The repr, for Jupyter (escaped)."""
+        import html
+
+        return f"<code>{html.escape(repr(self))}</code>"
+
     def result(self) -> Any:
         """The task's result; in a thread other than the runtime's loop, wait for it.
 
