@@ -9,7 +9,7 @@ import logging
 import os
 import ssl as _ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from async_wf._errors import RuntimeClosedError
 from async_wf._futures import TaskFuture
@@ -381,7 +381,15 @@ class Runtime:
             raise RuntimeClosedError("the runtime is not started; use 'async with Runtime()'")
         return sched
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
+    @overload
+    def submit(
+        self, fn: Callable[..., Coroutine[Any, Any, T]], /, *args: Any, **kwargs: Any
+    ) -> TaskFuture[T]: ...
+
+    @overload
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> TaskFuture[T]: ...
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture[Any]:
         """Submit ``fn(*args, **kwargs)`` as a task; return its ``TaskFuture`` at once.
 
         Futures among the arguments (at any depth in lists, tuples, dicts and
@@ -471,7 +479,17 @@ def current_runtime() -> Runtime:
     return rt
 
 
-def submit(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
+@overload
+def submit(
+    fn: Callable[..., Coroutine[Any, Any, T]], /, *args: Any, **kwargs: Any
+) -> TaskFuture[T]: ...
+
+
+@overload
+def submit(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> TaskFuture[T]: ...
+
+
+def submit(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture[Any]:
     """Submit a task to the runtime of the current context; see ``Runtime.submit``.
 
     Raises:

@@ -42,7 +42,7 @@ class ExecutorFuture(cf.Future[Any]):
     dependents, and ends ``cancelled()``.
     """
 
-    _task: TaskFuture | None = None
+    _task: TaskFuture[Any] | None = None
     _loop: asyncio.AbstractEventLoop | None = None
 
     def running(self) -> bool:
@@ -66,14 +66,14 @@ class ExecutorFuture(cf.Future[Any]):
         return True
 
 
-def _started(t: TaskFuture) -> bool:
+def _started(t: TaskFuture[Any]) -> bool:
     # read from the caller's thread: a stale answer only moves the moment
     # from which cancel() refuses by one hand-over
     run = t._run
     return run is not None and run != _QUEUED
 
 
-def _as_task(f: ExecutorFuture) -> TaskFuture:
+def _as_task(f: ExecutorFuture) -> TaskFuture[Any]:
     t = f._task
     if t is None:
         raise ValueError(

@@ -15,7 +15,7 @@ writer's key and the path, since the content does not exist at submit.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from async_wf._futures import RecordedFuture
 from async_wf.checkpoint._keys import FileArg, FileInOut, FileOut, FileRef
@@ -38,17 +38,17 @@ class FilePlan:
         #: the FileOut/FileInOut arguments, whose content is recorded
         self.outputs: list[FileArg] = []
         #: the tasks it must wait for
-        self.deps: list[TaskFuture] = []
+        self.deps: list[TaskFuture[Any]] = []
         #: absolute path -> the task that writes it, for the paths it reads
-        self.produced: dict[str, TaskFuture] = {}
+        self.produced: dict[str, TaskFuture[Any]] = {}
 
 
 class FileOrder:
     """Per runtime: the writer and the readers of each path (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._writer: dict[str, TaskFuture] = {}
-        self._readers: dict[str, list[TaskFuture]] = {}
+        self._writer: dict[str, TaskFuture[Any]] = {}
+        self._readers: dict[str, list[TaskFuture[Any]]] = {}
 
     def plan(self, files: list[FileArg]) -> FilePlan:
         """The paths, outputs and waits of a task that receives ``files``."""
@@ -76,7 +76,7 @@ class FileOrder:
                     deps.append(r)
         return plan
 
-    def register(self, fut: TaskFuture, plan: FilePlan) -> None:
+    def register(self, fut: TaskFuture[Any], plan: FilePlan) -> None:
         """Record that ``fut`` (submitted with ``plan``) reads and writes its paths."""
         written = set(plan.writes)
         for path in plan.reads:

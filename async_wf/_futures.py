@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from async_wf._options import TaskOptions
 
@@ -27,7 +27,10 @@ if TYPE_CHECKING:
 _CONTAINERS = (list, tuple, dict, set, frozenset)
 
 
-class TaskFuture(asyncio.Future[Any]):
+_T = TypeVar("_T")
+
+
+class TaskFuture(asyncio.Future[_T]):
     """The awaitable result of a submitted task.
 
     Returned at once by ``submit``; ``await`` gives the task's result or
@@ -184,7 +187,7 @@ class TaskFuture(asyncio.Future[Any]):
     __lt__ = __le__ = __gt__ = __ge__ = __float__ = __int__ = __index__ = _not_a_value
 
 
-class RecordedFuture(TaskFuture):
+class RecordedFuture(TaskFuture[_T]):
     """The future of a task whose result is in the checkpoint log.
 
     It is logically done from the moment of ``submit``, but its value is

@@ -77,7 +77,7 @@ def kind_of(fn: Callable[..., Any], opts: TaskOptions) -> int:
     return INLINE if opts.inline else THREAD
 
 
-def _value(fut: TaskFuture) -> Any:
+def _value(fut: TaskFuture[Any]) -> Any:
     """The value a dependent task receives for ``fut``."""
     if fut._ignored:
         return fut._opts.default
@@ -108,8 +108,8 @@ class Scheduler:
         self._ctx = contextvars.copy_context()
         self._batch = batch
         self._core = _corepick.Core()
-        self._tasks: dict[int, TaskFuture] = {}
-        self._done_buf: list[tuple[TaskFuture, Any]] = []
+        self._tasks: dict[int, TaskFuture[Any]] = {}
+        self._done_buf: list[tuple[TaskFuture[Any], Any]] = []
         self._pump_pending = False
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._state = _OPEN
@@ -120,7 +120,7 @@ class Scheduler:
         self.n_submitted = 0
         self._files = FileOrder()
         # recorded tasks that wait for files, in case their record cannot be read
-        self._file_deps: dict[TaskFuture, list[TaskFuture]] = {}
+        self._file_deps: dict[TaskFuture[Any], list[TaskFuture[Any]]] = {}
         #: set by the runtime when Ctrl-C (or a cancel) ends its ``async with``
         self.interrupted = False
         self.n_finished = 0
@@ -136,7 +136,7 @@ class Scheduler:
     # ------------------------------------------------------------------ submit
     def submit(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> TaskFuture:
+    ) -> TaskFuture[Any]:
         """Create a task for ``fn(*args, **kwargs)``; return its future at once."""
         if self._state != _OPEN:
             self._raise_not_open()
@@ -156,7 +156,7 @@ class Scheduler:
                 raise TypeError(f"submit needs a callable, got {type(fn).__name__}: {fn!r}")
             opts = DEFAULT_OPTIONS
             kind = kind_of(fn, opts)
-        found: list[TaskFuture] = []
+        found: list[TaskFuture[Any]] = []
         subst = False
         if args and collect(args, TaskFuture, found):
             subst = True
@@ -181,7 +181,7 @@ class Scheduler:
                     if dep not in found:
                         found.append(dep)
         ck = self._ckpt
-        fut: TaskFuture
+        fut: TaskFuture[Any]
         if ck is None:
             fut = self._new_future(TaskFuture, fn, args, kwargs, opts, kind, subst)
             fut._ckey = None
@@ -193,7 +193,7 @@ class Scheduler:
                 parents = tuple([d._ckey for d in found])  # type: ignore[misc]
                 if key in ck and (plan is None or not plan.outputs
                                   or ck.outputs_match(key, opts.name or _fn_name(fn))):
-                    rec: RecordedFuture = self._new_future(
+                    rec: RecordedFuture[Any] = self._new_future(
                         RecordedFuture, fn, args, kwargs, opts, kind, subst)
                     rec._ckey = key
                     rec._cparents = parents
@@ -219,7 +219,7 @@ class Scheduler:
 
     def _new_future(
         self,
-        cls: type[TaskFuture],
+        cls: type[TaskFuture[Any]],
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -247,11 +247,11 @@ class Scheduler:
         fut._cancelling = False
         return fut
 
-    def _enqueue(self, fut: TaskFuture, found: list[TaskFuture]) -> None:
+    def _enqueue(self, fut: TaskFuture[Any], found: list[TaskFuture[Any]]) -> None:
         """Add ``fut`` to the graph, waiting for the unfinished ones of its inputs ``found``."""
         inputs: list[int] = []
-        failed_dep: TaskFuture | None = None
-        cancelled_dep: TaskFuture | None = None
+        failed_dep: TaskFuture[Any] | None = None
+        cancelled_dep: TaskFuture[Any] | None = None
         for dep in found:
             if type(dep) is RecordedFuture:
                 dep._read()  # this task runs, so it needs the value
@@ -272,7 +272,7 @@ class Scheduler:
             self._pump_pending = True
             self._loop.call_soon(self._pump, context=self._ctx)
 
-    def _read_recorded(self, fut: RecordedFuture) -> None:
+    def _read_recorded(self, fut: RecordedFuture[Any]) -> None:
         """Resolve a recorded task from the log; run it if its record is unusable."""
         ck = self._ckpt
         assert ck is not None and fut._ckey is not None
@@ -284,7 +284,7 @@ class Scheduler:
                 fut.set_exception(exc)
                 fut._log_traceback = False
                 return
-            found: list[TaskFuture] = []
+            found: list[TaskFuture[Any]] = []
             collect(fut._args, TaskFuture, found)
             collect(fut._kwargs, TaskFuture, found)
             found += [d for d in self._file_deps.pop(fut, ()) if d not in found]
@@ -304,7 +304,8 @@ class Scheduler:
         raise RuntimeClosedError("cannot submit: the runtime is shut down")
 
     def _resolve_unrun(
-        self, fut: TaskFuture, failed: TaskFuture | None, cancelled: TaskFuture | None
+        self, fut: TaskFuture[Any], failed: TaskFuture[Any] | None,
+        cancelled: TaskFuture[Any] | None,
     ) -> None:
         """Resolve a task whose input had already failed or been cancelled."""
         fut._args = ()
@@ -373,7 +374,7 @@ class Scheduler:
         self._done_buf = []
         handles = []
         ck = self._ckpt
-        rec: list[tuple[TaskFuture, Any]] | None = [] if ck is not None else None
+        rec: list[tuple[TaskFuture[Any], Any]] | None = [] if ck is not None else None
         for fut, value in buf:
             if fut.done():
                 continue  # resolved meanwhile (failed by a transport giving up)
@@ -405,14 +406,14 @@ class Scheduler:
                 w.set_result(None)
 
     # ------------------------------------------------ reports from transports
-    def task_ok(self, fut: TaskFuture, value: Any) -> None:
+    def task_ok(self, fut: TaskFuture[Any], value: Any) -> None:
         """A transport reports that the current attempt of ``fut`` returned ``value``."""
         self._done_buf.append((fut, value))
         if not self._pump_pending:
             self._pump_pending = True
             self._loop.call_soon(self._pump, context=self._ctx)
 
-    def task_error(self, fut: TaskFuture, exc: BaseException) -> None:
+    def task_error(self, fut: TaskFuture[Any], exc: BaseException) -> None:
         """A transport reports that the current attempt of ``fut`` raised ``exc``."""
         if fut.done() or self._state > _CLOSING:
             return
@@ -455,7 +456,7 @@ class Scheduler:
             return
         self._fail_and_cascade(fut, exc, cancel=policy == "cancel_successors")
 
-    def task_requeue(self, fut: TaskFuture) -> None:
+    def task_requeue(self, fut: TaskFuture[Any]) -> None:
         """A transport lost the worker running ``fut``: run it again elsewhere.
 
         Unlike a failure, this does not count against the task's retries.
@@ -468,7 +469,7 @@ class Scheduler:
         self._core.requeue(fut._handle)
         self._kick()
 
-    def task_save(self, fut: TaskFuture, rank: int, nranks: int, step: int,
+    def task_save(self, fut: TaskFuture[Any], rank: int, nranks: int, step: int,
                   blob: bytes) -> None:
         """Rank ``rank`` of ``nranks`` of the running task ``fut`` saved a step's state.
 
@@ -484,7 +485,7 @@ class Scheduler:
         except Exception as exc:
             log.warning("task %r: state of step %d not saved: %s", fut.name, step, exc)
 
-    def restore_blobs(self, fut: TaskFuture, nranks: int) -> tuple[int, list[bytes]] | None:
+    def restore_blobs(self, fut: TaskFuture[Any], nranks: int) -> tuple[int, list[bytes]] | None:
         """The last complete step of ``fut`` and each rank's pickled state, or None."""
         ck = self._ckpt
         if ck is None or fut._cparents is None:
@@ -492,7 +493,7 @@ class Scheduler:
         assert fut._ckey is not None
         return ck.restore(fut._ckey, nranks)
 
-    def task_context(self, fut: TaskFuture) -> TaskContext:
+    def task_context(self, fut: TaskFuture[Any]) -> TaskContext:
         """The context of ``fut`` running in this process (any thread)."""
         loop = self._loop
 
@@ -513,7 +514,7 @@ class Scheduler:
         """Number of tasks submitted and not yet done."""
         return len(self._tasks)
 
-    def fail_pending(self, make_error: Callable[[TaskFuture], BaseException]) -> None:
+    def fail_pending(self, make_error: Callable[[TaskFuture[Any]], BaseException]) -> None:
         """Fail every pending task with ``make_error(fut)`` (a transport gave up on them).
 
         Tasks go in submission order, so a task whose input fails here gets a
@@ -523,7 +524,7 @@ class Scheduler:
             if not f.done() and self._tasks.get(f._handle) is f:
                 self._fail_and_cascade(f, make_error(f), cancel=False)
 
-    def task_cancelled(self, fut: TaskFuture, msg: Any = None) -> None:
+    def task_cancelled(self, fut: TaskFuture[Any], msg: Any = None) -> None:
         """A transport reports that the running task of ``fut`` was cancelled."""
         if fut.done() or self._state > _CLOSING:
             return
@@ -533,7 +534,7 @@ class Scheduler:
         core.requeue(h)
         self._cancel_in_core(fut, msg)
 
-    def _cancel_in_core(self, fut: TaskFuture, msg: Any) -> None:
+    def _cancel_in_core(self, fut: TaskFuture[Any], msg: Any) -> None:
         h = fut._handle
         core = self._core
         tasks = self._tasks
@@ -552,7 +553,7 @@ class Scheduler:
         core.forget(succ)
         self._kick()
 
-    def _fail_and_cascade(self, fut: TaskFuture, exc: BaseException, *, cancel: bool) -> None:
+    def _fail_and_cascade(self, fut: TaskFuture[Any], exc: BaseException, *, cancel: bool) -> None:
         """Fail ``fut`` with ``exc``; its transitive dependents are cancelled or fail.
 
         Dependents that fail get ``DependencyError`` naming ``fut`` with
@@ -588,7 +589,7 @@ class Scheduler:
         self._kick()
 
     # ------------------------------------------------------------ cancelling
-    def _cancel(self, fut: TaskFuture, msg: Any) -> bool:
+    def _cancel(self, fut: TaskFuture[Any], msg: Any) -> bool:
         if self._state > _CLOSING or fut._handle < 0:
             return False
         st = self._core.state(fut._handle)
@@ -612,7 +613,7 @@ class Scheduler:
         return False
 
     # ----------------------------------------------------------------- abort
-    def _abort(self, culprit: TaskFuture, exc: BaseException) -> None:
+    def _abort(self, culprit: TaskFuture[Any], exc: BaseException) -> None:
         log.error("task %r (#%d) failed with on_failure='abort': aborting", culprit.name,
                   culprit._id)
         self._state = _ABORTED

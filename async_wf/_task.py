@@ -115,7 +115,7 @@ class TaskFunction(Generic[P, R]):
         """
         return TaskFunction(self._fn, self._opts.merged(**changes))
 
-    def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskFuture:
+    def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskFuture[Any]:
         """Submit to the current runtime; unlike a call, fails outside a runtime.
 
         Raises:

@@ -105,7 +105,7 @@ def _leaf(obj: Any) -> bytes | None:
     return None
 
 
-def _file_leaf(produced: dict[str, TaskFuture]) -> Callable[[Any], bytes | None]:
+def _file_leaf(produced: dict[str, TaskFuture[Any]]) -> Callable[[Any], bytes | None]:
     """``_leaf``, and a file written earlier in the run stands for its writer's key."""
 
     def leaf(obj: Any) -> bytes | None:
@@ -181,7 +181,7 @@ class Recorder:
         self._reader: CheckpointLog | None = None
         # tasks with FileOut/FileInOut arguments -> those arguments; weak, so
         # that a task that fails (and is never recorded) leaves nothing here
-        self._outputs: weakref.WeakKeyDictionary[TaskFuture, list[FileArg]] = \
+        self._outputs: weakref.WeakKeyDictionary[TaskFuture[Any], list[FileArg]] = \
             weakref.WeakKeyDictionary()
         # state saves of tasks on several ranks: key -> step -> ranks that saved
         self._saves: dict[bytes, dict[int, set[int]]] = {}
@@ -233,7 +233,7 @@ class Recorder:
         opts: TaskOptions,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        found: list[TaskFuture],
+        found: list[TaskFuture[Any]],
         plan: FilePlan | None = None,
     ) -> bytes | None:
         """The task's key, or None when it cannot have one.
@@ -284,7 +284,7 @@ class Recorder:
         return key in self.log
 
     # -------------------------------------------------------------- outputs
-    def expect_outputs(self, fut: TaskFuture, outputs: list[FileArg]) -> None:
+    def expect_outputs(self, fut: TaskFuture[Any], outputs: list[FileArg]) -> None:
         """Record the content of ``outputs`` with ``fut``'s result when it finishes."""
         self._outputs[fut] = outputs
 
@@ -351,7 +351,7 @@ class Recorder:
             except CheckpointError as err:
                 self._warn_once("", f"checkpoint log {self.log.path}: no more records: {err}")
 
-    def record(self, done: list[tuple[TaskFuture, Any]]) -> None:
+    def record(self, done: list[tuple[TaskFuture[Any], Any]]) -> None:
         """Append the results of tasks that finished; failures only warn."""
         log_ = self.log
         items = []
@@ -413,7 +413,7 @@ class Recorder:
                     name, total / (1 << 20), self.log.path)
 
     def _add_outputs(self, items: list[tuple[bytes, Any, str, tuple[bytes, ...]]],
-                     fut: TaskFuture, key: bytes, outs: list[FileArg]) -> None:
+                     fut: TaskFuture[Any], key: bytes, outs: list[FileArg]) -> None:
         recorded = []
         for out in outs:
             try:

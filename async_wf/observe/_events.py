@@ -238,7 +238,7 @@ class Observer:
         return None
 
     # ---------------------------------------------------------------- hooks
-    def _stats(self, f: TaskFuture) -> _FnStats:
+    def _stats(self, f: TaskFuture[Any]) -> _FnStats:
         """The statistics of ``f``'s function, found by the function object first.
 
         ``TaskFuture.name`` computes the name at each call; the cache keyed
@@ -265,7 +265,7 @@ class Observer:
                 cache[key] = st
         return st
 
-    def submitted(self, fut: TaskFuture, found: list[TaskFuture]) -> None:
+    def submitted(self, fut: TaskFuture[Any], found: list[TaskFuture[Any]]) -> None:
         """A task was submitted with the futures ``found`` among its arguments.
 
         Called only when the graph is recorded (``keep_graph``): counting per
@@ -280,7 +280,7 @@ class Observer:
         for d in found:
             self.edges.append((d._id, tid))
 
-    def dispatched(self, futs: list[TaskFuture]) -> None:
+    def dispatched(self, futs: list[TaskFuture[Any]]) -> None:
         """These tasks were handed to the transport (one batch of the pump).
 
         The time goes in a slot of each future (``_obs_t``), not in a table
@@ -293,12 +293,12 @@ class Observer:
         for f in futs:
             f._obs_t = now
 
-    def thread_ran(self, fut: TaskFuture, t0_perf: float, took: float) -> None:
+    def thread_ran(self, fut: TaskFuture[Any], t0_perf: float, took: float) -> None:
         """A blocking task ran in this process: ``perf_counter`` start and duration."""
         t0 = t0_perf + self._off
         fut._obs_t = (t0, t0 + took, LOCAL_LANE)
 
-    def finished(self, futs: list[TaskFuture]) -> None:
+    def finished(self, futs: list[TaskFuture[Any]]) -> None:
         """These tasks succeeded (one flush of the pump)."""
         now = perf_counter() + self._off
         spans = self.spans if self.keep_spans else None
@@ -328,7 +328,7 @@ class Observer:
             if spans is not None:
                 spans.append((t0, t1, lane, st.name, f._id, f._attempt, OK, f._ckey))
 
-    def _attempt_over(self, f: TaskFuture, status: str) -> None:
+    def _attempt_over(self, f: TaskFuture[Any], status: str) -> None:
         now = perf_counter() + self._off
         tid = f._id
         t = getattr(f, "_obs_t", now)
@@ -348,7 +348,7 @@ class Observer:
             else:
                 self.spans_dropped += 1
 
-    def failed(self, fut: TaskFuture, exc: BaseException, retrying: bool) -> None:
+    def failed(self, fut: TaskFuture[Any], exc: BaseException, retrying: bool) -> None:
         """The current attempt of ``fut`` raised ``exc``; it is retried or fails."""
         self._attempt_over(fut, RETRY if retrying else ERROR)
         if self.opts.report and len(self.failures) < 1000:

@@ -46,11 +46,11 @@ class Transport(abc.ABC):
         """How many more tasks ``dispatch`` may be given now."""
 
     @abc.abstractmethod
-    def dispatch(self, futs: list[TaskFuture]) -> None:
+    def dispatch(self, futs: list[TaskFuture[Any]]) -> None:
         """Start running these tasks (their arguments are already resolved)."""
 
     @abc.abstractmethod
-    def cancel_running(self, fut: TaskFuture, msg: Any) -> bool:
+    def cancel_running(self, fut: TaskFuture[Any], msg: Any) -> bool:
         """Try to stop a task that was dispatched; True if the request took.
 
         True means the work will stop and the transport will report that

@@ -128,7 +128,7 @@ class _Worker:
         self.slots = slots
         self.pid = pid
         self.name = name
-        self.inflight: dict[int, TaskFuture] = {}
+        self.inflight: dict[int, TaskFuture[Any]] = {}
         self.zombies: dict[int, int] = {}  # rid -> kind, given up on but still running there
         self.cancelling: set[int] = set()  # rids sent a CANCEL, outcome not reported yet
         self.fids: set[int] = set()
@@ -189,7 +189,7 @@ class RemoteTransport(Transport):
         self._fn_bytes = 0
         self._fid_floor = 0  # workers may drop the functions with smaller ids
         # popped tasks waiting for a credit of their kind: [async heap, blocking heap]
-        self._backlog: tuple[list[tuple[int, int, TaskFuture]], ...] = ([], [])
+        self._backlog: tuple[list[tuple[int, int, TaskFuture[Any]]], ...] = ([], [])
         self._async_seen = False
         self._seq = 0
         self._closing = False
@@ -225,7 +225,7 @@ class RemoteTransport(Transport):
                 return w
         return None
 
-    def _send_alone(self, w: _Worker, fut: TaskFuture) -> None:
+    def _send_alone(self, w: _Worker, fut: TaskFuture[Any]) -> None:
         w.count(fut._kind, 1)
         w.quarantine = self._send_tasks(w, [fut]) or 0
 
@@ -273,7 +273,7 @@ class RemoteTransport(Transport):
                 return w
         return None
 
-    def dispatch(self, futs: list[TaskFuture]) -> None:
+    def dispatch(self, futs: list[TaskFuture[Any]]) -> None:
         """Place each task on a worker with free credit; send one frame per worker."""
         batches: dict[_Worker, list[Any]] = {}
         n_async = 0
@@ -305,7 +305,7 @@ class RemoteTransport(Transport):
         for w, fs in batches.items():
             self._send_tasks(w, fs)
 
-    def _send_tasks(self, w: _Worker, futs: list[TaskFuture], gang: Any = None) -> int:
+    def _send_tasks(self, w: _Worker, futs: list[TaskFuture[Any]], gang: Any = None) -> int:
         """Send ``futs`` to ``w`` in one frame; their credits on ``w`` are already taken.
 
         With ``gang`` (an MPI task: ``futs`` is its future alone), the item
@@ -399,7 +399,7 @@ class RemoteTransport(Transport):
                      self._compress_min, bufs)
         )
 
-    def _unsendable(self, w: _Worker, fut: TaskFuture, what: str, exc: Exception) -> None:
+    def _unsendable(self, w: _Worker, fut: TaskFuture[Any], what: str, exc: Exception) -> None:
         """Fail one task of a batch whose ``what`` cannot be pickled, and only it.
 
         Raising instead would leave the whole batch half-dispatched, its
@@ -409,7 +409,7 @@ class RemoteTransport(Transport):
             f"the {what} of task {fut.name!r} could not be pickled: {type(exc).__name__}: {exc}"
         ))
 
-    def _refuse_task(self, w: _Worker, fut: TaskFuture, exc: Exception) -> None:
+    def _refuse_task(self, w: _Worker, fut: TaskFuture[Any], exc: Exception) -> None:
         """Fail one task of a batch before it is sent; its credit on ``w`` is given back."""
         sched = self._sched
         assert sched is not None
@@ -436,7 +436,7 @@ class RemoteTransport(Transport):
         Stops at the first task of a kind that no worker can take, so a call
         costs what it places, not the size of the backlog.
         """
-        batches: dict[_Worker, list[TaskFuture]] = {}
+        batches: dict[_Worker, list[TaskFuture[Any]]] = {}
         for heap in self._backlog:
             while heap:
                 fut = heap[0][2]
@@ -602,7 +602,7 @@ class RemoteTransport(Transport):
         """One rank's outcome of an MPI task (``transport.mpi`` overrides it)."""
         raise NotImplementedError
 
-    def _outcome(self, fut: TaskFuture, status: int, value: Any) -> None:
+    def _outcome(self, fut: TaskFuture[Any], status: int, value: Any) -> None:
         """Report one attempt's outcome to the scheduler (subclasses intercept some)."""
         sched = self._sched
         assert sched is not None
@@ -613,7 +613,7 @@ class RemoteTransport(Transport):
         else:
             sched.task_cancelled(fut, "cancelled on the worker")
 
-    def _on_timeout(self, fut: TaskFuture, w: _Worker, rid: int) -> None:
+    def _on_timeout(self, fut: TaskFuture[Any], w: _Worker, rid: int) -> None:
         fut._timer = None
         if w.inflight.get(rid) is not fut or fut._cancelling:
             return
@@ -624,7 +624,7 @@ class RemoteTransport(Transport):
         assert sched is not None
         sched.task_error(fut, TaskTimeoutError(fut.name, fut._opts.timeout or 0.0))
 
-    def cancel_running(self, fut: TaskFuture, msg: Any) -> bool:
+    def cancel_running(self, fut: TaskFuture[Any], msg: Any) -> bool:
         """Cancel a task still in the backlog, or an ``async def`` task on its worker.
 
         A blocking task on a worker is skipped there if no slot has taken it

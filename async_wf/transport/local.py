@@ -84,7 +84,7 @@ class LocalTransport(Transport):
         return sched.task_context(fut)
 
     # --------------------------------------------------------------- dispatch
-    def dispatch(self, futs: list[TaskFuture]) -> None:
+    def dispatch(self, futs: list[TaskFuture[Any]]) -> None:
         """Start these tasks: coroutines now, blocking ones as threads free up."""
         sched = self._sched
         loop = self._loop
@@ -120,7 +120,7 @@ class LocalTransport(Transport):
                 finally:
                     mark_thread(None, None)
 
-    async def _run_async(self, fut: TaskFuture) -> None:
+    async def _run_async(self, fut: TaskFuture[Any]) -> None:
         # Reporting from inside the task, rather than from a done callback,
         # saves a loop callback, a partial and a result lookup per task; a
         # task cancelled before it ever ran is reported by _cancel_async.
@@ -154,7 +154,7 @@ class LocalTransport(Transport):
                     return
             sched.task_ok(fut, value)
 
-    def _on_timeout(self, fut: TaskFuture, attempt: int) -> None:
+    def _on_timeout(self, fut: TaskFuture[Any], attempt: int) -> None:
         fut._timer = None
         if fut.done() or fut._attempt != attempt:
             return
@@ -182,7 +182,7 @@ class LocalTransport(Transport):
 
     # ----------------------------------------------------------------- threads
     @staticmethod
-    def _claim(token: tuple[TaskFuture, int]) -> bool:
+    def _claim(token: tuple[TaskFuture[Any], int]) -> bool:
         # runs under the pool's lock, as a thread takes the task
         fut, attempt = token
         if fut._run != _QUEUED or fut._attempt != attempt or fut.done():
@@ -210,7 +210,7 @@ class LocalTransport(Transport):
                 sched.task_error(fut, value[0])
 
     # -------------------------------------------------------------- cancelling
-    def cancel_running(self, fut: TaskFuture, msg: Any) -> bool:
+    def cancel_running(self, fut: TaskFuture[Any], msg: Any) -> bool:
         """Cancel a dispatched task: coroutines always, thread tasks until one starts."""
         sched = self._sched
         assert sched is not None
@@ -228,7 +228,7 @@ class LocalTransport(Transport):
         sched.task_cancelled(fut, msg)
         return True
 
-    def _cancel_async(self, fut: TaskFuture, msg: Any) -> bool:
+    def _cancel_async(self, fut: TaskFuture[Any], msg: Any) -> bool:
         run = fut._run
         if run is None or run.done() or not run.cancel(msg):
             return False

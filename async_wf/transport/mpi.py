@@ -87,7 +87,7 @@ class _Gang:
     __slots__ = ("comm_id", "create", "fut", "id", "index", "left", "ranks", "reported",
                  "restore", "values")
 
-    def __init__(self, fut: TaskFuture, ranks: list[_Worker], comm_id: int,
+    def __init__(self, fut: TaskFuture[Any], ranks: list[_Worker], comm_id: int,
                  create: bool) -> None:
         self.id = next(_GANGS)
         self.fut = fut
@@ -167,7 +167,7 @@ class MpiTransport(RemoteTransport):
         self.session = session
         self._rids = _RIDS
         self._channel: MpiChannel | None = None
-        self._gangq: list[tuple[int, int, TaskFuture]] = []
+        self._gangq: list[tuple[int, int, TaskFuture[Any]]] = []
         self._comm_ids: dict[tuple[int, ...], int] = {}
         self._next_comm = itertools.count(1)
         self._comm_cache = comm_cache
@@ -235,7 +235,7 @@ class MpiTransport(RemoteTransport):
         self._release(w, exc)
 
     # ---------------------------------------------------------------- gangs
-    def dispatch(self, futs: list[TaskFuture]) -> None:
+    def dispatch(self, futs: list[TaskFuture[Any]]) -> None:
         """Place plain tasks as every remote transport does; queue MPI tasks for ranks."""
         plain = futs
         if any(f._opts.mpi is not None and f._opts.binary is None for f in futs):
@@ -276,7 +276,7 @@ class MpiTransport(RemoteTransport):
             ranks = sorted(free[:k], key=lambda w: w.id)
             self._start_gang(fut, ranks)
 
-    def _start_gang(self, fut: TaskFuture, ranks: list[_Worker]) -> None:
+    def _start_gang(self, fut: TaskFuture[Any], ranks: list[_Worker]) -> None:
         key = tuple(w.id for w in ranks)
         comm_id = self._comm_ids.get(key)
         create = comm_id is None
@@ -358,7 +358,7 @@ class MpiTransport(RemoteTransport):
         self._fail_gang(gang, R_ERROR, TaskTimeoutError(fut.name, limit),
                         f"the task timed out after {limit:g} s")
 
-    def cancel_running(self, fut: TaskFuture, msg: Any) -> bool:
+    def cancel_running(self, fut: TaskFuture[Any], msg: Any) -> bool:
         """Drop a queued MPI task, abort a running one; plain tasks as every remote transport."""
         run = fut._run
         if isinstance(run, _Gang):

@@ -395,7 +395,8 @@ class TcpTransport(RemoteTransport):
                 waited = now - self._no_worker_since
                 self._no_worker_since = now
                 def no_worker(
-                    f: TaskFuture, waited: float = waited, limit: float = self._no_worker_timeout
+                    f: TaskFuture[Any], waited: float = waited,
+                    limit: float = self._no_worker_timeout,
                 ) -> BaseException:
                     return NoWorkerError(
                         f"task {f.name!r} could not run: no worker connected for "
