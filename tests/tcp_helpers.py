@@ -488,3 +488,12 @@ def set_env_flag(value: str) -> None:
 def env_flag() -> str | None:
     """What ``set_env_flag`` left in this process."""
     return os.environ.get("AWF_TEST_INIT")
+
+
+def rss() -> int:
+    """This process's resident memory in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")

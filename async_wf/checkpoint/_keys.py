@@ -177,11 +177,45 @@ def _path_text(path: str | os.PathLike[str]) -> str:
 
 
 class FileArg(os.PathLike[str]):
-    """The base of the file arguments (``FileRef`` and its kinds, ``FileOut``)."""
+    """The base of the file arguments (``FileRef`` and its kinds, ``FileOut``): a path and a ``by``.
 
-    __slots__ = ()
-    path: str
-    by: str
+    Args:
+        path: the file or directory.
+        by: ``"content"`` or ``"mtime"``.
+
+    Raises:
+        ValueError: ``by`` is neither.
+        TypeError: ``path`` is not a str or a str path object.
+    """
+
+    __slots__ = ("by", "path")
+
+    def __init__(self, path: str | os.PathLike[str], by: str = "content") -> None:
+        _check_by(by)
+        self.path: str = _path_text(path)
+        self.by: str = by
+        files_in_use[0] = True
+
+    def __fspath__(self) -> str:
+        """The path, so that the task can use the argument as any path."""
+        return self.path
+
+    def __str__(self) -> str:
+        return self.path
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, by={self.by!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FileArg):
+            return NotImplemented
+        return (type(self), self.path, self.by) == (type(other), other.path, other.by)
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.path, self.by))
+
+    def __reduce__(self) -> tuple[type[FileArg], tuple[str, str]]:
+        return (type(self), (self.path, self.by))
 
 
 class FileRef(FileArg):
@@ -217,34 +251,8 @@ class FileRef(FileArg):
         TypeError: ``path`` is not a str or a str path object.
     """
 
-    __slots__ = ("by", "path")
+    __slots__ = ()
 
-    def __init__(self, path: str | os.PathLike[str], by: str = "content") -> None:
-        _check_by(by)
-        self.path: str = _path_text(path)
-        self.by: str = by
-        files_in_use[0] = True
-
-    def __fspath__(self) -> str:
-        """The path, so that the task can use the FileRef as any path."""
-        return self.path
-
-    def __str__(self) -> str:
-        return self.path
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.path!r}, by={self.by!r})"
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, FileArg):
-            return NotImplemented
-        return (type(self), self.path, self.by) == (type(other), other.path, other.by)
-
-    def __hash__(self) -> int:
-        return hash((type(self), self.path, self.by))
-
-    def __reduce__(self) -> tuple[type[FileRef], tuple[str, str]]:
-        return (type(self), (self.path, self.by))
 
     def digest(self) -> bytes:
         """The part of a key that stands for the file (32 bytes).
@@ -313,34 +321,7 @@ class FileOut(FileArg):
         TypeError: ``path`` is not a str or a str path object.
     """
 
-    __slots__ = ("by", "path")
-
-    def __init__(self, path: str | os.PathLike[str], by: str = "content") -> None:
-        _check_by(by)
-        self.path: str = _path_text(path)
-        self.by: str = by
-        files_in_use[0] = True
-
-    def __fspath__(self) -> str:
-        """The path, so that the task can open it for writing."""
-        return self.path
-
-    def __str__(self) -> str:
-        return self.path
-
-    def __repr__(self) -> str:
-        return f"FileOut({self.path!r}, by={self.by!r})"
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, FileArg):
-            return NotImplemented
-        return (type(self), self.path, self.by) == (type(other), other.path, other.by)
-
-    def __hash__(self) -> int:
-        return hash((FileOut, self.path, self.by))
-
-    def __reduce__(self) -> tuple[type[FileOut], tuple[str, str]]:
-        return (FileOut, (self.path, self.by))
+    __slots__ = ()
 
     def digest(self) -> bytes:
         """The digest of what is at the path now, as ``FileRef(path, by).digest()``.

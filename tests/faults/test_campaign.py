@@ -127,14 +127,6 @@ async def test_an_oversized_result_fails_its_task_only(monkeypatch: Any) -> None
     assert failed == [] and stats["workers_lost"] == 0
 
 
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 async def test_a_preauth_flood_costs_bounded_memory() -> None:
     import socket
 
@@ -158,7 +150,7 @@ async def test_a_preauth_flood_costs_bounded_memory() -> None:
     async with async_wf.Runtime(workers=2) as rt:
         await rt.submit(work, -1)
         host, port = th.parse_address(rt.transport.address)  # type: ignore[attr-defined]
-        rss0 = _rss()
+        rss0 = th.rss()
         out: dict[str, int] = {}
         t = threading.Thread(target=flood, args=(host, port, n, out))
         t.start()
@@ -166,7 +158,7 @@ async def test_a_preauth_flood_costs_bounded_memory() -> None:
         while t.is_alive():
             await asyncio.sleep(0.05)
         results = await asyncio.wait_for(async_wf.gather(*futs, return_exceptions=True), 120)
-        rss1 = _rss()
+        rss1 = th.rss()
     failed = [r for r in results if isinstance(r, BaseException)]
     report("a flood of unauthenticated connections", tasks=1000, faults=n,
            failed=len(failed), rss_before_mb=round(rss0 / 2**20, 1),

@@ -71,14 +71,6 @@ async def test_a_future_inside_a_self_referencing_container_gets_a_clear_error()
         await f
 
 
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def _flood(host: str, port: int, n: int, hold: float, out: dict[str, Any]) -> None:
     """Open ``n`` connections that never authenticate, hold them, then close them."""
     socks = []
@@ -113,7 +105,7 @@ async def test_an_unauthenticated_flood_is_bounded_and_the_workflow_goes_on() ->
     async with async_wf.Runtime(transport=tr) as rt:
         assert await rt.submit(sum, [1, 2]) == 3  # warm: workers joined
         host, port = tr.address.removeprefix("tcp://").split(":")
-        rss0 = _rss()
+        rss0 = th.rss()
         out: dict[str, Any] = {}
         flood = threading.Thread(target=_flood, args=(host, int(port), 600, 1.5, out))
         flood.start()
@@ -124,7 +116,7 @@ async def test_an_unauthenticated_flood_is_bounded_and_the_workflow_goes_on() ->
             await asyncio.sleep(0.01)
         flood.join()
         assert [await f for f in futs] == [i + 1 for i in range(300)]
-        growth = _rss() - rss0
+        growth = th.rss() - rss0
         stats = tr.statistics()
     assert out["opened"] + out["refused"] == 600
     assert held <= 64, held
