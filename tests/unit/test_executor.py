@@ -381,3 +381,47 @@ def test_constructor_names_what_the_user_passed() -> None:
         Executor(initializer=3)  # type: ignore[arg-type]
     with pytest.raises(NotImplementedError, match="max_tasks_per_child"):
         Executor(workers=1, max_tasks_per_child=5)
+
+
+# -------------------------- gaps found by the standard library's suite (17)
+def test_shutdown_cancel_futures_lets_the_tasks_already_taken_run() -> None:
+    # as ThreadPoolExecutor: what threads have taken runs, the rest is cancelled
+    ran = threading.Event()
+
+    def nap(i: int) -> int:
+        ran.set()
+        threading.Event().wait(0.05)
+        return i
+
+    ex = Executor(max_workers=2)
+    futs = [ex.submit(nap, i) for i in range(50)]
+    ex.shutdown(wait=True, cancel_futures=True)
+    cancelled = sum(f.cancelled() for f in futs)
+    finished = sum(f.done() and not f.cancelled() for f in futs)
+    assert ran.is_set() and finished >= 1, (finished, cancelled)
+    assert cancelled >= 40 and finished + cancelled == 50
+
+
+def test_no_workers_is_refused_with_the_standard_words() -> None:
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"max_workers must be greater than 0, got {bad}"):
+            Executor(workers=bad)
+
+
+SUBMIT_AT_EXIT = """
+import atexit, async_wf
+ex = async_wf.Executor(max_workers=1)
+def late():
+    try:
+        ex.submit(print, "no")
+    except RuntimeError as exc:
+        print(type(exc).__mro__[-3].__name__, exc)
+atexit.register(late)
+"""
+
+
+def test_submit_after_interpreter_shutdown_uses_the_standard_words() -> None:
+    proc = subprocess.run([sys.executable, "-c", SUBMIT_AT_EXIT], capture_output=True,
+                          text=True, timeout=60, cwd=str(ROOT))
+    assert "cannot schedule new futures after interpreter shutdown" in proc.stdout, \
+        proc.stdout + proc.stderr
