@@ -66,6 +66,13 @@ class ExecutorFuture(cf.Future[Any]):
         return True
 
 
+def _cancel_unstarted(sched: Any) -> None:
+    """Cancel every task of ``sched`` not yet taken by a thread or sent to a worker."""
+    for t in list(sched._tasks.values()):
+        if not t.done() and not _started(t):
+            t.cancel()
+
+
 def _started(t: TaskFuture[Any]) -> bool:
     # read from the caller's thread: a stale answer only moves the moment
     # from which cancel() refuses by one hand-over
@@ -128,6 +135,11 @@ class Executor(cf.Executor):
                 "as the executor (a lost one is replaced)")
         if initializer is not None:
             runtime_options["initializer"] = functools.partial(initializer, *initargs)
+        workers = runtime_options.get("workers")
+        if isinstance(workers, int) and not isinstance(workers, bool) and workers < 1:
+            # workers=0 means "no local worker processes" to a Runtime; an
+            # executor without workers would never run anything
+            raise ValueError(f"max_workers must be greater than 0, got {workers}")
         if max_workers is not None:
             if isinstance(max_workers, bool) or not isinstance(max_workers, int):
                 raise TypeError(f"max_workers must be an int, got "
@@ -166,12 +178,19 @@ class Executor(cf.Executor):
             try:
                 await self._stop.wait()
             finally:
-                self._drain()
                 sched = self._rt._sched
                 if self._cancel_on_close and sched is not None:
                     # as concurrent.futures does: cancel what has not started
-                    # and let the running tasks finish
-                    sched.cancel_all(running=False)  # as concurrent.futures does
+                    # and let the running tasks finish. What the runtime held
+                    # at the call goes at once; the calls still in the inbox
+                    # are handed over first and the free threads get a moment
+                    # to take theirs, as a pool's threads take work at submit
+                    _cancel_unstarted(sched)
+                    self._drain()
+                    await asyncio.sleep(_TAKE_MOMENT)
+                    _cancel_unstarted(sched)
+                else:
+                    self._drain()
                 await self._rt.close()
 
         run(body())
@@ -212,7 +231,8 @@ class Executor(cf.Executor):
         fut = ExecutorFuture()
         with self._lock:
             if _interpreter_exiting:
-                raise RuntimeClosedError("cannot submit after interpreter shutdown has started")
+                # the standard library's words
+                raise RuntimeClosedError("cannot schedule new futures after interpreter shutdown")
             if self._shutdown:
                 raise RuntimeClosedError("cannot submit after shutdown")
             wake = not self._inbox
@@ -233,9 +253,6 @@ class Executor(cf.Executor):
         with self._lock:
             again = self._shutdown
             self._shutdown = True
-            if cancel_futures:
-                for item in self._inbox:
-                    item[0].cancel()
         if again:
             # joined outside the lock: the loop thread takes it to drain the inbox
             if wait:
@@ -271,6 +288,10 @@ class Executor(cf.Executor):
         return self._rt.statistics()
 
 
+#: seconds the threads get to take the calls just handed over before
+#: shutdown(cancel_futures=True) cancels what they have not taken
+_TAKE_MOMENT = 0.005
+
 # Executors still open when the interpreter exits: their tasks are waited for,
 # as ThreadPoolExecutor and ProcessPoolExecutor do. The loop thread is a
 # daemon (an executor dropped without shutdown must not keep a program
@@ -303,7 +324,9 @@ class _Relay:
         if cfut.done():
             return  # cancelled by the caller meanwhile
         if tf.cancelled():
-            if not cfut.cancel():
+            # the base method: ExecutorFuture.cancel would ask the runtime
+            # again, and refuse for a task that had started
+            if not cf.Future.cancel(cfut):
                 cfut.set_exception(cf.CancelledError("the task was cancelled"))
             return
         exc = tf.exception()
