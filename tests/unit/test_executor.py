@@ -425,3 +425,20 @@ def test_submit_after_interpreter_shutdown_uses_the_standard_words() -> None:
                           text=True, timeout=60, cwd=str(ROOT))
     assert "cannot schedule new futures after interpreter shutdown" in proc.stdout, \
         proc.stdout + proc.stderr
+
+
+# ---------------------------------------- mpi4py.futures' additions (17)
+def test_mpi4py_style_starmap_unordered_map_bootup_and_num_workers() -> None:
+    def slow_echo(x: int) -> int:
+        threading.Event().wait(0.02 * (5 - x))
+        return x
+
+    with Executor(max_workers=3) as ex:
+        assert ex.bootup() is ex and ex.bootup(wait=False) is ex
+        assert ex.num_workers == 3
+        assert list(ex.starmap(add, [(1, 2), (3, 4)])) == [3, 7]
+        assert list(ex.starmap(add, iter([(1, 1)]), chunksize=2)) == [2]
+        got = list(ex.map(slow_echo, range(5), unordered=True))
+        assert sorted(got) == [0, 1, 2, 3, 4] and got != [0, 1, 2, 3, 4], got
+    with Executor(workers=2) as ex:
+        assert ex.num_workers == 2
