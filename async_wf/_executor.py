@@ -66,6 +66,16 @@ class ExecutorFuture(cf.Future[Any]):
         return True
 
 
+def _as_they_finish(futs: list[ExecutorFuture], timeout: float | None) -> Iterator[Any]:
+    """The results of ``futs`` in the order they finish; cancel the rest on an exit early."""
+    try:
+        for f in cf.as_completed(futs, timeout=timeout):
+            yield f.result()
+    finally:
+        for f in futs:
+            f.cancel()
+
+
 def _cancel_unstarted(sched: Any) -> None:
     """Cancel every task of ``sched`` not yet taken by a thread or sent to a worker."""
     for t in list(sched._tasks.values()):
@@ -268,12 +278,14 @@ class Executor(cf.Executor):
             self._thread.join()
 
     def map(self, fn: Callable[..., Any], *iterables: Any, timeout: float | None = None,
-            chunksize: int = 1) -> Iterator[Any]:
-        """``fn`` over the items of ``iterables`` in order, as ``Executor.map``.
+            chunksize: int = 1, unordered: bool = False) -> Iterator[Any]:
+        """``fn`` over the items of ``iterables``, as ``Executor.map``.
 
         When ``timeout`` expires the calls not yet started are cancelled.
         ``chunksize`` is accepted for compatibility and checked; calls are
         not grouped (each is a task already as cheap as a chunk elsewhere).
+        ``unordered=True`` (as in mpi4py.futures) yields the results as the
+        calls finish.
 
         Raises:
             ValueError: ``chunksize`` < 1.
@@ -281,7 +293,29 @@ class Executor(cf.Executor):
         """
         if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
-        return super().map(fn, *iterables, timeout=timeout)
+        if not unordered:
+            return super().map(fn, *iterables, timeout=timeout)
+        futs = [self.submit(fn, *args) for args in zip(*iterables, strict=False)]
+        return _as_they_finish(futs, timeout)
+
+    def starmap(self, fn: Callable[..., Any], iterable: Any, timeout: float | None = None,
+                chunksize: int = 1, unordered: bool = False) -> Iterator[Any]:
+        """``fn(*args)`` for each ``args`` of ``iterable`` (mpi4py.futures' ``starmap``)."""
+        return self.map(fn, *zip(*iterable, strict=False), timeout=timeout,
+                        chunksize=chunksize, unordered=unordered)
+
+    def bootup(self, wait: bool = True) -> Executor:
+        """Return the executor, started (it starts in its constructor; mpi4py's API)."""
+        return self
+
+    @property
+    def num_workers(self) -> int:
+        """How many tasks run at once: threads, worker processes or ranks (as in mpi4py)."""
+        tr = self._rt.transport
+        n = tr.statistics().get("workers")
+        if isinstance(n, int):
+            return n
+        return int(getattr(tr, "_max_threads", 1))
 
     def statistics(self) -> dict[str, Any]:
         """The runtime's statistics (see ``Runtime.statistics``)."""
