@@ -244,14 +244,21 @@ def main() -> int:
     if args.simulate:
         try:
             simulate(args.n, args.steps, args.record)
-        except BaseException:
+        except BaseException as exc:
             # one rank failing (say, the analytics is gone) must end the
             # whole job: its neighbours would wait in the halo exchange for ever
+            import time
             import traceback
 
             from mpi4py import MPI
+
+            # the message first, in one write: Abort may cut what follows
+            # before mpiexec has forwarded it
+            sys.stderr.write(f"{type(exc).__name__}: {exc}\n")
+            sys.stderr.flush()
             traceback.print_exc()
             sys.stderr.flush()
+            time.sleep(0.2)  # let mpiexec forward it before the job is torn down
             MPI.COMM_WORLD.Abort(1)
         return 0
     out = asyncio.run(analytics(args.n, args.steps, backpressure=args.backpressure,
