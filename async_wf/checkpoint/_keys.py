@@ -253,7 +253,6 @@ class FileRef(FileArg):
 
     __slots__ = ()
 
-
     def digest(self) -> bytes:
         """The part of a key that stands for the file (32 bytes).
 

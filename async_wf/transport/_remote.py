@@ -282,12 +282,15 @@ class RemoteTransport(Transport):
             kind = fut._kind
             if kind == ASYNC:
                 n_async += 1
+                w = self._pick(kind)
             elif fut._lost:
+                # blamed once: alone on an idle worker, or to the backlog until one is
                 w = self._pick_alone()
                 if w is not None:
                     self._send_alone(w, fut)
                     continue
-            w = None if fut._lost and kind != ASYNC else self._pick(kind)
+            else:
+                w = self._pick(kind)
             if w is None:
                 self._seq += 1
                 heapq.heappush(self._backlog[kind != ASYNC],
