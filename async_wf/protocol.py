@@ -59,6 +59,7 @@ import struct
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import cloudpickle
 import lz4.block
@@ -97,6 +98,35 @@ KIND_NAMES = {
     INSITU: "INSITU",
     LOG: "LOG",
 }
+
+# task kinds in a TASKS item: how the worker runs the function. The first
+# three are the scheduler's own kinds, sent as they are; K_MPI is one rank's
+# part of an MPI task, whose item carries the gang (see async_wf.mpi)
+K_ASYNC, K_THREAD, K_INLINE, K_MPI = 0, 1, 2, 3
+# result statuses in a RESULTS item
+R_OK, R_ERROR, R_CANCELLED = 0, 1, 2
+#: TASKS flags: bit 0, send each task's start and end with its result
+WANT_TIMES = 1
+
+# environment of a worker process the scheduler spawns
+TOKEN_ENV = "ASYNC_WF_TOKEN"  # the secret, hex
+SYS_PATH_ENV = "ASYNC_WF_SYS_PATH"  # the scheduler's sys.path, so functions import alike
+#: a base64 cloudpickle of the callable a spawned worker runs once at start
+INIT_ENV = "ASYNC_WF_WORKER_INIT"
+LOG_LEVEL_ENV = "ASYNC_WF_LOG_LEVEL"
+
+
+def parse_url(url: str) -> tuple[str, int]:
+    """Split ``tcp://host:port`` into (host, port).
+
+    Raises:
+        ValueError: the URL is not of that form.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
+        raise ValueError(f"address must look like tcp://host:port, got {url!r}")
+    return parts.hostname, parts.port
+
 
 HEADER = struct.Struct("!2sBBIQ")
 TABLE_ENTRY = struct.Struct("!QB")
@@ -151,7 +181,6 @@ _JOIN_MAX = 1 << 16
 _ALIGN = 16
 
 NONCE_LEN = 32
-MAC_LEN = 32
 _HELLO = struct.Struct("!H32s")
 _AUTH = struct.Struct("!H32s32sII")  # version, nonce, mac, slots, pid (+ utf-8 name)
 _WELCOME = struct.Struct("!32sId")  # mac, worker id, heartbeat interval s
@@ -323,6 +352,100 @@ class Challenge:
     def cancel(self) -> None:
         """Disarm the timer (the connection is gone)."""
         self._timer.cancel()
+
+
+class Joining:
+    """The connecting side of the handshake (worker, in-situ bridge), whatever its I/O.
+
+    Feed it the peer's frames in order: ``hello`` returns the AUTH frame
+    to send, ``welcome`` checks the scheduler's proof and returns
+    (peer id, heartbeat interval).
+    """
+
+    def __init__(self, secret: bytes, slots: int, name: str) -> None:
+        self.secret = secret
+        self.slots = slots
+        self.name = name
+        self._nonces = (b"", b"")
+
+    def hello(self, kind: int, payload: memoryview | bytes) -> list[Any]:
+        """Check HELLO; return the AUTH frame to send.
+
+        Raises:
+            ProtocolError: not a HELLO frame, a malformed one, or another version.
+        """
+        if kind != HELLO:
+            raise ProtocolError(f"expected HELLO, got {KIND_NAMES[kind]}")
+        auth, nonce_s, nonce_w = answer_hello(bytes(payload), self.secret, self.slots, self.name)
+        self._nonces = (nonce_s, nonce_w)
+        return raw_frame(AUTH, auth)
+
+    def welcome(self, kind: int, payload: memoryview | bytes) -> tuple[int, float]:
+        """Check WELCOME; return (peer id, heartbeat interval in seconds).
+
+        Raises:
+            ProtocolError: not a WELCOME frame, or a malformed one.
+            AuthenticationError: the scheduler does not hold the secret.
+        """
+        if kind != WELCOME:
+            raise ProtocolError(f"expected WELCOME, got {KIND_NAMES[kind]}")
+        return check_welcome(bytes(payload), self.secret, *self._nonces)
+
+
+#: what an accepting side does with an authenticated peer: given the stream,
+#: its Challenge (to send WELCOME) and (slots, pid, name) from AUTH, return
+#: the handler of its later frames and of its loss, or None to close it
+OnJoin = Callable[["FrameStream", Challenge, int, int, str],
+                  "tuple[FrameHandler, Callable[[BaseException | None], None]] | None"]
+
+
+def accepting_stream(
+    secret: bytes,
+    timeout: Callable[[], float],
+    on_join: OnJoin,
+    on_rejected: Callable[[FrameStream, BaseException | None], None],
+    admit: Callable[[FrameStream], bool] | None = None,
+) -> FrameStream:
+    """A new connection's stream on the accepting side (scheduler, in-situ hub).
+
+    On open: ``admit`` may drop it at once (it returns False then), else
+    HELLO is sent and ``timeout()`` seconds are given to authenticate. The AUTH
+    frame goes to ``on_join``, which sends WELCOME through the challenge and
+    returns the handlers of the peer's later frames and of its loss. A
+    connection lost before it joined is reported to ``on_rejected`` (with a
+    ``ProtocolError`` when it failed the handshake rather than hung up).
+    """
+    challenge: Challenge | None = None
+    joined: tuple[FrameHandler, Callable[[BaseException | None], None]] | None = None
+
+    def on_open(stream: FrameStream) -> None:
+        nonlocal challenge
+        if admit is not None and not admit(stream):
+            return
+        challenge = Challenge(stream, secret, asyncio.get_running_loop(), timeout())
+
+    def on_frame(kind: int, payload: memoryview, buffers: list[Any]) -> None:
+        nonlocal joined
+        if joined is not None:
+            joined[0](kind, payload, buffers)
+            return
+        assert challenge is not None
+        slots, pid, name = challenge.check(kind, payload)
+        joined = on_join(stream, challenge, slots, pid, name)
+        if joined is None:
+            stream.close()
+
+    def on_lost(stream: FrameStream, exc: BaseException | None) -> None:
+        if challenge is not None:
+            challenge.cancel()
+        if joined is not None:
+            joined[1](exc)
+        else:
+            on_rejected(stream, exc)
+
+    stream = FrameStream(on_frame, on_lost)
+    stream.on_open = on_open
+    return stream
 
 
 # ----------------------------------------------------------------- encoding

@@ -41,7 +41,6 @@ import traceback
 from array import array
 from time import perf_counter
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
 
 from async_wf import protocol as P
 from async_wf._context import TaskContext, call_on_loop, mark_coroutine, mark_thread
@@ -49,12 +48,6 @@ from async_wf._errors import RemoteError
 from async_wf._threads import ERROR, OK, SKIPPED, Outcome, ThreadPool
 
 log = logging.getLogger("async_wf.worker")
-
-# task kinds on the wire (the first three are the scheduler's); K_MPI: one
-# rank's part of an MPI task, whose item carries the gang (see async_wf.mpi)
-K_ASYNC, K_THREAD, K_INLINE, K_MPI = 0, 1, 2, 3
-# result statuses on the wire
-R_OK, R_ERROR, R_CANCELLED = 0, 1, 2
 
 # A blocking function whose calls average less than INLINE_BELOW seconds may
 # run on the worker's loop instead of a slot thread: for such a function the
@@ -71,27 +64,6 @@ INLINE_NEVER = 5e-3
 GUARD_TICK = 20e-3
 
 _NO_KWARGS: dict[str, Any] = {}  # never mutated: ** unpacking copies it
-
-TOKEN_ENV = "ASYNC_WF_TOKEN"
-LOG_LEVEL_ENV = "ASYNC_WF_LOG_LEVEL"
-#: TASKS flags: bit 0, send each task's start and end with its result
-WANT_TIMES = 1
-SYS_PATH_ENV = "ASYNC_WF_SYS_PATH"
-#: a base64 cloudpickle of the callable a spawned worker runs once at start
-INIT_ENV = "ASYNC_WF_WORKER_INIT"
-
-
-def parse_url(url: str) -> tuple[str, int]:
-    """Split ``tcp://host:port`` into (host, port).
-
-    Raises:
-        ValueError: the URL is not of that form.
-    """
-    parts = urlsplit(url)
-    if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
-        raise ValueError(f"address must look like tcp://host:port, got {url!r}")
-    return parts.hostname, parts.port
-
 
 def portable_exception(exc: BaseException) -> BaseException:
     """Return ``exc`` if it survives a pickle round trip, else a ``RemoteError`` for it."""
@@ -136,7 +108,7 @@ class Worker:
         self.max_frame = max_frame
         self.worker_id = -1
         self._state = "hello"
-        self._nonces = (b"", b"")
+        self._joining = P.Joining(secret, slots, self.name)
         self._fns: dict[int, Any] = {}
         self._fn_errors: dict[int, BaseException] = {}
         self._dur: dict[int, float] = {}  # function id -> moving average of one call, s
@@ -258,7 +230,7 @@ class Worker:
         if self._log_handler is not None:
             return
         if level is None:
-            env = os.environ.get(LOG_LEVEL_ENV)
+            env = os.environ.get(P.LOG_LEVEL_ENV)
             level = logging.getLevelName(env.upper()) if env else None
             if not isinstance(level, int):
                 level = logging.getLogger().getEffectiveLevel()
@@ -328,19 +300,10 @@ class Worker:
             else:
                 raise P.ProtocolError(f"unexpected {P.KIND_NAMES[kind]} frame from scheduler")
         elif self._state == "hello":
-            if kind != P.HELLO:
-                raise P.ProtocolError(f"expected HELLO, got {P.KIND_NAMES[kind]}")
-            auth, nonce_s, nonce_w = P.answer_hello(bytes(payload), self.secret, self.slots,
-                                                   self.name)
-            self._nonces = (nonce_s, nonce_w)
+            stream.send(self._joining.hello(kind, payload))
             self._state = "welcome"
-            stream.send(P.raw_frame(P.AUTH, auth))
         elif self._state == "welcome":
-            if kind != P.WELCOME:
-                raise P.ProtocolError(f"expected WELCOME, got {P.KIND_NAMES[kind]}")
-            self.worker_id, self._heartbeat = P.check_welcome(
-                bytes(payload), self.secret, *self._nonces
-            )
+            self.worker_id, self._heartbeat = self._joining.welcome(kind, payload)
             self._state = "ready"
             self.joined = True
             stream.decoder.max_frame = self.max_frame
@@ -369,7 +332,7 @@ class Worker:
     # ----------------------------------------------------------------- tasks
     def _run_batch(self, msg: Any, buffers: list[Any]) -> None:
         new_fns, batch, floor, flags = msg
-        self._timing = bool(flags & WANT_TIMES)
+        self._timing = bool(flags & P.WANT_TIMES)
         for fid, blob in new_fns:
             try:
                 self._fns[fid] = pickle.loads(blob)
@@ -412,16 +375,16 @@ class Worker:
                 self._unloadable(rid, exc)
                 continue
             kwargs = kw if kw is not None else _NO_KWARGS
-            if extra is not None and kind != K_MPI:
+            if extra is not None and kind != P.K_MPI:
                 self._ctx_info[rid] = (0, 1, extra)
             fn = self._fns.get(fid)
             if fn is None:
                 err = self._fn_errors.get(fid) or RemoteError(f"unknown function id {fid}")
-                self._report(rid, R_ERROR, err, None)
+                self._report(rid, P.R_ERROR, err, None)
                 continue
-            if kind == K_ASYNC:
+            if kind == P.K_ASYNC:
                 self._async[rid] = loop.create_task(self._run_async(rid, fn, args, kwargs))
-            elif kind == K_THREAD:
+            elif kind == P.K_THREAD:
                 d = dur.get(fid)
                 if (d is not None and d < INLINE_BELOW and spent < INLINE_BUDGET and guarded
                         and not self._async):
@@ -433,7 +396,7 @@ class Worker:
                     continue
                 self._in_pool.add(rid)
                 pool.put((rid, fid), fn, args, kwargs)
-            elif kind == K_INLINE:
+            elif kind == P.K_INLINE:
                 self._batch_i = i
                 self._batch_pos = pos
                 spent += self._run_inline(rid, -1, fn, args, kwargs)
@@ -452,7 +415,7 @@ class Worker:
 
     def _unloadable(self, rid: int, exc: BaseException) -> None:
         # this task alone: e.g. an argument's module is missing here
-        self._report(rid, R_ERROR, RemoteError(
+        self._report(rid, P.R_ERROR, RemoteError(
             f"the arguments of the task could not be loaded on worker {self.name}: "
             f"{type(exc).__name__}: {exc}"
         ), traceback.format_exc())
@@ -468,7 +431,7 @@ class Worker:
         pool = self._pool
         if batch is None or buffers is None or pool is None:
             return
-        while self._batch_i < len(batch) and batch[self._batch_i][2] == K_THREAD:
+        while self._batch_i < len(batch) and batch[self._batch_i][2] == P.K_THREAD:
             rid, fid, _kind, nbufs, blob, extra = batch[self._batch_i]
             self._batch_i += 1
             start = self._batch_pos
@@ -485,7 +448,7 @@ class Worker:
             fn = self._fns.get(fid)
             if fn is None:
                 err = self._fn_errors.get(fid) or RemoteError(f"unknown function id {fid}")
-                self._report(rid, R_ERROR, err, None)
+                self._report(rid, P.R_ERROR, err, None)
                 continue
             self._in_pool.add(rid)
             pool.put((rid, fid), fn, args, kw if kw is not None else _NO_KWARGS)
@@ -493,7 +456,7 @@ class Worker:
     def _start_mpi(self, rid: int, fid: int, fn: Any, args: Any, kwargs: Any,
                    gang: Any) -> None:
         """Start this rank's part of an MPI task (only MPI worker ranks can)."""
-        self._report(rid, R_ERROR, RemoteError(
+        self._report(rid, P.R_ERROR, RemoteError(
             f"worker {self.name} is not an MPI rank and cannot run an mpi=k task"
         ), None)
 
@@ -520,11 +483,11 @@ class Worker:
             with self._gate:
                 pass
         if error is None:
-            self._report(rid, R_OK, value, None)
+            self._report(rid, P.R_OK, value, None)
         elif isinstance(error, KeyboardInterrupt):
             raise error
         else:
-            self._report(rid, R_ERROR, error, tb)
+            self._report(rid, P.R_ERROR, error, tb)
         took = perf_counter() - t0
         if self._timing:
             self._times.extend((rid, t0, t0 + took))
@@ -682,14 +645,14 @@ class Worker:
         try:
             value = await fn(*args, **kwargs)
         except asyncio.CancelledError:
-            self._report(rid, R_CANCELLED, None, None)
+            self._report(rid, P.R_CANCELLED, None, None)
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):
                 raise
             # SystemExit included: a task calling sys.exit() fails, the worker goes on
-            self._report(rid, R_ERROR, exc, traceback.format_exc())
+            self._report(rid, P.R_ERROR, exc, traceback.format_exc())
         else:
-            self._report(rid, R_OK, value, None)
+            self._report(rid, P.R_OK, value, None)
         finally:
             self._async.pop(rid, None)
             if self._timing:
@@ -745,18 +708,18 @@ class Worker:
                     self._cancelled.discard(rid)
             if status == OK:
                 self._learn(fid, took)
-                self._report(rid, R_OK, value, None)
+                self._report(rid, P.R_OK, value, None)
             elif status == ERROR:
                 self._learn(fid, took)
                 exc, tb = value
-                self._report(rid, R_ERROR, exc, tb)
+                self._report(rid, P.R_ERROR, exc, tb)
             else:  # SKIPPED: cancelled before a slot took it
-                self._report(rid, R_CANCELLED, None, None)
+                self._report(rid, P.R_CANCELLED, None, None)
 
     def _report(self, rid: int, status: int, value: Any, tb: str | None) -> None:
         if self._ctx_info:
             self._ctx_info.pop(rid, None)
-        if status == R_ERROR:
+        if status == P.R_ERROR:
             # checked one by one (errors are rare): one exception that cannot
             # make the round trip must not break the frame of all the others
             value = portable_exception(value)
@@ -783,10 +746,10 @@ class Worker:
             try:
                 # each result in a blob of its own, so that one the scheduler
                 # cannot unpickle costs that task, not the connection
-                blob = P.pack(value, bufs) if status != R_CANCELLED else b""
+                blob = P.pack(value, bufs) if status != P.R_CANCELLED else b""
             except Exception as exc:
                 del bufs[n0:]
-                status = R_ERROR
+                status = P.R_ERROR
                 tb = traceback.format_exc()
                 blob = P.pack(RemoteError(
                     f"the task's result could not be pickled: {type(exc).__name__}: {exc}"
@@ -796,7 +759,7 @@ class Worker:
                 # the scheduler would take the frame for an attack and drop
                 # this worker: fail the one task instead
                 del bufs[n0:]
-                status, tb = R_ERROR, None
+                status, tb = P.R_ERROR, None
                 blob = P.pack(RemoteError(P.too_large("result", None, n, self.max_frame)), bufs)
                 n = P.packed_size(blob, bufs, n0)
             if items and size + n > budget:
@@ -870,14 +833,14 @@ def _secret_from(args: argparse.Namespace) -> bytes:
         except ValueError:
             _die(f"the token file {args.token_file!r} must hold a hex token (as the "
                  "runtime's token_file= writes it)")
-    env = os.environ.get(TOKEN_ENV)
+    env = os.environ.get(P.TOKEN_ENV)
     if env:
         try:
             return bytes.fromhex(env.strip())
         except ValueError:
             # the value is a secret: not repeated here
-            _die(f"{TOKEN_ENV} must hold a hex token ({len(env)} characters given)")
-    _die(f"give --token-file or set {TOKEN_ENV}")
+            _die(f"{P.TOKEN_ENV} must hold a hex token ({len(env)} characters given)")
+    _die(f"give --token-file or set {P.TOKEN_ENV}")
 
 
 def _ssl_from(args: argparse.Namespace) -> ssl.SSLContext | None:
@@ -898,7 +861,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="the scheduler's address")
     p.add_argument("--slots", type=int, default=1,
                    help="threads for blocking tasks (async tasks are not limited by it)")
-    p.add_argument("--token-file", help=f"file holding the runtime's token (else ${TOKEN_ENV})")
+    p.add_argument("--token-file", help=f"file holding the runtime's token (else ${P.TOKEN_ENV})")
     p.add_argument("--name", help="name shown in logs (default host:pid)")
     p.add_argument("--tls-ca", help="CA file to verify the scheduler's TLS certificate")
     p.add_argument("--tls-cert", help="client certificate for TLS")
@@ -931,13 +894,13 @@ def run_from_args(args: argparse.Namespace) -> int:
         # is shown there once, by the scheduler, not twice
         for h in logging.getLogger().handlers:
             h.addFilter(lambda r: not getattr(r, "async_wf_forwarded", False))
-    extra = os.environ.get(SYS_PATH_ENV)
+    extra = os.environ.get(P.SYS_PATH_ENV)
     if extra:
         for p in reversed(extra.split(os.pathsep)):
             if p and p not in sys.path:
                 sys.path.insert(0, p)
     try:
-        host, port = parse_url(args.connect)
+        host, port = P.parse_url(args.connect)
     except ValueError as exc:
         raise SystemExit(f"async-wf worker: {exc}") from None
     if args.slots < 1:
@@ -946,7 +909,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise SystemExit(f"async-wf worker: --reconnect must be >= 0 seconds, "
                          f"got {args.reconnect:g}")
     secret = _secret_from(args)
-    init = os.environ.pop(INIT_ENV, None)
+    init = os.environ.pop(P.INIT_ENV, None)
     if init:
         import base64
 

@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 
 from async_wf import protocol as P
-from async_wf.worker import SYS_PATH_ENV
+from async_wf.protocol import SYS_PATH_ENV
 
 #: generous bound for anything that should take well under a second
 HANG = 20.0

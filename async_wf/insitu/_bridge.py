@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 
 from .. import protocol as P
-from ..worker import parse_url
 from ._layout import Block, Box, StepMap, intersect, local_slices
 
 ADDRESS_ENV = "ASYNC_WF_INSITU"
@@ -134,7 +133,7 @@ class Bridge:
         self._waiting_sent = -1
         self._closed = False
 
-        host, port = parse_url(address)
+        host, port = P.parse_url(address)
         deadline = time.monotonic() + self.timeout
         pause = 0.05
         while True:
@@ -192,16 +191,11 @@ class Bridge:
 
     def _handshake(self) -> None:
         try:
+            joining = P.Joining(self.secret, 1, f"insitu-rank-{self.rank}")
             kind, payload, _ = self._read_frame()
-            if kind != P.HELLO:
-                raise P.ProtocolError(f"expected HELLO, got {P.KIND_NAMES[kind]}")
-            auth, nonce_s, nonce_w = P.answer_hello(bytes(payload), self.secret, 1,
-                                                    f"insitu-rank-{self.rank}")
-            self._sock.sendall(b"".join(P.raw_frame(P.AUTH, auth)))
+            self._sock.sendall(b"".join(joining.hello(kind, payload)))
             kind, payload, _ = self._read_frame()
-            if kind != P.WELCOME:
-                raise P.ProtocolError(f"expected WELCOME, got {P.KIND_NAMES[kind]}")
-            P.check_welcome(bytes(payload), self.secret, nonce_s, nonce_w)
+            joining.welcome(kind, payload)
         except (OSError, P.ProtocolError) as exc:
             self._sock.close()
             raise AnalyticsTimeoutError(

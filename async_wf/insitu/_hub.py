@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 
 from .. import protocol as P
-from ..worker import parse_url
 from ._bridge import ADDRESS_ENV, TOKEN_ENV
 from ._layout import Block, Box, StepMap, box_shape, intersect, local_slices, normalize_region
 
@@ -361,7 +360,7 @@ class Hub:
         """
         hub = cls(backpressure=backpressure, first_step=first_step, idle_lease=idle_lease,
                   secret=secret)
-        host, port = parse_url(listen if "://" in listen else f"tcp://{listen}")
+        host, port = P.parse_url(listen if "://" in listen else f"tcp://{listen}")
         loop = asyncio.get_running_loop()
         hub._server = await loop.create_server(hub._new_stream, host, port)
         hub._host = host
@@ -509,33 +508,32 @@ class Hub:
 
     # ------------------------------------------------------------- connections
     def _new_stream(self) -> P.FrameStream:
+        # HANDSHAKE_TIMEOUT is read per connection, not bound at import: tests shorten it
+        return P.accepting_stream(self.secret, lambda: HANDSHAKE_TIMEOUT, self._on_join,
+                                  self._on_rejected)
+
+    def _on_rejected(self, stream: P.FrameStream, exc: BaseException | None) -> None:
+        if isinstance(exc, P.ProtocolError):
+            self.rejected += 1
+
+    def _on_join(self, stream: P.FrameStream, challenge: P.Challenge, slots: int, pid: int,
+                 name: str) -> tuple[P.FrameHandler, Callable[[BaseException | None], None]]:
+        challenge.welcome(0, 0.0, P.DEFAULT_MAX_FRAME)
         state: dict[str, Any] = {}
 
-        def on_open(stream: P.FrameStream) -> None:
-            # HANDSHAKE_TIMEOUT is read here, not bound at import: tests shorten it
-            state["challenge"] = P.Challenge(stream, self.secret, asyncio.get_running_loop(),
-                                             HANDSHAKE_TIMEOUT)
-
         def on_frame(kind: int, payload: memoryview, buffers: list[Any]) -> None:
-            challenge = state["challenge"]
-            if challenge.passed:
-                if kind != P.INSITU:
-                    raise P.ProtocolError(f"unexpected {P.KIND_NAMES[kind]} frame from a rank")
-                msg = P.loads(payload, buffers)
-                try:
-                    self._on_message(stream, state, msg)
-                except (TypeError, ValueError, KeyError, IndexError) as exc:
-                    # a well-framed message of the wrong shape: that rank's
-                    # connection goes, the hub and the other ranks stay
-                    raise P.ProtocolError(
-                        f"malformed in-situ message {str(msg)[:80]}: {exc!r}") from exc
-                return
-            challenge.check(kind, payload)
-            challenge.welcome(0, 0.0, P.DEFAULT_MAX_FRAME)
+            if kind != P.INSITU:
+                raise P.ProtocolError(f"unexpected {P.KIND_NAMES[kind]} frame from a rank")
+            msg = P.loads(payload, buffers)
+            try:
+                self._on_message(stream, state, msg)
+            except (TypeError, ValueError, KeyError, IndexError) as exc:
+                # a well-framed message of the wrong shape: that rank's
+                # connection goes, the hub and the other ranks stay
+                raise P.ProtocolError(
+                    f"malformed in-situ message {str(msg)[:80]}: {exc!r}") from exc
 
-        def on_lost(stream: P.FrameStream, exc: BaseException | None) -> None:
-            if "challenge" in state:
-                state["challenge"].cancel()
+        def on_lost(exc: BaseException | None) -> None:
             rank = state.get("rank")
             if rank is None:
                 if isinstance(exc, P.ProtocolError):
@@ -549,9 +547,7 @@ class Hub:
                 self._closed_ranks.add(rank)
                 self._wake_all()
 
-        stream = P.FrameStream(on_frame, on_lost)
-        stream.on_open = on_open
-        return stream
+        return on_frame, on_lost
 
     def _on_message(self, stream: P.FrameStream, state: dict[str, Any],
                     msg: tuple[Any, ...]) -> None:

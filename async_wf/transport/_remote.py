@@ -58,10 +58,6 @@ __all__ = ["RemoteTransport"]
 
 log = logging.getLogger("async_wf")
 wlog = logging.getLogger("async_wf.worker")
-WANT_TIMES = 1  # TASKS flags (worker.WANT_TIMES): send each task's start and end
-
-R_OK, R_ERROR, R_CANCELLED = 0, 1, 2
-K_MPI = 3  # the wire kind of one rank's part of an MPI task (worker.K_MPI)
 _FN_CACHE_MAX = 10_000
 _FN_CACHE_BYTES = 64 << 20
 
@@ -197,12 +193,12 @@ class RemoteTransport(Transport):
         self.n_workers_lost = 0
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._flags = 0  # of every TASKS frame: worker.WANT_TIMES with an observer
+        self._flags = 0  # of every TASKS frame: P.WANT_TIMES with an observer
 
     def set_observer(self, obs: Observer) -> None:
         """Report task timings to ``obs``: workers then time each task (see worker.py)."""
         super().set_observer(obs)
-        self._flags |= WANT_TIMES
+        self._flags |= P.WANT_TIMES
 
     def link_bytes(self) -> list[tuple[int, str, int, int]]:
         """Per connected worker: (worker id, name, bytes sent to it, bytes received)."""
@@ -377,7 +373,7 @@ class RemoteTransport(Transport):
             rid = next(self._rids)
             w.inflight[rid] = fut
             if gang is not None:
-                batch.append((rid, fid, K_MPI, len(bufs) - n0, args_blob, gang.extra(w)))
+                batch.append((rid, fid, P.K_MPI, len(bufs) - n0, args_blob, gang.extra(w)))
                 continue
             fut._run = (w, rid)
             # a checkpointed task with a saved step gets it back from the worker
@@ -572,7 +568,7 @@ class RemoteTransport(Transport):
                 continue
             w.count(fut._kind, -1)
             value: Any = None
-            if status != R_CANCELLED:
+            if status != P.R_CANCELLED:
                 try:
                     value = P.unpack(blob, buffers, start, nbufs)
                 except KeyboardInterrupt:
@@ -581,13 +577,13 @@ class RemoteTransport(Transport):
                     # this result alone is lost, not the connection and the
                     # others: SystemExit too (a __reduce__ may raise anything),
                     # which would otherwise end the connection's handler
-                    what = "result" if status == R_OK else "exception"
-                    status = R_ERROR
+                    what = "result" if status == P.R_OK else "exception"
+                    status = P.R_ERROR
                     value = RemoteError(
                         f"the {what} of task {fut.name!r} could not be unpickled here: "
                         f"{type(exc).__name__}: {exc}"
                     )
-            if status == R_ERROR and tb and isinstance(value, BaseException) \
+            if status == P.R_ERROR and tb and isinstance(value, BaseException) \
                     and value.__cause__ is None:
                 value.__cause__ = RemoteTraceback(tb)
             if self._gang_rids:
@@ -609,9 +605,9 @@ class RemoteTransport(Transport):
         """Report one attempt's outcome to the scheduler (subclasses intercept some)."""
         sched = self._sched
         assert sched is not None
-        if status == R_OK:
+        if status == P.R_OK:
             sched.task_ok(fut, value)
-        elif status == R_ERROR:
+        elif status == P.R_ERROR:
             sched.task_error(fut, value)
         else:
             sched.task_cancelled(fut, "cancelled on the worker")

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from async_wf import protocol as P
 from async_wf._errors import TaskTimeoutError, WorkerLostError
 from async_wf._scheduler import THREAD
-from async_wf.transport._remote import R_CANCELLED, R_ERROR, R_OK, RemoteTransport, _Worker
+from async_wf.transport._remote import RemoteTransport, _Worker
 
 if TYPE_CHECKING:
     from async_wf._futures import TaskFuture
@@ -230,7 +230,7 @@ class MpiTransport(RemoteTransport):
         for rid in [r for r in w.inflight if r in self._gang_rids]:
             fut = w.inflight.pop(rid)
             w.count(fut._kind, -1)
-            self._gang_outcome(w, self._gang_rids.pop(rid), R_ERROR,
+            self._gang_outcome(w, self._gang_rids.pop(rid), P.R_ERROR,
                                WorkerLostError(f"rank {src} sent an invalid frame: {exc}"))
         self._release(w, exc)
 
@@ -318,16 +318,16 @@ class MpiTransport(RemoteTransport):
         gang.left -= 1
         fut = gang.fut
         if not gang.reported:
-            if status == R_OK:
+            if status == P.R_OK:
                 gang.values[gang.index[w.id]] = value
                 if gang.left == 0:
                     gang.reported = True
                     fut._stop_timer()
                     fut._run = None
-                    self._outcome(fut, R_OK,
+                    self._outcome(fut, P.R_OK,
                                   gang.values if fut._opts.mpi_gather else gang.values[0])
             else:
-                if status == R_ERROR and isinstance(value, BaseException):
+                if status == P.R_ERROR and isinstance(value, BaseException):
                     value.add_note(f"(on rank {gang.index[w.id]} of {len(gang.ranks)} of the "
                                    f"MPI task, world rank {w.id})")
                 self._fail_gang(gang, status, value, f"rank {gang.index[w.id]} of the task "
@@ -355,7 +355,7 @@ class MpiTransport(RemoteTransport):
         if gang.reported or fut.done():
             return
         limit = fut._opts.timeout or 0.0
-        self._fail_gang(gang, R_ERROR, TaskTimeoutError(fut.name, limit),
+        self._fail_gang(gang, P.R_ERROR, TaskTimeoutError(fut.name, limit),
                         f"the task timed out after {limit:g} s")
 
     def cancel_running(self, fut: TaskFuture[Any], msg: Any) -> bool:
@@ -363,7 +363,7 @@ class MpiTransport(RemoteTransport):
         run = fut._run
         if isinstance(run, _Gang):
             if not run.reported:
-                self._fail_gang(run, R_CANCELLED, None, "the task was cancelled")
+                self._fail_gang(run, P.R_CANCELLED, None, "the task was cancelled")
             return True
         if run is None and fut._opts.mpi is not None and fut._opts.binary is None:
             for i, item in enumerate(self._gangq):

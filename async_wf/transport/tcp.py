@@ -40,7 +40,6 @@ from async_wf._errors import (
     WorkerLostError,
 )
 from async_wf.transport._remote import RemoteTransport, _Worker
-from async_wf.worker import INIT_ENV, SYS_PATH_ENV, TOKEN_ENV, parse_url
 
 if TYPE_CHECKING:
     from async_wf._futures import TaskFuture
@@ -131,7 +130,7 @@ class TcpTransport(RemoteTransport):
                              ("start_timeout", start_timeout)):
             if not (isinstance(fvalue, int | float) and fvalue > 0):
                 raise ValueError(f"{name} must be a number of seconds > 0, got {fvalue!r}")
-        self._host, self._port = parse_url(listen or "tcp://127.0.0.1:0")
+        self._host, self._port = P.parse_url(listen or "tcp://127.0.0.1:0")
         if token is not None and token_file is not None:
             raise ValueError("give token= or token_file=, not both")
         if token_file is not None:
@@ -233,10 +232,10 @@ class TcpTransport(RemoteTransport):
     def _spawn(self, n: int) -> None:
         host = "127.0.0.1" if self._host in ("0.0.0.0", "::", "") else self._host
         env = dict(os.environ)
-        env[TOKEN_ENV] = self.secret.hex()
-        env[SYS_PATH_ENV] = os.pathsep.join(p or os.getcwd() for p in sys.path)
+        env[P.TOKEN_ENV] = self.secret.hex()
+        env[P.SYS_PATH_ENV] = os.pathsep.join(p or os.getcwd() for p in sys.path)
         if self._init_blob is not None:
-            env[INIT_ENV] = self._init_blob
+            env[P.INIT_ENV] = self._init_blob
         cmd = [sys.executable, "-m", "async_wf.worker", "--connect", f"tcp://{host}:{self._port}",
                "--slots", str(self._slots), "--parent-pid", str(os.getpid())]
         if self._tls_auto:
@@ -248,55 +247,47 @@ class TcpTransport(RemoteTransport):
 
     # ------------------------------------------------------------- handshake
     def _new_stream(self) -> P.FrameStream:
-        state: dict[str, Any] = {}
+        return P.accepting_stream(self.secret, lambda: HANDSHAKE_TIMEOUT, self._on_join,
+                                  self._on_rejected, self._admit)
 
-        def on_open(stream: P.FrameStream) -> None:
-            assert self._loop is not None
-            why = self._refusal(stream)
-            if why is not None:
-                self._refuse(stream, why)
-                return
-            self._handshaking.add(stream)
-            state["challenge"] = P.Challenge(stream, self.secret, self._loop, HANDSHAKE_TIMEOUT)
+    def _admit(self, stream: P.FrameStream) -> bool:
+        why = self._refusal(stream)
+        if why is not None:
+            self._refuse(stream, why)
+            return False
+        self._handshaking.add(stream)
+        return True
+
+    def _on_join(self, stream: P.FrameStream, challenge: P.Challenge, slots: int, pid: int,
+                 name: str) -> tuple[P.FrameHandler, Callable[[BaseException | None], None]] | None:
+        self._handshaking.discard(stream)
+        if self._closing:
+            return None
+        wid = next(self._wids)
+        w = _Worker(stream, wid, slots, pid, name, self._prefetch, self._async_limit)
+        challenge.welcome(wid, self._heartbeat, self._max_frame)
+        self._no_worker_since = None
+        log.info("worker #%d %s (pid %d, %d slots) joined from %s", wid, name, pid, slots,
+                 stream.peer)
+        if self._joined is not None:
+            self._joined.set()
+        self._join(w)
 
         def on_frame(kind: int, payload: memoryview, buffers: list[Any]) -> None:
-            w = state.get("worker")
-            if w is not None:
-                self._on_worker_frame(w, kind, payload, buffers)
-                return
-            challenge = state["challenge"]
-            self._handshaking.discard(stream)
-            slots, pid, name = challenge.check(kind, payload)
-            if self._closing:
-                stream.close()
-                return
-            wid = next(self._wids)
-            w = _Worker(stream, wid, slots, pid, name, self._prefetch, self._async_limit)
-            state["worker"] = w
-            challenge.welcome(wid, self._heartbeat, self._max_frame)
-            self._no_worker_since = None
-            log.info("worker #%d %s (pid %d, %d slots) joined from %s", wid, name, pid, slots,
-                     stream.peer)
-            if self._joined is not None:
-                self._joined.set()
-            self._join(w)
+            self._on_worker_frame(w, kind, payload, buffers)
 
-        def on_lost(stream: P.FrameStream, exc: BaseException | None) -> None:
-            self._handshaking.discard(stream)
-            if "challenge" in state:
-                state["challenge"].cancel()
-            w = state.get("worker")
-            if w is not None:
-                self._lost(w, exc)
-            elif isinstance(exc, P.ProtocolError):
-                # dropped before it joined: wrong token, garbage, oversized
-                # frame, no handshake in time (a peer that just hangs up is not
-                # counted)
-                self.n_rejected += 1
+        def on_lost(exc: BaseException | None) -> None:
+            self._lost(w, exc)
 
-        stream = P.FrameStream(on_frame, on_lost)
-        stream.on_open = on_open
-        return stream
+        return on_frame, on_lost
+
+    def _on_rejected(self, stream: P.FrameStream, exc: BaseException | None) -> None:
+        self._handshaking.discard(stream)
+        if isinstance(exc, P.ProtocolError):
+            # dropped before it joined: wrong token, garbage, oversized
+            # frame, no handshake in time (a peer that just hangs up is not
+            # counted)
+            self.n_rejected += 1
 
     def _refusal(self, stream: P.FrameStream) -> str | None:
         """Why a new connection must be closed before its handshake, or None."""
