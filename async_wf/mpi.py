@@ -43,7 +43,7 @@ from async_wf import protocol as P
 from async_wf._errors import RemoteError
 from async_wf._mpi_channel import TAG_HEAD, MpiChannel, new_event_loop, require_thread_multiple
 from async_wf._program import ProgramError, ProgramResult, run_program
-from async_wf.worker import Worker
+from async_wf._worker import Worker
 
 if TYPE_CHECKING:
     from async_wf.transport.mpi import MpiTransport

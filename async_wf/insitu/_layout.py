@@ -106,14 +106,6 @@ def box_shape(box: Box) -> tuple[int, ...]:
     return tuple(hi - lo for lo, hi in box)
 
 
-def box_size(box: Box) -> int:
-    """The number of elements in a box."""
-    n = 1
-    for lo, hi in box:
-        n *= hi - lo
-    return n
-
-
 class StepMap:
     """Values that hold from a step on: ``add(5, x)`` makes ``at(s)`` give x for s >= 5.
 

@@ -174,11 +174,6 @@ class MpiTransport(RemoteTransport):
         self.n_mpi_tasks = 0
         self.n_aborted = 0
 
-    @property
-    def worker_ranks(self) -> int:
-        """How many ranks run tasks."""
-        return len(self.session.workers)
-
     async def start(self, sched: Scheduler, loop: asyncio.AbstractEventLoop) -> None:
         """Take the worker ranks of the session.
 

@@ -1,0 +1,809 @@
+"""The worker's execution of tasks, shared by worker processes (TCP) and MPI worker ranks.
+
+``async def`` tasks run concurrently on the worker's own event loop, with no
+limit from ``--slots``; blocking functions run in ``--slots`` threads;
+``inline`` functions, and blocking functions that have proved short (see
+INLINE_BELOW), run on the loop, watched by a guard thread.
+Outcomes are sent back in batches: all that finished in one loop iteration
+go in one RESULTS frame. When the scheduler asks for timings (bit 0 of a
+TASKS frame's flags), a RESULTS frame also carries the start and end of
+each task that ran.
+
+Log records of the worker's process at or above its level (WARNING, INFO
+with ``-v``, or ``ASYNC_WF_LOG_LEVEL``) are forwarded to the scheduler in
+LOG frames, where they are logged again under ``async_wf.worker``.
+
+The worker exits when the scheduler says SHUTDOWN, closes the connection, or
+falls silent for longer than the heartbeat timeout; a worker started by a
+runtime (``--parent-pid``) also exits when that process is gone, so no
+worker outlives its runtime. The command line is in ``async_wf.worker``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import pickle
+import select
+import socket
+import ssl
+import threading
+import time
+import traceback
+from array import array
+from time import perf_counter
+from typing import Any
+
+from async_wf import protocol as P
+from async_wf._context import TaskContext, call_on_loop, mark_coroutine, mark_thread
+from async_wf._errors import RemoteError
+from async_wf._threads import ERROR, OK, SKIPPED, Outcome, ThreadPool
+
+log = logging.getLogger("async_wf.worker")
+
+# A blocking function whose calls average less than INLINE_BELOW seconds may
+# run on the worker's loop instead of a slot thread: for such a function the
+# two thread hand-offs cost more than the call. At most INLINE_BUDGET seconds
+# of such calls run per batch, and none while a coroutine runs here. A call
+# that runs GUARD_TICK seconds is rescued by the guard thread (Worker._rescue):
+# it sends the results that wait, hands the rest of the batch to the threads,
+# and sends the heartbeats. One call on the loop that takes more than
+# INLINE_NEVER seconds sends the function to the threads for good: frames
+# that arrive meanwhile still wait for such a call.
+INLINE_BELOW = 200e-6
+INLINE_BUDGET = 5e-3
+INLINE_NEVER = 5e-3
+GUARD_TICK = 20e-3
+#: seconds a connection attempt may take (TimeoutError, an OSError, after it)
+CONNECT_TIMEOUT = 10.0
+
+_NO_KWARGS: dict[str, Any] = {}  # never mutated: ** unpacking copies it
+
+def portable_exception(exc: BaseException) -> BaseException:
+    """Return ``exc`` if it survives a pickle round trip, else a ``RemoteError`` for it."""
+    try:
+        # the same pickling as the RESULTS frame (cloudpickle for classes of
+        # __main__), and a load too: an exception whose __init__ wants other
+        # arguments than its args pickles fine but cannot be unpickled, which
+        # would break the whole frame on the scheduler's side
+        parts = P.dumps(exc, 0)
+        back = pickle.loads(parts[1], buffers=parts[2:])
+        if isinstance(back, BaseException):
+            return exc
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        # SystemExit from an unpickling __reduce__ included: it would end the loop
+        pass
+    return RemoteError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}")
+
+
+class Worker:
+    """One worker connection: handshake, task execution, batched results."""
+
+    def __init__(
+        self,
+        secret: bytes,
+        slots: int = 1,
+        name: str | None = None,
+        parent_pid: int | None = None,
+        max_frame: int = P.DEFAULT_MAX_FRAME,
+    ) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.secret = secret
+        #: the connection was lost after the handshake (reset, or the
+        #: scheduler went silent), not ended by SHUTDOWN: worth reconnecting
+        self.lost = False
+        self.joined = False
+        self.slots = slots
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.parent_pid = parent_pid
+        self.max_frame = max_frame
+        self.worker_id = -1
+        self._state = "hello"
+        self._joining = P.Joining(secret, slots, self.name)
+        self._fns: dict[int, Any] = {}
+        self._fn_errors: dict[int, BaseException] = {}
+        self._dur: dict[int, float] = {}  # function id -> moving average of one call, s
+        self._fid_floor = 0
+        self._async: dict[int, asyncio.Task[Any]] = {}
+        self._cancelled: set[int] = set()  # cancelled while in the pool (under its lock)
+        self._in_pool: set[int] = set()  # blocking tasks put in the pool, not yet reported
+        self._out: list[tuple[int, int, Any, str | None]] = []
+        # rid -> (rank, ranks, (step, state) to restore or None), for the tasks
+        # that are an MPI task's part or have a saved step to resume from
+        self._ctx_info: dict[int, tuple[int, int, Any]] = {}
+        self._flush_pending = False
+        self._last_heard = time.monotonic()
+        self._heartbeat = 1.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stream: P.FrameStream | None = None
+        self._pool: ThreadPool | None = None
+        self._done: asyncio.Future[int] | None = None
+        self._timing = False
+        # rid, perf_counter start, end, rid, ...: floats, so that the frame
+        # carries 24 bytes per task and the scheduler unpickles no tuples
+        self._times = array("d")
+        self._wall_off = time.time() - perf_counter()
+        self._logs: list[tuple[str, int, str, float]] = []
+        self._log_lock = threading.Lock()
+        self._log_handler: _Forward | None = None
+        # the batch being started, for the guard to take the rest of
+        self._batch: list[Any] | None = None
+        self._batch_bufs: list[Any] | None = None
+        self._batch_i = 0
+        self._batch_pos = 0
+        # a call on the loop (inline) that runs long: the guard thread does
+        # the loop's work meanwhile, under the gate (see _rescue)
+        self._gate = threading.Lock()
+        self._inline_t0 = 0.0  # perf_counter() when the running inline call began, or 0
+        self._raw_fd: int | None = None  # the socket the guard may write to
+        self._raw_broken = False  # the guard left half a frame on the socket
+        self._guard_busy = False  # the guard holds the gate and may act
+        self._guard: threading.Thread | None = None
+        # a guard can stand in for the loop: set once connected over plain
+        # TCP (the guard cannot write into a TLS stream); MpiWorker sends
+        # through its channel
+        self._guard_can = False
+        self._guard_stop = threading.Event()
+        self._guard_wake = threading.Event()
+        self._guard_idle = False
+        self._sending_now = False  # _flush writes through _send_now (the guard)
+        self._beats = True  # send heartbeats (MPI ranks have none)
+        self._beat_at = 0.0
+
+    async def run(
+        self, host: str, port: int, ssl_ctx: ssl.SSLContext | None = None,
+        tls_auto: bool = False,
+    ) -> int:
+        """Connect, serve until told to stop; return the process exit code.
+
+        With ``tls_auto`` the connection is TLS and the scheduler's
+        certificate must carry the key derived from the token
+        (``async_wf._tls``), checked before any frame is read.
+        """
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._done = loop.create_future()
+        self._pool = ThreadPool(self.slots, loop, self._on_thread_results,
+                                claim=self._claim, name="async_wf-worker", owner=self)
+        stream = P.FrameStream(self._on_frame, self._on_lost)
+        self._stream = stream
+        if tls_auto:
+            from async_wf import _tls
+
+            ssl_ctx = _tls.client_context()
+
+        def opened(s: P.FrameStream) -> None:
+            # in connection_made, before any frame: the first TASKS frame may
+            # be handled before the coroutine below resumes from connecting
+            assert s.transport is not None
+            if tls_auto:
+                try:
+                    _tls.check_server(s.transport.get_extra_info("ssl_object"), self.secret)
+                except _tls.TlsPinError as exc:
+                    log.error("worker %s: %s", self.name, exc)
+                    self._finish(1)
+                    s.abort(exc)
+                    return
+            sock = s.transport.get_extra_info("socket")
+            if ssl_ctx is None and sock is not None:
+                self._raw_fd = sock.fileno()
+                self._guard_can = True
+
+        stream.on_open = opened
+        # bounded: a SYN into a cut link is retried by the kernel for minutes
+        await asyncio.wait_for(loop.create_connection(
+            lambda: stream, host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None
+        ), CONNECT_TIMEOUT)
+        watchdog = loop.create_task(self._watch())
+        self.forward_logs()
+        try:
+            return await self._done
+        finally:
+            self._guard_stop.set()
+            self._guard_wake.set()
+            self.stop_forwarding()
+            watchdog.cancel()
+            for t in self._async.values():
+                t.cancel()
+            # after a lost connection the queued calls belong to the
+            # scheduler's past: it has queued them again elsewhere
+            self._pool.close(drop_queued=self.lost)
+            stream.close()
+
+    def forward_logs(self, level: int | None = None) -> None:
+        """Send this process's log records at ``level`` or above to the scheduler.
+
+        The default level is ``ASYNC_WF_LOG_LEVEL`` if set, else the root
+        logger's. Records of ``async_wf.worker`` itself (the connection's
+        own troubles) stay local: they matter most when there is no
+        connection to send them on.
+        """
+        if self._log_handler is not None:
+            return
+        if level is None:
+            env = os.environ.get(P.LOG_LEVEL_ENV)
+            level = logging.getLevelName(env.upper()) if env else None
+            if not isinstance(level, int):
+                level = logging.getLogger().getEffectiveLevel()
+        h = self._log_handler = _Forward(self, level)
+        # first, so that it marks the records it takes before the local
+        # handlers see them (see run_from_args)
+        logging.getLogger().handlers.insert(0, h)
+
+    def stop_forwarding(self) -> None:
+        """Stop forwarding log records (the connection is over)."""
+        h = self._log_handler
+        if h is not None:
+            self._log_handler = None
+            logging.getLogger().removeHandler(h)
+
+    def _queue_log(self, item: tuple[str, int, str, float]) -> None:
+        # any thread (a task in a slot): the loop sends the batch
+        with self._log_lock:
+            self._logs.append(item)
+            first = len(self._logs) == 1
+        loop = self._loop
+        if first and loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(self._send_logs)
+
+    def _send_logs(self) -> None:
+        with self._log_lock:
+            items = self._logs
+            self._logs = []
+        stream = self._stream
+        if items and stream is not None and self._state == "ready":
+            stream.send(P.encode(P.LOG, items))
+
+    def _finish(self, code: int) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(code)
+
+    # ------------------------------------------------------------ connection
+    def _on_lost(self, stream: P.FrameStream, exc: BaseException | None) -> None:
+        if isinstance(exc, P.ProtocolError):
+            log.error("worker %s: %s", self.name, exc)
+            self._finish(1)
+        elif self._state != "ready":
+            # a scheduler closes the connection of a worker that fails its
+            # challenge: that is a failure to start, not a clean end
+            log.error("worker %s: the scheduler closed the connection during the handshake "
+                      "(wrong token?)", self.name)
+            self._finish(1)
+        else:
+            if self._done is not None and not self._done.done():
+                self.lost = True  # not told SHUTDOWN first
+            self._finish(0)
+
+    def _on_frame(self, kind: int, payload: memoryview, buffers: list[Any]) -> None:
+        self._last_heard = time.monotonic()
+        stream = self._stream
+        assert stream is not None
+        if self._state == "ready":
+            if kind == P.TASKS:
+                self._run_batch(P.loads(payload, buffers), buffers)
+            elif kind == P.HEARTBEAT:
+                pass
+            elif kind == P.CANCEL:
+                self._cancel(P.loads(payload, buffers))
+            elif kind == P.SHUTDOWN:
+                self._finish(0)
+            else:
+                raise P.ProtocolError(f"unexpected {P.KIND_NAMES[kind]} frame from scheduler")
+        elif self._state == "hello":
+            stream.send(self._joining.hello(kind, payload))
+            self._state = "welcome"
+        elif self._state == "welcome":
+            self.worker_id, self._heartbeat = self._joining.welcome(kind, payload)
+            self._state = "ready"
+            self.joined = True
+            stream.decoder.max_frame = self.max_frame
+            log.info("worker %s joined as #%d", self.name, self.worker_id)
+
+    async def _watch(self) -> None:
+        stream = self._stream
+        assert stream is not None
+        while True:
+            await asyncio.sleep(self._heartbeat)
+            if self._state == "ready":
+                stream.send(P.raw_frame(P.HEARTBEAT))
+            silent = time.monotonic() - max(self._last_heard, stream.last_activity)
+            if silent > max(10 * self._heartbeat, 10.0):
+                log.error("worker %s: scheduler silent for %.0f s, dropping the connection",
+                          self.name, silent)
+                self.lost = self._state == "ready"
+                self._finish(1)
+                return
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                log.error("worker %s: parent process %d is gone, exiting", self.name,
+                          self.parent_pid)
+                self._finish(1)
+                return
+
+    # ----------------------------------------------------------------- tasks
+    def _run_batch(self, msg: Any, buffers: list[Any]) -> None:
+        new_fns, batch, floor, flags = msg
+        self._timing = bool(flags & P.WANT_TIMES)
+        for fid, blob in new_fns:
+            try:
+                self._fns[fid] = pickle.loads(blob)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
+                # SystemExit included: raised out of the frame handler it
+                # would end the worker, and the scheduler would resend the
+                # task to the next worker
+                self._fn_errors[fid] = RemoteError(
+                    f"the task function could not be loaded on worker {self.name}: "
+                    f"{type(exc).__name__}: {exc}"
+                )
+        # the items left are the guard's to take (see _rescue) while a call
+        # of this batch runs long on the loop: it reads where to go on in
+        # _batch_i and _batch_pos, set before each such call
+        self._batch = batch
+        self._batch_bufs = buffers
+        loop = self._loop
+        pool = self._pool
+        assert loop is not None and pool is not None
+        dur = self._dur
+        # learnt-quick functions run on the loop only where a guard can
+        # stand in for it (not over TLS)
+        guarded = self._guard_can
+        spent = 0.0
+        pos = 0
+        i = 0
+        n = len(batch)
+        while i < n:
+            rid, fid, kind, nbufs, blob, extra = batch[i]
+            i += 1
+            start = pos
+            pos += nbufs
+            try:
+                args, kw = P.unpack(blob, buffers, start, nbufs)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
+                self._unloadable(rid, exc)
+                continue
+            kwargs = kw if kw is not None else _NO_KWARGS
+            if extra is not None and kind != P.K_MPI:
+                self._ctx_info[rid] = (0, 1, extra)
+            fn = self._fns.get(fid)
+            if fn is None:
+                err = self._fn_errors.get(fid) or RemoteError(f"unknown function id {fid}")
+                self._report(rid, P.R_ERROR, err, None)
+                continue
+            if kind == P.K_ASYNC:
+                self._async[rid] = loop.create_task(self._run_async(rid, fn, args, kwargs))
+            elif kind == P.K_THREAD:
+                d = dur.get(fid)
+                if (d is not None and d < INLINE_BELOW and spent < INLINE_BUDGET and guarded
+                        and not self._async):
+                    self._batch_i = i
+                    self._batch_pos = pos
+                    spent += self._run_inline(rid, fid, fn, args, kwargs)
+                    i = self._batch_i  # the guard may have taken some
+                    pos = self._batch_pos
+                    continue
+                self._in_pool.add(rid)
+                pool.put((rid, fid), fn, args, kwargs)
+            elif kind == P.K_INLINE:
+                self._batch_i = i
+                self._batch_pos = pos
+                spent += self._run_inline(rid, -1, fn, args, kwargs)
+                i = self._batch_i
+                pos = self._batch_pos
+            else:
+                self._start_mpi(rid, fid, fn, args, kwargs, extra)
+        self._batch = None
+        self._batch_bufs = None
+        if floor > self._fid_floor:
+            # the scheduler dropped its cache: ids below floor are never sent again
+            self._fid_floor = floor
+            for table in (self._fns, self._fn_errors, self._dur):
+                for fid in [f for f in table if f < floor]:
+                    del table[fid]
+
+    def _unloadable(self, rid: int, exc: BaseException) -> None:
+        # this task alone: e.g. an argument's module is missing here
+        self._report(rid, P.R_ERROR, RemoteError(
+            f"the arguments of the task could not be loaded on worker {self.name}: "
+            f"{type(exc).__name__}: {exc}"
+        ), traceback.format_exc())
+
+    def _hand_over_rest(self) -> None:
+        """Put the batch's blocking tasks not yet started in the pool (the guard).
+
+        Up to the first task of another kind: those need the loop, which
+        goes on with them after the long call.
+        """
+        batch = self._batch
+        buffers = self._batch_bufs
+        pool = self._pool
+        if batch is None or buffers is None or pool is None:
+            return
+        while self._batch_i < len(batch) and batch[self._batch_i][2] == P.K_THREAD:
+            rid, fid, _kind, nbufs, blob, extra = batch[self._batch_i]
+            self._batch_i += 1
+            start = self._batch_pos
+            self._batch_pos = start + nbufs
+            try:
+                args, kw = P.unpack(blob, buffers, start, nbufs)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
+                self._unloadable(rid, exc)
+                continue
+            if extra is not None:
+                self._ctx_info[rid] = (0, 1, extra)
+            fn = self._fns.get(fid)
+            if fn is None:
+                err = self._fn_errors.get(fid) or RemoteError(f"unknown function id {fid}")
+                self._report(rid, P.R_ERROR, err, None)
+                continue
+            self._in_pool.add(rid)
+            pool.put((rid, fid), fn, args, kw if kw is not None else _NO_KWARGS)
+
+    def _start_mpi(self, rid: int, fid: int, fn: Any, args: Any, kwargs: Any,
+                   gang: Any) -> None:
+        """Start this rank's part of an MPI task (only MPI worker ranks can)."""
+        self._report(rid, P.R_ERROR, RemoteError(
+            f"worker {self.name} is not an MPI rank and cannot run an mpi=k task"
+        ), None)
+
+    def _run_inline(self, rid: int, fid: int, fn: Any, args: Any, kwargs: Any) -> float:
+        """Run ``fn`` on the loop thread, the guard watching; return the seconds it took."""
+        if self._guard is None and self._guard_can:
+            self._start_guard()
+        t0 = perf_counter()
+        self._inline_t0 = t0
+        if self._guard_idle:
+            self._guard_wake.set()
+        mark_thread(self, rid)
+        error: BaseException | None = None
+        try:
+            value = fn(*args, **kwargs)
+        except BaseException as exc:
+            error = exc
+            tb = traceback.format_exc()
+        mark_thread(None, None)
+        self._inline_t0 = 0.0
+        if self._guard_busy:
+            # wait for the guard to finish its rescue before this thread
+            # touches the worker's state or the socket again
+            with self._gate:
+                pass
+        if error is None:
+            self._report(rid, P.R_OK, value, None)
+        elif isinstance(error, KeyboardInterrupt):
+            raise error
+        else:
+            self._report(rid, P.R_ERROR, error, tb)
+        took = perf_counter() - t0
+        if self._timing:
+            self._times.extend((rid, t0, t0 + took))
+        if fid >= 0:
+            if took > INLINE_NEVER:
+                # never on the loop again (inf stays inf in the average):
+                # frames that arrive meanwhile wait for such a call. Calls in
+                # a thread only feed the average: theirs include GIL waits.
+                self._dur[fid] = math.inf
+            else:
+                self._learn(fid, took)
+        if took > self._heartbeat:
+            # frames from the scheduler wait unread behind the call: that
+            # silence is this worker's, not the scheduler's (see _watch)
+            self._last_heard = time.monotonic()
+        if self._raw_broken:
+            stream = self._stream
+            if stream is not None:
+                stream.abort(P.ProtocolError(
+                    "a frame could not be written whole during a long call on the loop"))
+        return took
+
+    def _start_guard(self) -> None:
+        self._guard = threading.Thread(target=self._watch_inline, name="async_wf-guard",
+                                       daemon=True)
+        self._guard.start()
+
+    def _watch_inline(self) -> None:
+        """The guard's thread: rescue what a long call on the loop would hold up.
+
+        Every GUARD_TICK while calls run on the loop (asleep after a second
+        without one), it looks at the call running there; once that call has
+        run GUARD_TICK, it takes over under the gate (see _rescue).
+        """
+        stop = self._guard_stop
+        last_seen = perf_counter()
+        failed = 0.0
+        while not stop.is_set():
+            t0 = self._inline_t0
+            now = perf_counter()
+            if t0:
+                last_seen = now
+                if now - t0 >= GUARD_TICK and t0 != failed:
+                    try:
+                        self._rescue(t0)
+                    except Exception:
+                        # a bug here must not end the guard for the worker's
+                        # life, nor log 50 times a second: that call is left be
+                        failed = t0
+                        log.exception("worker %s: the guard failed", self.name)
+            elif now - last_seen > 1.0:
+                self._guard_idle = True
+                if not self._inline_t0:  # see _run_inline: it wakes us if it saw idle
+                    self._guard_wake.wait()
+                self._guard_wake.clear()
+                self._guard_idle = False
+                last_seen = perf_counter()
+                continue
+            stop.wait(GUARD_TICK)
+
+    def _rescue(self, t0: float) -> None:
+        """Under the gate, while the call begun at ``t0`` still runs on the loop.
+
+        The loop's thread is inside that call: it touches none of the
+        worker's state until it has passed the gate (``_run_inline``). So
+        this thread may do the loop's work meanwhile: hand the rest of the
+        batch to the slot threads, take their outcomes, send the results
+        that wait, and the heartbeat.
+        """
+        with self._gate:
+            # busy before the check: the loop's thread clears _inline_t0
+            # and then reads _guard_busy, so either it waits at the gate, or
+            # the check below sees the call ended and does nothing
+            self._guard_busy = True
+            try:
+                if self._inline_t0 != t0 or self._raw_broken:
+                    return
+                pending = self._flush_pending
+                # _report must not schedule a flush from this thread
+                self._flush_pending = True
+                try:
+                    self._hand_over_rest()
+                    pool = self._pool
+                    if pool is not None:
+                        items = pool.take_now()
+                        if items:
+                            self._on_thread_results(items)
+                    if self._out and self._can_send_now():
+                        self._sending_now = True
+                        try:
+                            self._flush()
+                        finally:
+                            self._sending_now = False
+                finally:
+                    self._flush_pending = pending
+                    if self._out and not pending:
+                        # not sent (the socket was not free): the loop sends
+                        # them once the call is over
+                        self._flush_pending = True
+                        loop = self._loop
+                        assert loop is not None
+                        loop.call_soon_threadsafe(self._flush)
+                now = perf_counter()
+                if self._beats and now - t0 >= self._heartbeat / 2 \
+                        and now - self._beat_at >= self._heartbeat / 2 \
+                        and self._can_send_now():
+                    self._beat_at = now
+                    self._send_now(P.raw_frame(P.HEARTBEAT))
+            finally:
+                self._guard_busy = False
+
+    def _can_send_now(self) -> bool:
+        """True if the guard may write a frame now: no bytes of the transport's wait."""
+        stream = self._stream
+        tr = stream.transport if stream is not None else None
+        return not (self._raw_fd is None or tr is None or stream is None or stream.closed
+                    or tr.is_closing() or tr.get_write_buffer_size())
+
+    def _send_now(self, parts: list[Any]) -> None:
+        """Write one frame straight to the socket (the guard, under the gate).
+
+        Only after ``_can_send_now``: nothing of the transport's is queued,
+        so the frame goes whole after what it wrote. Half a frame left when
+        the socket stays full for 5 heartbeats sets ``_raw_broken``: the
+        connection is then dropped.
+        """
+        fd = self._raw_fd
+        stream = self._stream
+        assert fd is not None and stream is not None
+        data = memoryview(b"".join(parts))
+        stream.bytes_out += len(data)
+        deadline = time.monotonic() + 5 * self._heartbeat
+        while data:
+            try:
+                n = os.write(fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                return  # the connection is gone: the loop sees it after the call
+            data = data[n:]
+            if data:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._raw_broken = True
+                    return
+                select.select([], [fd], [], left)
+
+    def _learn(self, fid: int, took: float) -> None:
+        d = self._dur.get(fid)
+        self._dur[fid] = took if d is None else 0.8 * d + 0.2 * took
+
+    async def _run_async(self, rid: int, fn: Any, args: Any, kwargs: Any) -> None:
+        mark_coroutine(self, rid)
+        t0 = perf_counter() if self._timing else 0.0
+        try:
+            value = await fn(*args, **kwargs)
+        except asyncio.CancelledError:
+            self._report(rid, P.R_CANCELLED, None, None)
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            # SystemExit included: a task calling sys.exit() fails, the worker goes on
+            self._report(rid, P.R_ERROR, exc, traceback.format_exc())
+        else:
+            self._report(rid, P.R_OK, value, None)
+        finally:
+            self._async.pop(rid, None)
+            if self._timing:
+                self._times.extend((rid, t0, perf_counter()))
+
+    def task_context(self, token: Any) -> TaskContext:
+        """The context of the task ``token`` (its rid, or (rid, function id)) running here.
+
+        Its saves go to the scheduler in SAVE frames; what it restores came
+        with the task.
+        """
+        rid = token[0] if type(token) is tuple else token
+        rank, nranks, restore = self._ctx_info.get(rid, (0, 1, None))
+        loop = self._loop
+        assert loop is not None
+
+        def send(step: int, blob: bytes) -> None:
+            stream = self._stream
+            if stream is not None:
+                stream.send(P.encode(P.SAVE, (rid, step, blob)))
+
+        def saver(step: int, blob: bytes) -> None:
+            # waits until the frame is handed to the socket, so that a task
+            # that dies right after a save has still sent it
+            call_on_loop(loop, send, step, blob)
+
+        return TaskContext(rank, nranks, lambda: restore, saver)
+
+    def _claim(self, token: tuple[int, int]) -> bool:
+        return token[0] not in self._cancelled
+
+    def _cancel(self, rids: list[int]) -> None:
+        pool = self._pool
+        assert pool is not None
+        for rid in rids:
+            t = self._async.get(rid)
+            if t is not None:
+                t.cancel()
+            elif rid in self._in_pool:  # not yet reported: skip it if not started
+                with pool.lock:
+                    self._cancelled.add(rid)
+
+    def _on_thread_results(self, items: list[Outcome]) -> None:
+        pool = self._pool
+        assert pool is not None
+        times = self._times if self._timing else None
+        for (rid, fid), status, value, took, t0 in items:
+            self._in_pool.discard(rid)
+            if times is not None and status != SKIPPED:
+                times.extend((rid, t0, t0 + took))
+            if rid in self._cancelled:
+                with pool.lock:
+                    self._cancelled.discard(rid)
+            if status == OK:
+                self._learn(fid, took)
+                self._report(rid, P.R_OK, value, None)
+            elif status == ERROR:
+                self._learn(fid, took)
+                exc, tb = value
+                self._report(rid, P.R_ERROR, exc, tb)
+            else:  # SKIPPED: cancelled before a slot took it
+                self._report(rid, P.R_CANCELLED, None, None)
+
+    def _report(self, rid: int, status: int, value: Any, tb: str | None) -> None:
+        if self._ctx_info:
+            self._ctx_info.pop(rid, None)
+        if status == P.R_ERROR:
+            # checked one by one (errors are rare): one exception that cannot
+            # make the round trip must not break the frame of all the others
+            value = portable_exception(value)
+        self._out.append((rid, status, value, tb))
+        if not self._flush_pending:
+            self._flush_pending = True
+            loop = self._loop
+            assert loop is not None
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        out = self._out
+        self._out = []
+        stream = self._stream
+        if not out or stream is None:
+            return
+        budget = self.max_frame - P.FRAME_MARGIN
+        bufs: list[Any] = []
+        items: list[tuple[Any, ...]] = []
+        size = 0
+        for rid, status, value, tb in out:
+            n0 = len(bufs)
+            try:
+                # each result in a blob of its own, so that one the scheduler
+                # cannot unpickle costs that task, not the connection
+                blob = P.pack(value, bufs) if status != P.R_CANCELLED else b""
+            except Exception as exc:
+                del bufs[n0:]
+                status = P.R_ERROR
+                tb = traceback.format_exc()
+                blob = P.pack(RemoteError(
+                    f"the task's result could not be pickled: {type(exc).__name__}: {exc}"
+                ), bufs)
+            n = P.packed_size(blob, bufs, n0)
+            if n > budget:
+                # the scheduler would take the frame for an attack and drop
+                # this worker: fail the one task instead
+                del bufs[n0:]
+                status, tb = P.R_ERROR, None
+                blob = P.pack(RemoteError(P.too_large("result", None, n, self.max_frame)), bufs)
+                n = P.packed_size(blob, bufs, n0)
+            if items and size + n > budget:
+                # results that fit one by one but not together: one frame each batch
+                self._send_results(stream, items, bufs[:n0], last=False)
+                del bufs[:n0]
+                items, size = [], 0
+                n0 = 0
+            items.append((rid, status, len(bufs) - n0, blob, tb))
+            size += n
+        self._send_results(stream, items, bufs, last=True)
+
+    def _send_results(self, stream: P.FrameStream, items: list[tuple[Any, ...]],
+                      bufs: list[Any], last: bool) -> None:
+        msg: Any = items
+        if self._timing:
+            # (items, offset from perf_counter to the wall clock, array of
+            # rid, start, end) for the tasks that ran (not those that failed
+            # to start); the timings go with the last frame of a flush
+            msg = (items, self._wall_off, self._times if last else array("d"))
+            if last:
+                self._times = array("d")
+        parts = P.encode(P.RESULTS, msg, P.DEFAULT_COMPRESS_MIN, bufs)
+        if self._sending_now:
+            self._send_now(parts)
+        else:
+            stream.send(parts)
+
+
+class _Forward(logging.Handler):
+    """Hands the process's log records to the worker, which sends them in LOG frames."""
+
+    def __init__(self, worker: Worker, level: int) -> None:
+        super().__init__(level)
+        self.worker = worker
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == log.name:
+            return
+        try:
+            msg = record.getMessage()
+            if record.exc_info:
+                msg += "\n" + "".join(traceback.format_exception(*record.exc_info))
+        except Exception:
+            self.handleError(record)
+            return
+        record.async_wf_forwarded = True
+        self.worker._queue_log((record.name, record.levelno, msg, record.created))
+
+
