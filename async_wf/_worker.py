@@ -400,7 +400,7 @@ class Worker:
                 i = self._batch_i
                 pos = self._batch_pos
             else:
-                self._start_mpi(rid, fid, fn, args, kwargs, extra)
+                self._start_part(kind, rid, fid, fn, args, kwargs, extra)
         self._batch = None
         self._batch_bufs = None
         if floor > self._fid_floor:
@@ -450,11 +450,16 @@ class Worker:
             self._in_pool.add(rid)
             pool.put((rid, fid), fn, args, kw if kw is not None else _NO_KWARGS)
 
-    def _start_mpi(self, rid: int, fid: int, fn: Any, args: Any, kwargs: Any,
-                   gang: Any) -> None:
-        """Start this rank's part of an MPI task (only MPI worker ranks can)."""
+    def _start_part(self, kind: int, rid: int, fid: int, fn: Any, args: Any, kwargs: Any,
+                    extra: Any) -> None:
+        """Start this worker's part of a task run by several workers at once.
+
+        A process worker runs no such task; MPI worker ranks run K_MPI ones
+        (``async_wf.mpi.MpiWorker``).
+        """
+        what = "an mpi=k task" if kind == P.K_MPI else f"a task of wire kind {kind}"
         self._report(rid, P.R_ERROR, RemoteError(
-            f"worker {self.name} is not an MPI rank and cannot run an mpi=k task"
+            f"worker {self.name} is not an MPI rank and cannot run {what}"
         ), None)
 
     def _run_inline(self, rid: int, fid: int, fn: Any, args: Any, kwargs: Any) -> float:

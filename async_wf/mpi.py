@@ -41,12 +41,13 @@ from mpi4py import MPI
 
 from async_wf import protocol as P
 from async_wf._errors import RemoteError
-from async_wf._mpi_channel import TAG_HEAD, MpiChannel, new_event_loop, require_thread_multiple
+from async_wf._mpi_channel import MpiChannel, new_event_loop
+from async_wf._mpi_session import Session, current_session, set_current_session
 from async_wf._program import ProgramError, ProgramResult, run_program
 from async_wf._worker import Worker
 
 if TYPE_CHECKING:
-    from async_wf.transport.mpi import MpiTransport
+    pass
 
 __all__ = [
     "MpiTaskAborted",
@@ -70,86 +71,6 @@ _TAG_MOD = 1 << 20  # gang handshakes use tags 1 .. _TAG_MOD on the tasks commun
 
 class MpiTaskAborted(Exception):
     """Raised in a rank of an MPI task when another rank of it failed (or it was cancelled)."""
-
-
-class Session:
-    """The ranks of an MPI job as runtimes use them: a root that schedules, workers that serve.
-
-    Collective: every rank of ``comm`` must make it, with the same arguments.
-
-    Args:
-        comm: the communicator (default ``MPI.COMM_WORLD``).
-        root: the rank that runs the application and the scheduler.
-        slots: threads per worker rank for blocking tasks.
-
-    Raises:
-        ValueError: ``root`` is not a rank of ``comm``, or ``slots`` < 1.
-        RuntimeError: MPI is not initialised with ``MPI_THREAD_MULTIPLE``.
-    """
-
-    def __init__(self, comm: Any = None, root: int = 0, slots: int = 1) -> None:
-        require_thread_multiple()
-        comm = MPI.COMM_WORLD if comm is None else comm
-        if not isinstance(root, int) or not 0 <= root < comm.size:
-            raise ValueError(f"root must be a rank of the communicator (0..{comm.size - 1}), "
-                             f"got {root!r}")
-        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
-            raise ValueError(f"slots must be an int >= 1, got {slots!r}")
-        self.comm = comm
-        self.root = root
-        self.rank = comm.rank
-        self.size = comm.size
-        self.slots = slots
-        # private communicators: our frames and task hand-shakes never match
-        # the application's own messages on comm
-        self.ctrl = comm.Dup()
-        self.tasks = comm.Dup()
-        self.workers = [r for r in range(comm.size) if r != root]
-        self._user: MpiTransport | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def is_root(self) -> bool:
-        """Whether this rank runs the application."""
-        return bool(self.rank == self.root)
-
-    def acquire(self, transport: MpiTransport) -> None:
-        """Give the worker ranks to ``transport``.
-
-        Raises:
-            RuntimeError: not the root, or another runtime holds them.
-        """
-        if not self.is_root:
-            raise RuntimeError(f"only the root rank ({self.root}) can run a runtime on this "
-                               f"session; this is rank {self.rank}")
-        if len(self.workers) == 0:
-            raise RuntimeError("the MPI job has no worker rank: start it with mpiexec -n 2 "
-                               "or more")
-        with self._lock:
-            if self._user is not None:
-                raise RuntimeError("the worker ranks are in use by another runtime of this "
-                                   "process; close it first")
-            self._user = transport
-
-    def release(self, transport: MpiTransport) -> None:
-        """Take the worker ranks back from ``transport``."""
-        with self._lock:
-            if self._user is transport:
-                self._user = None
-
-    def exit_workers(self) -> None:
-        """Tell every worker rank that the application is over (root only; blocking)."""
-        frame = b"".join(P.raw_frame(P.EXIT))
-        reqs = [self.ctrl.Isend(frame, r, TAG_HEAD) for r in self.workers]
-        MPI.Request.Waitall(reqs)
-
-
-_session: Session | None = None
-
-
-def current_session() -> Session | None:
-    """The session this process's runtimes use by default (set by the launcher and ``run``)."""
-    return _session
 
 
 # ------------------------------------------------------------- task side
@@ -359,8 +280,12 @@ class MpiWorker(Worker):
         assert link is not None
         link.send(parts)
 
-    def _start_mpi(self, rid: int, fid: int, fn: Any, args: Any, kwargs: Any,
-                   gang: Any) -> None:
+    def _start_part(self, kind: int, rid: int, fid: int, fn: Any, args: Any, kwargs: Any,
+                    gang: Any) -> None:
+        """Start this rank's part of an MPI task (``gang``: its item's extra)."""
+        if kind != P.K_MPI:
+            super()._start_part(kind, rid, fid, fn, args, kwargs, gang)
+            return
         part = _Part()
         self._parts[gang[0]] = part
         self._ctx_info[rid] = (gang[2], len(gang[1]), gang[6])
@@ -497,13 +422,11 @@ def run(
     Raises:
         Exception: on the root, what ``main()`` raised.
     """
-    global _session
     session = Session(comm, root, slots)
     if not session.is_root:
         serve(session)
         return None
-    previous = _session
-    _session = session
+    previous = set_current_session(session)
     try:
         loop = new_event_loop()
         try:
@@ -511,13 +434,12 @@ def run(
         finally:
             loop.close()
     finally:
-        _session = previous
+        set_current_session(previous)
         session.exit_workers()
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m async_wf.mpi [--slots N] app.py [args...]`` (every rank runs it)."""
-    global _session
     p = argparse.ArgumentParser(
         prog="python -m async_wf.mpi",
         description="Run app.py on rank 0 with the other ranks of the MPI job as its workers.",
@@ -535,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     session = Session(MPI.COMM_WORLD, 0, ns.slots)
     if not session.is_root:
         return serve(session)
-    _session = session
+    set_current_session(session)
     code = 0
     try:
         if ns.module is not None:
@@ -553,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         code = 1
     finally:
-        _session = None
+        set_current_session(None)
         session.exit_workers()
     return code
 

@@ -100,7 +100,7 @@ class _Worker:
         "async_limit",
         "cancelling",
         "fids",
-        "gang",
+        "held",
         "id",
         "inflight",
         "last_heard",
@@ -137,7 +137,9 @@ class _Worker:
         self.thread_open = True
         self.async_limit = async_limit
         self.last_heard = time.monotonic()
-        self.gang: Any = None  # the MPI task this rank is part of (async_wf.transport.mpi)
+        #: a task that holds this worker whole (an MPI task: transport.mpi);
+        #: meanwhile it gets no new blocking task
+        self.held: Any = None
         # the rid of a task that was running when a worker was lost, sent here
         # alone: nothing else is sent until it ends (see _pick_alone)
         self.quarantine = 0
@@ -147,8 +149,8 @@ class _Worker:
             return 0
         if kind == ASYNC:
             return self.async_limit - self.n_async
-        if self.gang is not None:
-            return 0  # blocking tasks would wait behind the MPI task: others can run them
+        if self.held is not None:
+            return 0  # blocking tasks would wait behind the holder: others can run them
         if not self.thread_open:
             return 0
         return self.thread_limit - self.n_thread
@@ -189,7 +191,9 @@ class RemoteTransport(Transport):
         self._async_seen = False
         self._seq = 0
         self._closing = False
-        self._gang_rids: dict[int, Any] = {}  # rid -> MPI task it is a rank's part of
+        #: rids whose outcome goes to ``_part_outcome``, with what they are part
+        #: of (an MPI task's ranks: transport.mpi), not straight to their future
+        self._parts: dict[int, Any] = {}
         self.n_workers_lost = 0
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -217,7 +221,7 @@ class RemoteTransport(Transport):
         """
         for w in self._order:
             if (w.n_thread == 0 and w.n_async == 0 and not w.quarantine
-                    and w.gang is None):
+                    and w.held is None):
                 return w
         return None
 
@@ -238,7 +242,7 @@ class RemoteTransport(Transport):
             return 0
         t = a = 0
         for w in self._order:
-            if w.gang is None and w.thread_open:
+            if w.held is None and w.thread_open:
                 t += w.thread_limit - w.n_thread
             a += w.async_limit - w.n_async
         if a <= 0:
@@ -304,11 +308,13 @@ class RemoteTransport(Transport):
         for w, fs in batches.items():
             self._send_tasks(w, fs)
 
-    def _send_tasks(self, w: _Worker, futs: list[TaskFuture[Any]], gang: Any = None) -> int:
+    def _send_tasks(self, w: _Worker, futs: list[TaskFuture[Any]],
+                    part: tuple[int, Any] | None = None) -> int:
         """Send ``futs`` to ``w`` in one frame; their credits on ``w`` are already taken.
 
-        With ``gang`` (an MPI task: ``futs`` is its future alone), the item
-        is this rank's part of it, and carries ``gang.extra(w)``.
+        With ``part`` = (wire kind, extra), ``futs`` is one future and the
+        item is ``w``'s part of it: sent as that kind with that extra, its
+        timer and outcome left to the caller (see ``_parts``).
         Returns the last task's rid (0 if nothing was sent).
         """
         loop = self._loop
@@ -372,8 +378,8 @@ class RemoteTransport(Transport):
                 new_fns.append((fid, entry[2]))
             rid = next(self._rids)
             w.inflight[rid] = fut
-            if gang is not None:
-                batch.append((rid, fid, P.K_MPI, len(bufs) - n0, args_blob, gang.extra(w)))
+            if part is not None:
+                batch.append((rid, fid, part[0], len(bufs) - n0, args_blob, part[1]))
                 continue
             fut._run = (w, rid)
             # a checkpointed task with a saved step gets it back from the worker
@@ -543,11 +549,9 @@ class RemoteTransport(Transport):
         sched = self._sched
         if fut is None or sched is None:
             return  # the task ended (timed out, cancelled) meanwhile
-        gang = self._gang_rids.get(rid)
-        if gang is None:
-            sched.task_save(fut, 0, 1, step, blob)
-        else:
-            sched.task_save(fut, gang.index[w.id], len(gang.ranks), step, blob)
+        owner = self._parts.get(rid)
+        index, n = (0, 1) if owner is None else self._part_index(w, owner)
+        sched.task_save(fut, index, n, step, blob)
 
     def _on_results(self, w: _Worker, results: list[tuple[int, int, int, bytes, Any]],
                     buffers: list[Any]) -> None:
@@ -586,10 +590,10 @@ class RemoteTransport(Transport):
             if status == P.R_ERROR and tb and isinstance(value, BaseException) \
                     and value.__cause__ is None:
                 value.__cause__ = RemoteTraceback(tb)
-            if self._gang_rids:
-                gang = self._gang_rids.pop(rid, None)
-                if gang is not None:
-                    self._gang_outcome(w, gang, status, value)
+            if self._parts:
+                owner = self._parts.pop(rid, None)
+                if owner is not None:
+                    self._part_outcome(w, owner, status, value)
                     continue
             fut._stop_timer()
             fut._run = None
@@ -597,9 +601,13 @@ class RemoteTransport(Transport):
         self._place_backlog()
         self._wake()
 
-    def _gang_outcome(self, w: _Worker, gang: Any, status: int, value: Any) -> None:
-        """One rank's outcome of an MPI task (``transport.mpi`` overrides it)."""
-        raise NotImplementedError
+    def _part_outcome(self, w: _Worker, owner: Any, status: int, value: Any) -> None:
+        """The outcome of ``w``'s part of ``owner`` (a subclass that sends parts has it)."""
+        raise TypeError(f"{type(self).__name__} sends no parts of tasks, got {owner!r}")
+
+    def _part_index(self, w: _Worker, owner: Any) -> tuple[int, int]:
+        """(``w``'s index among the parts of ``owner``, how many parts) for a saved step."""
+        raise TypeError(f"{type(self).__name__} sends no parts of tasks, got {owner!r}")
 
     def _outcome(self, fut: TaskFuture[Any], status: int, value: Any) -> None:
         """Report one attempt's outcome to the scheduler (subclasses intercept some)."""

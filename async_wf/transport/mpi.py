@@ -49,8 +49,8 @@ from async_wf.transport._remote import RemoteTransport, _Worker
 if TYPE_CHECKING:
     from async_wf._futures import TaskFuture
     from async_wf._mpi_channel import Frame, MpiChannel
+    from async_wf._mpi_session import Session
     from async_wf._scheduler import Scheduler
-    from async_wf.mpi import Session
 
 __all__ = ["MpiTransport"]
 
@@ -88,7 +88,7 @@ class _Gang:
                  "restore", "values")
 
     def __init__(self, fut: TaskFuture[Any], ranks: list[_Worker], comm_id: int,
-                 create: bool) -> None:
+                 create: bool, restore: tuple[int, list[Any]] | None) -> None:
         self.id = next(_GANGS)
         self.fut = fut
         self.ranks = ranks
@@ -99,7 +99,7 @@ class _Gang:
         self.left = len(ranks)
         self.reported = False
         # the last complete step of the task (a checkpointed one) and each rank's state
-        self.restore = fut._sched.restore_blobs(fut, len(ranks))
+        self.restore = restore
 
     def extra(self, w: _Worker) -> tuple[Any, ...]:
         opts = self.fut._opts
@@ -155,7 +155,7 @@ class MpiTransport(RemoteTransport):
         super().__init__(prefetch=prefetch, async_limit=async_limit,
                          compress_min=compress_min, max_lost=1)
         if session is None:
-            from async_wf.mpi import current_session
+            from async_wf._mpi_session import current_session
 
             session = current_session()
             if session is None:
@@ -222,10 +222,10 @@ class MpiTransport(RemoteTransport):
         if w is None:
             return
         log.error("rank %d sent an invalid frame (%s); it gets no more tasks", src, exc)
-        for rid in [r for r in w.inflight if r in self._gang_rids]:
+        for rid in [r for r in w.inflight if r in self._parts]:
             fut = w.inflight.pop(rid)
             w.count(fut._kind, -1)
-            self._gang_outcome(w, self._gang_rids.pop(rid), P.R_ERROR,
+            self._part_outcome(w, self._parts.pop(rid), P.R_ERROR,
                                WorkerLostError(f"rank {src} sent an invalid frame: {exc}"))
         self._release(w, exc)
 
@@ -261,7 +261,7 @@ class MpiTransport(RemoteTransport):
                 continue
             k = fut._opts.mpi
             assert k is not None
-            free = [w for w in self._order if w.gang is None]
+            free = [w for w in self._order if w.held is None]
             if len(free) < k:
                 return  # head of line: nothing overtakes it
             heapq.heappop(q)
@@ -281,22 +281,24 @@ class MpiTransport(RemoteTransport):
                 self._comm_ids[key] = comm_id
             else:
                 comm_id = -comm_id  # made for this task only, freed after it
-        gang = _Gang(fut, ranks, comm_id, create)
+        sched = self._sched
+        assert sched is not None
+        gang = _Gang(fut, ranks, comm_id, create, sched.restore_blobs(fut, len(ranks)))
         fut._run = gang
         fut._timed_out = False
         self.n_mpi_tasks += 1
         for w in ranks:
-            w.gang = gang
+            w.held = gang
             w.count(THREAD, 1)
-            rid = self._send_tasks(w, [fut], gang)
+            rid = self._send_tasks(w, [fut], (P.K_MPI, gang.extra(w)))
             if rid == 0:
                 # the function or the arguments could not be pickled: the task
                 # has failed already (_unsendable); the ranks are free again
                 for r in ranks:
-                    r.gang = None
+                    r.held = None
                 self._forget_comm(gang)
                 return
-            self._gang_rids[rid] = gang
+            self._parts[rid] = gang
         timeout = fut._opts.timeout
         if timeout is not None:
             loop = self._loop
@@ -308,8 +310,13 @@ class MpiTransport(RemoteTransport):
         if self._comm_ids.get(key) == gang.comm_id:
             del self._comm_ids[key]
 
-    def _gang_outcome(self, w: _Worker, gang: _Gang, status: int, value: Any) -> None:
-        w.gang = None
+    def _part_index(self, w: _Worker, owner: Any) -> tuple[int, int]:
+        return owner.index[w.id], len(owner.ranks)
+
+    def _part_outcome(self, w: _Worker, owner: Any, status: int, value: Any) -> None:
+        """One rank's outcome of an MPI task."""
+        gang: _Gang = owner
+        w.held = None
         gang.left -= 1
         fut = gang.fut
         if not gang.reported:
@@ -339,7 +346,7 @@ class MpiTransport(RemoteTransport):
             self._forget_comm(gang)
             frame = P.encode(P.ABORT, (gang.id, why))
             for r in gang.ranks:
-                if r.gang is gang:
+                if r.held is gang:
                     r.stream.send(frame)
         if not fut.done():
             self._outcome(fut, status, value)
