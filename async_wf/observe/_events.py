@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from async_wf.observe._model import BUCKETS, ERROR, LOCAL_LANE, OK, RETRY, Span, span_key
+
 if TYPE_CHECKING:
     from async_wf._futures import TaskFuture
     from async_wf._scheduler import Scheduler
@@ -49,21 +51,6 @@ if TYPE_CHECKING:
 __all__ = ["BUCKETS", "ObserveOptions", "Observer", "Span", "span_key"]
 
 log = logging.getLogger("async_wf.observe")
-
-#: upper bounds (seconds) of the task-duration histogram buckets
-BUCKETS: tuple[float, ...] = (
-    1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0,
-)
-
-#: span statuses
-OK, ERROR, RETRY = "ok", "error", "retry"
-
-#: lane (trace pid) of work run in the scheduler's own process
-LOCAL_LANE = 0
-
-# (start s, end s, lane, name, task id, attempt, status, checkpoint key or None)
-Span = tuple[float, float, int, str, int, int, str, bytes | None]
-
 
 @dataclass
 class ObserveOptions:
@@ -354,9 +341,3 @@ class Observer:
         if self.opts.report and len(self.failures) < 1000:
             tb = "".join(traceback.format_exception(exc))
             self.failures.append((fut.name, fut._id, fut._attempt, tb))
-
-
-def span_key(span: Span) -> str:
-    """The key a trace or report shows for a span: the checkpoint key, else name-number."""
-    ckey = span[7]
-    return ckey.hex()[:16] if ckey is not None else f"{span[3]}-{span[4]}"

@@ -24,7 +24,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from async_wf.observe._events import BUCKETS
+from async_wf.observe._model import BUCKETS
 
 if TYPE_CHECKING:
     from async_wf.observe._events import Observer

@@ -19,10 +19,11 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
-from async_wf.observe._events import span_key
+from async_wf.observe._model import span_key
 
 if TYPE_CHECKING:
-    from async_wf.observe._events import Observer, Span
+    from async_wf.observe._events import Observer
+    from async_wf.observe._model import Span
 
 __all__ = ["pack_lanes", "trace_events", "write_trace"]
 
