@@ -27,7 +27,6 @@ from typing import Any
 from async_wf._api import Runtime, run
 from async_wf._errors import RuntimeClosedError
 from async_wf._futures import TaskFuture, collect, replace_in
-from async_wf.transport.local import _QUEUED
 
 __all__ = ["Executor", "ExecutorFuture"]
 
@@ -86,8 +85,7 @@ def _cancel_unstarted(sched: Any) -> None:
 def _started(t: TaskFuture[Any]) -> bool:
     # read from the caller's thread: a stale answer only moves the moment
     # from which cancel() refuses by one hand-over
-    run = t._run
-    return run is not None and run != _QUEUED
+    return t._sched._transport.started(t)
 
 
 def _as_task(f: ExecutorFuture) -> TaskFuture[Any]:

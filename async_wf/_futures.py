@@ -41,6 +41,7 @@ class TaskFuture(asyncio.Future[_T]):
 
     __slots__ = (
         "_args",
+        "_att",
         "_attempt",
         "_cancelling",
         "_ckey",
@@ -54,12 +55,8 @@ class TaskFuture(asyncio.Future[_T]):
         "_lost",
         "_obs_t",
         "_opts",
-        "_run",
         "_sched",
         "_subst",
-        "_t0",
-        "_timed_out",
-        "_timer",
     )
 
     _sched: Scheduler
@@ -73,12 +70,11 @@ class TaskFuture(asyncio.Future[_T]):
     _subst: bool
     _attempt: int
     _cancelling: bool
-    _run: Any
-    _timer: asyncio.TimerHandle | None
-    _timed_out: bool
+    # the transport's record of the current attempt (where it runs, its
+    # timeout timer), of the transport's own type; None while not dispatched
+    _att: Any
     _ignored: bool
-    _lost: int
-    _t0: float
+    _lost: int  # workers lost while it ran on them (remote transports)
     # only with an observer: when the current attempt was dispatched, or
     # (start, end, lane) once the transport says when it ran
     _obs_t: float | tuple[float, float, int]
@@ -113,13 +109,6 @@ class TaskFuture(asyncio.Future[_T]):
         if self.done():
             return False
         return self._sched._cancel(self, msg)
-
-    def _stop_timer(self) -> None:
-        """Cancel the timeout timer of the current attempt, if any."""
-        timer = self._timer
-        if timer is not None:
-            timer.cancel()
-            self._timer = None
 
     def _cancel_now(self, msg: Any = None) -> None:
         """Mark the future cancelled (scheduler use only)."""

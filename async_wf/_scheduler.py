@@ -239,9 +239,7 @@ class Scheduler:
         fut._subst = subst
         fut._id = self._next_id
         fut._attempt = 1
-        fut._run = None
-        fut._timer = None
-        fut._timed_out = False
+        fut._att = None
         fut._ignored = False
         fut._lost = 0
         fut._cancelling = False
@@ -383,7 +381,7 @@ class Scheduler:
                 rec.append((fut, value))
             fut._args = ()
             fut._kwargs = {}
-            fut._run = None
+            fut._att = None
             handles.append(fut._handle)
         if rec:
             assert ck is not None
@@ -600,8 +598,8 @@ class Scheduler:
             if self._transport.cancel_running(fut, msg):
                 # the work stops and reports its cancellation itself; until
                 # then no timeout, error or lost worker may turn it into a retry
+                # (the transport has disarmed the attempt's timeout)
                 fut._cancelling = True
-                fut._stop_timer()
                 return True
             # Work that cannot be stopped (a blocking call already running):
             # like a run_in_executor future, the future is cancelled now so

@@ -11,16 +11,35 @@ order, rather than in an unbounded queue of the transport's.
 from __future__ import annotations
 
 import abc
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import asyncio
-
     from async_wf._futures import TaskFuture
     from async_wf._scheduler import Scheduler
     from async_wf.observe._events import Observer
 
 __all__ = ["Transport"]
+
+
+class Attempt:
+    """What a transport keeps of a task's current attempt, in ``TaskFuture._att``.
+
+    Each transport subclasses it with what it needs (where the attempt
+    runs, its state); all of them have the attempt's timeout timer.
+    """
+
+    __slots__ = ("timer",)
+
+    def __init__(self) -> None:
+        self.timer: asyncio.TimerHandle | None = None
+
+    def stop_timer(self) -> None:
+        """Disarm the timeout of this attempt."""
+        timer = self.timer
+        if timer is not None:
+            timer.cancel()
+            self.timer = None
 
 
 class Transport(abc.ABC):
@@ -56,8 +75,19 @@ class Transport(abc.ABC):
         True means the work will stop and the transport will report that
         with ``task_cancelled`` (or has already done so). False means the
         work cannot be stopped: the scheduler then cancels the future at
-        once, and any outcome reported for it later is ignored.
+        once, and any outcome reported for it later is ignored. With True,
+        the transport has disarmed the attempt's timeout.
         """
+
+    def started(self, fut: TaskFuture[Any]) -> bool:
+        """Whether the current attempt of a dispatched task has left the queue.
+
+        May be asked from another thread (the Executor's ``cancel``): a stale
+        answer only moves the moment from which cancelling refuses. Each
+        transport keeps its per-attempt record in ``fut._att``; by default a
+        task with one has started.
+        """
+        return fut._att is not None
 
     def check_options(self, fn: Any, mpi: int) -> None:
         """Refuse, at submit, an MPI task (``@task(mpi=k)``) this transport cannot run.

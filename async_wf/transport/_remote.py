@@ -47,7 +47,7 @@ import cloudpickle
 from async_wf import protocol as P
 from async_wf._errors import RemoteError, RemoteTraceback, TaskTimeoutError, WorkerLostError
 from async_wf._scheduler import ASYNC
-from async_wf.transport import Transport
+from async_wf.transport import Attempt, Transport
 
 if TYPE_CHECKING:
     from async_wf._futures import TaskFuture
@@ -93,6 +93,17 @@ def _same_fn(cached: Any, fn: Any) -> bool:
         and cached.__self__ is fn.__self__
         and cached.__func__ is fn.__func__
     )
+
+
+class _Sent(Attempt):
+    """Where the current attempt of a task went (``TaskFuture._att``)."""
+
+    __slots__ = ("rid", "w")
+
+    def __init__(self, w: _Worker, rid: int) -> None:
+        self.w = w
+        self.rid = rid
+        self.timer = None
 
 
 class _Worker:
@@ -278,7 +289,6 @@ class RemoteTransport(Transport):
         batches: dict[_Worker, list[Any]] = {}
         n_async = 0
         for fut in futs:
-            fut._timed_out = False
             kind = fut._kind
             if kind == ASYNC:
                 n_async += 1
@@ -295,7 +305,7 @@ class RemoteTransport(Transport):
                 self._seq += 1
                 heapq.heappush(self._backlog[kind != ASYNC],
                                (-fut._opts.priority, self._seq, fut))
-                fut._run = None
+                fut._att = None
                 continue
             # take the credit now, so that the next pick in this batch sees it
             # used: else one batch could go all to one worker, past its limits
@@ -381,7 +391,7 @@ class RemoteTransport(Transport):
             if part is not None:
                 batch.append((rid, fid, part[0], len(bufs) - n0, args_blob, part[1]))
                 continue
-            fut._run = (w, rid)
+            sent = fut._att = _Sent(w, rid)
             # a checkpointed task with a saved step gets it back from the worker
             extra = None
             if fut._cparents is not None:
@@ -391,7 +401,7 @@ class RemoteTransport(Transport):
             batch.append((rid, fid, fut._kind, len(bufs) - n0, args_blob, extra))
             timeout = fut._opts.timeout
             if timeout is not None:
-                fut._timer = loop.call_later(timeout, self._on_timeout, fut, w, rid)
+                sent.timer = loop.call_later(timeout, self._on_timeout, fut, sent)
         if not batch:
             return 0
         self._send_frame(w, new_fns, batch, bufs)
@@ -419,7 +429,7 @@ class RemoteTransport(Transport):
         sched = self._sched
         assert sched is not None
         w.count(fut._kind, -1)
-        fut._run = None
+        fut._att = None
         sched.task_error(fut, exc)
 
     def _forget_functions(self) -> None:
@@ -595,8 +605,10 @@ class RemoteTransport(Transport):
                 if owner is not None:
                     self._part_outcome(w, owner, status, value)
                     continue
-            fut._stop_timer()
-            fut._run = None
+            sent = fut._att
+            if sent is not None:
+                sent.stop_timer()
+                fut._att = None
             self._outcome(fut, status, value)
         self._place_backlog()
         self._wake()
@@ -620,8 +632,9 @@ class RemoteTransport(Transport):
         else:
             sched.task_cancelled(fut, "cancelled on the worker")
 
-    def _on_timeout(self, fut: TaskFuture[Any], w: _Worker, rid: int) -> None:
-        fut._timer = None
+    def _on_timeout(self, fut: TaskFuture[Any], sent: _Sent) -> None:
+        sent.timer = None
+        w, rid = sent.w, sent.rid
         if w.inflight.get(rid) is not fut or fut._cancelling:
             return
         del w.inflight[rid]
@@ -640,8 +653,8 @@ class RemoteTransport(Transport):
         """
         sched = self._sched
         assert sched is not None
-        run = fut._run
-        if run is None:
+        sent = fut._att
+        if sent is None:
             heap = self._backlog[fut._kind != ASYNC]
             for i, item in enumerate(heap):
                 if item[2] is fut:
@@ -650,7 +663,7 @@ class RemoteTransport(Transport):
                     sched.task_cancelled(fut, msg)
                     return True
             return False
-        w, rid = run
+        w, rid = sent.w, sent.rid
         if w.inflight.get(rid) is not fut:
             return False
         w.stream.send(P.encode(P.CANCEL, [rid]))
@@ -659,6 +672,7 @@ class RemoteTransport(Transport):
             # runs to the end: the scheduler cancels the future now either way
             return False
         w.cancelling.add(rid)
+        sent.stop_timer()
         return True
 
 
@@ -728,8 +742,10 @@ class RemoteTransport(Transport):
         sched = self._sched
         assert sched is not None
         for fut in futs:
-            fut._stop_timer()
-            fut._run = None
+            sent = fut._att
+            if sent is not None:
+                sent.stop_timer()
+                fut._att = None
             if id(fut) in cancelled:
                 sched.task_cancelled(fut, "cancelled (its worker was lost meanwhile)")
                 continue

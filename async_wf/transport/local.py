@@ -31,7 +31,7 @@ from async_wf._context import TaskContext, mark_coroutine, mark_thread
 from async_wf._errors import TaskTimeoutError
 from async_wf._scheduler import ASYNC, THREAD
 from async_wf._threads import ERROR, OK, SKIPPED, Outcome, ThreadPool
-from async_wf.transport import Transport
+from async_wf.transport import Attempt, Transport
 
 if TYPE_CHECKING:
     from async_wf._futures import TaskFuture
@@ -39,10 +39,32 @@ if TYPE_CHECKING:
 
 __all__ = ["LocalTransport"]
 
-# states of a thread task's current attempt, kept in TaskFuture._run
-_QUEUED = "queued"  # in the pool's queue, not yet taken by a thread
-_STARTED = "started"
-_DROPPED = "dropped"  # cancelled before a thread picked it up
+# states of a blocking task's current attempt
+_QUEUED = 0  # in the pool's queue, not yet taken by a thread
+_STARTED = 1
+_DROPPED = 2  # cancelled before a thread picked it up
+
+
+class _Run(Attempt):
+    """The current attempt of a task run in this process (``TaskFuture._att``).
+
+    For a blocking task it is also the thread pool's token, so a late
+    outcome of an earlier attempt is told apart by ``fut._att is not run``.
+    """
+
+    __slots__ = ("attempt", "fut", "state", "t0", "task", "timed_out")
+
+    def __init__(self, fut: TaskFuture[Any], state: int) -> None:
+        self.fut = fut
+        self.attempt = fut._attempt
+        self.state = state
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.timed_out = False
+        self.t0 = 0.0
+
+
+_INLINE = object()  # the attempt of an inline task: run and over within dispatch
 
 
 def default_threads() -> int:
@@ -77,11 +99,16 @@ class LocalTransport(Transport):
         return 1 << 30
 
     def task_context(self, token: Any) -> TaskContext:
-        """The context of a task running here (token: its future, or (future, attempt))."""
+        """The context of a task running here (token: its future, or its ``_Run``)."""
         sched = self._sched
         assert sched is not None
-        fut = token[0] if type(token) is tuple else token
+        fut = token.fut if type(token) is _Run else token
         return sched.task_context(fut)
+
+    def started(self, fut: TaskFuture[Any]) -> bool:
+        """Whether the current attempt of ``fut`` has begun (a coroutine always has)."""
+        run = fut._att
+        return run is not None and (type(run) is not _Run or run.state != _QUEUED)
 
     # --------------------------------------------------------------- dispatch
     def dispatch(self, futs: list[TaskFuture[Any]]) -> None:
@@ -92,24 +119,26 @@ class LocalTransport(Transport):
         assert sched is not None and loop is not None and pool is not None
         for fut in futs:
             kind = fut._kind
-            fut._timed_out = False
             if kind == ASYNC:
+                run = _Run(fut, _STARTED)
+                fut._att = run
                 # the function is called inside the task, so that a task
                 # cancelled before its first step leaves no coroutine unawaited
-                fut._run = loop.create_task(self._run_async(fut))
+                run.task = loop.create_task(self._run_async(run))
                 timeout = fut._opts.timeout
                 if timeout is not None:
-                    fut._timer = loop.call_later(timeout, self._on_timeout, fut, fut._attempt)
+                    run.timer = loop.call_later(timeout, self._on_timeout, run)
             elif kind == THREAD:
-                fut._run = _QUEUED
+                run = _Run(fut, _QUEUED)
+                fut._att = run
                 fn = fut._fn
                 assert fn is not None
-                pool.put((fut, fut._attempt), fn, fut._args, fut._kwargs, fut._opts.priority)
+                pool.put(run, fn, fut._args, fut._kwargs, fut._opts.priority)
                 timeout = fut._opts.timeout
                 if timeout is not None:
-                    fut._timer = loop.call_later(timeout, self._on_timeout, fut, fut._attempt)
+                    run.timer = loop.call_later(timeout, self._on_timeout, run)
             else:
-                fut._run = _STARTED
+                fut._att = _INLINE
                 mark_thread(self, fut)
                 try:
                     value = fut._fn(*fut._args, **fut._kwargs)  # type: ignore[misc]
@@ -120,60 +149,61 @@ class LocalTransport(Transport):
                 finally:
                     mark_thread(None, None)
 
-    async def _run_async(self, fut: TaskFuture[Any]) -> None:
+    async def _run_async(self, run: _Run) -> None:
         # Reporting from inside the task, rather than from a done callback,
         # saves a loop callback, a partial and a result lookup per task; a
         # task cancelled before it ever ran is reported by _cancel_async.
         sched = self._sched
         assert sched is not None
+        fut = run.fut
         mark_coroutine(self, fut)
         try:
             value = await fut._fn(*fut._args, **fut._kwargs)  # type: ignore[misc]
         except asyncio.CancelledError as exc:
-            if fut._run is not asyncio.current_task():
+            if fut._att is not run:
                 return  # an earlier attempt, already given up on
-            fut._stop_timer()
-            if fut._timed_out:
+            run.stop_timer()
+            if run.timed_out:
                 sched.task_error(fut, TaskTimeoutError(fut.name, fut._opts.timeout or 0.0))
             else:
                 sched.task_cancelled(fut, exc.args[0] if exc.args else None)
         except BaseException as exc:
-            if fut._run is not asyncio.current_task():
+            if fut._att is not run:
                 return
-            fut._stop_timer()
+            run.stop_timer()
             sched.task_error(fut, exc)
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt, SystemExit: let the loop see them
         else:
-            if fut._timer is not None or fut._timed_out:
-                if fut._run is not asyncio.current_task():
+            if run.timer is not None or run.timed_out:
+                if fut._att is not run:
                     return
-                fut._stop_timer()
-                if fut._timed_out:  # the coroutine swallowed its timeout cancellation
+                run.stop_timer()
+                if run.timed_out:  # the coroutine swallowed its timeout cancellation
                     sched.task_error(fut, TaskTimeoutError(fut.name, fut._opts.timeout or 0.0))
                     return
             sched.task_ok(fut, value)
 
-    def _on_timeout(self, fut: TaskFuture[Any], attempt: int) -> None:
-        fut._timer = None
-        if fut.done() or fut._attempt != attempt:
+    def _on_timeout(self, run: _Run) -> None:
+        run.timer = None
+        fut = run.fut
+        if fut.done() or fut._att is not run:
             return
         if fut._kind == ASYNC:
-            fut._timed_out = True
-            self._cancel_async(fut, None)
+            run.timed_out = True
+            self._cancel_async(run, None)
             return
         pool = self._pool
         assert pool is not None
         with pool.lock:
-            run = fut._run
-            if run == _QUEUED:
+            if run.state == _QUEUED:
                 left = fut._opts.timeout or 0.0  # not started: the clock has not begun
             else:
-                left = (fut._opts.timeout or 0.0) - (time.monotonic() - fut._t0)
+                left = (fut._opts.timeout or 0.0) - (time.monotonic() - run.t0)
             if left > 0:
                 loop = self._loop
                 assert loop is not None
-                fut._timer = loop.call_later(left, self._on_timeout, fut, attempt)
+                run.timer = loop.call_later(left, self._on_timeout, run)
                 return
         # a thread cannot be stopped: fail this attempt now, drop its result later
         sched = self._sched
@@ -182,13 +212,13 @@ class LocalTransport(Transport):
 
     # ----------------------------------------------------------------- threads
     @staticmethod
-    def _claim(token: tuple[TaskFuture[Any], int]) -> bool:
+    def _claim(run: _Run) -> bool:
         # runs under the pool's lock, as a thread takes the task
-        fut, attempt = token
-        if fut._run != _QUEUED or fut._attempt != attempt or fut.done():
+        fut = run.fut
+        if run.state != _QUEUED or fut._att is not run or fut.done():
             return False
-        fut._run = _STARTED
-        fut._t0 = time.monotonic()
+        run.state = _STARTED
+        run.t0 = time.monotonic()
         return True
 
     def _deliver(self, items: list[Outcome]) -> None:
@@ -196,17 +226,19 @@ class LocalTransport(Transport):
         assert sched is not None
         obs = self._obs
         if obs is not None:
-            for (fut, attempt), status, _value, took, t0 in items:
-                if status != SKIPPED and fut._attempt == attempt and not fut.done():
+            for run, status, _value, took, t0 in items:
+                fut = run.fut
+                if status != SKIPPED and fut._att is run and not fut.done():
                     obs.thread_ran(fut, t0, took)
-        for (fut, attempt), status, value, _took, _t0 in items:
-            if fut.done() or fut._attempt != attempt:
+        for run, status, value, _took, _t0 in items:
+            fut = run.fut
+            if fut.done() or fut._att is not run:
                 continue  # skipped, or an attempt already given up on
             if status == OK:
-                fut._stop_timer()
+                run.stop_timer()
                 sched.task_ok(fut, value)
             elif status == ERROR:
-                fut._stop_timer()
+                run.stop_timer()
                 sched.task_error(fut, value[0])
 
     # -------------------------------------------------------------- cancelling
@@ -214,32 +246,39 @@ class LocalTransport(Transport):
         """Cancel a dispatched task: coroutines always, thread tasks until one starts."""
         sched = self._sched
         assert sched is not None
+        run = fut._att
+        if type(run) is not _Run:
+            return False  # inline: over already
         if fut._kind == ASYNC:
-            return self._cancel_async(fut, msg)
-        if fut._kind != THREAD:
-            return False
+            if not self._cancel_async(run, msg):
+                return False
+            # no timeout may turn the cancellation into an error meanwhile
+            run.stop_timer()
+            return True
         pool = self._pool
         assert pool is not None
         with pool.lock:
-            if fut._run != _QUEUED:
+            if run.state != _QUEUED:
                 return False
-            fut._run = _DROPPED
-        fut._stop_timer()
+            run.state = _DROPPED
+        run.stop_timer()
         sched.task_cancelled(fut, msg)
         return True
 
-    def _cancel_async(self, fut: TaskFuture[Any], msg: Any) -> bool:
-        run = fut._run
-        if run is None or run.done() or not run.cancel(msg):
+    def _cancel_async(self, run: _Run, msg: Any) -> bool:
+        task = run.task
+        if task is None or task.done() or not task.cancel(msg):
             return False
-        if inspect.getcoroutinestate(run.get_coro()) == inspect.CORO_CREATED:
+        coro: Any = task.get_coro()  # _run_async's coroutine
+        if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
             # cancelled before its first step: _run_async will never run, and
             # it is what reports outcomes, so report here
-            fut._run = None
-            fut._stop_timer()
+            fut = run.fut
+            fut._att = None
+            run.stop_timer()
             sched = self._sched
             assert sched is not None
-            if fut._timed_out:
+            if run.timed_out:
                 sched.task_error(fut, TaskTimeoutError(fut.name, fut._opts.timeout or 0.0))
             else:
                 sched.task_cancelled(fut, msg)

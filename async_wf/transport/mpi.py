@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from async_wf import protocol as P
 from async_wf._errors import TaskTimeoutError, WorkerLostError
 from async_wf._scheduler import THREAD
+from async_wf.transport import Attempt
 from async_wf.transport._remote import RemoteTransport, _Worker
 
 if TYPE_CHECKING:
@@ -81,8 +82,8 @@ class _RankLink:
         pass
 
 
-class _Gang:
-    """One MPI task placed on its ranks."""
+class _Gang(Attempt):
+    """One MPI task placed on its ranks (``TaskFuture._att`` while it runs)."""
 
     __slots__ = ("comm_id", "create", "fut", "id", "index", "left", "ranks", "reported",
                  "restore", "values")
@@ -90,6 +91,7 @@ class _Gang:
     def __init__(self, fut: TaskFuture[Any], ranks: list[_Worker], comm_id: int,
                  create: bool, restore: tuple[int, list[Any]] | None) -> None:
         self.id = next(_GANGS)
+        self.timer = None
         self.fut = fut
         self.ranks = ranks
         self.index = {w.id: i for i, w in enumerate(ranks)}
@@ -237,7 +239,7 @@ class MpiTransport(RemoteTransport):
             plain = []
             for f in futs:
                 if f._opts.mpi is not None and f._opts.binary is None:
-                    f._run = None
+                    f._att = None
                     self._seq += 1
                     heapq.heappush(self._gangq, (-f._opts.priority, self._seq, f))
                 else:
@@ -284,8 +286,7 @@ class MpiTransport(RemoteTransport):
         sched = self._sched
         assert sched is not None
         gang = _Gang(fut, ranks, comm_id, create, sched.restore_blobs(fut, len(ranks)))
-        fut._run = gang
-        fut._timed_out = False
+        fut._att = gang
         self.n_mpi_tasks += 1
         for w in ranks:
             w.held = gang
@@ -303,7 +304,7 @@ class MpiTransport(RemoteTransport):
         if timeout is not None:
             loop = self._loop
             assert loop is not None
-            fut._timer = loop.call_later(timeout, self._gang_timeout, gang)
+            gang.timer = loop.call_later(timeout, self._gang_timeout, gang)
 
     def _forget_comm(self, gang: _Gang) -> None:
         key = tuple(w.id for w in gang.ranks)
@@ -324,8 +325,8 @@ class MpiTransport(RemoteTransport):
                 gang.values[gang.index[w.id]] = value
                 if gang.left == 0:
                     gang.reported = True
-                    fut._stop_timer()
-                    fut._run = None
+                    gang.stop_timer()
+                    fut._att = None
                     self._outcome(fut, P.R_OK,
                                   gang.values if fut._opts.mpi_gather else gang.values[0])
             else:
@@ -339,8 +340,8 @@ class MpiTransport(RemoteTransport):
         """Report the task failed (or cancelled) now, and stop its other ranks."""
         gang.reported = True
         fut = gang.fut
-        fut._stop_timer()
-        fut._run = None
+        gang.stop_timer()
+        fut._att = None
         if gang.left:
             self.n_aborted += 1
             self._forget_comm(gang)
@@ -353,7 +354,7 @@ class MpiTransport(RemoteTransport):
 
     def _gang_timeout(self, gang: _Gang) -> None:
         fut = gang.fut
-        fut._timer = None
+        gang.timer = None
         if gang.reported or fut.done():
             return
         limit = fut._opts.timeout or 0.0
@@ -362,7 +363,7 @@ class MpiTransport(RemoteTransport):
 
     def cancel_running(self, fut: TaskFuture[Any], msg: Any) -> bool:
         """Drop a queued MPI task, abort a running one; plain tasks as every remote transport."""
-        run = fut._run
+        run = fut._att
         if isinstance(run, _Gang):
             if not run.reported:
                 self._fail_gang(run, P.R_CANCELLED, None, "the task was cancelled")

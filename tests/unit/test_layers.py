@@ -108,7 +108,7 @@ def test_no_import_cycle() -> None:
 
     def walk(m: str, path: list[str]) -> None:
         if m in path:
-            raise AssertionError("import cycle: " + " -> ".join(path[path.index(m):] + [m]))
+            raise AssertionError("import cycle: " + " -> ".join([*path[path.index(m):], m]))
         if m in done:
             return
         for n in sorted(graph[m]):
