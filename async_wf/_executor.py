@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from async_wf._api import Runtime, run
+from async_wf._api import Runtime, _mpi_launched, run
 from async_wf._errors import RuntimeClosedError
 from async_wf._futures import TaskFuture, collect, replace_in
 
@@ -88,6 +88,17 @@ def _started(t: TaskFuture[Any]) -> bool:
     return t._sched._transport.started(t)
 
 
+def _on_mpi_ranks(options: dict[str, Any]) -> bool:
+    """Whether an executor with these options runs on the worker ranks of an MPI launch."""
+    if any(k in options for k in ("transport", "workers", "listen")) or not _mpi_launched():
+        return False
+    if "initializer" in options:
+        raise NotImplementedError(
+            "initializer= is not supported on MPI worker ranks yet: call it at the start of "
+            "the task function, or pass workers=N for worker processes")
+    return True
+
+
 def _as_task(f: ExecutorFuture) -> TaskFuture[Any]:
     t = f._task
     if t is None:
@@ -96,6 +107,136 @@ def _as_task(f: ExecutorFuture) -> TaskFuture[Any]:
             "(another executor's, or cancelled before it started)"
         )
     return t
+
+
+class _Service:
+    """An executor's runtime on its loop thread: the inbox of calls, start and stop.
+
+    Apart from the ``Executor`` so that the thread refers only to this, and
+    an executor the program drops is collected (and shuts its service down).
+    """
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.inbox: collections.deque[tuple[Any, ...]] = collections.deque()
+        self.lock = threading.Lock()
+        self.closed = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.started = threading.Event()
+        self.stop: asyncio.Event | None = None
+        self.start_error: BaseException | None = None
+        self.cancel_on_close = False
+        self.thread = threading.Thread(target=self.main, name="async_wf-executor", daemon=True)
+
+    def start(self) -> None:
+        """Start the loop thread and the runtime on it; wait until it runs.
+
+        Raises:
+            RuntimeError: the runtime failed to start (its error as the cause).
+        """
+        self.thread.start()
+        _live.add(self)
+        self.started.wait()
+        if self.start_error is not None:
+            _live.discard(self)
+            raise RuntimeError("the executor's runtime failed to start") from self.start_error
+
+    def main(self) -> None:
+        """The loop thread: run the runtime until shutdown."""
+        async def body() -> None:
+            try:
+                self.loop = asyncio.get_running_loop()
+                self.stop = asyncio.Event()
+                await self.rt.start()
+            except BaseException as exc:
+                self.start_error = exc
+                self.started.set()
+                return
+            self.started.set()
+            try:
+                await self.stop.wait()
+            finally:
+                sched = self.rt._sched
+                if self.cancel_on_close and sched is not None:
+                    # as concurrent.futures does: cancel what has not started
+                    # and let the running tasks finish. What the runtime held
+                    # at the call goes at once; the calls still in the inbox
+                    # are handed over first and the free threads get a moment
+                    # to take theirs, as a pool's threads take work at submit
+                    _cancel_unstarted(sched)
+                    self.drain()
+                    await asyncio.sleep(_TAKE_MOMENT)
+                    _cancel_unstarted(sched)
+                else:
+                    self.drain()
+                await self.rt.close()
+
+        try:
+            run(body())
+        finally:
+            _live.discard(self)
+
+    def drain(self) -> None:
+        """Submit the calls of the inbox to the runtime (on the loop)."""
+        with self.lock:
+            items = list(self.inbox)
+            self.inbox.clear()
+        rt = self.rt
+        for cfut, fn, args, kwargs in items:
+            # left PENDING (see ExecutorFuture): cancel() works until the task starts
+            if cfut.cancelled():
+                continue
+            try:
+                found: list[ExecutorFuture] = []
+                if collect(args, ExecutorFuture, found):
+                    args = replace_in(args, ExecutorFuture, _as_task)
+                if collect(kwargs, ExecutorFuture, found):
+                    kwargs = replace_in(kwargs, ExecutorFuture, _as_task)
+                tf = rt.submit(fn, *args, **kwargs)
+            except BaseException as exc:
+                cfut.set_exception(exc)
+                continue
+            cfut._loop = self.loop
+            cfut._task = tf
+            tf.add_done_callback(_Relay(cfut))
+
+    def submit(self, fn: Callable[..., Any], args: Any, kwargs: Any) -> ExecutorFuture:
+        """Queue one call for the loop; its future at once."""
+        fut = ExecutorFuture()
+        with self.lock:
+            if _interpreter_exiting:
+                # the standard library's words
+                raise RuntimeClosedError("cannot schedule new futures after interpreter shutdown")
+            if self.closed:
+                raise RuntimeClosedError("cannot submit after shutdown")
+            wake = not self.inbox
+            self.inbox.append((fut, fn, args, kwargs))
+        if wake:
+            loop = self.loop
+            assert loop is not None
+            loop.call_soon_threadsafe(self.drain)
+        return fut
+
+    def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        """Stop taking calls, stop the runtime once its tasks are over; join if ``wait``."""
+        with self.lock:
+            again = self.closed
+            self.closed = True
+        if again:
+            # joined outside the lock: the loop thread takes it to drain the inbox
+            if wait and self.thread.ident is not None \
+                    and self.thread is not threading.current_thread():
+                self.thread.join()
+            return
+        self.cancel_on_close = cancel_futures
+        loop = self.loop
+        stop = self.stop
+        if loop is not None and stop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop has already stopped
+                loop.call_soon_threadsafe(stop.set)
+        if wait and self.thread.ident is not None \
+                and self.thread is not threading.current_thread():
+            self.thread.join()
 
 
 class Executor(cf.Executor):
@@ -117,11 +258,14 @@ class Executor(cf.Executor):
     listed in the README.
 
     Args:
-        max_workers: threads for blocking functions (``Runtime(threads=...)``).
+        max_workers: threads for blocking functions (``Runtime(threads=...)``);
+            under ``python -m async_wf.mpi``, how many worker ranks to use
+            (default: all), as ``MPIPoolExecutor(max_workers=...)``.
         initializer: called with ``initargs`` once in each thread, or in each
             worker process with ``workers=N``; if it raises, the tasks fail
             with ``BrokenThreadPool`` (threads) or the executor does not
-            start (processes).
+            start (processes). Not on MPI worker ranks yet
+            (``NotImplementedError``).
         initargs: the arguments of ``initializer``.
         max_tasks_per_child: not supported yet (``NotImplementedError``).
         **runtime_options: passed on to ``Runtime``.
@@ -155,76 +299,18 @@ class Executor(cf.Executor):
             if max_workers < 1:
                 # the standard library's words, and the value
                 raise ValueError(f"max_workers must be greater than 0, got {max_workers}")
-        self._rt = Runtime(threads=max_workers, **runtime_options)
-        self._inbox: collections.deque[tuple[Any, ...]] = collections.deque()
-        self._lock = threading.Lock()
-        self._shutdown = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._started = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._start_error: BaseException | None = None
-        self._cancel_on_close = False
-        self._thread = threading.Thread(target=self._main, name="async_wf-executor", daemon=True)
-        self._thread.start()
-        _live.add(self)
-        self._started.wait()
-        if self._start_error is not None:
-            raise RuntimeError("the executor's runtime failed to start") from self._start_error
+        if _on_mpi_ranks(runtime_options):
+            from async_wf.transport.mpi import MpiTransport
 
-    # ----------------------------------------------------------- loop thread
-    def _main(self) -> None:
-        async def body() -> None:
-            try:
-                self._loop = asyncio.get_running_loop()
-                self._stop = asyncio.Event()
-                await self._rt.start()
-            except BaseException as exc:
-                self._start_error = exc
-                self._started.set()
-                return
-            self._started.set()
-            try:
-                await self._stop.wait()
-            finally:
-                sched = self._rt._sched
-                if self._cancel_on_close and sched is not None:
-                    # as concurrent.futures does: cancel what has not started
-                    # and let the running tasks finish. What the runtime held
-                    # at the call goes at once; the calls still in the inbox
-                    # are handed over first and the free threads get a moment
-                    # to take theirs, as a pool's threads take work at submit
-                    _cancel_unstarted(sched)
-                    self._drain()
-                    await asyncio.sleep(_TAKE_MOMENT)
-                    _cancel_unstarted(sched)
-                else:
-                    self._drain()
-                await self._rt.close()
-
-        run(body())
-
-    def _drain(self) -> None:
-        with self._lock:
-            items = list(self._inbox)
-            self._inbox.clear()
-        rt = self._rt
-        for cfut, fn, args, kwargs in items:
-            # left PENDING (see ExecutorFuture): cancel() works until the task starts
-            if cfut.cancelled():
-                continue
-            try:
-                found: list[ExecutorFuture] = []
-                if collect(args, ExecutorFuture, found):
-                    args = replace_in(args, ExecutorFuture, _as_task)
-                if collect(kwargs, ExecutorFuture, found):
-                    kwargs = replace_in(kwargs, ExecutorFuture, _as_task)
-                tf = rt.submit(fn, *args, **kwargs)
-            except BaseException as exc:
-                cfut.set_exception(exc)
-                continue
-            cfut._loop = self._loop
-            cfut._task = tf
-            tf.add_done_callback(_Relay(cfut))
+            # as MPIPoolExecutor(max_workers=N): N of the job's worker ranks
+            runtime_options["transport"] = MpiTransport(ranks=max_workers)
+            max_workers = None
+        svc = self._svc = _Service(Runtime(threads=max_workers, **runtime_options))
+        self._rt = svc.rt
+        # an executor dropped without shutdown() lets its runtime go (its
+        # tasks still finish): the service's thread holds no reference to it
+        weakref.finalize(self, svc.shutdown, False, False)
+        svc.start()
 
     # ---------------------------------------------------------------- caller
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> ExecutorFuture:
@@ -236,20 +322,7 @@ class Executor(cf.Executor):
         """
         if not callable(fn):
             raise TypeError(f"submit needs a callable, got {type(fn).__name__}: {fn!r}")
-        fut = ExecutorFuture()
-        with self._lock:
-            if _interpreter_exiting:
-                # the standard library's words
-                raise RuntimeClosedError("cannot schedule new futures after interpreter shutdown")
-            if self._shutdown:
-                raise RuntimeClosedError("cannot submit after shutdown")
-            wake = not self._inbox
-            self._inbox.append((fut, fn, args, kwargs))
-        if wake:
-            loop = self._loop
-            assert loop is not None
-            loop.call_soon_threadsafe(self._drain)
-        return fut
+        return self._svc.submit(fn, args, kwargs)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks; with ``wait``, return when all have finished.
@@ -258,22 +331,7 @@ class Executor(cf.Executor):
             wait: block until the runtime has stopped.
             cancel_futures: cancel every task that has not started.
         """
-        with self._lock:
-            again = self._shutdown
-            self._shutdown = True
-        if again:
-            # joined outside the lock: the loop thread takes it to drain the inbox
-            if wait:
-                self._thread.join()
-            return
-        self._cancel_on_close = cancel_futures
-        loop = self._loop
-        stop = self._stop
-        if loop is not None and stop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop has already stopped
-                loop.call_soon_threadsafe(stop.set)
-        if wait:
-            self._thread.join()
+        self._svc.shutdown(wait, cancel_futures)
 
     def map(self, fn: Callable[..., Any], *iterables: Any, timeout: float | None = None,
             chunksize: int = 1, unordered: bool = False) -> Iterator[Any]:
@@ -328,15 +386,15 @@ _TAKE_MOMENT = 0.005
 # as ThreadPoolExecutor and ProcessPoolExecutor do. The loop thread is a
 # daemon (an executor dropped without shutdown must not keep a program
 # alive after its main thread ends with an error), so the wait is explicit.
-_live: weakref.WeakSet[Executor] = weakref.WeakSet()
+_live: set[_Service] = set()
 _interpreter_exiting = False
 
 
 def _at_exit() -> None:
     global _interpreter_exiting
     _interpreter_exiting = True
-    for ex in list(_live):
-        ex.shutdown(wait=True)
+    for svc in list(_live):
+        svc.shutdown(True, False)
 
 
 # run before the interpreter stops daemon threads (concurrent.futures does the same)

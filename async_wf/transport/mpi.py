@@ -132,6 +132,8 @@ class MpiTransport(RemoteTransport):
         compress_min: lz4 threshold for buffers (0: never); MPI on one node
             moves memory faster than lz4 compresses it, hence off by default.
         comm_cache: how many sets of ranks keep their communicator.
+        ranks: use only the first this many worker ranks (default: all);
+            ``Executor(max_workers=N)`` sets it, as ``MPIPoolExecutor`` does.
 
     Raises:
         RuntimeError: not inside an MPI launch (see above).
@@ -148,6 +150,7 @@ class MpiTransport(RemoteTransport):
         async_limit: int = 4096,
         compress_min: int = 0,
         comm_cache: int = 64,
+        ranks: int | None = None,
     ) -> None:
         for name, value, low in (("prefetch", prefetch, 1), ("async_limit", async_limit, 1),
                                  ("compress_min", compress_min, 0),
@@ -167,6 +170,13 @@ class MpiTransport(RemoteTransport):
                     "async_wf.mpi.run(main) on every rank"
                 )
         self.session = session
+        n = len(session.workers)
+        if ranks is not None and (isinstance(ranks, bool) or not isinstance(ranks, int)
+                                  or not 1 <= ranks <= n):
+            raise ValueError(f"ranks must be an int from 1 to the job's {n} worker rank(s) "
+                             f"(mpiexec -n {n + 1}), got {ranks!r}")
+        #: the worker ranks this transport runs tasks on
+        self.ranks = session.workers[:ranks] if ranks is not None else list(session.workers)
         self._rids = _RIDS
         self._channel: MpiChannel | None = None
         self._gangq: list[tuple[int, int, TaskFuture[Any]]] = []
@@ -190,7 +200,7 @@ class MpiTransport(RemoteTransport):
         ch = MpiChannel(self.session.ctrl, loop, self._on_frames, self._on_error)
         self._channel = ch
         ch.start()
-        for rank in self.session.workers:
+        for rank in self.ranks:
             self._join(_Worker(_RankLink(ch, rank), rank, self.session.slots, 0,
                                f"rank {rank}", self._prefetch, self._async_limit))
 
@@ -200,7 +210,12 @@ class MpiTransport(RemoteTransport):
         Raises:
             ValueError: ``mpi`` exceeds the number of worker ranks.
         """
-        if mpi > len(self.session.workers):
+        if mpi > len(self.ranks):
+            if len(self.ranks) < len(self.session.workers):
+                raise ValueError(
+                    f"task {getattr(fn, '__qualname__', fn)!r} needs mpi={mpi} ranks but this "
+                    f"runtime uses {len(self.ranks)} of the job's {len(self.session.workers)} "
+                    f"worker ranks (ranks={len(self.ranks)})")
             raise ValueError(
                 f"task {getattr(fn, '__qualname__', fn)!r} needs mpi={mpi} ranks but this job "
                 f"has {len(self.session.workers)} worker rank(s) "
