@@ -442,3 +442,23 @@ def test_mpi4py_style_starmap_unordered_map_bootup_and_num_workers() -> None:
         assert sorted(got) == [0, 1, 2, 3, 4] and got != [0, 1, 2, 3, 4], got
     with Executor(workers=2) as ex:
         assert ex.num_workers == 2
+
+
+def test_an_executor_dropped_without_shutdown_stops_its_thread_after_its_tasks() -> None:
+    import gc
+    import time
+
+    before = {t for t in threading.enumerate() if t.name == "async_wf-executor"}
+    ex = Executor(max_workers=1)
+    fut = ex.submit(time.sleep, 0.2)
+    del ex
+    gc.collect()
+    # the task still finishes, then the loop thread ends
+    assert fut.result(timeout=10) is None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        left = {t for t in threading.enumerate() if t.name == "async_wf-executor"} - before
+        if not left:
+            break
+        time.sleep(0.05)
+    assert not left, left
