@@ -379,8 +379,31 @@ def test_a_failing_initializer_breaks_the_pool_as_the_standard_library_does() ->
 def test_constructor_names_what_the_user_passed() -> None:
     with pytest.raises(TypeError, match="initializer must be callable, got int"):
         Executor(initializer=3)  # type: ignore[arg-type]
-    with pytest.raises(NotImplementedError, match="max_tasks_per_child"):
-        Executor(workers=1, max_tasks_per_child=5)
+    with pytest.raises(ValueError, match="max_tasks_per_child must be >= 1, got 0"):
+        Executor(workers=1, max_tasks_per_child=0)
+    with pytest.raises(ValueError, match="max_tasks_per_child applies to worker processes"):
+        Executor(max_workers=2, max_tasks_per_child=5)
+
+
+def _pid(i: int) -> tuple[int, int]:
+    import os
+
+    return i, os.getpid()
+
+
+def test_max_tasks_per_child_replaces_each_worker_process_after_that_many_tasks() -> None:
+    # as ProcessPoolExecutor(max_tasks_per_child=3): a process runs at most
+    # 3 tasks, then a fresh one takes its place; nothing is lost or re-run
+    with Executor(workers=2, max_tasks_per_child=3) as ex:
+        got = list(ex.map(_pid, range(20)))
+        stats = ex.statistics()
+    assert [i for i, _ in got] == list(range(20))
+    per_pid: dict[int, int] = {}
+    for _, pid in got:
+        per_pid[pid] = per_pid.get(pid, 0) + 1
+    assert max(per_pid.values()) <= 3, per_pid
+    assert len(per_pid) >= 7, per_pid
+    assert stats["workers_lost"] == 0, stats
 
 
 # -------------------------- gaps found by the standard library's suite (17)
