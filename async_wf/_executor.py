@@ -254,7 +254,7 @@ class Executor(cf.Executor):
     executor still open when the interpreter exits waits for its tasks. The
     differences (a lost worker's tasks run again elsewhere instead of
     ``BrokenProcessPool``; futures as arguments are dependencies;
-    ``chunksize`` does not group calls; no ``max_tasks_per_child`` yet) are
+    ``chunksize`` does not group calls) are
     listed in the README.
 
     Args:
@@ -267,7 +267,8 @@ class Executor(cf.Executor):
             start (processes). Not on MPI worker ranks yet
             (``NotImplementedError``).
         initargs: the arguments of ``initializer``.
-        max_tasks_per_child: not supported yet (``NotImplementedError``).
+        max_tasks_per_child: with ``workers=N``, each worker process runs at
+            most this many tasks, then a fresh one takes its place.
         **runtime_options: passed on to ``Runtime``.
 
     Raises:
@@ -282,9 +283,15 @@ class Executor(cf.Executor):
             raise TypeError(f"initializer must be callable, got "
                             f"{type(initializer).__name__}: {initializer!r}")
         if max_tasks_per_child is not None:
-            raise NotImplementedError(
-                "max_tasks_per_child is not supported yet: worker processes live as long "
-                "as the executor (a lost one is replaced)")
+            if isinstance(max_tasks_per_child, bool) or not isinstance(max_tasks_per_child, int) \
+                    or max_tasks_per_child < 1:
+                # the standard library's words, and the value
+                raise ValueError(f"max_tasks_per_child must be >= 1, got {max_tasks_per_child!r}")
+            if not runtime_options.get("workers"):
+                raise ValueError(
+                    "max_tasks_per_child applies to worker processes: pass workers=N (as "
+                    "ProcessPoolExecutor; threads and MPI ranks are not replaced)")
+            runtime_options["max_tasks_per_child"] = max_tasks_per_child
         if initializer is not None:
             runtime_options["initializer"] = functools.partial(initializer, *initargs)
         workers = runtime_options.get("workers")

@@ -109,6 +109,7 @@ class _Sent(Attempt):
 class _Worker:
     __slots__ = (
         "async_limit",
+        "budget",
         "cancelling",
         "fids",
         "held",
@@ -154,9 +155,11 @@ class _Worker:
         # the rid of a task that was running when a worker was lost, sent here
         # alone: nothing else is sent until it ends (see _pick_alone)
         self.quarantine = 0
+        #: tasks it may still be given before it retires (max_tasks_per_child); -1: no limit
+        self.budget = -1
 
     def free(self, kind: int) -> int:
-        if self.quarantine:
+        if self.quarantine or self.budget == 0:
             return 0
         if kind == ASYNC:
             return self.async_limit - self.n_async
@@ -167,6 +170,8 @@ class _Worker:
         return self.thread_limit - self.n_thread
 
     def count(self, kind: int, delta: int) -> None:
+        if delta > 0 and self.budget > 0:
+            self.budget -= 1
         if kind == ASYNC:
             self.n_async += delta
             return
@@ -610,8 +615,14 @@ class RemoteTransport(Transport):
                 sent.stop_timer()
                 fut._att = None
             self._outcome(fut, status, value)
+        if w.budget == 0 and not w.inflight and not w.zombies:
+            self._retire(w)
         self._place_backlog()
         self._wake()
+
+    def _retire(self, w: _Worker) -> None:
+        """``w`` ran its ``budget`` of tasks, all over: replace it (subclasses that set one)."""
+        raise TypeError(f"{type(self).__name__} gives workers no budget")
 
     def _part_outcome(self, w: _Worker, owner: Any, status: int, value: Any) -> None:
         """The outcome of ``w``'s part of ``owner`` (a subclass that sends parts has it)."""
@@ -715,7 +726,7 @@ class RemoteTransport(Transport):
             out.add(id(f))
         return out
 
-    def _release(self, w: _Worker, exc: BaseException | None) -> bool:
+    def _release(self, w: _Worker, exc: BaseException | None, retired: bool = False) -> bool:
         """Forget a lost worker; its unfinished tasks go back to the ready queue.
 
         A task whose cancellation the worker had accepted is cancelled
@@ -730,7 +741,7 @@ class RemoteTransport(Transport):
         # statistics() sums the live links: keep what this one moved
         self.bytes_sent += w.stream.bytes_out
         self.bytes_received += w.stream.bytes_in
-        if self._closing:
+        if self._closing or retired:
             return True
         self.n_workers_lost += 1
         futs = [f for f in w.inflight.values() if not f.done()]

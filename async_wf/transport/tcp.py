@@ -89,6 +89,9 @@ class TcpTransport(RemoteTransport):
         initializer: called once in each worker process this transport
             starts, before it connects (pickled by value); a worker whose
             initializer raises exits, and the start fails.
+        max_tasks_per_child: a worker process this transport starts runs at
+            most this many tasks, then stops and a fresh one takes its place
+            (as ``ProcessPoolExecutor(max_tasks_per_child=)``); None: no limit.
         max_handshakes: connections allowed to be authenticating at once;
             more are closed on arrival (as are connections that would take
             the last descriptors below the process's RLIMIT_NOFILE), so
@@ -119,6 +122,7 @@ class TcpTransport(RemoteTransport):
         max_lost: int = 3,
         max_handshakes: int = 64,
         initializer: Callable[[], Any] | None = None,
+        max_tasks_per_child: int | None = None,
     ) -> None:
         for name, value, low in (("workers", workers, 0), ("slots", slots, 1),
                                  ("max_handshakes", max_handshakes, 1),
@@ -126,6 +130,11 @@ class TcpTransport(RemoteTransport):
                                  ("max_lost", max_lost, 1), ("compress_min", compress_min, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if max_tasks_per_child is not None and (
+                isinstance(max_tasks_per_child, bool) or not isinstance(max_tasks_per_child, int)
+                or max_tasks_per_child < 1):
+            raise ValueError(f"max_tasks_per_child must be >= 1, got {max_tasks_per_child!r}")
+        self._max_tasks = max_tasks_per_child
         for name, fvalue in (("heartbeat", heartbeat), ("no_worker_timeout", no_worker_timeout),
                              ("start_timeout", start_timeout)):
             if not (isinstance(fvalue, int | float) and fvalue > 0):
@@ -172,6 +181,7 @@ class TcpTransport(RemoteTransport):
         self._joined: asyncio.Event | None = None
         self._no_worker_since: float | None = None
         self.n_rejected = 0
+        self.n_retired = 0  # processes replaced after max_tasks_per_child tasks
         self._max_handshakes = max_handshakes
         self._handshaking: set[P.FrameStream] = set()
         self._fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -265,6 +275,8 @@ class TcpTransport(RemoteTransport):
             return None
         wid = next(self._wids)
         w = _Worker(stream, wid, slots, pid, name, self._prefetch, self._async_limit)
+        if self._max_tasks is not None and any(p.pid == pid for p in self._procs):
+            w.budget = self._max_tasks  # only the processes this transport replaces
         challenge.welcome(wid, self._heartbeat, self._max_frame)
         self._no_worker_since = None
         log.info("worker #%d %s (pid %d, %d slots) joined from %s", wid, name, pid, slots,
@@ -324,6 +336,23 @@ class TcpTransport(RemoteTransport):
             self._no_worker_since = time.monotonic()
         if not self._closing:
             self._replace(w)
+
+    def _retire(self, w: _Worker) -> None:
+        """``w`` ran its max_tasks_per_child: stop it and start a fresh process now.
+
+        Not a loss: not counted, not logged as one, and not held to the
+        respawn rate (a planned replacement is not a crash loop).
+        """
+        self._release(w, None, retired=True)
+        w.stream.send(P.raw_frame(P.SHUTDOWN))
+        proc = next((p for p in self._procs if p.pid == w.pid), None)
+        if proc is not None:
+            self._procs.remove(proc)
+            self._dying = [p for p in self._dying if p.poll() is None]
+            self._dying.append(proc)  # it exits on SHUTDOWN; reaped later
+        self.n_retired += 1
+        if not self._closing:
+            self._spawn(1)
 
     def _replace(self, w: _Worker) -> None:
         """Start a new worker process in place of ``w`` if ``w`` was one of ours.
@@ -404,6 +433,7 @@ class TcpTransport(RemoteTransport):
         return {
             "workers": len(self._workers),
             "workers_lost": self.n_workers_lost,
+            "workers_retired": self.n_retired,
             "connections_rejected": self.n_rejected,
             "connections_in_handshake": len(self._handshaking),
             "bytes_sent": sent,
