@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from types import FunctionType
 from typing import Any
 
 ON_FAILURE = ("fail", "cancel_successors", "ignore", "abort")
 _PRIO_LIMIT = 1 << 31
+
+# task kinds: how a transport must run the function (a number, as it travels
+# in TASKS frames and indexes the transports' per-kind tables)
+ASYNC = 0  # async def: a coroutine on an event loop
+THREAD = 1  # blocking function: a thread (or a worker's slot)
+INLINE = 2  # small function run directly on the scheduler's loop
+
+_CO_COROUTINE = inspect.CO_COROUTINE
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,3 +109,16 @@ class TaskOptions:
 
 
 DEFAULT_OPTIONS = TaskOptions()
+
+
+def kind_of(fn: Callable[..., Any], opts: TaskOptions) -> int:
+    """Return how ``fn`` must run with ``opts``: ASYNC, THREAD or INLINE."""
+    if type(fn) is FunctionType:
+        is_async = bool(fn.__code__.co_flags & _CO_COROUTINE)
+    else:
+        is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - an object with async __call__
+        )
+    if is_async:
+        return ASYNC
+    return INLINE if opts.inline else THREAD

@@ -9,7 +9,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
 
-from async_wf._options import TaskOptions
+from async_wf._options import ASYNC, TaskOptions, kind_of
 
 if TYPE_CHECKING:
     from async_wf._futures import TaskFuture
@@ -80,7 +80,6 @@ class TaskFunction(Generic[P, R]):
 
     def __init__(self, fn: Callable[P, R], opts: TaskOptions) -> None:
         from async_wf._program import ProgramTask
-        from async_wf._scheduler import ASYNC, kind_of
 
         if not callable(fn):
             raise TypeError(f"task needs a callable, got {type(fn).__name__}: {fn!r}")

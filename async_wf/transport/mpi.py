@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from async_wf import protocol as P
 from async_wf._errors import TaskTimeoutError, WorkerLostError
-from async_wf._scheduler import THREAD
+from async_wf._options import THREAD
 from async_wf.transport._remote import R_CANCELLED, R_ERROR, R_OK, RemoteTransport, _Worker
 
 if TYPE_CHECKING:
