@@ -4,6 +4,7 @@ timeouts, the on_failure policies, and what bad input is refused with."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import threading
 import time
@@ -24,6 +25,7 @@ from async_wf import (
     WorkflowAborted,
     task,
 )
+from async_wf._options import TaskOptionArgs, TaskOptions
 from async_wf.transport.local import LocalTransport
 
 # ----------------------------------------------------------------- helpers
@@ -470,6 +472,32 @@ def test_bad_runtime_options_are_refused() -> None:
         async_wf.Runtime(threads=2, transport=LocalTransport())
     with pytest.raises(TypeError, match="timeout must be a number of seconds, got '1'"):
         task(ident, timeout="1")  # type: ignore[call-overload]
+
+
+def test_the_declared_options_are_the_stored_ones() -> None:
+    declared = set(TaskOptionArgs.__annotations__)
+    stored = {f.name for f in dataclasses.fields(TaskOptions) if not f.name.startswith("_")}
+    assert declared == stored
+    # every option reaches TaskOptions under its own name, through task() and options()
+    opts: dict[str, Any] = {
+        "name": "n", "retries": 1, "timeout": 2.0, "on_failure": "ignore", "default": 5,
+        "priority": 3, "mpi": None, "mpi_gather": False, "version": "v",
+        "checkpoint": False, "key": ident, "inline": False, "binary": "prog",
+        "args": ["a", "{x}"]}
+    assert set(opts) == declared
+    for t in (task(ident, **opts), task(**opts)(ident), task(ident).options(**opts)):
+        got = t.task_options
+        assert {k: getattr(got, k) for k in opts} == {**opts, "args": ("a", "{x}")}
+        assert got._has_default
+
+
+def test_an_unknown_option_is_refused_by_name() -> None:
+    with pytest.raises(TypeError, match=r"^task\(\) got an unexpected keyword argument 'retires'$"):
+        task(ident, retires=2)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'retires'"):
+        task(retires=2)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'retires'"):
+        task(ident).options(retires=2)  # type: ignore[call-arg]
 
 
 def test_limits_of_options_are_accepted() -> None:
