@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from async_wf._errors import RuntimeClosedError
 from async_wf._futures import TaskFuture
+from async_wf._loop import mpi_launched, run
 from async_wf._scheduler import Scheduler
 from async_wf._task import closed, current_scheduler, find_scheduler, opened
 from async_wf.checkpoint._runtime import Checkpoint
@@ -195,7 +196,7 @@ class Runtime:
         if name is None and transport is None:
             # the default: the options say which, else the launch does
             name = "tcp" if tcp or tcp_options else (
-                "mpi" if threads is None and _mpi_launched() else "local")
+                "mpi" if threads is None and mpi_launched() else "local")
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, got "
                             f"{type(initializer).__name__}: {initializer!r}")
@@ -576,14 +577,6 @@ def _check_address(addr: str, what: str = "metrics") -> None:
         raise ValueError(f"{what} must be 'host:port' (port 0: any free one), got {addr!r}")
 
 
-def _mpi_launched() -> bool:
-    """Whether this is the root rank of an MPI launch (without importing mpi4py)."""
-    import sys
-
-    mod = sys.modules.get("async_wf.mpi")
-    return mod is not None and mod.current_session() is not None
-
-
 def _check_tcp_options(given: dict[str, Any]) -> None:
     """Refuse an option neither ``Runtime`` nor ``TcpTransport`` has, with the closest name."""
     import difflib
@@ -600,40 +593,3 @@ def _check_tcp_options(given: dict[str, Any]) -> None:
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else f"; the options are {known}"
         raise TypeError(f"Runtime() got an unknown option {name!r}{hint}")
-
-
-def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
-    """Run an async ``main()`` to completion on uvloop when installed, else asyncio.
-
-    On the root rank of an MPI launch (``python -m async_wf.mpi``), the loop
-    is an asyncio loop that polls MPI itself (see ``async_wf._mpi_channel``).
-
-    Args:
-        main: the coroutine, e.g. ``main()``.
-        debug: asyncio debug mode.
-
-    Raises:
-        RuntimeError: called from a running event loop.
-    """
-    # checked before a loop is made, as asyncio.run does: the Runner would
-    # otherwise fail again while closing its new loop
-    if asyncio._get_running_loop() is not None:
-        name = getattr(main, "__name__", None) or "main"
-        raise RuntimeError(
-            f"async_wf.run() cannot be called from a running event loop (a notebook, "
-            f"python -m asyncio, or async code): use 'await {name}()' there instead"
-        )
-    factory: Callable[[], asyncio.AbstractEventLoop] | None
-    if _mpi_launched():
-        from async_wf._mpi_channel import new_event_loop
-
-        factory = new_event_loop
-    else:
-        try:
-            import uvloop
-        except ImportError:
-            factory = None
-        else:
-            factory = uvloop.new_event_loop
-    with asyncio.Runner(debug=debug, loop_factory=factory) as runner:
-        return runner.run(main)

@@ -24,9 +24,10 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from async_wf._api import Runtime, run
+from async_wf._api import Runtime
 from async_wf._errors import RuntimeClosedError
 from async_wf._futures import TaskFuture, collect, replace_in
+from async_wf._loop import run
 from async_wf.transport.local import _QUEUED
 
 __all__ = ["Executor", "ExecutorFuture"]

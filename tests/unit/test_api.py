@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
 
 import async_wf
+import async_wf._api
+import async_wf._loop
 from async_wf import DependencyError, TaskFuture
 
 
@@ -176,6 +180,21 @@ def test_run_uses_uvloop_and_returns_the_result() -> None:
     loop_type, value = async_wf.run(main())
     assert loop_type is uvloop.Loop
     assert value == 42
+
+
+def test_the_loop_module_stands_below_the_api() -> None:
+    # a worker gets its loop from _loop.py: that module must not pull in the
+    # runtime (its async_wf imports: only the MPI loop, lazily)
+    tree = ast.parse(Path(async_wf._loop.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert {m for m in imported if m and m.startswith("async_wf")} == {"async_wf._mpi_channel"}
+    assert async_wf.run is async_wf._loop.run is async_wf._api.run
+
+    async def main() -> type:
+        return type(asyncio.get_running_loop())
+
+    assert async_wf._loop.run(main()) is uvloop.Loop
 
 
 def test_run_propagates_exceptions() -> None:
