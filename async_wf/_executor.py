@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from async_wf._api import Runtime
+from async_wf._api import Runtime, RuntimeStatistics
 from async_wf._errors import RuntimeClosedError
 from async_wf._futures import TaskFuture, collect, replace_in
 from async_wf._loop import run
@@ -318,7 +318,7 @@ class Executor(cf.Executor):
             return n
         return int(getattr(tr, "_max_threads", 1))
 
-    def statistics(self) -> dict[str, Any]:
+    def statistics(self) -> RuntimeStatistics:
         """The runtime's statistics (see ``Runtime.statistics``)."""
         return self._rt.statistics()
 

@@ -14,6 +14,7 @@ import async_wf
 import async_wf._api
 import async_wf._loop
 from async_wf import DependencyError, TaskFuture
+from async_wf._api import RuntimeStatistics
 
 
 def ident(x: Any) -> Any:
@@ -231,6 +232,20 @@ async def test_statistics_keys_and_types() -> None:
     assert isinstance(stats["tasks_per_s"], float)
     assert stats["tasks_per_s"] > 0
     assert stats["elapsed_s"] > 0
+
+
+@pytest.mark.parametrize("kind", ["local", "tcp"])
+async def test_statistics_has_the_declared_keys(kind: str, tmp_path: Path) -> None:
+    # RuntimeStatistics is what mypy sees: it must say what the runtime returns
+    opts: dict[str, Any] = {"workers": 1} if kind == "tcp" else {}
+    async with async_wf.Runtime(checkpoint=tmp_path / "ck", **opts) as rt:
+        await rt.submit(ident, 1)
+        stats = rt.statistics()
+    required = RuntimeStatistics.__required_keys__
+    assert required <= set(stats) <= required | RuntimeStatistics.__optional_keys__
+    assert "checkpoint_recorded" in stats
+    assert ("workers_lost" in stats) == (kind == "tcp")
+    assert stats["ready"] == stats["ready_queue"]
 
 
 async def test_statistics_after_close_still_answers() -> None:
