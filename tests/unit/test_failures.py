@@ -145,6 +145,43 @@ async def test_dependency_error_message_names_both_tasks() -> None:
             await root
 
 
+def raises_own_dependency_error(name: str) -> None:
+    # a task may raise DependencyError itself, even naming itself as the task
+    # that did not run and with a cause, as the runtime's errors have
+    try:
+        raise KeyError("inner")
+    except KeyError as e:
+        raise DependencyError(name, "elsewhere") from e
+
+
+async def test_a_dependency_error_a_task_raises_is_its_own_error() -> None:
+    attempts: list[str] = []
+
+    def flaky(name: str) -> None:
+        attempts.append(name)
+        raises_own_dependency_error(name)
+
+    async with async_wf.Runtime() as rt:
+        # retried as any exception of the task; its dependents, even those
+        # submitted after it failed, name it as the failed task
+        a = rt.submit(task(flaky, name="a", retries=1), "a")
+        with pytest.raises(DependencyError, match="upstream task 'elsewhere'"):
+            await a
+        assert attempts == ["a", "a"]
+        for dep in (rt.submit(ident, a), rt.submit(ident, rt.submit(ident, a))):
+            with pytest.raises(DependencyError, match="upstream task 'a' failed") as info:
+                await dep
+            assert info.value.__cause__ is a.exception()
+        # its on_failure policy holds for dependents submitted after it failed
+        b = rt.submit(task(raises_own_dependency_error, name="b",
+                           on_failure="cancel_successors"), "b")
+        with pytest.raises(DependencyError):
+            await b
+        late = rt.submit(ident, b)
+        with pytest.raises(asyncio.CancelledError, match="upstream task 'b' failed"):
+            await late
+
+
 # ------------------------------------------------------------------- retries
 
 
