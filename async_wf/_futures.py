@@ -60,6 +60,7 @@ class TaskFuture(asyncio.Future[_T]):
         "_t0",
         "_timed_out",
         "_timer",
+        "_unrun",
     )
 
     _sched: Scheduler
@@ -77,6 +78,9 @@ class TaskFuture(asyncio.Future[_T]):
     _timer: asyncio.TimerHandle | None
     _timed_out: bool
     _ignored: bool
+    # failed without running, with the DependencyError the scheduler made
+    # (not one the task raised: that is the task's own error)
+    _unrun: bool
     _lost: int
     _t0: float
     # only with an observer: when the current attempt was dispatched, or

@@ -222,6 +222,7 @@ class Scheduler:
         fut._timer = None
         fut._timed_out = False
         fut._ignored = False
+        fut._unrun = False
         fut._lost = 0
         fut._cancelling = False
         return fut
@@ -292,13 +293,11 @@ class Scheduler:
         if failed is not None:
             cause = failed.exception()
             upstream = failed.name
-            if (
-                isinstance(cause, DependencyError)
-                and cause.task == upstream
-                and cause.__cause__ is not None
-            ):
+            if failed._unrun:
                 # the input did not run either: name the task that failed and
-                # chain its exception, as the cascade in task_error does
+                # chain its exception, as the cascade in task_error does (a
+                # DependencyError the input raised itself is its own error)
+                assert isinstance(cause, DependencyError)
                 upstream = cause.upstream
                 cause = cause.__cause__
             elif failed._opts.on_failure == "cancel_successors":
@@ -310,6 +309,7 @@ class Scheduler:
             err.__cause__ = cause
             fut.set_exception(err)
             fut._log_traceback = False
+            fut._unrun = True
             self.n_failed += 1
         else:
             assert cancelled is not None
@@ -559,6 +559,7 @@ class Scheduler:
                 err.__cause__ = exc
                 sf.set_exception(err)
                 sf._log_traceback = False
+                sf._unrun = True
         if cancel:
             self.n_cancelled += len(succ)
         else:

@@ -180,6 +180,20 @@ async def test_a_dependency_error_a_task_raises_is_its_own_error() -> None:
         late = rt.submit(ident, b)
         with pytest.raises(asyncio.CancelledError, match="upstream task 'b' failed"):
             await late
+        # a task that re-raises the runtime's DependencyError of another task
+        # (awaited inside it, not an input) fails with it as its own error
+        unrun = rt.submit(task(ident, name="relay"), a)
+
+        async def relay() -> None:
+            await unrun
+
+        r = rt.submit(task(relay, name="relay"))
+        with pytest.raises(DependencyError) as info:
+            await r
+        assert info.value is unrun.exception()
+        with pytest.raises(DependencyError, match="upstream task 'relay' failed") as info:
+            await rt.submit(ident, r)
+        assert info.value.__cause__ is unrun.exception()
 
 
 # ------------------------------------------------------------------- retries
