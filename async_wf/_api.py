@@ -1,4 +1,4 @@
-"""The public face: Runtime, submit, gather, wait, as_completed, run."""
+"""The public face: Runtime, submit, gather, wait, as_completed (and run, from _loop)."""
 
 from __future__ import annotations
 
@@ -41,10 +41,11 @@ class _SchedulerStatistics(TypedDict):
 
 
 class RuntimeStatistics(_SchedulerStatistics, total=False):
-    """What ``Runtime.statistics()`` returns: the scheduler's counts (always there),
-    the transport's and the checkpoint log's (when they apply).
+    """What ``Runtime.statistics()`` returns, with the type of each value.
 
-    A transport of one's own may add keys of its own.
+    The scheduler's counts are always there; the transport's and the
+    checkpoint log's when they apply. A transport of one's own may add keys
+    of its own.
     """
 
     # TCP and MPI transports

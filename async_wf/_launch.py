@@ -70,8 +70,10 @@ def launch_defaults() -> dict[str, Any]:
 
 @dataclass(slots=True)
 class LaunchArgs:
-    """The options of one ``Runtime(...)`` call that the launch may fill in or that pick
-    its transport; see ``Runtime`` for their meaning."""
+    """The options of a ``Runtime(...)`` call that the launch fills in or that pick its transport.
+
+    See ``Runtime`` for their meaning; None is "not given".
+    """
 
     transport: Transport | Literal["local", "tcp", "mpi"] | None = None
     threads: int | None = None
