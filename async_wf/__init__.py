@@ -14,7 +14,7 @@ arguments become dependencies; ``await`` gives the result::
     async_wf.run(main())
 """
 
-from async_wf._api import Runtime, as_completed, current_runtime, gather, run, submit, wait
+from async_wf._api import Runtime, as_completed, current_runtime, gather, submit, wait
 from async_wf._context import TaskContext, task_context
 from async_wf._errors import (
     DependencyError,
@@ -28,6 +28,7 @@ from async_wf._errors import (
 )
 from async_wf._executor import Executor, ExecutorFuture
 from async_wf._futures import TaskFuture
+from async_wf._loop import run
 from async_wf._options import TaskOptions
 from async_wf._program import ProgramError, ProgramResult, run_program
 from async_wf._task import TaskFunction, task

@@ -1,70 +1,71 @@
-"""The public face: Runtime, submit, gather, wait, as_completed, run."""
+"""The public face: Runtime, submit, gather, wait, as_completed (and run, from _loop)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import json
-import logging
 import os
 import ssl as _ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, cast, overload
 
 from async_wf._errors import RuntimeClosedError
 from async_wf._futures import TaskFuture
+from async_wf._launch import LaunchArgs, choose_transport, fill_in_launch_defaults
+from async_wf._loop import run
 from async_wf._scheduler import Scheduler
 from async_wf._task import closed, current_scheduler, find_scheduler, opened
 from async_wf.checkpoint._runtime import Checkpoint
 from async_wf.transport import Transport
-from async_wf.transport.local import LocalTransport
 
 if TYPE_CHECKING:
     from async_wf.observe._events import Observer
 
 T = TypeVar("T")
 
-log = logging.getLogger("async_wf")
 
-#: set by ``async-wf run``: a JSON object of Runtime options that fill in
-#: what an application's own ``Runtime(...)`` leaves out
-DEFAULTS_ENV = "ASYNC_WF_DEFAULTS"
-_DEFAULT_TYPES: dict[str, type] = {
-    "workers": int, "threads": int, "checkpoint": str, "listen": str, "token_file": str,
-    "progress": bool, "metrics": str, "trace": str, "report": str,
-}
+class _SchedulerStatistics(TypedDict):
+    submitted: int
+    waiting: int
+    ready: int
+    running: int
+    finished: int
+    failed: int
+    cancelled: int
+    retried: int
+    reused: int
+    ready_queue: int  # the same as ready: the name of the Prometheus gauge
+    elapsed_s: float
+    tasks_per_s: float
+    core: str
 
 
-def launch_defaults() -> dict[str, Any]:
-    """The options ``async-wf run`` passes to every ``Runtime`` of the application.
+class RuntimeStatistics(_SchedulerStatistics, total=False):
+    """What ``Runtime.statistics()`` returns, with the type of each value.
 
-    Read from the environment variable ``ASYNC_WF_DEFAULTS`` (a JSON object
-    with any of ``workers``, ``threads``, ``checkpoint``, ``listen``,
-    ``token_file``, ``progress``, ``metrics``, ``trace``, ``report``); empty
-    when unset.
-
-    Raises:
-        ValueError: the variable is not such an object (the message gives
-            the rule and the value).
+    The scheduler's counts are always there; the transport's and the
+    checkpoint log's when they apply. A transport of one's own may add keys
+    of its own.
     """
-    text = os.environ.get(DEFAULTS_ENV)
-    if not text:
-        return {}
-    try:
-        opts = json.loads(text)
-    except ValueError:
-        opts = None
-    if not isinstance(opts, dict):
-        raise ValueError(f"{DEFAULTS_ENV} must be a JSON object of Runtime options, got {text!r}")
-    for k, v in opts.items():
-        want = _DEFAULT_TYPES.get(k)
-        if want is None or type(v) is not want:
-            raise ValueError(
-                f"{DEFAULTS_ENV}: option {k!r} must be one of "
-                f"{', '.join(f'{n} ({t.__name__})' for n, t in _DEFAULT_TYPES.items())}, "
-                f"got {v!r}"
-            )
-    return opts
+
+    # TCP and MPI transports
+    workers: int
+    bytes_sent: int
+    bytes_received: int
+    # TCP
+    workers_lost: int
+    connections_rejected: int
+    connections_in_handshake: int
+    # MPI
+    mpi_tasks: int
+    mpi_tasks_aborted: int
+    mpi_polls: int
+    # with a checkpoint log
+    checkpoint_recorded: int
+    checkpoint_unusable: int
+    checkpoint_records: int
+    checkpoint_found: int
+
 
 __all__ = ["Runtime", "as_completed", "current_runtime", "gather", "run", "submit", "wait"]
 
@@ -133,7 +134,7 @@ class Runtime:
 
     Under ``async-wf run --workers/--threads/--checkpoint`` (and
     ``--progress/--metrics/--trace/--report``), those options
-    fill in what the call leaves out (see ``launch_defaults``); an option the
+    fill in what the call leaves out (see ``_launch.launch_defaults``); an option the
     application gives itself wins, and a transport it chooses itself keeps
     the command line's transport options out.
 
@@ -161,75 +162,15 @@ class Runtime:
         initializer: Callable[[], Any] | None = None,
         **tcp_options: Any,
     ) -> None:
-        defaults = launch_defaults()
-        if defaults:
-            if progress is None:
-                progress = defaults.get("progress")
-            metrics = metrics if metrics is not None else defaults.get("metrics")
-            trace = trace if trace is not None else defaults.get("trace")
-            report = report if report is not None else defaults.get("report")
-            chose = (transport is not None or workers is not None or threads is not None
-                     or listen is not None or token_file is not None or ssl is not None
-                     or bool(tcp_options))
-            if not chose:
-                workers = defaults.get("workers")
-                threads = defaults.get("threads")
-                listen = defaults.get("listen")
-                token_file = defaults.get("token_file")
-            elif any(k in defaults for k in ("workers", "threads", "listen", "token_file")):
-                log.warning("the application chooses its own transport: the --workers, "
-                            "--threads, --listen or --token-file of async-wf run do not "
-                            "apply to this Runtime")
-            if checkpoint is None:
-                checkpoint = defaults.get("checkpoint")
-        if tcp_options:
-            _check_tcp_options(tcp_options)
-        tcp = workers is not None or listen is not None or token_file is not None or ssl is not None
-        name = transport if isinstance(transport, str) else None
-        if transport is not None and name is None and (
-                tcp or tcp_options or threads is not None or initializer is not None):
-            raise ValueError("give transport= alone, or the options of a built-in transport")
-        if name is not None and name not in ("local", "tcp", "mpi"):
-            raise ValueError(f"transport must be 'local', 'tcp', 'mpi' or a Transport, "
-                             f"got {name!r}")
-        if name is None and transport is None:
-            # the default: the options say which, else the launch does
-            name = "tcp" if tcp or tcp_options else (
-                "mpi" if threads is None and _mpi_launched() else "local")
-        if initializer is not None and not callable(initializer):
-            raise TypeError(f"initializer must be callable, got "
-                            f"{type(initializer).__name__}: {initializer!r}")
-        if name == "mpi":
-            if initializer is not None:
-                raise ValueError("initializer= is not supported with transport='mpi' yet")
-            if tcp or tcp_options or threads is not None:
-                raise ValueError("transport='mpi' takes no options of the local or TCP "
-                                 "transports (worker slots are set at launch: --slots)")
-            from async_wf.transport.mpi import MpiTransport
-
-            transport = MpiTransport()
-        elif name == "tcp":
-            if threads is not None:
-                raise ValueError(
-                    "threads= applies to in-process execution; with workers use slots="
-                )
-            from async_wf.transport.tcp import TcpTransport
-
-            transport = TcpTransport(
-                workers=0 if workers is None else workers,
-                listen=listen,
-                token_file=token_file,
-                ssl=ssl,
-                initializer=initializer,
-                **tcp_options,
-            )
-        elif name == "local":
-            if tcp or tcp_options:
-                raise ValueError("transport='local' takes no options of the TCP transport")
-            transport = LocalTransport(threads, initializer)
-        assert transport is not None and not isinstance(transport, str)
-        self._transport: Transport = transport
+        args = LaunchArgs(
+            transport=transport, threads=threads, workers=workers, listen=listen,
+            token_file=token_file, ssl=ssl, initializer=initializer, tcp_options=tcp_options,
+            checkpoint=checkpoint, progress=progress, metrics=metrics, trace=trace,
+            report=report)
+        fill_in_launch_defaults(args)
+        self._transport: Transport = choose_transport(args, Runtime.__init__)
         self._wait_on_exit = wait_on_exit
+        checkpoint = args.checkpoint
         if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
             if not isinstance(checkpoint, str | os.PathLike):
                 raise TypeError(f"checkpoint must be a path or a Checkpoint, got "
@@ -238,12 +179,12 @@ class Runtime:
         self._checkpoint = checkpoint
         from async_wf.observe._events import ObserveOptions
 
-        if metrics is not None:
-            _check_address(metrics)
+        if args.metrics is not None:
+            _check_address(args.metrics)
         self._observe = ObserveOptions(
-            progress=bool(progress), metrics=metrics,
-            trace=None if trace is None else os.fspath(trace),
-            report=None if report is None else os.fspath(report), dag=bool(dag))
+            progress=bool(args.progress), metrics=args.metrics,
+            trace=None if args.trace is None else os.fspath(args.trace),
+            report=None if args.report is None else os.fspath(args.report), dag=bool(dag))
         self._observer: Observer | None = None
         self._sched: Scheduler | None = None
         self._tokens: tuple[contextvars.Token[Any], contextvars.Token[Any]] | None = None
@@ -415,26 +356,30 @@ class Runtime:
         """
         await self._scheduler().wait_idle()
 
-    def statistics(self) -> dict[str, Any]:
+    def statistics(self) -> RuntimeStatistics:
         """Counts and rates of this runtime.
 
         Returns:
             A dict with ``submitted``, ``waiting``, ``ready``, ``running``,
             ``finished``, ``failed``, ``cancelled``, ``retried``, ``reused``
             (tasks resolved from the checkpoint log without running),
-            ``ready_queue`` (ready-queue length), ``elapsed_s``, ``tasks_per_s``
-            (finished tasks per second since start) and ``core`` ("cython" or
-            "python"); with a checkpoint log also ``checkpoint_recorded``
-            (results appended by this run), ``checkpoint_unusable``,
-            ``checkpoint_records`` (results in the log) and
-            ``checkpoint_found`` (results it held when the run started).
+            ``ready_queue`` (ready-queue length, the same as ``ready``),
+            ``elapsed_s``, ``tasks_per_s`` (finished tasks per second since
+            start) and ``core`` ("cython" or "python"); the transport's
+            counters (``workers``, ``bytes_sent``, ...); with a checkpoint
+            log also ``checkpoint_recorded`` (results appended by this run),
+            ``checkpoint_unusable``, ``checkpoint_records`` (results in the
+            log) and ``checkpoint_found`` (results it held when the run
+            started). ``RuntimeStatistics`` lists them with their types.
         """
-        stats = self._scheduler().statistics()
+        sched = self._scheduler()
+        stats = sched.statistics()
         stats.update(self._transport.statistics())
-        ck = self._sched._ckpt if self._sched is not None else None
+        ck = sched._ckpt
         if ck is not None:
             stats.update(ck.statistics())
-        return stats
+        # the three parts are declared in RuntimeStatistics; a test keeps them so
+        return cast("RuntimeStatistics", stats)
 
     def dag(self, path: str | os.PathLike[str]) -> None:
         """Write the graph of the tasks submitted so far to ``path`` in Graphviz DOT.
@@ -574,66 +519,3 @@ def _check_address(addr: str, what: str = "metrics") -> None:
     _host, sep, port = addr.removeprefix("tcp://").rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"{what} must be 'host:port' (port 0: any free one), got {addr!r}")
-
-
-def _mpi_launched() -> bool:
-    """Whether this is the root rank of an MPI launch (without importing mpi4py)."""
-    import sys
-
-    mod = sys.modules.get("async_wf.mpi")
-    return mod is not None and mod.current_session() is not None
-
-
-def _check_tcp_options(given: dict[str, Any]) -> None:
-    """Refuse an option neither ``Runtime`` nor ``TcpTransport`` has, with the closest name."""
-    import difflib
-    import inspect
-
-    from async_wf.transport.tcp import TcpTransport
-
-    tcp = set(inspect.signature(TcpTransport.__init__).parameters) - {"self"}
-    for name in given:
-        if name in tcp:
-            continue
-        known = sorted(tcp | set(inspect.signature(Runtime.__init__).parameters)
-                       - {"self", "tcp_options"})
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; the options are {known}"
-        raise TypeError(f"Runtime() got an unknown option {name!r}{hint}")
-
-
-def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
-    """Run an async ``main()`` to completion on uvloop when installed, else asyncio.
-
-    On the root rank of an MPI launch (``python -m async_wf.mpi``), the loop
-    is an asyncio loop that polls MPI itself (see ``async_wf._mpi_channel``).
-
-    Args:
-        main: the coroutine, e.g. ``main()``.
-        debug: asyncio debug mode.
-
-    Raises:
-        RuntimeError: called from a running event loop.
-    """
-    # checked before a loop is made, as asyncio.run does: the Runner would
-    # otherwise fail again while closing its new loop
-    if asyncio._get_running_loop() is not None:
-        name = getattr(main, "__name__", None) or "main"
-        raise RuntimeError(
-            f"async_wf.run() cannot be called from a running event loop (a notebook, "
-            f"python -m asyncio, or async code): use 'await {name}()' there instead"
-        )
-    factory: Callable[[], asyncio.AbstractEventLoop] | None
-    if _mpi_launched():
-        from async_wf._mpi_channel import new_event_loop
-
-        factory = new_event_loop
-    else:
-        try:
-            import uvloop
-        except ImportError:
-            factory = None
-        else:
-            factory = uvloop.new_event_loop
-    with asyncio.Runner(debug=debug, loop_factory=factory) as runner:
-        return runner.run(main)

@@ -24,9 +24,10 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from async_wf._api import Runtime, _mpi_launched, run
+from async_wf._api import Runtime, RuntimeStatistics
 from async_wf._errors import RuntimeClosedError
 from async_wf._futures import TaskFuture, collect, replace_in
+from async_wf._loop import mpi_launched, run
 
 __all__ = ["Executor", "ExecutorFuture"]
 
@@ -90,7 +91,7 @@ def _started(t: TaskFuture[Any]) -> bool:
 
 def _on_mpi_ranks(options: dict[str, Any]) -> bool:
     """Whether an executor with these options runs on the worker ranks of an MPI launch."""
-    if any(k in options for k in ("transport", "workers", "listen")) or not _mpi_launched():
+    if any(k in options for k in ("transport", "workers", "listen")) or not mpi_launched():
         return False
     if "initializer" in options:
         raise NotImplementedError(
@@ -380,7 +381,7 @@ class Executor(cf.Executor):
             return n
         return int(getattr(tr, "_max_threads", 1))
 
-    def statistics(self) -> dict[str, Any]:
+    def statistics(self) -> RuntimeStatistics:
         """The runtime's statistics (see ``Runtime.statistics``)."""
         return self._rt.statistics()
 

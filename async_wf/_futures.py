@@ -57,6 +57,7 @@ class TaskFuture(asyncio.Future[_T]):
         "_opts",
         "_sched",
         "_subst",
+        "_unrun",
     )
 
     _sched: Scheduler
@@ -74,6 +75,9 @@ class TaskFuture(asyncio.Future[_T]):
     # timeout timer), of the transport's own type; None while not dispatched
     _att: Any
     _ignored: bool
+    # failed without running, with the DependencyError the scheduler made
+    # (not one the task raised: that is the task's own error)
+    _unrun: bool
     _lost: int  # workers lost while it ran on them (remote transports)
     # only with an observer: when the current attempt was dispatched, or
     # (start, end, lane) once the transport says when it ran

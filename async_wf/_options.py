@@ -2,19 +2,60 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from types import FunctionType
+from typing import Any, TypedDict
 
 ON_FAILURE = ("fail", "cancel_successors", "ignore", "abort")
 _PRIO_LIMIT = 1 << 31
 
+# task kinds: how a transport must run the function (a number, as it travels
+# in TASKS frames and indexes the transports' per-kind tables)
+ASYNC = 0  # async def: a coroutine on an event loop
+THREAD = 1  # blocking function: a thread (or a worker's slot)
+INLINE = 2  # small function run directly on the scheduler's loop
+
+_CO_COROUTINE = inspect.CO_COROUTINE
+
+
+class TaskOptionArgs(TypedDict, total=False):
+    """The keyword options of ``@task`` and ``TaskFunction.options``, with their types.
+
+    This is the one list of task options that callers see: ``task`` and
+    ``options`` take ``**options: Unpack[TaskOptionArgs]``, so mypy checks
+    each option's name and type, and ``TaskOptions`` stores each under the
+    same name (its fields add the defaults and the rules). Adding an option
+    means a key here, a field there (a test keeps the two alike) and its
+    rule in ``TaskOptions.__post_init__``; its meaning goes in ``task``'s
+    docstring.
+    """
+
+    name: str | None
+    retries: int
+    timeout: float | None
+    on_failure: str
+    default: Any
+    priority: int
+    inline: bool
+    mpi: int | None
+    mpi_gather: bool
+    binary: str | None
+    args: Sequence[str] | None
+    checkpoint: bool
+    version: str | None
+    key: Callable[..., Any] | None
+
 
 @dataclass(frozen=True, slots=True)
 class TaskOptions:
-    """Options of a task; see ``async_wf.task`` for their meaning."""
+    """Options of a task; see ``async_wf.task`` for their meaning.
+
+    Built from ``TaskOptionArgs`` by field name (``from_args``, ``merged``).
+    """
 
     name: str | None = None
     retries: int = 0
@@ -91,6 +132,24 @@ class TaskOptions:
                 f"got on_failure={self.on_failure!r}"
             )
 
+    @classmethod
+    def from_args(cls, options: Mapping[str, Any], caller: str) -> TaskOptions:
+        """Return the options ``options`` (keyword options given to ``caller``), validated.
+
+        Raises:
+            TypeError: a key is not an option; the message is Python's own for
+                an unknown keyword argument of ``caller``.
+            ValueError: an option value breaks its rule.
+        """
+        for k in options:
+            if k not in _OPTION_NAMES:
+                raise TypeError(f"{caller}() got an unexpected keyword argument {k!r}")
+        changes = dict(options)
+        args = changes.get("args")
+        if args is not None:
+            changes["args"] = tuple(args)
+        return DEFAULT_OPTIONS.merged(**changes)
+
     def merged(self, **changes: Any) -> TaskOptions:
         """Return a copy with ``changes`` applied and validated."""
         if "default" in changes:
@@ -99,3 +158,17 @@ class TaskOptions:
 
 
 DEFAULT_OPTIONS = TaskOptions()
+_OPTION_NAMES = frozenset(TaskOptionArgs.__annotations__)
+
+
+def kind_of(fn: Callable[..., Any], opts: TaskOptions) -> int:
+    """Return how ``fn`` must run with ``opts``: ASYNC, THREAD or INLINE."""
+    if type(fn) is FunctionType:
+        is_async = bool(fn.__code__.co_flags & _CO_COROUTINE)
+    else:
+        is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - an object with async __call__
+        )
+    if is_async:
+        return ASYNC
+    return INLINE if opts.inline else THREAD

@@ -31,11 +31,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import inspect
 import logging
 import time
 from collections.abc import Callable
-from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
 from async_wf import core as _corepick
@@ -43,7 +41,7 @@ from async_wf._context import TaskContext, call_on_loop
 from async_wf._errors import DependencyError, RuntimeClosedError, WorkflowAborted
 from async_wf._files import FileOrder
 from async_wf._futures import RecordedFuture, TaskFuture, _fn_name, collect, replace_in
-from async_wf._options import DEFAULT_OPTIONS, TaskOptions
+from async_wf._options import DEFAULT_OPTIONS, TaskOptions, kind_of
 from async_wf._task import TaskFunction
 from async_wf.checkpoint._keys import FileArg, files_in_use
 
@@ -54,27 +52,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("async_wf")
 
-# task kinds: how a transport must run the function
-ASYNC = 0  # async def: a coroutine on an event loop
-THREAD = 1  # blocking function: a thread (or a worker's slot)
-INLINE = 2  # small function run directly on the scheduler's loop
-
-_CO_COROUTINE = inspect.CO_COROUTINE
 _OPEN, _CLOSING, _CLOSED, _ABORTED = range(4)
 _CANCEL_GRACE = 2.0  # seconds a cancelling close waits for cancelled work to report
-
-
-def kind_of(fn: Callable[..., Any], opts: TaskOptions) -> int:
-    """Return how ``fn`` must run: ASYNC, THREAD or INLINE."""
-    if type(fn) is FunctionType:
-        is_async = bool(fn.__code__.co_flags & _CO_COROUTINE)
-    else:
-        is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-            getattr(fn, "__call__", None)  # noqa: B004 - an object with async __call__
-        )
-    if is_async:
-        return ASYNC
-    return INLINE if opts.inline else THREAD
 
 
 def _value(fut: TaskFuture[Any]) -> Any:
@@ -241,6 +220,7 @@ class Scheduler:
         fut._attempt = 1
         fut._att = None
         fut._ignored = False
+        fut._unrun = False
         fut._lost = 0
         fut._cancelling = False
         return fut
@@ -311,13 +291,11 @@ class Scheduler:
         if failed is not None:
             cause = failed.exception()
             upstream = failed.name
-            if (
-                isinstance(cause, DependencyError)
-                and cause.task == upstream
-                and cause.__cause__ is not None
-            ):
+            if failed._unrun:
                 # the input did not run either: name the task that failed and
-                # chain its exception, as the cascade in task_error does
+                # chain its exception, as the cascade in task_error does (a
+                # DependencyError the input raised itself is its own error)
+                assert isinstance(cause, DependencyError)
                 upstream = cause.upstream
                 cause = cause.__cause__
             elif failed._opts.on_failure == "cancel_successors":
@@ -329,6 +307,7 @@ class Scheduler:
             err.__cause__ = cause
             fut.set_exception(err)
             fut._log_traceback = False
+            fut._unrun = True
             self.n_failed += 1
         else:
             assert cancelled is not None
@@ -578,6 +557,7 @@ class Scheduler:
                 err.__cause__ = exc
                 sf.set_exception(err)
                 sf._log_traceback = False
+                sf._unrun = True
         if cancel:
             self.n_cancelled += len(succ)
         else:

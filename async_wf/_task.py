@@ -6,10 +6,10 @@ import asyncio
 import contextvars
 import functools
 import weakref
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, Unpack, cast, overload
 
-from async_wf._options import TaskOptions
+from async_wf._options import ASYNC, TaskOptionArgs, TaskOptions, kind_of
 
 if TYPE_CHECKING:
     from async_wf._futures import TaskFuture
@@ -80,7 +80,6 @@ class TaskFunction(Generic[P, R]):
 
     def __init__(self, fn: Callable[P, R], opts: TaskOptions) -> None:
         from async_wf._program import ProgramTask
-        from async_wf._scheduler import ASYNC, kind_of
 
         if not callable(fn):
             raise TypeError(f"task needs a callable, got {type(fn).__name__}: {fn!r}")
@@ -106,7 +105,7 @@ class TaskFunction(Generic[P, R]):
         """The options this task is submitted with."""
         return self._opts
 
-    def options(self, **changes: Any) -> TaskFunction[P, R]:
+    def options(self, **changes: Unpack[TaskOptionArgs]) -> TaskFunction[P, R]:
         """Return the same task with some options changed, e.g. ``f.options(retries=3)``.
 
         Raises:
@@ -143,75 +142,18 @@ class TaskFunction(Generic[P, R]):
         return f"<async_wf task {getattr(self._fn, '__qualname__', self._fn)!r} {self._opts}>"
 
 
-_UNSET: Any = object()
-
-
-@overload
-def task(fn: Callable[P, R], /) -> TaskFunction[P, R]: ...
-
-
 @overload
 def task(
-    fn: None = None,
-    /,
-    *,
-    name: str | None = None,
-    retries: int = 0,
-    timeout: float | None = None,
-    on_failure: str = "fail",
-    default: Any = _UNSET,
-    priority: int = 0,
-    inline: bool = False,
-    mpi: int | None = None,
-    mpi_gather: bool = False,
-    binary: str | None = None,
-    args: Sequence[str] | None = None,
-    checkpoint: bool = True,
-    version: str | None = None,
-    key: Callable[..., Any] | None = None,
+    fn: None = None, /, **options: Unpack[TaskOptionArgs]
 ) -> Callable[[Callable[P, R]], TaskFunction[P, R]]: ...
 
 
 @overload
-def task(
-    fn: Callable[P, R],
-    /,
-    *,
-    name: str | None = None,
-    retries: int = 0,
-    timeout: float | None = None,
-    on_failure: str = "fail",
-    default: Any = _UNSET,
-    priority: int = 0,
-    inline: bool = False,
-    mpi: int | None = None,
-    mpi_gather: bool = False,
-    binary: str | None = None,
-    args: Sequence[str] | None = None,
-    checkpoint: bool = True,
-    version: str | None = None,
-    key: Callable[..., Any] | None = None,
-) -> TaskFunction[P, R]: ...
+def task(fn: Callable[P, R], /, **options: Unpack[TaskOptionArgs]) -> TaskFunction[P, R]: ...
 
 
 def task(
-    fn: Callable[P, R] | None = None,
-    /,
-    *,
-    name: str | None = None,
-    retries: int = 0,
-    timeout: float | None = None,
-    on_failure: str = "fail",
-    default: Any = _UNSET,
-    priority: int = 0,
-    inline: bool = False,
-    mpi: int | None = None,
-    mpi_gather: bool = False,
-    binary: str | None = None,
-    args: Sequence[str] | None = None,
-    checkpoint: bool = True,
-    version: str | None = None,
-    key: Callable[..., Any] | None = None,
+    fn: Callable[P, R] | None = None, /, **options: Unpack[TaskOptionArgs]
 ) -> TaskFunction[P, R] | Callable[[Callable[P, R]], TaskFunction[P, R]]:
     """Declare a function as a task, with options.
 
@@ -264,23 +206,7 @@ def task(
     Raises:
         ValueError: an option breaks its rule (the message names the value).
     """
-    opts = TaskOptions(
-        name=name,
-        retries=retries,
-        timeout=timeout,
-        on_failure=on_failure,
-        default=None if default is _UNSET else default,
-        priority=priority,
-        inline=inline,
-        mpi=mpi,
-        mpi_gather=mpi_gather,
-        binary=binary,
-        args=None if args is None else tuple(args),
-        checkpoint=checkpoint,
-        version=version,
-        key=key,
-        _has_default=default is not _UNSET,
-    )
+    opts = TaskOptions.from_args(options, "task")
     if fn is None:
         return lambda f: TaskFunction(f, opts)
     return TaskFunction(fn, opts)

@@ -109,7 +109,7 @@ def _at_least_2(text: str) -> int:
 
 def run_app(args: argparse.Namespace) -> int:
     """``async-wf run``: the application in this process, or under mpiexec."""
-    from async_wf._api import DEFAULTS_ENV
+    from async_wf._launch import DEFAULTS_ENV
 
     if not os.path.isfile(args.app):
         print(f"async-wf run: no such application file: {args.app!r}", file=sys.stderr)

@@ -131,7 +131,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             print(f"async-wf worker: the initializer failed: {type(exc).__name__}: {exc}",
                   file=sys.stderr)
             return 3
-    from async_wf._api import run
+    from async_wf._loop import run
 
     # spawned workers are replaced by their runtime instead of reconnecting
     grace = 0.0 if args.parent_pid is not None else args.reconnect

@@ -46,7 +46,7 @@ import cloudpickle
 
 from async_wf import protocol as P
 from async_wf._errors import RemoteError, RemoteTraceback, TaskTimeoutError, WorkerLostError
-from async_wf._scheduler import ASYNC
+from async_wf._options import ASYNC
 from async_wf.transport import Attempt, Transport
 
 if TYPE_CHECKING:

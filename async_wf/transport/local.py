@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from async_wf._context import TaskContext, mark_coroutine, mark_thread
 from async_wf._errors import TaskTimeoutError
-from async_wf._scheduler import ASYNC, THREAD
+from async_wf._options import ASYNC, THREAD
 from async_wf._threads import ERROR, OK, SKIPPED, Outcome, ThreadPool
 from async_wf.transport import Attempt, Transport
 

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from async_wf import protocol as P
 from async_wf._errors import TaskTimeoutError, WorkerLostError
-from async_wf._scheduler import THREAD
+from async_wf._options import THREAD
 from async_wf.transport import Attempt
 from async_wf.transport._remote import RemoteTransport, _Worker
 

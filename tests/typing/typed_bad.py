@@ -20,3 +20,11 @@ async def main() -> None:
         t: str = await rt.submit(half, 1.0)  # error: float is not str
         u: async_wf.TaskFuture[str] = async_wf.submit(add, 1, 2)  # error: TaskFuture[int]
         print(s, t, u)
+
+
+def declared() -> None:
+    async_wf.task(add, retires=2)  # error: no option 'retires'
+    async_wf.task(add, retries="2")  # error: retries is an int
+    async_wf.task(retries=1)(add).options(timeout="1")  # error: timeout is a number
+    x: async_wf.TaskFunction[[str], int] = async_wf.task(add, priority=1)  # error: params
+    print(x)

@@ -1,6 +1,8 @@
 """Typed uses of the API that mypy must accept (tests/unit/test_typing.py)."""
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any
 
 import async_wf
 
@@ -21,3 +23,16 @@ async def main() -> None:
         h: float = await rt.submit(half, 3.0)  # an async def's result, not a coroutine
         g: int = await async_wf.submit(add, total, 1)
         print(total, h, g)
+
+
+@async_wf.task(retries=2, on_failure="ignore", default=0, args=None)
+def inc(x: int) -> int:
+    return x + 1
+
+
+def declared() -> None:
+    a: async_wf.TaskFunction[[int], int] = inc
+    b: async_wf.TaskFunction[[int, int], int] = async_wf.task(add, priority=1, name="add")
+    c: async_wf.TaskFunction[[float], Coroutine[Any, Any, float]] = async_wf.task(half)
+    d: async_wf.TaskFunction[[int], int] = inc.options(timeout=2.5, version="2")
+    print(a, b, c, d)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
 
 import async_wf
+import async_wf._api
+import async_wf._loop
 from async_wf import DependencyError, TaskFuture
+from async_wf._api import RuntimeStatistics
 
 
 def ident(x: Any) -> Any:
@@ -178,6 +183,21 @@ def test_run_uses_uvloop_and_returns_the_result() -> None:
     assert value == 42
 
 
+def test_the_loop_module_stands_below_the_api() -> None:
+    # a worker gets its loop from _loop.py: that module must not pull in the
+    # runtime (its async_wf imports: only the MPI loop, lazily)
+    tree = ast.parse(Path(async_wf._loop.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert {m for m in imported if m and m.startswith("async_wf")} == {"async_wf._mpi_channel"}
+    assert async_wf.run is async_wf._loop.run is async_wf._api.run
+
+    async def main() -> type:
+        return type(asyncio.get_running_loop())
+
+    assert async_wf._loop.run(main()) is uvloop.Loop
+
+
 def test_run_propagates_exceptions() -> None:
     async def main() -> None:
         async with async_wf.Runtime() as rt:
@@ -212,6 +232,20 @@ async def test_statistics_keys_and_types() -> None:
     assert isinstance(stats["tasks_per_s"], float)
     assert stats["tasks_per_s"] > 0
     assert stats["elapsed_s"] > 0
+
+
+@pytest.mark.parametrize("kind", ["local", "tcp"])
+async def test_statistics_has_the_declared_keys(kind: str, tmp_path: Path) -> None:
+    # RuntimeStatistics is what mypy sees: it must say what the runtime returns
+    opts: dict[str, Any] = {"workers": 1} if kind == "tcp" else {}
+    async with async_wf.Runtime(checkpoint=tmp_path / "ck", **opts) as rt:
+        await rt.submit(ident, 1)
+        stats = rt.statistics()
+    required = RuntimeStatistics.__required_keys__
+    assert required <= set(stats) <= required | RuntimeStatistics.__optional_keys__
+    assert "checkpoint_recorded" in stats
+    assert ("workers_lost" in stats) == (kind == "tcp")
+    assert stats["ready"] == stats["ready_queue"]
 
 
 async def test_statistics_after_close_still_answers() -> None:

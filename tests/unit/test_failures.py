@@ -4,6 +4,7 @@ timeouts, the on_failure policies, and what bad input is refused with."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import threading
 import time
@@ -24,6 +25,7 @@ from async_wf import (
     WorkflowAborted,
     task,
 )
+from async_wf._options import TaskOptionArgs, TaskOptions
 from async_wf.transport.local import LocalTransport
 
 # ----------------------------------------------------------------- helpers
@@ -141,6 +143,57 @@ async def test_dependency_error_message_names_both_tasks() -> None:
             await child
         with pytest.raises(Boom):
             await root
+
+
+def raises_own_dependency_error(name: str) -> None:
+    # a task may raise DependencyError itself, even naming itself as the task
+    # that did not run and with a cause, as the runtime's errors have
+    try:
+        raise KeyError("inner")
+    except KeyError as e:
+        raise DependencyError(name, "elsewhere") from e
+
+
+async def test_a_dependency_error_a_task_raises_is_its_own_error() -> None:
+    attempts: list[str] = []
+
+    def flaky(name: str) -> None:
+        attempts.append(name)
+        raises_own_dependency_error(name)
+
+    async with async_wf.Runtime() as rt:
+        # retried as any exception of the task; its dependents, even those
+        # submitted after it failed, name it as the failed task
+        a = rt.submit(task(flaky, name="a", retries=1), "a")
+        with pytest.raises(DependencyError, match="upstream task 'elsewhere'"):
+            await a
+        assert attempts == ["a", "a"]
+        for dep in (rt.submit(ident, a), rt.submit(ident, rt.submit(ident, a))):
+            with pytest.raises(DependencyError, match="upstream task 'a' failed") as info:
+                await dep
+            assert info.value.__cause__ is a.exception()
+        # its on_failure policy holds for dependents submitted after it failed
+        b = rt.submit(task(raises_own_dependency_error, name="b",
+                           on_failure="cancel_successors"), "b")
+        with pytest.raises(DependencyError):
+            await b
+        late = rt.submit(ident, b)
+        with pytest.raises(asyncio.CancelledError, match="upstream task 'b' failed"):
+            await late
+        # a task that re-raises the runtime's DependencyError of another task
+        # (awaited inside it, not an input) fails with it as its own error
+        unrun = rt.submit(task(ident, name="relay"), a)
+
+        async def relay() -> None:
+            await unrun
+
+        r = rt.submit(task(relay, name="relay"))
+        with pytest.raises(DependencyError) as info:
+            await r
+        assert info.value is unrun.exception()
+        with pytest.raises(DependencyError, match="upstream task 'relay' failed") as info:
+            await rt.submit(ident, r)
+        assert info.value.__cause__ is unrun.exception()
 
 
 # ------------------------------------------------------------------- retries
@@ -470,6 +523,32 @@ def test_bad_runtime_options_are_refused() -> None:
         async_wf.Runtime(threads=2, transport=LocalTransport())
     with pytest.raises(TypeError, match="timeout must be a number of seconds, got '1'"):
         task(ident, timeout="1")  # type: ignore[call-overload]
+
+
+def test_the_declared_options_are_the_stored_ones() -> None:
+    declared = set(TaskOptionArgs.__annotations__)
+    stored = {f.name for f in dataclasses.fields(TaskOptions) if not f.name.startswith("_")}
+    assert declared == stored
+    # every option reaches TaskOptions under its own name, through task() and options()
+    opts: dict[str, Any] = {
+        "name": "n", "retries": 1, "timeout": 2.0, "on_failure": "ignore", "default": 5,
+        "priority": 3, "mpi": None, "mpi_gather": False, "version": "v",
+        "checkpoint": False, "key": ident, "inline": False, "binary": "prog",
+        "args": ["a", "{x}"]}
+    assert set(opts) == declared
+    for t in (task(ident, **opts), task(**opts)(ident), task(ident).options(**opts)):
+        got = t.task_options
+        assert {k: getattr(got, k) for k in opts} == {**opts, "args": ("a", "{x}")}
+        assert got._has_default
+
+
+def test_an_unknown_option_is_refused_by_name() -> None:
+    with pytest.raises(TypeError, match=r"^task\(\) got an unexpected keyword argument 'retires'$"):
+        task(ident, retires=2)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'retires'"):
+        task(retires=2)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'retires'"):
+        task(ident).options(retires=2)  # type: ignore[call-arg]
 
 
 def test_limits_of_options_are_accepted() -> None:
