@@ -54,6 +54,7 @@ class RuntimeStatistics(_SchedulerStatistics, total=False):
     bytes_received: int
     # TCP
     workers_lost: int
+    workers_retired: int
     connections_rejected: int
     connections_in_handshake: int
     # MPI
