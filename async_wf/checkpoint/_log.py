@@ -85,10 +85,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import lz4.block
-
+from async_wf._codec import CODEC_LZ4, CODEC_RAW, CodecError, compress, decompress, pack
 from async_wf.checkpoint._keys import CheckpointError, _load_ckfast
-from async_wf.protocol import pack
 
 FILE_MAGIC = b"\x89AWFCKP\n"
 FORMAT_VERSION = 1
@@ -115,8 +113,6 @@ _BLOCK = struct.Struct("<IIQ")
 _U16 = struct.Struct("<H")
 _VALUE_HEAD = struct.Struct("<IB3xQ")
 _BUF_ENTRY = struct.Struct("<QB7x")
-CODEC_RAW = 0
-CODEC_LZ4 = 1
 _ALIGN = 16
 _ZEROS = bytes(_ALIGN)
 
@@ -130,9 +126,6 @@ _MAGIC_U32 = int.from_bytes(RECORD_MAGIC, "little")
 MAX_KEY = 0xFFFF
 #: parts (payload, buffers) at least this large are lz4-compressed when a trial pays
 COMPRESS_MIN = 1 << 16
-_TRIAL = 1 << 16
-#: an lz4 block never decompresses to more than about 255 times its size
-_LZ4_MAX_RATIO = 256
 #: records at least this large bypass the write buffer (written at once, from
 #: the values' own memory)
 DIRECT_MIN = 1 << 16
@@ -295,28 +288,18 @@ def _nbytes(part: Any) -> int:
     return part.nbytes if isinstance(part, memoryview) else len(part)
 
 
-def _maybe_compress(data: Any) -> tuple[int, Any]:
-    n = _nbytes(data)
-    if n >= COMPRESS_MIN:
-        mv = memoryview(data)
-        trial = lz4.block.compress(mv[:_TRIAL], store_size=False)
-        if len(trial) < 0.9 * min(_TRIAL, n):
-            return CODEC_LZ4, lz4.block.compress(mv, store_size=True)
-    return CODEC_RAW, data
-
-
 def _value_parts(
     payload: bytes, bufs: list[pickle.PickleBuffer], start: int
 ) -> tuple[list[Any], int]:
     """The value section of a record, as parts; ``start``: its offset in the record.
 
-    ``payload`` and ``bufs``: the value as ``protocol.pack`` pickled it.
+    ``payload`` and ``bufs``: the value as ``_codec.pack`` pickled it.
     """
-    pcodec, data = _maybe_compress(payload)
+    pcodec, data = compress(payload, COMPRESS_MIN)
     table = bytearray()
     datas: list[Any] = []
     for pb in bufs:
-        codec, buf = _maybe_compress(pb.raw())
+        codec, buf = compress(pb.raw(), COMPRESS_MIN)
         table += _BUF_ENTRY.pack(_nbytes(buf), codec)
         datas.append(buf)
     parts: list[Any] = [_VALUE_HEAD.pack(len(bufs), pcodec, _nbytes(data)), table, data]
@@ -332,17 +315,10 @@ def _value_parts(
 
 
 def _lz4(chunk: memoryview, where: Callable[[str], Exception]) -> bytearray:
-    stored = chunk.nbytes
-    # lz4 allocates what the block's header declares before decompressing:
-    # a damaged size must not make it allocate gigabytes
-    declared = int.from_bytes(chunk[:4], "little") if stored >= 4 else -1
-    if not 0 <= declared <= _LZ4_MAX_RATIO * stored:
-        raise where(f"lz4 block of {stored} bytes declares {declared} bytes")
     try:
-        out: bytearray = lz4.block.decompress(chunk, return_bytearray=True)
-    except Exception as exc:
-        raise where(f"undecodable lz4 block: {exc}") from exc
-    return out
+        return decompress(chunk)
+    except CodecError as exc:
+        raise where(str(exc)) from exc
 
 
 def _value_layout(
