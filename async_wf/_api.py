@@ -15,7 +15,7 @@ from async_wf._errors import RuntimeClosedError
 from async_wf._futures import TaskFuture
 from async_wf._scheduler import Scheduler
 from async_wf._task import closed, current_scheduler, find_scheduler, opened
-from async_wf.checkpoint._runtime import Checkpoint
+from async_wf.checkpoint._config import Checkpoint
 from async_wf.transport import Transport
 from async_wf.transport.local import LocalTransport
 
@@ -264,7 +264,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
         recorder = None
         if self._checkpoint is not None:
-            from async_wf.checkpoint._runtime import Recorder
+            from async_wf._recorder import Recorder
 
             recorder = Recorder(self._checkpoint, loop)
         obs = None

@@ -9,10 +9,10 @@ import; forcing the fallback on purpose does not warn.
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import TYPE_CHECKING
 
+from async_wf._extension import extensions_disabled
 from async_wf._pycore import (
     CANCELLED,
     FAILED,
@@ -43,11 +43,6 @@ __all__ = [
 if TYPE_CHECKING:
     from async_wf._core import Core as _CCoreType
 
-
-
-def extensions_disabled() -> bool:
-    """Whether ``ASYNC_WF_NO_EXTENSIONS`` asks for the pure-Python twins of every extension."""
-    return os.environ.get("ASYNC_WF_NO_EXTENSIONS", "") not in ("", "0")
 
 
 Core: type[PyCore] | type[_CCoreType]

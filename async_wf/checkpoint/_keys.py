@@ -48,6 +48,8 @@ from collections.abc import Callable
 from pathlib import PurePath
 from typing import Any, NoReturn
 
+from async_wf._extension import extensions_disabled
+
 #: bump when any encoding below changes: old keys then simply never match
 KEY_SCHEME = 1
 _PERSON_VALUE = b"awf-value-%d" % KEY_SCHEME
@@ -91,8 +93,6 @@ def _load_ckfast() -> Any:
     built (the compiled core's import already warns about a build without
     extensions).
     """
-    from async_wf.core import extensions_disabled
-
     if extensions_disabled():
         return None
     try:
