@@ -56,7 +56,8 @@ from collections.abc import Callable
 from typing import Any
 
 from async_wf._codec import CODEC_LZ4, CODEC_RAW, CodecError, compress, decompress
-from async_wf.checkpoint._keys import CheckpointError, _load_ckfast
+from async_wf._extension import compiled
+from async_wf.checkpoint._keys import CheckpointError
 
 FILE_MAGIC = b"\x89AWFCKP\n"
 FORMAT_VERSION = 1
@@ -255,7 +256,7 @@ def _small_record(typ: int, key: bytes, meta: bytes, payload: bytes) -> bytes:
 def _py_result_record(
     key: bytes, when: float, name: bytes, parents: tuple[bytes, ...], payload: bytes
 ) -> bytes:
-    """A whole small RESULT record (``async_wf._ckfast.result_record`` is its compiled twin)."""
+    """A whole small RESULT record (``async_wf._core.result_record`` is its compiled twin)."""
     if len(name) > 0xFFFF:
         raise ValueError(f"function name must be < 64 KiB in UTF-8, got {len(name)} bytes")
     return _small_record(RESULT, key, _result_meta(key, when, name, parents), payload)
@@ -264,7 +265,7 @@ def _py_result_record(
 def _py_mapped_payload(mm: Any, off: int, key: bytes) -> bytes | None:
     """The pickle of a small plain RESULT record of ``key`` at ``off`` in ``mm``, or None.
 
-    ``async_wf._ckfast.mapped_payload`` is the compiled twin; see it for when
+    ``async_wf._core.mapped_payload`` is the compiled twin; see it for when
     this is None (the caller then takes the checked general path).
     """
     end = len(mm)
@@ -294,7 +295,36 @@ def _py_mapped_payload(mm: Any, off: int, key: bytes) -> bytes | None:
             mv.release()
 
 
-_ckfast = _load_ckfast()
+def _check_compiled_layout(layout: dict[str, Any]) -> None:
+    """Refuse a compiled extension built for another record layout than this module's.
+
+    The compiled twins (src_cython/ckfast.pxi) index records with C
+    constants; this module is the specification. An extension built before
+    a change here would write records that this code reads as damaged.
+
+    Raises:
+        ImportError: a constant differs or is missing; the message names each one.
+    """
+    ours = {
+        "HEADER_SIZE": HEADER_SIZE, "CRC_FROM": _CRC_FROM,
+        "RESULT_META_SIZE": _RESULT_META.size, "VALUE_HEAD_SIZE": _VALUE_HEAD.size,
+        "ALIGN": _ALIGN, "RESULT": RESULT, "CODEC_RAW": CODEC_RAW, "MAX_KEY": MAX_KEY,
+        "DIRECT_MIN": DIRECT_MIN, "RECORD_MAGIC": RECORD_MAGIC,
+    }
+    wrong = [f"{name}: compiled {layout.get(name)!r}, _format.py {value!r}"
+             for name, value in ours.items() if layout.get(name) != value]
+    if wrong:
+        raise ImportError(
+            "async_wf._core was built for another checkpoint record layout ("
+            + "; ".join(wrong) + "); rebuild it (python setup.py build_ext --inplace, "
+            "or reinstall async_wf)"
+        )
+
+
+_ckfast = compiled()
+if _ckfast is not None:
+    # an extension built before the layout was exported has none: it is refused too
+    _check_compiled_layout(getattr(_ckfast, "RECORD_LAYOUT", {}))
 _result_record: Callable[[bytes, float, bytes, tuple[bytes, ...], bytes], bytes] = (
     _py_result_record if _ckfast is None else _ckfast.result_record
 )

@@ -48,7 +48,7 @@ from collections.abc import Callable
 from pathlib import PurePath
 from typing import Any, NoReturn
 
-from async_wf._extension import extensions_disabled
+from async_wf._extension import compiled
 
 #: bump when any encoding below changes: old keys then simply never match
 KEY_SCHEME = 1
@@ -84,22 +84,6 @@ _NAN = _F64(float("nan"))
 _VALUE_HASH = hashlib.blake2b(digest_size=DIGEST_SIZE, person=_PERSON_VALUE)
 _FUNCTION_HASH = hashlib.blake2b(digest_size=DIGEST_SIZE, person=_PERSON_FUNCTION)
 _TASK_HASH = hashlib.blake2b(digest_size=DIGEST_SIZE, person=_PERSON_TASK)
-
-
-def _load_ckfast() -> Any:
-    """The compiled hot paths (``async_wf._ckfast``), or None for the Python twins.
-
-    None when ``ASYNC_WF_NO_EXTENSIONS`` is set or the extension was not
-    built (the compiled core's import already warns about a build without
-    extensions).
-    """
-    if extensions_disabled():
-        return None
-    try:
-        import async_wf._ckfast as _ckfast
-    except ImportError:
-        return None
-    return _ckfast
 
 
 def _digest(template: Any, data: bytes | bytearray) -> bytes:
@@ -1396,7 +1380,7 @@ def _quick_key_py(fn_identity: bytes, args: tuple[Any, ...], leaf: Leaf | None) 
     return _digest(_TASK_HASH, b"".join(parts))
 
 
-_ckfast = _load_ckfast()
+_ckfast = compiled()
 #: the compiled twin hashes the same bytes with a copy of the same hasher
 _quick_key: Callable[[bytes, tuple[Any, ...], Leaf | None], bytes | None] = (
     _quick_key_py if _ckfast is None else functools.partial(_ckfast.quick_key, hasher=_TASK_HASH)

@@ -903,13 +903,13 @@ PROTOCOL_METHODS = {"__contains__", "__len__", "__iter__", "__fspath__", "__ente
 
 # ------------------------------------------------- the compiled twins agree
 def _twins(name: str) -> list[Any]:
-    """The Python function ``_format._py_<name>`` and, when built, ``_ckfast.<name>``."""
+    """The Python function ``_format._py_<name>`` and, when built, ``_core.<name>``."""
     out = [getattr(F, f"_py_{name}")]
     try:
-        from async_wf import _ckfast
+        from async_wf import _core
     except ImportError:
         return out
-    return [*out, getattr(_ckfast, name)]
+    return [*out, getattr(_core, name)]
 
 
 @pytest.mark.parametrize("parents", [(), (k(1),), (k(2), b"x", b"y" * 300)])
@@ -960,10 +960,10 @@ def test_both_mapped_readers_take_only_whole_checked_small_records(read: Any) ->
 
 
 def test_the_compiled_crc_is_zlibs() -> None:
-    _ckfast = pytest.importorskip("async_wf._ckfast")
+    _core = pytest.importorskip("async_wf._core")
     import zlib
 
     rng = np.random.default_rng(5)
     for n in (0, 1, 7, 64, 1000):
         data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
-        assert _ckfast.crc32(data) == zlib.crc32(data)
+        assert _core.crc32(data) == zlib.crc32(data)
