@@ -321,15 +321,15 @@ def _check_compiled_layout(layout: dict[str, Any]) -> None:
         )
 
 
-_ckfast = compiled()
-if _ckfast is not None:
+_ext = compiled()
+if _ext is not None:
     # an extension built before the layout was exported has none: it is refused too
-    _check_compiled_layout(getattr(_ckfast, "RECORD_LAYOUT", {}))
+    _check_compiled_layout(getattr(_ext, "RECORD_LAYOUT", {}))
 _result_record: Callable[[bytes, float, bytes, tuple[bytes, ...], bytes], bytes] = (
-    _py_result_record if _ckfast is None else _ckfast.result_record
+    _py_result_record if _ext is None else _ext.result_record
 )
 _mapped_payload: Callable[[Any, int, bytes], bytes | None] = (
-    _py_mapped_payload if _ckfast is None else _ckfast.mapped_payload
+    _py_mapped_payload if _ext is None else _ext.mapped_payload
 )
 
 

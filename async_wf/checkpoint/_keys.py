@@ -95,8 +95,8 @@ def _digest(template: Any, data: bytes | bytearray) -> bytes:
 class CheckpointError(Exception):
     """Base class of the checkpoint errors.
 
-    It lives here rather than in ``_log`` because this module depends on
-    nothing else of the checkpoint package.
+    It lives here rather than with the log's errors in ``_format`` because
+    this module depends on nothing else of the checkpoint package.
     """
 
 
@@ -1380,10 +1380,10 @@ def _quick_key_py(fn_identity: bytes, args: tuple[Any, ...], leaf: Leaf | None) 
     return _digest(_TASK_HASH, b"".join(parts))
 
 
-_ckfast = compiled()
+_ext = compiled()
 #: the compiled twin hashes the same bytes with a copy of the same hasher
 _quick_key: Callable[[bytes, tuple[Any, ...], Leaf | None], bytes | None] = (
-    _quick_key_py if _ckfast is None else functools.partial(_ckfast.quick_key, hasher=_TASK_HASH)
+    _quick_key_py if _ext is None else functools.partial(_ext.quick_key, hasher=_TASK_HASH)
 )
 
 
