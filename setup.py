@@ -1,5 +1,6 @@
-"""Build script: the compiled core (async_wf._core, from src_cython/_core.pyx) and
-the checkpoint log's hot paths (async_wf._ckfast, from src_cython/_ckfast.pyx).
+"""Build script: the one compiled extension, async_wf._core, from src_cython/_core.pyx
+(the task core, readyq.pxi and deptrack.pxi, and the checkpoint log's hot paths,
+ckfast.pxi, in one compilation unit).
 
 Set ASYNC_WF_DEBUG_BUILD=1 to compile with line tracing and assertions on.
 """
@@ -31,12 +32,6 @@ extensions = cythonize(
             "async_wf._core",
             ["src_cython/_core.pyx"],
             depends=sorted(glob("src_cython/**/*.p*", recursive=True)),
-            define_macros=macros,
-            extra_compile_args=["-O0", "-g"] if debug else ["-O3"],
-        ),
-        Extension(
-            "async_wf._ckfast",
-            ["src_cython/_ckfast.pyx"],
             define_macros=macros,
             extra_compile_args=["-O0", "-g"] if debug else ["-O3"],
         ),

@@ -42,7 +42,7 @@ from async_wf.checkpoint import (
     FileOut,
     FileRef,
 )
-from async_wf.checkpoint._runtime import Checkpoint
+from async_wf.checkpoint._config import Checkpoint
 from async_wf.core import CORE_IMPL
 
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ from async_wf._launch import LaunchArgs, choose_transport, fill_in_launch_defaul
 from async_wf._loop import run
 from async_wf._scheduler import Scheduler
 from async_wf._task import closed, current_scheduler, find_scheduler, opened
-from async_wf.checkpoint._runtime import Checkpoint
+from async_wf.checkpoint._config import Checkpoint
 from async_wf.transport import Transport
 
 if TYPE_CHECKING:
@@ -206,7 +206,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
         recorder = None
         if self._checkpoint is not None:
-            from async_wf.checkpoint._runtime import Recorder
+            from async_wf._recorder import Recorder
 
             recorder = Recorder(self._checkpoint, loop)
         obs = None

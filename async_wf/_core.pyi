@@ -1,7 +1,8 @@
-"""Type stub for the compiled core; the twin of ``async_wf._pycore``."""
+"""Types of the compiled extension: the core (twin of ``async_wf._pycore``) and the
+checkpoint log's hot paths (src_cython/ckfast.pxi)."""
 
-from collections.abc import Iterable, Sequence
-from typing import Final
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Final
 
 WAITING: Final = 0
 READY: Final = 1
@@ -35,3 +36,18 @@ class Core:
     @property
     def capacity(self) -> int: ...
     def __len__(self) -> int: ...
+
+# ckfast.pxi: twins of checkpoint/_keys.py and checkpoint/_format.py
+RECORD_LAYOUT: Final[dict[str, int | bytes]]
+
+def crc32(data: bytes | bytearray | memoryview) -> int: ...
+def quick_key(
+    fn_identity: bytes,
+    args: tuple[Any, ...],
+    leaf: Callable[[Any], bytes | None] | None,
+    hasher: Any,
+) -> bytes | None: ...
+def result_record(
+    key: bytes, when: float, name: bytes, parents: tuple[bytes, ...], payload: bytes
+) -> bytes: ...
+def mapped_payload(mm: Any, off: int, key: bytes) -> bytes | None: ...

@@ -46,7 +46,7 @@ from async_wf._task import TaskFunction
 from async_wf.checkpoint._keys import FileArg, files_in_use
 
 if TYPE_CHECKING:
-    from async_wf.checkpoint._runtime import Recorder
+    from async_wf._recorder import Recorder
     from async_wf.observe._events import Observer
     from async_wf.transport import Transport
 

@@ -3,16 +3,16 @@
 ``Core`` is the compiled class unless the extension is missing or the
 environment variable ``ASYNC_WF_NO_EXTENSIONS`` is set to a non-empty value
 other than ``0``; ``CORE_IMPL`` says which one was picked ("cython" or
-"python"). Falling back because the extension is missing warns once, at
-import; forcing the fallback on purpose does not warn.
+"python"). ``async_wf._extension.compiled()`` decides, for the checkpoint
+log's twins too: falling back because the extension is missing warns once;
+forcing the fallback on purpose does not warn.
 """
 
 from __future__ import annotations
 
-import os
-import warnings
 from typing import TYPE_CHECKING
 
+from async_wf._extension import compiled, extensions_disabled
 from async_wf._pycore import (
     CANCELLED,
     FAILED,
@@ -45,27 +45,11 @@ if TYPE_CHECKING:
 
 
 
-def extensions_disabled() -> bool:
-    """Whether ``ASYNC_WF_NO_EXTENSIONS`` asks for the pure-Python twins of every extension."""
-    return os.environ.get("ASYNC_WF_NO_EXTENSIONS", "") not in ("", "0")
-
-
 Core: type[PyCore] | type[_CCoreType]
-if extensions_disabled():
+_ext = compiled()
+if _ext is None:
     Core = PyCore
     CORE_IMPL = "python"
 else:
-    try:
-        from async_wf._core import Core as _CCore
-    except ImportError as exc:
-        warnings.warn(
-            f"async_wf: compiled core not available ({exc}); using the pure-Python core, "
-            "which is about 10x slower. Reinstall with a C compiler to build it.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        Core = PyCore
-        CORE_IMPL = "python"
-    else:
-        Core = _CCore
-        CORE_IMPL = "cython"
+    Core = _ext.Core
+    CORE_IMPL = "cython"

@@ -28,20 +28,17 @@ Authentication
     travels. Handshake frames are fixed-layout structs, not pickles.
 
 Serialisation
-    Pickle protocol 5 with out-of-band buffers: a NumPy array's data goes
-    into the frame as a buffer of its own, written with ``writelines``
-    straight from the array's memory and received into one bytearray whose
-    slices become the arrays on the other side. Buffers of at least
-    ``compress_min`` bytes are lz4-compressed when a trial on their first
-    64 KiB shows it pays (ratio below 0.9); incompressible data costs one
-    small trial, not a full compression. The payload is zero-padded so
-    that the first buffer starts 16-byte aligned; later buffers are aligned
-    when the ones before them have sizes that are multiples of 16 (as
-    arrays of float64 of even length do), otherwise NumPy sees them as
-    unaligned (correct, but slower). Plain ``pickle`` is tried first
-    because it is several times faster than cloudpickle on batches of small
-    objects; cloudpickle takes over for what pickle refuses (lambdas,
-    closures, functions of ``__main__``).
+    Pickle protocol 5 with out-of-band buffers (``async_wf._codec`` holds
+    the policy shared with the checkpoint log: plain pickle first,
+    cloudpickle for what it refuses, lz4 for buffers of at least
+    ``compress_min`` bytes when a trial shows it pays): a NumPy array's
+    data goes into the frame as a buffer of its own, written with
+    ``writelines`` straight from the array's memory and received into one
+    bytearray whose slices become the arrays on the other side. The payload
+    is zero-padded so that the first buffer starts 16-byte aligned; later
+    buffers are aligned when the ones before them have sizes that are
+    multiples of 16 (as arrays of float64 of even length do), otherwise
+    NumPy sees them as unaligned (correct, but slower).
 """
 
 from __future__ import annotations
@@ -50,7 +47,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import io
 import logging
 import os
 import pickle
@@ -61,8 +57,11 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-import cloudpickle
-import lz4.block
+from async_wf._codec import CODEC_LZ4, CODEC_RAW, CodecError, compress, decompress
+
+# pack and unpack are the transports' (they pack arguments and results one by one)
+from async_wf._codec import pack as pack
+from async_wf._codec import unpack as unpack
 
 log = logging.getLogger("async_wf")
 
@@ -130,8 +129,6 @@ def parse_url(url: str) -> tuple[str, int]:
 
 HEADER = struct.Struct("!2sBBIQ")
 TABLE_ENTRY = struct.Struct("!QB")
-CODEC_RAW = 0
-CODEC_LZ4 = 1
 
 #: largest frame accepted before the peer is authenticated
 PREAUTH_MAX_FRAME = 4096
@@ -174,9 +171,6 @@ def too_large(what: str, name: str | None, size: int, limit: int) -> str:
             f"bytes ({MAX_FRAME_ENV})")
 MAX_BUFFERS = 1 << 16
 DEFAULT_COMPRESS_MIN = 1 << 20
-_TRIAL = 1 << 16
-#: an lz4 block never decompresses to more than about 255 times its size
-_LZ4_MAX_RATIO = 256
 _JOIN_MAX = 1 << 16
 _ALIGN = 16
 
@@ -449,46 +443,6 @@ def accepting_stream(
 
 
 # ----------------------------------------------------------------- encoding
-def pack(obj: Any, bufs: list[pickle.PickleBuffer], main_by_value: bool = False) -> bytes:
-    """Pickle ``obj`` on its own; its out-of-band buffers are appended to ``bufs``.
-
-    Tasks' arguments and results are packed one by one inside a frame, so
-    that one that cannot be unpickled on the other side fails its own task,
-    not the whole frame (and with it the connection).
-
-    ``main_by_value``: what plain pickle would refer to by the name
-    ``__main__.X`` (a class or function of the program's script) goes by
-    value, through cloudpickle, as task functions do: a worker's ``__main__``
-    is not the program's. For arguments only: a result must come back as
-    the program's own class, by name.
-
-    Raises:
-        pickle.PicklingError (or what cloudpickle raises): ``obj`` cannot be pickled.
-    """
-    n0 = len(bufs)
-    try:
-        blob = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
-        # the module name appears in the pickle of any reference to it; a
-        # string that merely contains it costs a cloudpickle, nothing worse
-        if not (main_by_value and b"__main__" in blob):
-            return blob
-    except Exception:
-        pass
-    del bufs[n0:]
-    f = io.BytesIO()
-    cloudpickle.CloudPickler(f, protocol=5, buffer_callback=bufs.append).dump(obj)
-    return f.getvalue()
-
-
-def unpack(blob: bytes, buffers: list[Any], start: int, count: int) -> Any:
-    """Unpickle what ``pack`` made, with its ``count`` buffers from ``buffers[start:]``.
-
-    Raises:
-        Exception: whatever unpickling raises (a missing module, a bad class).
-    """
-    return pickle.loads(blob, buffers=buffers[start : start + count])
-
-
 def dumps(
     obj: Any, compress_min: int = DEFAULT_COMPRESS_MIN,
     bufs: list[pickle.PickleBuffer] | None = None,
@@ -509,13 +463,7 @@ def dumps(
     out: list[Any] = [table, payload]
     for pb in bufs:
         mv = pb.raw()
-        codec = CODEC_RAW
-        data: Any = mv
-        if compress_min and mv.nbytes >= compress_min:
-            trial = lz4.block.compress(mv[:_TRIAL], store_size=False)
-            if len(trial) < 0.9 * min(_TRIAL, mv.nbytes):
-                data = lz4.block.compress(mv, store_size=True)
-                codec = CODEC_LZ4
+        codec, data = compress(mv, compress_min)
         table += TABLE_ENTRY.pack(len(data) if codec else mv.nbytes, codec)
         out.append(data)
     # Zero bytes after the pickle's STOP opcode are ignored by pickle.loads;
@@ -621,21 +569,11 @@ def decode_buffer(chunk: memoryview, codec: int) -> Any:
     if codec == CODEC_RAW:
         return chunk
     if codec == CODEC_LZ4:
-        # lz4 allocates the size the block's header declares before it
-        # decompresses: a 20-byte buffer claiming 2 GiB would make it
-        # allocate 2 GiB, even before authentication; no real block
-        # expands more than _LZ4_MAX_RATIO-fold
-        stored = len(chunk)
-        declared = int.from_bytes(chunk[:4], "little") if stored >= 4 else -1
-        if not 0 <= declared <= _LZ4_MAX_RATIO * stored:
-            raise ProtocolError(
-                f"corrupt lz4 buffer: {stored} bytes cannot hold {declared} bytes"
-            )
+        # the size check in decompress runs before any allocation: a
+        # 20-byte buffer claiming 2 GiB is refused, even before authentication
         try:
-            # a bytearray, so that arrays built on it are writable like
-            # those on raw buffers
-            return lz4.block.decompress(chunk, return_bytearray=True)
-        except Exception as exc:
+            return decompress(chunk)
+        except CodecError as exc:
             raise ProtocolError(f"corrupt lz4 buffer: {exc}") from exc
     raise ProtocolError(f"unknown buffer codec {codec}")
 

@@ -1,4 +1,10 @@
-"""Compiled core: dependency tracker and ready queue over integer task handles.
+"""The compiled extension: the task core, and the checkpoint log's hot paths.
+
+The one compilation unit of async_wf: this file includes readyq.pxi and
+deptrack.pxi (the core) and ckfast.pxi (the checkpoint log's per-task hot
+paths, see its head). ``async_wf._extension.compiled()`` loads it for both.
+
+The core is a dependency tracker and ready queue over integer task handles.
 
 The specification is the pure-Python twin ``async_wf._pycore``: same class,
 same methods, same handle encoding (``generation << 32 | slot``), same
@@ -11,10 +17,12 @@ it makes are the handle ints it hands back.
 cimport cython
 from cpython.buffer cimport (
     PyBUF_RECORDS_RO,
+    PyBUF_SIMPLE,
     PyBuffer_IsContiguous,
     PyBuffer_Release,
     PyObject_GetBuffer,
 )
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.long cimport (
     PyLong_AsLongLongAndOverflow,
     PyLong_AsUnsignedLongLong,
@@ -24,7 +32,7 @@ from cpython.long cimport (
 from cpython.number cimport PyNumber_Index
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcpy, strcmp
+from libc.string cimport memcmp, memcpy, memset, strcmp
 
 WAITING = 0
 READY = 1
@@ -56,6 +64,7 @@ cdef long long _INT32_MAX = 2147483647
 
 include "readyq.pxi"
 include "deptrack.pxi"
+include "ckfast.pxi"
 
 
 cdef int _get_int64_buffer(str name, object obj, Py_buffer* view) except -1:

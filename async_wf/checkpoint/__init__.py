@@ -8,6 +8,7 @@ checkpoint`` runs. docs/checkpoint.md describes the format and its
 guarantees.
 """
 
+from async_wf.checkpoint._format import CheckpointCorruptError, CheckpointFormatError
 from async_wf.checkpoint._keys import (
     CheckpointError,
     CheckpointKeyError,
@@ -24,15 +25,15 @@ from async_wf.checkpoint._keys import (
     tree_digest,
 )
 from async_wf.checkpoint._log import (
-    CheckpointCorruptError,
-    CheckpointFormatError,
     CheckpointLockedError,
     CheckpointLog,
-    Compaction,
     FunctionStats,
     LogStatistics,
-    Problem,
     ResultInfo,
+)
+from async_wf.checkpoint._scan import Problem
+from async_wf.checkpoint._tools import (
+    Compaction,
     Verification,
     compact,
     forget_function,

@@ -48,6 +48,8 @@ from collections.abc import Callable
 from pathlib import PurePath
 from typing import Any, NoReturn
 
+from async_wf._extension import compiled
+
 #: bump when any encoding below changes: old keys then simply never match
 KEY_SCHEME = 1
 _PERSON_VALUE = b"awf-value-%d" % KEY_SCHEME
@@ -84,24 +86,6 @@ _FUNCTION_HASH = hashlib.blake2b(digest_size=DIGEST_SIZE, person=_PERSON_FUNCTIO
 _TASK_HASH = hashlib.blake2b(digest_size=DIGEST_SIZE, person=_PERSON_TASK)
 
 
-def _load_ckfast() -> Any:
-    """The compiled hot paths (``async_wf._ckfast``), or None for the Python twins.
-
-    None when ``ASYNC_WF_NO_EXTENSIONS`` is set or the extension was not
-    built (the compiled core's import already warns about a build without
-    extensions).
-    """
-    from async_wf.core import extensions_disabled
-
-    if extensions_disabled():
-        return None
-    try:
-        import async_wf._ckfast as _ckfast
-    except ImportError:
-        return None
-    return _ckfast
-
-
 def _digest(template: Any, data: bytes | bytearray) -> bytes:
     h = template.copy()
     h.update(data)
@@ -111,8 +95,8 @@ def _digest(template: Any, data: bytes | bytearray) -> bytes:
 class CheckpointError(Exception):
     """Base class of the checkpoint errors.
 
-    It lives here rather than in ``_log`` because this module depends on
-    nothing else of the checkpoint package.
+    It lives here rather than with the log's errors in ``_format`` because
+    this module depends on nothing else of the checkpoint package.
     """
 
 
@@ -1396,10 +1380,10 @@ def _quick_key_py(fn_identity: bytes, args: tuple[Any, ...], leaf: Leaf | None) 
     return _digest(_TASK_HASH, b"".join(parts))
 
 
-_ckfast = _load_ckfast()
+_ext = compiled()
 #: the compiled twin hashes the same bytes with a copy of the same hasher
 _quick_key: Callable[[bytes, tuple[Any, ...], Leaf | None], bytes | None] = (
-    _quick_key_py if _ckfast is None else functools.partial(_ckfast.quick_key, hasher=_TASK_HASH)
+    _quick_key_py if _ext is None else functools.partial(_ext.quick_key, hasher=_TASK_HASH)
 )
 
 

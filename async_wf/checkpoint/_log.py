@@ -1,67 +1,10 @@
 """The checkpoint log: an append-only file of task results, MPI states and commits.
 
-File layout (little-endian throughout)::
-
-    file header  magic b"\\x89AWFCKP\\n" | format version u32 | reserved u32    16 bytes
-    records      one after the other, nothing between them
-
-    record       magic b"\\xa7CK\\x01" | crc32 u32 | type u8 | flags u8 |
-                 key_len u16 | body_len u64                                  20 bytes
-                 key      key_len bytes
-                 body     body_len bytes
-
-The CRC-32 covers every byte of the record after itself: the rest of the
-header (type, flags, lengths), the key and the body. A record is therefore
-either exactly what was written or detectably not; the magic is what a
-scan looks for to find the next record after damage.
-
-Record types and bodies
-    RESULT  key = task key. ``time f64 | value_at u32 | name_len u16 |
-            n_parents u16 | name | n_parents x (len u16 | key) | zero padding |
-            value``; ``value_at`` is where the value starts in the record, so
-            that ``get`` need not parse the metadata.
-    STATE   key = task key. ``rank u32 | step u64 | zero padding | value``
-    COMMIT  key = task key. ``step u64 | n_ranks u32``
-    FORGET  key = the key to forget; empty body.
-    BLOCK   no key. ``count u32 | run_crc u32 | run_len u64 | count x size u32``:
-            an index of the ``count`` records that follow it (``run_len``
-            bytes, whose CRC-32 is ``run_crc``), written with them in one
-            flush. It exists only to make opening fast, see below.
-
-    value   ``n_bufs u32 | payload codec u8 | 3 zero bytes | payload_len u64 |
-            n_bufs x (stored_len u64 | codec u8 | 7 zero bytes) | payload |
-            buffers``: a pickle (protocol 5) and its out-of-band buffers,
-            each buffer starting 16-byte aligned from the record's start.
-            Codec 0 is raw, 1 an lz4 block with its size (used for parts of
-            at least 64 KiB whose first 64 KiB compress below 90 %).
-
-The padding after the metadata makes the value start 16-byte aligned from
-the record's start. A record is read into one buffer of its own whose memory
-is aligned, so NumPy arrays unpickled from it are aligned views into that
-buffer, not copies.
-
-Opening
-    The whole file is scanned (memory-mapped) into an index: key -> offset of
-    the last RESULT for that key, per task the states and the last commit.
-    A run of records behind a BLOCK is checked with one CRC over the run
-    and indexed with a few NumPy operations, which is what makes opening
-    reach millions of records per second in pure Python; records outside
-    blocks (written one at a time, or damaged blocks) are checked one by
-    one. Either way every record's checksum is verified at open, except the
-    body of a RESULT of more than ``DEFER_VERIFY`` bytes outside a block
-    (reading gigabytes of arrays to open a log would be slow): its header is
-    checked, and ``get`` verifies the checksum before using it. Nothing is
-    ever unpickled before its checksum has been verified.
-
-    Damage in the middle of the file (a record whose checksum fails, a
-    header that makes no sense) is reported in ``problems`` and skipped: the
-    scan continues at the first later position where a complete record
-    with a correct checksum starts (found by its magic). The damaged
-    record's own length is not trusted, since it may be what was damaged.
-    Damage that reaches the end of the file (a record cut short by a crash,
-    or garbage after the last record) is the *torn tail*: a writer cuts it
-    off (``ftruncate``) before appending, a reader leaves it in place; both
-    report it.
+``CheckpointLog`` opens and locks a log, keeps its index, appends records
+under a flush policy and reads them back. The file format is in
+``_format.py``, the scan at open (damage, torn tail, bulk indexing of
+blocks) in ``_scan.py``, the offline tools (inspect, verify, compact,
+forget) in ``_tools.py``.
 """
 
 from __future__ import annotations
@@ -75,8 +18,6 @@ import os
 import pickle
 import stat
 import struct
-import sys
-import tempfile
 import time
 import weakref
 import zlib
@@ -85,76 +26,63 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import lz4.block
+from async_wf._codec import CODEC_RAW, pack
+from async_wf.checkpoint._format import (
+    _COMMIT,
+    _CRC_FROM,
+    _FILE_HEADER,
+    _HDR,
+    _RESULT_META,
+    _STATE_META,
+    _VALUE_HEAD,
+    _ZEROS,
+    BLOCK,
+    COMMIT,
+    COMPRESS_MIN,
+    DIRECT_MIN,
+    FILE_HEADER_BYTES,
+    FILE_MAGIC,
+    FORGET,
+    FORMAT_VERSION,
+    HEADER_SIZE,
+    MAX_KEY,
+    RECORD_MAGIC,
+    RESULT,
+    STATE,
+    TYPE_NAMES,
+    CheckpointCorruptError,
+    CheckpointFormatError,
+    _align,
+    _check_count,
+    _check_key,
+    _decode_value,
+    _flush_parts,
+    _frame,
+    _frame_parts,
+    _mapped_payload,
+    _nbytes,
+    _parse_result_meta,
+    _result_meta,
+    _result_record,
+    _small_record,
+    _value_parts,
+)
+from async_wf.checkpoint._keys import CheckpointError
+from async_wf.checkpoint._scan import (
+    Problem,
+    _Scan,
+    block_indexer,
+)
 
-from async_wf.checkpoint._keys import CheckpointError, _load_ckfast
-from async_wf.protocol import pack
-
-FILE_MAGIC = b"\x89AWFCKP\n"
-FORMAT_VERSION = 1
-_FILE_HEADER = struct.Struct("<8sII")
-FILE_HEADER_BYTES = _FILE_HEADER.pack(FILE_MAGIC, FORMAT_VERSION, 0)
-
-RECORD_MAGIC = b"\xa7CK\x01"
-_HDR = struct.Struct("<4sIBBHQ")
-HEADER_SIZE = _HDR.size  # 20
-_TAIL = struct.Struct("<BBHQ")  # the header after the CRC: what the CRC starts with
-_CRC_FROM = 8
-
-RESULT = 1
-STATE = 2
-COMMIT = 3
-FORGET = 4
-BLOCK = 5
-TYPE_NAMES = {RESULT: "RESULT", STATE: "STATE", COMMIT: "COMMIT", FORGET: "FORGET", BLOCK: "BLOCK"}
-
-_RESULT_META = struct.Struct("<dIHH")  # time, value offset in the record, name len, n parents
-_STATE_META = struct.Struct("<IQ")
-_COMMIT = struct.Struct("<QI")
-_BLOCK = struct.Struct("<IIQ")
-_U16 = struct.Struct("<H")
-_VALUE_HEAD = struct.Struct("<IB3xQ")
-_BUF_ENTRY = struct.Struct("<QB7x")
-CODEC_RAW = 0
-CODEC_LZ4 = 1
-_ALIGN = 16
-_ZEROS = bytes(_ALIGN)
-
-# the record header as NumPy reads it in bulk (see CheckpointLog._block_loader)
-_HDR_FIELDS = [
-    ("magic", "<u4"), ("crc", "<u4"), ("type", "u1"), ("flags", "u1"), ("klen", "<u2"),
-    ("blen", "<u8"),
-]
-_MAGIC_U32 = int.from_bytes(RECORD_MAGIC, "little")
-
-MAX_KEY = 0xFFFF
-#: parts (payload, buffers) at least this large are lz4-compressed when a trial pays
-COMPRESS_MIN = 1 << 16
-_TRIAL = 1 << 16
-#: an lz4 block never decompresses to more than about 255 times its size
-_LZ4_MAX_RATIO = 256
-#: records at least this large bypass the write buffer (written at once, from
-#: the values' own memory)
-DIRECT_MIN = 1 << 16
 #: buffered bytes that force a flush whatever the policy
 PENDING_MAX = 1 << 20
-#: a flush of at least this many buffered records writes a BLOCK index first
-MIN_BLOCK = 8
-#: RESULT bodies larger than this, outside blocks, are checksummed by get(), not at open
-DEFER_VERIFY = 1 << 20
 #: first read of a record: most records fit, and then one pread is enough
 _READ_GUESS = 4096
-
 
 FLUSH_POLICIES = ("record", "every", "interval")
 DEFAULT_FLUSH = "record"
 DEFAULT_FLUSH_EVERY = 1000
 DEFAULT_FLUSH_INTERVAL = 1.0
-
-
-# ----------------------------------------------------------------------- errors
-class CheckpointFormatError(CheckpointError):
-    """The file is not a checkpoint log, or one of a newer format."""
 
 
 class CheckpointLockedError(CheckpointError):
@@ -178,33 +106,6 @@ class CheckpointLockedError(CheckpointError):
 
     def __reduce__(self) -> tuple[type[CheckpointLockedError], tuple[str, int | None]]:
         return (type(self), (self.path, self.pid))
-
-
-class CheckpointCorruptError(CheckpointError):
-    """A record failed its checks when read: it must not be used.
-
-    Attributes:
-        path: the log.
-        offset: where the record starts.
-        reason: what failed.
-    """
-
-    def __init__(self, path: str, offset: int, reason: str) -> None:
-        super().__init__(f"checkpoint log {path!r}: record at offset {offset}: {reason}")
-        self.path = path
-        self.offset = offset
-        self.reason = reason
-
-    def __reduce__(self) -> tuple[type[CheckpointCorruptError], tuple[str, int, str]]:
-        return (type(self), (self.path, self.offset, self.reason))
-
-
-# ---------------------------------------------------------------------- reports
-class Problem(NamedTuple):
-    """Something a scan found wrong: where (byte offset) and what."""
-
-    offset: int
-    reason: str
 
 
 class ResultInfo(NamedTuple):
@@ -259,426 +160,6 @@ class LogStatistics:
     problems: list[Problem] = field(default_factory=list)
 
 
-@dataclass
-class Verification:
-    """What ``verify`` checked and found; ``ok`` when it found nothing wrong."""
-
-    path: str
-    records: int
-    bytes: int
-    unpickled: int
-    problems: list[Problem]
-
-    @property
-    def ok(self) -> bool:
-        """True when no problem was found."""
-        return not self.problems
-
-
-@dataclass
-class Compaction:
-    """What ``compact`` did: records and bytes before and after."""
-
-    path: str
-    records_before: int
-    records_after: int
-    bytes_before: int
-    bytes_after: int
-
-
-# ------------------------------------------------------------------- encoding
-def _align(n: int) -> int:
-    return -n % _ALIGN
-
-
-def _nbytes(part: Any) -> int:
-    return part.nbytes if isinstance(part, memoryview) else len(part)
-
-
-def _maybe_compress(data: Any) -> tuple[int, Any]:
-    n = _nbytes(data)
-    if n >= COMPRESS_MIN:
-        mv = memoryview(data)
-        trial = lz4.block.compress(mv[:_TRIAL], store_size=False)
-        if len(trial) < 0.9 * min(_TRIAL, n):
-            return CODEC_LZ4, lz4.block.compress(mv, store_size=True)
-    return CODEC_RAW, data
-
-
-def _value_parts(
-    payload: bytes, bufs: list[pickle.PickleBuffer], start: int
-) -> tuple[list[Any], int]:
-    """The value section of a record, as parts; ``start``: its offset in the record.
-
-    ``payload`` and ``bufs``: the value as ``protocol.pack`` pickled it.
-    """
-    pcodec, data = _maybe_compress(payload)
-    table = bytearray()
-    datas: list[Any] = []
-    for pb in bufs:
-        codec, buf = _maybe_compress(pb.raw())
-        table += _BUF_ENTRY.pack(_nbytes(buf), codec)
-        datas.append(buf)
-    parts: list[Any] = [_VALUE_HEAD.pack(len(bufs), pcodec, _nbytes(data)), table, data]
-    pos = start + _VALUE_HEAD.size + len(table) + _nbytes(data)
-    for buf in datas:
-        pad = _align(pos)
-        if pad:
-            parts.append(_ZEROS[:pad])
-            pos += pad
-        parts.append(buf)
-        pos += _nbytes(buf)
-    return parts, pos - start
-
-
-def _lz4(chunk: memoryview, where: Callable[[str], Exception]) -> bytearray:
-    stored = chunk.nbytes
-    # lz4 allocates what the block's header declares before decompressing:
-    # a damaged size must not make it allocate gigabytes
-    declared = int.from_bytes(chunk[:4], "little") if stored >= 4 else -1
-    if not 0 <= declared <= _LZ4_MAX_RATIO * stored:
-        raise where(f"lz4 block of {stored} bytes declares {declared} bytes")
-    try:
-        out: bytearray = lz4.block.decompress(chunk, return_bytearray=True)
-    except Exception as exc:
-        raise where(f"undecodable lz4 block: {exc}") from exc
-    return out
-
-
-def _value_layout(
-    mv: memoryview, base: int, pos: int, end: int, where: Callable[[str], Exception]
-) -> tuple[memoryview, int, list[tuple[memoryview, int]]]:
-    """Check and split a value section: (payload, its codec, [(buffer, codec)]).
-
-    ``base``: where the record starts in ``mv`` (buffers are aligned from
-    there); ``pos``: where the value section starts; ``end``: where the record ends.
-    """
-    if end - pos < _VALUE_HEAD.size:
-        raise where("value section too short")
-    nbufs, pcodec, plen = _VALUE_HEAD.unpack_from(mv, pos)
-    pos += _VALUE_HEAD.size
-    if nbufs * _BUF_ENTRY.size > end - pos:
-        raise where(f"value declares {nbufs} buffers that do not fit")
-    entries = [_BUF_ENTRY.unpack_from(mv, pos + i * _BUF_ENTRY.size) for i in range(nbufs)]
-    pos += nbufs * _BUF_ENTRY.size
-    if plen > end - pos:
-        raise where(f"payload of {plen} bytes does not fit")
-    payload = mv[pos : pos + plen]
-    pos += plen
-    buffers = []
-    for stored, codec in entries:
-        pos += _align(pos - base)
-        if stored > end - pos:
-            raise where(f"buffer of {stored} bytes does not fit")
-        buffers.append((mv[pos : pos + stored], codec))
-        pos += stored
-    if pos != end:
-        raise where(f"value section ends at {pos}, record at {end}")
-    for codec in (pcodec, *(c for _, c in buffers)):
-        if codec not in (CODEC_RAW, CODEC_LZ4):
-            raise where(f"unknown codec {codec}")
-    return payload, pcodec, buffers
-
-
-def _decode_value(mv: memoryview, pos: int, end: int, where: Callable[[str], Exception]) -> Any:
-    """Unpickle the value section at ``pos`` of a record that starts at 0 in ``mv``."""
-    payload, pcodec, buffers = _value_layout(mv, 0, pos, end, where)
-    data: Any = _lz4(payload, where) if pcodec == CODEC_LZ4 else payload
-    bufs = [_lz4(b, where) if codec == CODEC_LZ4 else b for b, codec in buffers]
-    # errors of the unpickling itself (a missing module) are the caller's:
-    # the record is intact, the program cannot read it
-    return pickle.loads(data, buffers=bufs)
-
-
-def _frame(typ: int, key: bytes, body: bytes) -> bytes:
-    """A complete small record."""
-    tail = _TAIL.pack(typ, 0, len(key), len(body))
-    crc = zlib.crc32(body, zlib.crc32(key, zlib.crc32(tail)))
-    return RECORD_MAGIC + crc.to_bytes(4, "little") + tail + key + body
-
-
-def _frame_parts(typ: int, key: bytes, parts: list[Any], body_len: int) -> list[Any]:
-    """A record as parts for ``writev``: its header, key and the body's parts."""
-    tail = _TAIL.pack(typ, 0, len(key), body_len)
-    crc = zlib.crc32(key, zlib.crc32(tail))
-    for p in parts:
-        crc = zlib.crc32(p, crc)
-    return [RECORD_MAGIC + crc.to_bytes(4, "little") + tail, key, *parts]
-
-
-def _parents_blob(parents: tuple[bytes, ...]) -> bytes:
-    if len(parents) > 0xFFFF:
-        raise ValueError(f"parents must be fewer than 65536 keys, got {len(parents)}")
-    out = bytearray()
-    for p in parents:
-        _check_key(p, "parent key")
-        out += _U16.pack(len(p))
-        out += p
-    return bytes(out)
-
-
-def _result_meta(key: bytes, when: float, name: bytes, parents: tuple[bytes, ...]) -> bytes:
-    """The metadata section of a RESULT record, padded so that the value is aligned."""
-    pblob = _parents_blob(parents) if parents else b""
-    used = HEADER_SIZE + len(key) + _RESULT_META.size + len(name) + len(pblob)
-    pad = _align(used)
-    return b"".join((
-        _RESULT_META.pack(when, used + pad, len(name), len(parents)), name, pblob, _ZEROS[:pad],
-    ))
-
-
-def _small_record(typ: int, key: bytes, meta: bytes, payload: bytes) -> bytes:
-    """A whole record whose value is one plain pickle (no buffers, not compressed)."""
-    body_len = len(meta) + _VALUE_HEAD.size + len(payload)
-    rest = b"".join((
-        _TAIL.pack(typ, 0, len(key), body_len), key, meta,
-        _VALUE_HEAD.pack(0, CODEC_RAW, len(payload)), payload,
-    ))
-    return RECORD_MAGIC + zlib.crc32(rest).to_bytes(4, "little") + rest
-
-
-def _py_result_record(
-    key: bytes, when: float, name: bytes, parents: tuple[bytes, ...], payload: bytes
-) -> bytes:
-    """A whole small RESULT record (``async_wf._ckfast.result_record`` is its compiled twin)."""
-    if len(name) > 0xFFFF:
-        raise ValueError(f"function name must be < 64 KiB in UTF-8, got {len(name)} bytes")
-    return _small_record(RESULT, key, _result_meta(key, when, name, parents), payload)
-
-
-def _py_mapped_payload(mm: Any, off: int, key: bytes) -> bytes | None:
-    """The pickle of a small plain RESULT record of ``key`` at ``off`` in ``mm``, or None.
-
-    ``async_wf._ckfast.mapped_payload`` is the compiled twin; see it for when
-    this is None (the caller then takes the checked general path).
-    """
-    end = len(mm)
-    if off < 0 or off + HEADER_SIZE > end:
-        return None
-    magic, crc, typ, _flags, klen, blen = _HDR.unpack_from(mm, off)
-    size = HEADER_SIZE + klen + blen
-    if magic != RECORD_MAGIC or typ != RESULT or off + size > end or size > DIRECT_MIN:
-        return None
-    with memoryview(mm) as whole:
-        mv = whole[off : off + size]
-        try:
-            if mv[HEADER_SIZE : HEADER_SIZE + klen] != key or zlib.crc32(mv[_CRC_FROM:]) != crc:
-                return None
-            meta_at = HEADER_SIZE + klen
-            if size - meta_at < _RESULT_META.size:
-                return None
-            _when, value_at, _nlen, _npar = _RESULT_META.unpack_from(mv, meta_at)
-            if not meta_at < value_at <= size - _VALUE_HEAD.size:
-                return None
-            nbufs, pcodec, plen = _VALUE_HEAD.unpack_from(mv, value_at)
-            start = value_at + _VALUE_HEAD.size
-            if nbufs or pcodec != CODEC_RAW or start + plen != size:
-                return None
-            return bytes(mv[start:])
-        finally:
-            mv.release()
-
-
-_ckfast = _load_ckfast()
-_result_record: Callable[[bytes, float, bytes, tuple[bytes, ...], bytes], bytes] = (
-    _py_result_record if _ckfast is None else _ckfast.result_record
-)
-_mapped_payload: Callable[[Any, int, bytes], bytes | None] = (
-    _py_mapped_payload if _ckfast is None else _ckfast.mapped_payload
-)
-
-
-def _parse_result_meta(
-    mv: Any, base: int, pos: int, end: int, where: Callable[[str], Exception]
-) -> tuple[str, tuple[bytes, ...], float, int]:
-    """(function, parents, time, offset of the value) of a RESULT record.
-
-    ``base``: where the record starts in ``mv``; ``pos``: where its body
-    starts; ``end``: where it ends.
-    """
-    if end - pos < _RESULT_META.size:
-        raise where("result metadata too short")
-    when, value_at, nlen, npar = _RESULT_META.unpack_from(mv, pos)
-    pos += _RESULT_META.size
-    if nlen > end - pos:
-        raise where("function name does not fit")
-    try:
-        name = bytes(mv[pos : pos + nlen]).decode("utf-8")
-    except UnicodeDecodeError:
-        raise where("function name is not UTF-8") from None
-    pos += nlen
-    parents = []
-    for _ in range(npar):
-        if end - pos < 2:
-            raise where("parent keys do not fit")
-        (plen,) = _U16.unpack_from(mv, pos)
-        pos += 2
-        if plen > end - pos:
-            raise where("parent keys do not fit")
-        parents.append(bytes(mv[pos : pos + plen]))
-        pos += plen
-    pos += _align(pos - base)
-    if pos > end or pos - base != value_at:
-        raise where(f"result metadata ends at {pos - base}, the value is said at {value_at}")
-    return name, tuple(parents), when, pos
-
-
-def _check_key(key: Any, what: str = "key") -> None:
-    if not isinstance(key, bytes):
-        raise TypeError(f"{what} must be bytes, got {type(key).__name__}")
-    if not 0 < len(key) <= MAX_KEY:
-        raise ValueError(f"{what} must be 1 to {MAX_KEY} bytes long, got {len(key)}")
-
-
-def _check_count(name: str, value: Any, lo: int, hi: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value < hi:
-        raise ValueError(f"{name} must be an int in [{lo}, {hi}), got {value!r}")
-
-
-# --------------------------------------------------------------------- scanning
-class _Scan:
-    """One pass over a log's records, in file order.
-
-    Calls ``on_record(type, offset, key_len, size)`` for every intact record
-    (BLOCKs excluded) and ``on_block(run_start, count, sizes_offset)`` for
-    every intact block, which returns False to have the block's records
-    walked one by one instead. Collects ``problems`` (damage in the middle)
-    and ``tail`` (offset of the torn tail, or None).
-
-    With ``deep``, every record's body is checksummed (no deferral) and
-    blocks are always walked record by record.
-    """
-
-    def __init__(self, mm: Any, start: int, end: int, deep: bool = False) -> None:
-        self.mm = mm
-        self.start = start
-        self.end = end
-        self.deep = deep
-        self.problems: list[Problem] = []
-        self.tail: int | None = None
-        self.corrupt = 0
-
-    def _sane(self, pos: int) -> tuple[int, int, int, int] | None:
-        """(crc, type, key_len, size) of a plausible record header at ``pos``, else None."""
-        if self.end - pos < HEADER_SIZE:
-            return None
-        magic, crc, typ, _flags, klen, blen = _HDR.unpack_from(self.mm, pos)
-        if magic != RECORD_MAGIC or typ not in TYPE_NAMES:
-            return None
-        size = HEADER_SIZE + klen + blen
-        if size > self.end - pos or (typ == BLOCK) != (klen == 0):
-            return None
-        return crc, typ, klen, size
-
-    def _valid(self, pos: int) -> bool:
-        """A complete record with a correct checksum starts at ``pos``."""
-        h = self._sane(pos)
-        if h is None:
-            return False
-        crc, _typ, _klen, size = h
-        with memoryview(self.mm) as mv:
-            return zlib.crc32(mv[pos + _CRC_FROM : pos + size]) == crc
-
-    def _why(self, pos: int) -> str:
-        if self.end - pos < HEADER_SIZE:
-            return f"{self.end - pos} bytes, too short for a record header"
-        magic, _crc, typ, _flags, klen, blen = _HDR.unpack_from(self.mm, pos)
-        if magic != RECORD_MAGIC:
-            return "bad record magic"
-        if typ not in TYPE_NAMES:
-            return f"unknown record type {typ}"
-        if HEADER_SIZE + klen + blen > self.end - pos:
-            return f"record of {HEADER_SIZE + klen + blen} bytes runs past the end of the file"
-        if (typ == BLOCK) != (klen == 0):
-            return f"{TYPE_NAMES[typ]} record with a key of {klen} bytes"
-        return f"{TYPE_NAMES[typ]} record fails its checksum"
-
-    def run(
-        self,
-        on_record: Callable[[int, int, int, int], None],
-        on_block: Callable[[int, int, int], bool] | None = None,
-    ) -> None:
-        """Walk every record from ``start`` to ``end``."""
-        mm, end, deep = self.mm, self.end, self.deep
-        mv = memoryview(mm)
-        unpack = _HDR.unpack_from
-        crc32 = zlib.crc32
-        pos = self.start
-        trusted_end = pos  # records before this lie in a block whose run CRC matched
-        try:
-            while pos < end:
-                if end - pos >= HEADER_SIZE:
-                    magic, crc, typ, _flags, klen, blen = unpack(mm, pos)
-                    size = HEADER_SIZE + klen + blen
-                    if magic == RECORD_MAGIC and typ in TYPE_NAMES and size <= end - pos:
-                        nxt = pos + size
-                        if typ != BLOCK:
-                            if not klen:
-                                ok = False
-                            elif nxt <= trusted_end:
-                                ok = True
-                            elif deep or typ != RESULT or blen <= DEFER_VERIFY or nxt >= end:
-                                ok = crc32(mv[pos + _CRC_FROM : nxt]) == crc
-                            else:
-                                # a large result: get() verifies it, provided a
-                                # sane header follows (so the last record of
-                                # the file, which may be torn, is always checked)
-                                ok = (
-                                    self._sane(nxt) is not None
-                                    or crc32(mv[pos + _CRC_FROM : nxt]) == crc
-                                )
-                            if ok:
-                                on_record(typ, pos, klen, size)
-                                pos = nxt
-                                continue
-                        elif klen == 0 and crc32(mv[pos + _CRC_FROM : nxt]) == crc:
-                            count, run_crc, run_len = _BLOCK.unpack_from(mm, pos + HEADER_SIZE)
-                            run_end = nxt + run_len
-                            if (
-                                blen == _BLOCK.size + 4 * count
-                                and run_end <= end
-                                and crc32(mv[nxt:run_end]) == run_crc
-                            ):
-                                sizes_at = pos + HEADER_SIZE + _BLOCK.size
-                                if not deep and on_block is not None and on_block(
-                                    nxt, count, sizes_at
-                                ):
-                                    pos = run_end
-                                else:
-                                    # walk its records without a checksum each:
-                                    # the run's covers them
-                                    trusted_end = run_end
-                                    pos = nxt
-                                continue
-                            # a damaged or cut short run: its records check themselves
-                            pos = nxt
-                            continue
-                pos = self._resync(pos)
-        finally:
-            mv.release()
-
-    def _resync(self, pos: int) -> int:
-        """Skip damage at ``pos``; return where the next valid record starts (or the end).
-
-        The next valid record is the first position after ``pos`` where a
-        complete record with a correct checksum starts. The damaged
-        header's own length is not trusted: a damaged length that happens
-        to land on a later record would silently skip the records between.
-        """
-        reason = self._why(pos)
-        cand = self.mm.find(RECORD_MAGIC, pos + 1)
-        while cand >= 0 and not self._valid(cand):
-            cand = self.mm.find(RECORD_MAGIC, cand + 1)
-        if cand < 0:
-            # nothing intact after it: the torn tail
-            self.tail = pos
-            return self.end
-        self.corrupt += 1
-        self.problems.append(Problem(pos, f"{reason}; {cand - pos} bytes skipped"))
-        return int(cand)
-
-
-# ------------------------------------------------------------------------ locks
 def _lock_holder(fd: int) -> int | None:
     """The pid holding a flock on ``fd``'s file, from /proc/locks (Linux), else None."""
     st = os.fstat(fd)
@@ -695,24 +176,6 @@ def _lock_holder(fd: int) -> int | None:
             with contextlib.suppress(ValueError):
                 return int(fields[4])
     return None
-
-
-def _sizes_bytes(sizes: array[int]) -> bytes:
-    if sizes.itemsize != 4:  # pragma: no cover - 'I' is 4 bytes on every platform we run on
-        return struct.pack(f"<{len(sizes)}I", *sizes)
-    if sys.byteorder == "big":  # pragma: no cover
-        swapped = array("I", sizes)
-        swapped.byteswap()
-        return swapped.tobytes()
-    return sizes.tobytes()
-
-
-def _flush_parts(data: bytearray, sizes: array[int]) -> list[Any]:
-    """What a flush of the buffered records ``data`` writes: a BLOCK index first if it pays."""
-    if len(sizes) < MIN_BLOCK:
-        return [data]
-    index = _BLOCK.pack(len(sizes), zlib.crc32(data), len(data)) + _sizes_bytes(sizes)
-    return [_frame(BLOCK, b"", index), data]
 
 
 def _fsync_dir(path: str) -> None:
@@ -747,7 +210,6 @@ def _write_all(fd: int, parts: list[Any]) -> int:
     return total
 
 
-# ------------------------------------------------------------------------ log
 class CheckpointLog:
     """An append-only log of task results, MPI task states and commits.
 
@@ -956,7 +418,8 @@ class CheckpointLog:
             # the cyclic GC would run hundreds of times over a growing heap
             gc.disable()
             try:
-                scan.run(self._record_loader(mm), self._block_loader(mm))
+                on_block = block_indexer(mm, self._results, self._counts)
+                scan.run(self._record_loader(mm), on_block)
             finally:
                 if gc_on:
                     gc.enable()
@@ -999,62 +462,6 @@ class CheckpointLog:
                 self._apply(typ, key, off, size, mm)
 
         return on_record
-
-    def _block_loader(self, mm: Any) -> Callable[[int, int, int], bool]:
-        # NumPy is imported when a log is opened, not with the package: the
-        # async-wf command imports the package, worker processes included
-        import numpy as np
-        from numpy.lib.stride_tricks import as_strided
-
-        results, counts = self._results, self._counts
-        hdr_dtype = np.dtype(_HDR_FIELDS)
-
-        def on_block(run_start: int, count: int, sizes_at: int) -> bool:
-            # Index a block of RESULT records with a few NumPy operations
-            # instead of a Python iteration per record; the run's CRC has
-            # been checked. Anything unusual: False, and the records are
-            # walked one by one.
-            if count == 0:
-                return True
-            sizes = np.frombuffer(mm, "<u4", count, sizes_at).astype(np.int64)
-            if sizes.min() <= HEADER_SIZE:
-                return False
-            rel = np.zeros(count, np.int64)
-            np.cumsum(sizes[:-1], out=rel[1:])
-            run_len = int(rel[-1] + sizes[-1])
-            run = np.frombuffer(mm, np.uint8, run_len, run_start)
-            # row i of this view is run[i : i + HEADER_SIZE]: gathering the rows
-            # at the records' offsets copies just their headers
-            shape = (run_len - HEADER_SIZE + 1, HEADER_SIZE)
-            rows = as_strided(run, shape, (1, 1), writeable=False)
-            heads = rows[rel].view(hdr_dtype).ravel()
-            klens = heads["klen"]
-            if not (
-                (heads["magic"] == _MAGIC_U32).all()
-                and (heads["type"] == RESULT).all()
-                and (klens.astype(np.int64) + heads["blen"].astype(np.int64) + HEADER_SIZE
-                     == sizes).all()
-            ):
-                return False
-            offs = (rel + run_start).tolist()
-            k0 = int(klens[0])
-            if (klens == k0).all():
-                keyrows = as_strided(
-                    run[HEADER_SIZE:], (run_len - HEADER_SIZE - k0 + 1, k0), (1, 1),
-                    writeable=False,
-                )
-                # a void dtype's tolist() makes bytes objects in C, zeros kept
-                keys = keyrows[rel].view(f"V{k0}").ravel().tolist()
-            else:
-                keys = [
-                    mm[o + HEADER_SIZE : o + HEADER_SIZE + k]
-                    for o, k in zip(offs, klens.tolist(), strict=True)
-                ]
-            results.update(zip(keys, offs, strict=True))
-            counts[RESULT] += count
-            return True
-
-        return on_block
 
     def _apply(self, typ: int, key: bytes, off: int, size: int, buf: Any) -> None:
         """Apply a STATE, COMMIT or FORGET record (``buf[off:off + size]``) to the index."""
@@ -1659,274 +1066,3 @@ class CheckpointLog:
 
 class _Moved(Exception):
     """Internal: the record was buffered; the flush just done moved it."""
-
-
-# ------------------------------------------------------------ file operations
-class _Invalid(Exception):
-    """Internal: a record's body does not have the structure of its type."""
-
-
-def _check_body(mv: memoryview, typ: int, off: int, klen: int, size: int) -> str | None:
-    """What is wrong with the structure of an intact record's body, or None."""
-    body = off + HEADER_SIZE + klen
-    end = off + size
-    try:
-        if typ == RESULT:
-            _n, _p, _t, vpos = _parse_result_meta(mv, off, body, end, _Invalid)
-            _value_layout(mv, off, vpos, end, _Invalid)
-        elif typ == STATE:
-            if end - body < _STATE_META.size:
-                raise _Invalid("state metadata too short")
-            vpos = body + _STATE_META.size
-            vpos += _align(vpos - off)
-            _value_layout(mv, off, vpos, end, _Invalid)
-        elif typ == COMMIT:
-            if end - body != _COMMIT.size:
-                raise _Invalid(f"body of {end - body} bytes; a commit has {_COMMIT.size}")
-        elif typ == FORGET and end != body:
-            raise _Invalid(f"body of {end - body} bytes; a tombstone has none")
-    except _Invalid as exc:
-        return str(exc)
-    return None
-
-
-def inspect(path: str | os.PathLike[str]) -> LogStatistics:
-    """Counts per function, sizes, first and last times, and the damage found.
-
-    Opens the log read-only (no lock: a running writer is not disturbed)
-    and reads every live result's metadata, not the values.
-
-    Raises:
-        CheckpointFormatError: not a checkpoint log.
-        OSError: the file cannot be read.
-    """
-    with CheckpointLog(path, readonly=True) as log:
-        return log.statistics()
-
-
-def verify(path: str | os.PathLike[str], *, unpickle: bool = False) -> Verification:
-    """Check every record of a log: checksums, and the structure of every body.
-
-    By default nothing is unpickled, so no module of the program is imported
-    and a log from elsewhere can be checked safely (unpickling runs code).
-    With ``unpickle=True`` every live result and every committed state is
-    also unpickled, which finds results that the current code can no longer
-    load (a renamed class); this needs the program's modules importable.
-
-    Opens the log read-only, without a lock. A log being written may show
-    the writer's half-written last record as a torn tail.
-
-    Raises:
-        CheckpointFormatError: not a checkpoint log.
-        OSError: the file cannot be read.
-    """
-    problems: dict[int, str] = {}
-    records = 0
-    unpickled = 0
-    with CheckpointLog(path, readonly=True) as log:
-        size = os.fstat(log._fd).st_size
-        if size > _FILE_HEADER.size:
-            mm = mmap.mmap(log._fd, size, access=mmap.ACCESS_READ)
-            mv = memoryview(mm)
-            try:
-                scan = _Scan(mm, _FILE_HEADER.size, size, deep=True)
-
-                def on_record(typ: int, off: int, klen: int, rsize: int) -> None:
-                    nonlocal records
-                    records += 1
-                    reason = _check_body(mv, typ, off, klen, rsize)
-                    if reason is not None:
-                        problems.setdefault(off, f"{TYPE_NAMES[typ]} record: {reason}")
-
-                scan.run(on_record)
-            finally:
-                mv.release()
-                with contextlib.suppress(BufferError):
-                    mm.close()
-            for p in scan.problems:
-                problems.setdefault(p.offset, p.reason)
-            if scan.tail is not None:
-                problems.setdefault(
-                    scan.tail,
-                    f"torn tail: {size - scan.tail} bytes after the last intact record",
-                )
-        for p in log.problems:  # commits without their states, a cut header
-            problems.setdefault(p.offset, p.reason)
-        if unpickle:
-            for key in log:
-                try:
-                    log.get(key)
-                    unpickled += 1
-                except CheckpointCorruptError as exc:
-                    problems.setdefault(exc.offset, f"RESULT record: {exc.reason}")
-                except Exception as exc:
-                    problems.setdefault(
-                        log._results[key],
-                        f"RESULT record does not unpickle: {type(exc).__name__}: {exc}",
-                    )
-            for key, (step, nranks) in log._commits.items():
-                for rank in range(nranks):
-                    try:
-                        log.restore(key, rank)
-                        unpickled += 1
-                    except CheckpointCorruptError as exc:
-                        problems.setdefault(exc.offset, f"STATE record: {exc.reason}")
-                    except Exception as exc:
-                        off = log._states[key][(rank, step)]
-                        problems.setdefault(
-                            off, f"STATE record does not unpickle: {type(exc).__name__}: {exc}"
-                        )
-    return Verification(
-        path=os.fspath(path),
-        records=records,
-        bytes=size,
-        unpickled=unpickled,
-        problems=[Problem(off, why) for off, why in sorted(problems.items())],
-    )
-
-
-def compact(path: str | os.PathLike[str]) -> Compaction:
-    """Rewrite a log with only what a run can still use, then swap it in atomically.
-
-    Kept: the live result of every key, and for tasks without a live
-    result the states of their last committed step and that commit. Dropped:
-    superseded and forgotten records, tombstones, damaged records (and the
-    torn tail), states of other steps, and states of tasks that have a
-    result. The new file is written next to the old one, synced, and
-    renamed over it (``os.replace``), so a crash at any moment leaves
-    either the old log or the new one, never a mix.
-
-    Takes the writer's lock for the duration: refused while a run writes
-    the log. A writer that opens the log during the compaction waits for
-    nothing: it fails with ``CheckpointLockedError``; one that opened the old
-    file just before the swap notices the swap and opens the new one.
-
-    Raises:
-        CheckpointLockedError: a writer holds the log.
-        CheckpointFormatError: not a checkpoint log.
-        OSError: a read or write failed (the old log is then left as it was).
-    """
-    path = os.fspath(path)
-    with CheckpointLog(path, fsync=True) as log:
-        log.flush()
-        before = log._written
-        records_before = sum(log._counts[t] for t in TYPE_NAMES if t != BLOCK)
-        keep: list[tuple[int, int, bytes]] = [(off, RESULT, k) for k, off in log._results.items()]
-        commits: list[bytes] = []
-        for key, (step, nranks) in log._commits.items():
-            if key in log._results:
-                continue  # finished: nothing will resume it
-            states = log._states.get(key, {})
-            keep.extend((states[(r, step)], STATE, key) for r in range(nranks))
-            commits.append(_frame(COMMIT, key, _COMMIT.pack(step, nranks)))
-        keep.sort()
-        directory, base = os.path.split(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".compacting", dir=directory)
-        kept = 0
-        try:
-            os.fchmod(fd, stat.S_IMODE(os.fstat(log._fd).st_mode))
-            out = _Appender(fd)
-            out.raw(FILE_HEADER_BYTES)
-            for off, typ, key in keep:
-                try:
-                    buf, size = log._read(off, typ, key)
-                except CheckpointCorruptError:
-                    continue  # a damaged large record, left to get() until now
-                out.record(memoryview(buf)[:size])
-                kept += 1
-            for rec in commits:
-                out.record(rec)
-                kept += 1
-            out.flush()
-            os.fsync(fd)
-            after = os.fstat(fd).st_size
-            os.close(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.replace(tmp, path)
-        _fsync_dir(path)
-    return Compaction(path, records_before, kept, before, after)
-
-
-class _Appender:
-    """Writes records to a new file in blocks, as a log's flushes do."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.data = bytearray()
-        self.sizes: array[int] = array("I")
-
-    def raw(self, data: bytes) -> None:
-        """Write ``data`` as it is (the file header)."""
-        _write_all(self.fd, [data])
-
-    def record(self, rec: Any) -> None:
-        """Add one complete record."""
-        n = _nbytes(rec)
-        if n >= DIRECT_MIN:
-            self.flush()
-            _write_all(self.fd, [rec])
-            return
-        self.data += rec
-        self.sizes.append(n)
-        if len(self.data) >= PENDING_MAX:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write what was added."""
-        if self.data:
-            _write_all(self.fd, _flush_parts(self.data, self.sizes))
-            self.data = bytearray()
-            self.sizes = array("I")
-
-
-def forget_function(path: str | os.PathLike[str], name: str) -> int:
-    """Forget every live result of a function and, transitively, of its dependents.
-
-    A result depends on another when the other's key is among its
-    ``parents``. Tombstones (FORGET records) are appended and synced; the
-    records themselves stay until ``compact``. Use it when a function's
-    results are wrong for a reason its key cannot see (an external service
-    changed): its tasks and everything computed from them rerun.
-
-    Args:
-        path: the log.
-        name: ``module:qualname``, or a bare qualified name that only one
-            module in the log has.
-
-    Returns:
-        How many results were forgotten (0 when the log has none of ``name``).
-
-    Raises:
-        ValueError: a bare name matches functions of several modules.
-        CheckpointLockedError: a writer holds the log.
-        CheckpointFormatError: not a checkpoint log.
-    """
-    with CheckpointLog(path, fsync=True) as log:
-        metas = log._live_metas()
-        target = name
-        if ":" not in name:
-            matches = sorted({m[0] for m in metas.values() if m[0].split(":", 1)[-1] == name})
-            if len(matches) > 1:
-                raise ValueError(
-                    f"function name {name!r} is ambiguous: {', '.join(matches)}; "
-                    "give it as module:qualname"
-                )
-            if matches:
-                target = matches[0]
-        children: dict[bytes, list[bytes]] = {}
-        for key, (_fn, parents, _t, _s) in metas.items():
-            for parent in parents:
-                children.setdefault(parent, []).append(key)
-        todo = [key for key, m in metas.items() if m[0] == target]
-        gone = set(todo)
-        while todo:
-            for child in children.get(todo.pop(), ()):
-                if child not in gone:
-                    gone.add(child)
-                    todo.append(child)
-        for key in sorted(gone, key=log._results.__getitem__):
-            log.forget(key)
-    return len(gone)

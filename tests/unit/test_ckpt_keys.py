@@ -571,10 +571,10 @@ def _quick_twins() -> list[object]:
 
     twins: list[object] = [_keys._quick_key_py]
     try:
-        from async_wf import _ckfast
+        from async_wf import _core
     except ImportError:  # not built: the Python twin is all there is
         return twins
-    return [*twins, functools.partial(_ckfast.quick_key, hasher=_keys._TASK_HASH)]
+    return [*twins, functools.partial(_core.quick_key, hasher=_keys._TASK_HASH)]
 
 
 def _general_key(fid: bytes, args: tuple[object, ...], leaf: Any = None) -> bytes:

@@ -36,7 +36,8 @@ from async_wf.checkpoint import (
     inspect,
     verify,
 )
-from async_wf.checkpoint import _log as L
+from async_wf.checkpoint import _format as F
+from async_wf.checkpoint import _scan as S
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,7 +62,7 @@ def records(path: Path) -> list[tuple[int, int, int]]:
     """(offset, type, size) of every intact record of a log, in file order."""
     data = path.read_bytes()
     out: list[tuple[int, int, int]] = []
-    L._Scan(data, 16, len(data), deep=True).run(
+    S._Scan(data, 16, len(data), deep=True).run(
         lambda typ, off, _klen, size: out.append((off, typ, size))
     )
     return out
@@ -472,7 +473,7 @@ def test_a_damaged_length_field_does_not_hide_later_records(tmp_path: Path) -> N
     recs = records(path)
     at = recs[3][0] + 12  # body_len of record 3
     span = recs[8][0] - recs[3][0]  # claims to span 5 records
-    data[at : at + 8] = struct.pack("<Q", span - L.HEADER_SIZE - 32)
+    data[at : at + 8] = struct.pack("<Q", span - F.HEADER_SIZE - 32)
     path.write_bytes(data)
     with CheckpointLog(path, readonly=True) as log:
         assert sorted(log) == sorted(k(i) for i in range(20) if i != 3)
@@ -482,7 +483,7 @@ def test_garbage_appended_is_cut(tmp_path: Path) -> None:
     path = tmp_path / "g.wfck"
     fill(path, 10)
     size = path.stat().st_size
-    garbage = os.urandom(1000) + L.RECORD_MAGIC + os.urandom(100) + L.RECORD_MAGIC
+    garbage = os.urandom(1000) + F.RECORD_MAGIC + os.urandom(100) + F.RECORD_MAGIC
     with open(path, "ab") as f:
         f.write(garbage)
     with CheckpointLog(path, readonly=True) as log:
@@ -497,7 +498,7 @@ def test_garbage_appended_is_cut(tmp_path: Path) -> None:
 
 def test_large_record_damage_is_caught_by_get(tmp_path: Path) -> None:
     path = tmp_path / "big.wfck"
-    arr = np.random.default_rng(0).random(L.DEFER_VERIFY // 8 + 100)
+    arr = np.random.default_rng(0).random(S.DEFER_VERIFY // 8 + 100)
     with CheckpointLog(path, flush="record") as log:
         log.put_result(k(1), arr, function="m:f")
         log.put_result(k(2), "after", function="m:f")
@@ -520,7 +521,7 @@ def test_not_a_log(tmp_path: Path) -> None:
         CheckpointLog(text)
     assert text.read_text().startswith("hello")  # untouched
     newer = tmp_path / "newer.wfck"
-    newer.write_bytes(L.FILE_MAGIC + struct.pack("<II", 99, 0))
+    newer.write_bytes(F.FILE_MAGIC + struct.pack("<II", 99, 0))
     with pytest.raises(CheckpointFormatError, match="format version 99"):
         CheckpointLog(newer, readonly=True)
     with pytest.raises(CheckpointFormatError, match="not a regular file"):
@@ -537,7 +538,7 @@ def test_not_a_log(tmp_path: Path) -> None:
 def test_empty_and_half_written_headers(tmp_path: Path) -> None:
     for size in range(16):
         path = tmp_path / f"h{size}.wfck"
-        path.write_bytes(L.FILE_HEADER_BYTES[:size])
+        path.write_bytes(F.FILE_HEADER_BYTES[:size])
         with CheckpointLog(path, readonly=True) as log:
             assert len(log) == 0
         fill(path, 2)
@@ -642,8 +643,8 @@ def test_a_commit_without_its_states_is_ignored(tmp_path: Path) -> None:
         log.put_state(t, 1, 1, "b")
         log.commit(t, 1, 2)
     with open(path, "ab") as f:  # a commit of step 2, whose states were never saved
-        f.write(L._frame(L.COMMIT, t, struct.pack("<QI", 2, 2)))
-        f.write(L._frame(L.RESULT, k(9), b"x" * 20))  # so that the commit is not the tail
+        f.write(F._frame(F.COMMIT, t, struct.pack("<QI", 2, 2)))
+        f.write(F._frame(F.RESULT, k(9), b"x" * 20))  # so that the commit is not the tail
     with CheckpointLog(path, readonly=True) as log:
         assert log.restore(t, 1) == (1, "b")
         assert any("lacks the state of ranks [0, 1]" in p.reason for p in log.problems)
@@ -902,13 +903,13 @@ PROTOCOL_METHODS = {"__contains__", "__len__", "__iter__", "__fspath__", "__ente
 
 # ------------------------------------------------- the compiled twins agree
 def _twins(name: str) -> list[Any]:
-    """The Python function ``_log._py_<name>`` and, when built, ``_ckfast.<name>``."""
-    out = [getattr(L, f"_py_{name}")]
+    """The Python function ``_format._py_<name>`` and, when built, ``_core.<name>``."""
+    out = [getattr(F, f"_py_{name}")]
     try:
-        from async_wf import _ckfast
+        from async_wf import _core
     except ImportError:
         return out
-    return [*out, getattr(_ckfast, name)]
+    return [*out, getattr(_core, name)]
 
 
 @pytest.mark.parametrize("parents", [(), (k(1),), (k(2), b"x", b"y" * 300)])
@@ -921,10 +922,10 @@ def test_both_record_builders_write_the_same_bytes(
     assert len(set(recs)) == 1
     # and the record reads back through the general parser
     rec = recs[0]
-    assert rec[:4] == L.RECORD_MAGIC
+    assert rec[:4] == F.RECORD_MAGIC
     assert int.from_bytes(rec[4:8], "little") == __import__("zlib").crc32(rec[8:])
-    meta_at = L.HEADER_SIZE + len(k(7))
-    got_name, got_parents, when, vpos = L._parse_result_meta(
+    meta_at = F.HEADER_SIZE + len(k(7))
+    got_name, got_parents, when, vpos = F._parse_result_meta(
         memoryview(rec), 0, meta_at, len(rec), lambda r: AssertionError(r))
     assert (got_name, tuple(got_parents), when) == (name.decode(), parents, 1234.5)
     assert vpos % 16 == 0
@@ -943,14 +944,14 @@ def test_both_record_builders_refuse_bad_parents_alike(build: Any) -> None:
 @pytest.mark.parametrize("read", _twins("mapped_payload"))
 def test_both_mapped_readers_take_only_whole_checked_small_records(read: Any) -> None:
     payload = pickle.dumps({"a": 1}, 5)
-    rec = L._py_result_record(k(3), 1.0, b"m:f", (k(4),), payload)
+    rec = F._py_result_record(k(3), 1.0, b"m:f", (k(4),), payload)
     buf = bytearray(b"\0" * 32 + rec + b"\0" * 8)
     assert read(buf, 32, k(3)) == payload
     assert read(bytes(buf), 32, k(3)) == payload
     assert read(buf, 32, k(9)) is None  # another key
     assert read(buf, 31, k(3)) is None  # not at a record
     assert read(buf[: 32 + len(rec) - 1], 32, k(3)) is None  # cut short
-    for at in (9, L.HEADER_SIZE + 3, len(rec) - 1):  # a flipped byte anywhere
+    for at in (9, F.HEADER_SIZE + 3, len(rec) - 1):  # a flipped byte anywhere
         bad = bytearray(buf)
         bad[32 + at] ^= 0x10
         assert read(bad, 32, k(3)) is None, at
@@ -959,10 +960,10 @@ def test_both_mapped_readers_take_only_whole_checked_small_records(read: Any) ->
 
 
 def test_the_compiled_crc_is_zlibs() -> None:
-    _ckfast = pytest.importorskip("async_wf._ckfast")
+    _core = pytest.importorskip("async_wf._core")
     import zlib
 
     rng = np.random.default_rng(5)
     for n in (0, 1, 7, 64, 1000):
         data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
-        assert _ckfast.crc32(data) == zlib.crc32(data)
+        assert _core.crc32(data) == zlib.crc32(data)

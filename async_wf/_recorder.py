@@ -1,11 +1,13 @@
 """The checkpoint log as a runtime uses it: keys at submit, records at completion.
 
-``Checkpoint`` is the configuration a user gives ``Runtime(checkpoint=...)``;
-``Recorder`` is what the scheduler holds. It computes each task's key when
-the task is submitted (from the function's identity, the keys of the futures
-it receives and a content hash of its other arguments), says whether the log
-has a result for it, reads that result when it is wanted, appends the results
-of tasks that finish, and keeps the states that long tasks save per step.
+``Recorder`` is what the scheduler holds, made from the user's
+``Checkpoint`` (``checkpoint/_config.py``): the runtime's side of the
+storage package ``async_wf.checkpoint``, which knows nothing of the
+runtime. It computes each task's key when the task is submitted (from the
+function's identity, the keys of the futures it receives and a content
+hash of its other arguments), says whether the log has a result for it,
+reads that result when it is wanted, appends the results of tasks that
+finish, and keeps the states that long tasks save per step.
 
 Everything here runs on the scheduler's event loop thread, like the log.
 """
@@ -21,10 +23,10 @@ import shlex
 import sys
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from async_wf._futures import TaskFuture, _fn_name
+from async_wf.checkpoint._config import Checkpoint
 from async_wf.checkpoint._keys import (
     CheckpointError,
     CheckpointKeyError,
@@ -37,12 +39,7 @@ from async_wf.checkpoint._keys import (
     stable_hash,
     task_key,
 )
-from async_wf.checkpoint._log import (
-    DEFAULT_FLUSH,
-    DEFAULT_FLUSH_EVERY,
-    DEFAULT_FLUSH_INTERVAL,
-    CheckpointLog,
-)
+from async_wf.checkpoint._log import CheckpointLog
 
 if TYPE_CHECKING:
     from async_wf._files import FilePlan
@@ -53,48 +50,6 @@ log = logging.getLogger("async_wf")
 #: values smaller than this are not counted toward warn_bytes (cheap to record)
 _BIG_VALUE = 64 << 10
 _FID_CACHE = 10_000  # function identities kept per runtime (lambdas made in a loop)
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """Where and how a runtime records finished tasks; ``Runtime(checkpoint=...)``.
-
-    A plain path is the same as ``Checkpoint(path)``. docs/checkpoint.md
-    says exactly what each flush policy keeps after a crash or a power loss.
-
-    Args:
-        path: the log file, created if missing. One runtime at a time may
-            write it: a second gets ``CheckpointLockedError``.
-        flush: when records are written to the file: ``"record"``
-            (default: the results of the tasks that finished in one loop
-            iteration are written, with one call, before their dependents
-            are dispatched, so a SIGKILL costs only the running tasks),
-            ``"every"`` (every ``flush_every`` records) or ``"interval"``
-            (at most every ``flush_interval`` seconds, and by a timer when
-            tasks stop finishing; a SIGKILL loses up to that much).
-        flush_every: records per write with ``flush="every"``.
-        flush_interval: seconds between writes with ``flush="interval"``.
-        fsync: make every write durable (``fdatasync``) against power loss.
-        warn_bytes: once a function's recorded results (arrays and bytes,
-            counted by their size in memory) pass this many bytes in a run,
-            a warning says so once, pointing at ``@task(checkpoint=False)``
-            for intermediates; 0 turns it off. Default 1 GiB.
-        strict: a module-level value that a task's function reads and that
-            has no stable hash (a logger, a lock, a client) fails ``submit``
-            with ``CheckpointKeyError`` naming it, rather than being left
-            out of the key (logged at DEBUG; ``async_wf.checkpoint.explain``).
-
-    Raises:
-        ValueError: an option breaks its rule (checked when the log opens).
-    """
-
-    path: str | os.PathLike[str]
-    flush: str = DEFAULT_FLUSH
-    flush_every: int = DEFAULT_FLUSH_EVERY
-    flush_interval: float = DEFAULT_FLUSH_INTERVAL
-    fsync: bool = False
-    strict: bool = False
-    warn_bytes: int = 1 << 30
 
 
 def _leaf(obj: Any) -> bytes | None:
@@ -472,10 +427,6 @@ class Recorder:
                 return None
             states.append(got[1])
         return committed[0], states
-
-    def forget_states(self, key: bytes) -> None:
-        """Drop the save bookkeeping of a task that ended."""
-        self._saves.pop(key, None)
 
     # ------------------------------------------------------------ lifecycle
     def _tick(self) -> None:

@@ -1,31 +1,26 @@
-# cython: language_level=3
-"""Compiled hot paths of the checkpoint log (``async_wf._ckfast``).
-
-Three per-task operations dominate what the log costs a workflow of small
-tasks: the key of a call with scalar arguments, the bytes of a small RESULT
-record, and the read of a small record from the map made at open. Each is a
-twin of pure-Python code in ``async_wf.checkpoint`` that produces the same
-bytes (tests compare them); the Python code is used when this module is
-missing or ``ASYNC_WF_NO_EXTENSIONS`` is set.
-
-The byte layouts are defined in ``async_wf/checkpoint/_log.py`` and
-``_keys.py``; this module writes every integer little-endian by hand, so it
-does not depend on the host's byte order.
-"""
-
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.long cimport PyLong_AsLongLongAndOverflow
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcmp, memcpy, memset
+# Included by _core.pyx: the checkpoint log's compiled hot paths.
+#
+# Three per-task operations dominate what the log costs a workflow of small
+# tasks: the key of a call with scalar arguments, the bytes of a small RESULT
+# record, and the read of a small record from the map made at open. Each is a
+# twin of pure-Python code in async_wf.checkpoint (_keys._quick_key_py,
+# _format._py_result_record, _format._py_mapped_payload) that produces the
+# same bytes (tests compare them); async_wf._extension.compiled() picks the
+# Python ones when this extension is missing or ASYNC_WF_NO_EXTENSIONS is set.
+#
+# The byte layouts are specified in async_wf/checkpoint/_format.py and
+# _keys.py. The constants below are C compile-time constants (the code
+# indexes with them); RECORD_LAYOUT exports them, and _format.py compares it
+# with its own at import, refusing an extension built for another layout.
+# Every integer is written little-endian by hand, so nothing depends on the
+# host's byte order.
 
 import struct as _struct
 
 cdef uint32_t _CRC_TABLE[256]
 cdef uint64_t _NAN_BITS = _struct.unpack("<Q", _struct.pack("<d", float("nan")))[0]
 
-# record layout constants, checked against _log.py's at import there
+# the record layout of _format.py (see the head of this file)
 cdef enum:
     HEADER_SIZE = 20
     CRC_FROM = 8
@@ -33,10 +28,25 @@ cdef enum:
     VALUE_HEAD_SIZE = 16
     ALIGN = 16
     T_RESULT = 1
+    CODEC_RAW = 0
     MAX_KEY = 0xFFFF
     MAX_SMALL = 1 << 16
 
 cdef bytes _RECORD_MAGIC = b"\xa7CK\x01"
+
+#: the constants above by their names in _format.py, for its import-time check
+RECORD_LAYOUT = {
+    "HEADER_SIZE": HEADER_SIZE,
+    "CRC_FROM": CRC_FROM,
+    "RESULT_META_SIZE": RESULT_META_SIZE,
+    "VALUE_HEAD_SIZE": VALUE_HEAD_SIZE,
+    "ALIGN": ALIGN,
+    "RESULT": T_RESULT,
+    "CODEC_RAW": CODEC_RAW,
+    "MAX_KEY": MAX_KEY,
+    "DIRECT_MIN": MAX_SMALL,
+    "RECORD_MAGIC": _RECORD_MAGIC,
+}
 
 
 cdef void _init_crc() noexcept:
@@ -197,7 +207,7 @@ def quick_key(bytes fn_identity, tuple args, leaf, hasher):
 def result_record(bytes key, double when, bytes name, tuple parents, bytes payload):
     """One complete small RESULT record: header (with CRC), key, metadata, value.
 
-    The same bytes as ``_log._py_result_record``: metadata padded so that the
+    The same bytes as ``_format._py_result_record``: metadata padded so that the
     value section starts on a 16-byte boundary, then a plain pickle with no
     out-of-band buffers.
 
@@ -219,7 +229,7 @@ def result_record(bytes key, double when, bytes name, tuple parents, bytes paylo
     if npar > 0xFFFF:
         raise ValueError(f"parents must be fewer than 65536 keys, got {npar}")
     for p in parents:
-        # the messages of _log._check_key
+        # the messages of _format._check_key
         if not isinstance(p, bytes):
             raise TypeError(f"parent key must be bytes, got {type(p).__name__}")
         if not 0 < PyBytes_GET_SIZE(p) <= MAX_KEY:
@@ -302,7 +312,7 @@ def mapped_payload(mm, Py_ssize_t off, bytes key):
             return None
         plen = _rd(p + value_at + 8, 8)
         start = value_at + VALUE_HEAD_SIZE
-        if _rd(p + value_at, 4) != 0 or p[value_at + 4] != 0 or <uint64_t>(size - start) != plen:
+        if _rd(p + value_at, 4) != 0 or p[value_at + 4] != CODEC_RAW or <uint64_t>(size - start) != plen:
             return None
         return PyBytes_FromStringAndSize(<const char*>p + start, size - start)
     finally:
