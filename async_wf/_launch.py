@@ -21,7 +21,7 @@ from async_wf._loop import mpi_launched
 from async_wf.transport.local import LocalTransport
 
 if TYPE_CHECKING:
-    from async_wf.checkpoint._runtime import Checkpoint
+    from async_wf.checkpoint._config import Checkpoint
     from async_wf.transport import Transport
 
 log = logging.getLogger("async_wf")
