@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Session", "current_session", "set_current_session"]
 
+#: seconds a runtime waits for the worker ranks held by a runtime of another thread
+ACQUIRE_WAIT = 30.0
+
 
 class Session:
     """The ranks of an MPI job as runtimes use them: a root that schedules, workers that serve.
@@ -56,7 +59,8 @@ class Session:
         self.tasks = comm.Dup()
         self.workers = [r for r in range(comm.size) if r != root]
         self._user: MpiTransport | None = None
-        self._lock = threading.Lock()
+        self._user_thread = 0
+        self._free = threading.Condition()
 
     @property
     def is_root(self) -> bool:
@@ -65,6 +69,11 @@ class Session:
 
     def acquire(self, transport: MpiTransport) -> None:
         """Give the worker ranks to ``transport``.
+
+        A runtime of another thread that holds them (an ``Executor``
+        dropped or shut down without waiting, whose tasks are finishing) is
+        waited for, up to ``ACQUIRE_WAIT`` seconds; one of this thread
+        cannot finish while we wait, so it is an error at once.
 
         Raises:
             RuntimeError: not the root, or another runtime holds them.
@@ -75,17 +84,23 @@ class Session:
         if len(self.workers) == 0:
             raise RuntimeError("the MPI job has no worker rank: start it with mpiexec -n 2 "
                                "or more")
-        with self._lock:
+        me = threading.get_ident()
+        with self._free:
+            if self._user is not None and self._user_thread != me:
+                self._free.wait_for(lambda: self._user is None, ACQUIRE_WAIT)
             if self._user is not None:
+                waited = f" (waited {ACQUIRE_WAIT:g} s)" if self._user_thread != me else ""
                 raise RuntimeError("the worker ranks are in use by another runtime of this "
-                                   "process; close it first")
+                                   f"process{waited}; close it first")
             self._user = transport
+            self._user_thread = me
 
     def release(self, transport: MpiTransport) -> None:
         """Take the worker ranks back from ``transport``."""
-        with self._lock:
+        with self._free:
             if self._user is transport:
                 self._user = None
+                self._free.notify_all()
 
     def exit_workers(self) -> None:
         """Tell every worker rank that the application is over (root only; blocking)."""

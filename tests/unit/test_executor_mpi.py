@@ -57,12 +57,14 @@ APP = """
     # an executor dropped without shutdown() does not keep the ranks
     ex = async_wf.Executor()
     assert ex.submit(add, 1, 1).result(timeout=30) == 2
+    running = ex.submit(slow_rank, 0.5)  # still running when it is dropped
     del ex
     gc.collect()
     t0 = time.monotonic()
     with async_wf.Executor() as ex:
         assert ex.submit(add, 2, 2).result(timeout=30) == 4
     assert time.monotonic() - t0 < 20
+    assert running.result(timeout=30) in (1, 2, 3)  # it finished, and then let go
     print("OK dropped executor releases the ranks")
 
     with async_wf.Executor(max_workers=1) as ex:
