@@ -62,6 +62,7 @@ from async_wf._codec import CODEC_LZ4, CODEC_RAW, CodecError, compress, decompre
 # pack and unpack are the transports' (they pack arguments and results one by one)
 from async_wf._codec import pack as pack
 from async_wf._codec import unpack as unpack
+from async_wf._options import ASYNC, INLINE, THREAD
 
 log = logging.getLogger("async_wf")
 
@@ -99,9 +100,11 @@ KIND_NAMES = {
 }
 
 # task kinds in a TASKS item: how the worker runs the function. The first
-# three are the scheduler's own kinds, sent as they are; K_MPI is one rank's
-# part of an MPI task, whose item carries the gang (see async_wf.mpi)
-K_ASYNC, K_THREAD, K_INLINE, K_MPI = 0, 1, 2, 3
+# three are the scheduler's own kinds (async_wf._options), sent as they are;
+# K_MPI is one rank's part of an MPI task, whose item carries the gang (see
+# async_wf.mpi)
+K_ASYNC, K_THREAD, K_INLINE = ASYNC, THREAD, INLINE
+K_MPI = max(ASYNC, THREAD, INLINE) + 1
 # result statuses in a RESULTS item
 R_OK, R_ERROR, R_CANCELLED = 0, 1, 2
 #: TASKS flags: bit 0, send each task's start and end with its result
