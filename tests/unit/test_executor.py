@@ -485,3 +485,33 @@ def test_an_executor_dropped_without_shutdown_stops_its_thread_after_its_tasks()
             break
         time.sleep(0.05)
     assert not left, left
+
+
+class _RefusesPickle:
+    def __reduce__(self) -> Any:
+        import pickle
+
+        raise pickle.PicklingError("this object refuses to be pickled")
+
+
+def _ident(x: Any) -> Any:
+    return x
+
+
+def _a_lock() -> Any:
+    return threading.Lock()
+
+
+def test_pickling_errors_keep_their_type_on_worker_processes() -> None:
+    # as ProcessPoolExecutor: the original exception type, so that
+    # `except PicklingError` / `except TypeError` keep working
+    import pickle
+
+    with Executor(workers=1) as ex:
+        with pytest.raises(pickle.PicklingError, match="refuses to be pickled") as info:
+            ex.submit(_ident, _RefusesPickle()).result(timeout=30)
+        assert "the arguments of task" in str(info.value)
+        with pytest.raises(TypeError, match="cannot pickle '_thread.lock' object"):
+            ex.submit(_ident, threading.Lock()).result(timeout=30)
+        with pytest.raises(TypeError, match="result could not be pickled.*_thread.lock"):
+            ex.submit(_a_lock).result(timeout=30)
