@@ -79,3 +79,24 @@ class NoWorkerError(RuntimeError):
 
 class WorkerLostError(RuntimeError):
     """A task was running on ``max_lost`` workers that were all lost."""
+
+
+def retyped(exc: BaseException, message: str, fallback: type[Exception]) -> Exception:
+    """An exception of ``exc``'s type that says ``message``, or ``fallback(message)``.
+
+    For errors the runtime reports on a value's behalf (an argument or a
+    result that could not be pickled): the caller's ``except PicklingError``
+    or ``except TypeError`` keeps working, as with ``concurrent.futures``.
+    A type that cannot be built from one message (or is no ``Exception``)
+    gives ``fallback``.
+    """
+    kind = type(exc)
+    if issubclass(kind, Exception):
+        try:
+            made = kind(message)
+        except Exception:
+            pass
+        else:
+            if str(made) == message:
+                return made
+    return fallback(message)

@@ -39,7 +39,7 @@ from typing import Any
 
 from async_wf import protocol as P
 from async_wf._context import TaskContext, call_on_loop, mark_coroutine, mark_thread
-from async_wf._errors import RemoteError
+from async_wf._errors import RemoteError, retyped
 from async_wf._threads import ERROR, OK, SKIPPED, Outcome, ThreadPool
 
 log = logging.getLogger("async_wf.worker")
@@ -753,9 +753,14 @@ class Worker:
                 del bufs[n0:]
                 status = P.R_ERROR
                 tb = traceback.format_exc()
-                blob = P.pack(RemoteError(
-                    f"the task's result could not be pickled: {type(exc).__name__}: {exc}"
-                ), bufs)
+                msg = f"the task's result could not be pickled: {type(exc).__name__}: {exc}"
+                try:
+                    # of the original type where that type travels (TypeError,
+                    # PicklingError), as concurrent.futures reports it
+                    blob = P.pack(retyped(exc, msg, RemoteError), bufs)
+                except Exception:
+                    del bufs[n0:]
+                    blob = P.pack(RemoteError(msg), bufs)
             n = P.packed_size(blob, bufs, n0)
             if n > budget:
                 # the scheduler would take the frame for an attack and drop

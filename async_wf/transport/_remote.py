@@ -45,7 +45,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import cloudpickle
 
 from async_wf import protocol as P
-from async_wf._errors import RemoteError, RemoteTraceback, TaskTimeoutError, WorkerLostError
+from async_wf._errors import (
+    RemoteError,
+    RemoteTraceback,
+    TaskTimeoutError,
+    WorkerLostError,
+    retyped,
+)
 from async_wf._options import ASYNC
 from async_wf.transport import Attempt, Transport
 
@@ -425,9 +431,10 @@ class RemoteTransport(Transport):
         Raising instead would leave the whole batch half-dispatched, its
         futures pending for ever. The credit taken for it on ``w`` is given back.
         """
-        self._refuse_task(w, fut, TypeError(
-            f"the {what} of task {fut.name!r} could not be pickled: {type(exc).__name__}: {exc}"
-        ))
+        err = retyped(exc, f"the {what} of task {fut.name!r} could not be pickled: "
+                           f"{type(exc).__name__}: {exc}", TypeError)
+        err.__cause__ = exc
+        self._refuse_task(w, fut, err)
 
     def _refuse_task(self, w: _Worker, fut: TaskFuture[Any], exc: Exception) -> None:
         """Fail one task of a batch before it is sent; its credit on ``w`` is given back."""

@@ -511,7 +511,7 @@ def test_pickling_errors_keep_their_type_on_worker_processes() -> None:
         with pytest.raises(pickle.PicklingError, match="refuses to be pickled") as info:
             ex.submit(_ident, _RefusesPickle()).result(timeout=30)
         assert "the arguments of task" in str(info.value)
-        with pytest.raises(TypeError, match="cannot pickle '_thread.lock' object"):
+        with pytest.raises(TypeError, match=r"cannot pickle '_thread\.lock' object"):
             ex.submit(_ident, threading.Lock()).result(timeout=30)
-        with pytest.raises(TypeError, match="result could not be pickled.*_thread.lock"):
+        with pytest.raises(TypeError, match=r"result could not be pickled.*_thread\.lock"):
             ex.submit(_a_lock).result(timeout=30)
