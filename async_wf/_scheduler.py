@@ -407,6 +407,7 @@ class Scheduler:
             self._obs.failed(fut, exc, fut._attempt <= opts.retries)
         if fut._attempt <= opts.retries:
             fut._attempt += 1
+            fut._att = None  # a late outcome of the attempt given up on is dropped
             self.n_retried += 1
             log.info("task %r (#%d) failed, retrying (%s)", name, fut._id, exc)
             self._core.requeue(fut._handle)
@@ -443,6 +444,7 @@ class Scheduler:
         if fut._cancelling:
             self.task_cancelled(fut, "cancelled")
             return
+        fut._att = None
         self._core.requeue(fut._handle)
         self._kick()
 
