@@ -14,7 +14,15 @@ arguments become dependencies; ``await`` gives the result::
     async_wf.run(main())
 """
 
-from async_wf._api import Runtime, as_completed, current_runtime, gather, submit, wait
+from async_wf._api import (
+    Runtime,
+    as_completed,
+    current_runtime,
+    gather,
+    options,
+    submit,
+    wait,
+)
 from async_wf._context import TaskContext, task_context
 from async_wf._errors import (
     DependencyError,
@@ -31,7 +39,7 @@ from async_wf._futures import TaskFuture
 from async_wf._loop import run
 from async_wf._options import TaskOptions
 from async_wf._program import ProgramError, ProgramResult, run_program
-from async_wf._task import TaskFunction, task
+from async_wf._task import Submitter, TaskFunction, task
 from async_wf.checkpoint import (
     CheckpointCorruptError,
     CheckpointError,
@@ -68,6 +76,7 @@ __all__ = [
     "RemoteTraceback",
     "Runtime",
     "RuntimeClosedError",
+    "Submitter",
     "TaskFunction",
     "TaskContext",
     "TaskFuture",
@@ -79,6 +88,7 @@ __all__ = [
     "as_completed",
     "current_runtime",
     "gather",
+    "options",
     "run",
     "run_program",
     "submit",

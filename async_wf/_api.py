@@ -7,14 +7,15 @@ import contextvars
 import os
 import ssl as _ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
-from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, Unpack, cast, overload
 
 from async_wf._errors import RuntimeClosedError
 from async_wf._futures import TaskFuture
 from async_wf._launch import LaunchArgs, choose_transport, fill_in_launch_defaults
 from async_wf._loop import run
+from async_wf._options import TaskOptionArgs
 from async_wf._scheduler import Scheduler
-from async_wf._task import closed, current_scheduler, find_scheduler, opened
+from async_wf._task import Submitter, closed, current_scheduler, find_scheduler, opened
 from async_wf.checkpoint._config import Checkpoint
 from async_wf.transport import Transport
 
@@ -350,6 +351,18 @@ class Runtime:
             raise RuntimeClosedError("the runtime is not started; use 'async with Runtime()'")
         return sched.submit(fn, args, kwargs)
 
+    def options(self, **options: Unpack[TaskOptionArgs]) -> Submitter:
+        """Submit calls with options of their own: ``rt.options(priority=10).submit(fn, x)``.
+
+        Every ``@task`` option may be given; they apply on top of a task's
+        own. An urgent request jumps the queue without a wrapper.
+
+        Raises:
+            TypeError: an option does not exist.
+            ValueError: an option value breaks its rule.
+        """
+        return Submitter(dict(options), lambda: self._sched)
+
     async def barrier(self) -> None:
         """Wait until every task submitted so far has finished, failed or been cancelled.
 
@@ -445,6 +458,16 @@ def submit(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture[A
     if sched is None:
         raise RuntimeError("no async_wf runtime is running here; use 'async with Runtime()'")
     return sched.submit(fn, args, kwargs)
+
+
+def options(**options: Unpack[TaskOptionArgs]) -> Submitter:
+    """Per-call options for the runtime of the current context; see ``Runtime.options``.
+
+    Raises:
+        TypeError: an option does not exist.
+        ValueError: an option value breaks its rule.
+    """
+    return Submitter(dict(options), find_scheduler)
 
 
 async def gather(*futs: Awaitable[Any], return_exceptions: bool = False) -> list[Any]:

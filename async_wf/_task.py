@@ -6,7 +6,7 @@ import asyncio
 import contextvars
 import functools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, Unpack, cast, overload
 
 from async_wf._options import ASYNC, TaskOptionArgs, TaskOptions, kind_of
@@ -140,6 +140,56 @@ class TaskFunction(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<async_wf task {getattr(self._fn, '__qualname__', self._fn)!r} {self._opts}>"
+
+
+class Submitter:
+    """Submits calls with options of their own: ``rt.options(priority=10).submit(fn, x)``.
+
+    The options apply to each call submitted through it, on top of a
+    ``@task``'s own (a plain function starts from the defaults), so an
+    urgent or fragile call needs no wrapper. Made by ``Runtime.options``
+    and ``async_wf.options``; the options are checked when it is made.
+    """
+
+    __slots__ = ("_changes", "_find", "_opts")
+
+    def __init__(self, changes: dict[str, Any],
+                 find: Callable[[], Scheduler | None]) -> None:
+        # checked now, against the defaults: a bad option fails at the call
+        # that names it, not at the first submit
+        self._opts = TaskOptions.from_args(changes, "options")
+        self._changes = changes
+        self._find = find
+
+    @overload
+    def submit(
+        self, fn: Callable[..., Coroutine[Any, Any, R]], /, *args: Any, **kwargs: Any
+    ) -> TaskFuture[R]: ...
+
+    @overload
+    def submit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> TaskFuture[R]: ...
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture[Any]:
+        """Submit ``fn(*args, **kwargs)`` with these options; see ``Runtime.submit``.
+
+        Raises:
+            RuntimeError: no runtime is running here (``async_wf.options``).
+            TypeError: ``fn`` is not callable.
+        """
+        sched = self._find()
+        if sched is None:
+            raise RuntimeError(
+                "no async_wf runtime is running here; cannot submit "
+                f"{getattr(fn, '__qualname__', fn)!r}"
+            )
+        if type(fn) is TaskFunction:
+            tf: TaskFunction[..., Any] = TaskFunction(fn._fn, fn._opts.merged(**self._changes))
+        else:
+            tf = TaskFunction(fn, self._opts)
+        return sched.submit(tf, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<async_wf options {self._changes}>"
 
 
 @overload

@@ -1,4 +1,4 @@
-"""Per-call options: ``rt.options(...).submit(fn, ...)`` without wrapping the function (issue 18)."""
+"""Per-call options: ``rt.options(...).submit(fn, ...)``, the function unwrapped (issue 18)."""
 
 from __future__ import annotations
 
