@@ -360,25 +360,14 @@ class Worker:
         i = 0
         n = len(batch)
         while i < n:
-            rid, fid, kind, nbufs, blob, extra = batch[i]
+            item = batch[i]
             i += 1
             start = pos
-            pos += nbufs
-            try:
-                args, kw = P.unpack(blob, buffers, start, nbufs)
-            except KeyboardInterrupt:
-                raise
-            except BaseException as exc:
-                self._unloadable(rid, exc)
+            pos += item[3]
+            loaded = self._load(item, buffers, start)
+            if loaded is None:
                 continue
-            kwargs = kw if kw is not None else _NO_KWARGS
-            if extra is not None and kind != P.K_MPI:
-                self._ctx_info[rid] = (0, 1, extra)
-            fn = self._fns.get(fid)
-            if fn is None:
-                err = self._fn_errors.get(fid) or RemoteError(f"unknown function id {fid}")
-                self._report(rid, P.R_ERROR, err, None)
-                continue
+            rid, fid, kind, fn, args, kwargs, extra = loaded
             if kind == P.K_ASYNC:
                 self._async[rid] = loop.create_task(self._run_async(rid, fn, args, kwargs))
             elif kind == P.K_THREAD:
@@ -410,6 +399,30 @@ class Worker:
                 for fid in [f for f in table if f < floor]:
                     del table[fid]
 
+    def _load(self, item: tuple[Any, ...], buffers: list[Any],
+              start: int) -> tuple[int, int, int, Any, Any, Any, Any] | None:
+        """One TASKS item made ready to run: (rid, fid, kind, fn, args, kwargs, extra).
+
+        None when it cannot run here (its arguments or its function failed
+        to load): its error is reported already, and only it fails.
+        """
+        rid, fid, kind, nbufs, blob, extra = item
+        try:
+            args, kw = P.unpack(blob, buffers, start, nbufs)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            self._unloadable(rid, exc)
+            return None
+        if extra is not None and kind != P.K_MPI:
+            self._ctx_info[rid] = (0, 1, extra)  # a saved step to restore
+        fn = self._fns.get(fid)
+        if fn is None:
+            err = self._fn_errors.get(fid) or RemoteError(f"unknown function id {fid}")
+            self._report(rid, P.R_ERROR, err, None)
+            return None
+        return rid, fid, kind, fn, args, kw if kw is not None else _NO_KWARGS, extra
+
     def _unloadable(self, rid: int, exc: BaseException) -> None:
         # this task alone: e.g. an argument's module is missing here
         self._report(rid, P.R_ERROR, RemoteError(
@@ -429,26 +442,16 @@ class Worker:
         if batch is None or buffers is None or pool is None:
             return
         while self._batch_i < len(batch) and batch[self._batch_i][2] == P.K_THREAD:
-            rid, fid, _kind, nbufs, blob, extra = batch[self._batch_i]
+            item = batch[self._batch_i]
             self._batch_i += 1
             start = self._batch_pos
-            self._batch_pos = start + nbufs
-            try:
-                args, kw = P.unpack(blob, buffers, start, nbufs)
-            except KeyboardInterrupt:
-                raise
-            except BaseException as exc:
-                self._unloadable(rid, exc)
+            self._batch_pos = start + item[3]
+            loaded = self._load(item, buffers, start)
+            if loaded is None:
                 continue
-            if extra is not None:
-                self._ctx_info[rid] = (0, 1, extra)
-            fn = self._fns.get(fid)
-            if fn is None:
-                err = self._fn_errors.get(fid) or RemoteError(f"unknown function id {fid}")
-                self._report(rid, P.R_ERROR, err, None)
-                continue
+            rid, fid, _kind, fn, args, kwargs, _extra = loaded
             self._in_pool.add(rid)
-            pool.put((rid, fid), fn, args, kw if kw is not None else _NO_KWARGS)
+            pool.put((rid, fid), fn, args, kwargs)
 
     def _start_part(self, kind: int, rid: int, fid: int, fn: Any, args: Any, kwargs: Any,
                     extra: Any) -> None:
