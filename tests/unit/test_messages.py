@@ -145,3 +145,44 @@ async def test_runtime_and_future_reprs_say_where_things_stand() -> None:
         assert repr(fut) == "<TaskFuture #1 'slow_add' finished>"
         assert fut._repr_html_().count("finished") == 1
     assert repr(rt).startswith("<async_wf.Runtime local, closed: 1 submitted")
+
+
+UNSEEN = """\
+import asyncio, sys, traceback, async_wf
+
+def fail():
+    raise ValueError("a-failed")
+
+def follow(x):
+    return x
+
+async def main():
+    async with async_wf.Runtime() as rt:
+        a = rt.submit(fail)
+        b = rt.submit(follow, a)
+        c = rt.submit(follow, b)
+        await asyncio.wait([a, b, c])
+        late = rt.submit(follow, b)
+        await asyncio.wait([late])
+        if {seen!r} == "nobody":
+            return
+        try:
+            await {{"b": b, "c": c, "late": late}}[{seen!r}]
+        except async_wf.DependencyError:
+            traceback.print_exc()
+
+async_wf.run(main())
+"""
+
+
+@pytest.mark.parametrize("seen", ["b", "c", "late", "nobody"])
+def test_a_failure_is_reported_once(seen: str) -> None:
+    # a's failure reached the user through a dependent's DependencyError
+    # (its cause): at exit a must not print the same traceback again; a
+    # failure nobody saw is still reported, once (not once per dependent)
+    proc = subprocess.run([sys.executable, "-c", UNSEEN.format(seen=seen)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("ValueError: a-failed") == 1, proc.stderr
+    never = proc.stderr.count("exception was never retrieved")
+    assert never == (1 if seen == "nobody" else 0), proc.stderr
