@@ -46,6 +46,8 @@ class TaskFuture(asyncio.Future[_T]):
         "_cancelling",
         "_ckey",
         "_cparents",
+        "_echo",
+        "_echoes",
         "_fn",
         "_handle",
         "_id",
@@ -84,6 +86,10 @@ class TaskFuture(asyncio.Future[_T]):
     _obs_t: float | tuple[float, float, int]
     _ckey: bytes | None
     _cparents: tuple[bytes, ...] | None  # keys of the inputs; None: not recorded
+    # set only on failed futures linked by link_echo (their class is swapped
+    # for a _Linked one); an ordinary future never has them
+    _echo: bool
+    _echoes: list[TaskFuture[Any]]
 
     @property
     def name(self) -> str:
@@ -123,7 +129,8 @@ class TaskFuture(asyncio.Future[_T]):
         if self.cancelled():
             state = "cancelled"
         elif self.done():
-            state = "failed" if self.exception() is not None else "finished"
+            # not exception(): looking must not count as retrieving it
+            state = "failed" if self._exception is not None else "finished"
         return f"<TaskFuture #{self._id} {self.name!r} {state}>"
 
     def _repr_html_(self) -> str:
@@ -226,6 +233,76 @@ class RecordedFuture(TaskFuture[_T]):
         return super().__await__()
 
     __iter__ = __await__
+
+
+# A failure reported once
+# ------------------------
+# asyncio prints "exception was never retrieved" with the traceback when a
+# failed future nobody looked at is freed. The dependents of a failed task
+# fail with an error whose __cause__ is that failure (DependencyError,
+# WorkflowAborted): whoever awaits one of them has seen it, and the upstream
+# future, usually never awaited, must then not print it a second time at
+# exit. A failure nobody saw is still printed, once, by the future that
+# raised it (its echoes say nothing themselves).
+#
+# link_echo ties an echo to the future whose failure it carries: the origin
+# keeps its echoes (so they outlive it, and it can ask them when it is
+# freed), and both get a class with a __del__ that decides. Only failed
+# futures change class, so the others pay nothing for it. An echo of an
+# echo (a task submitted after its input had failed without running) hangs
+# under that input. Neither the scheduler nor repr() calls exception() on
+# them (that would count as retrieving).
+
+
+def _retrieved(fut: TaskFuture[Any]) -> bool:
+    """Whether the user saw ``fut``'s error, or that of an echo of it."""
+    return not fut._log_traceback or any(_retrieved(e) for e in fut._echoes)
+
+
+class _Linked:
+    """Mixin for failed futures tied by ``link_echo`` (see above)."""
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        fut: Any = self
+        if fut._echo:
+            return  # its origin reports the failure, if nobody saw it
+        if fut._log_traceback and any(_retrieved(e) for e in fut._echoes):
+            fut._log_traceback = False
+        super().__del__()  # type: ignore[misc]
+
+
+class _LinkedTask(_Linked, TaskFuture[_T]):
+    __slots__ = ()
+
+
+class _LinkedRecorded(_Linked, RecordedFuture[_T]):
+    __slots__ = ()
+
+
+# the message asyncio prints names the class: keep the public names
+_LinkedTask.__name__ = _LinkedTask.__qualname__ = "TaskFuture"
+_LinkedRecorded.__name__ = _LinkedRecorded.__qualname__ = "RecordedFuture"
+
+
+def _linked(fut: TaskFuture[Any]) -> None:
+    if not isinstance(fut, _Linked):
+        fut._echo = False
+        fut._echoes = []
+        fut.__class__ = _LinkedRecorded if isinstance(fut, RecordedFuture) else _LinkedTask
+
+
+def link_echo(origin: TaskFuture[Any], echo: TaskFuture[Any]) -> None:
+    """``echo`` failed with an error caused by ``origin``'s: report the failure once.
+
+    Call it once ``echo`` holds its error; it must not be given
+    ``_log_traceback = False`` (that flag tells whether the user saw it).
+    """
+    _linked(origin)
+    _linked(echo)
+    echo._echo = True
+    origin._echoes.append(echo)
 
 
 def _fn_name(fn: Any) -> str:
