@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -186,3 +187,34 @@ def test_a_failure_is_reported_once(seen: str) -> None:
     assert proc.stderr.count("ValueError: a-failed") == 1, proc.stderr
     never = proc.stderr.count("exception was never retrieved")
     assert never == (1 if seen == "nobody" else 0), proc.stderr
+
+
+@pytest.mark.parametrize("option", ["listen", "metrics"])
+async def test_an_unresolvable_host_names_the_option(option: str) -> None:
+    addr = "tcp://no-such-host.invalid:0"
+    rt = async_wf.Runtime(workers=1, **{option: addr})
+    with pytest.raises(OSError, match=rf"^{option}='tcp://no-such-host\.invalid:0': cannot "
+                                      r"resolve the host 'no-such-host\.invalid'"):
+        await rt.start()
+    await rt.close()
+
+
+@pytest.mark.parametrize("option", ["listen", "metrics"])
+@pytest.mark.parametrize("addr", ["127.0.0.1:0", "tcp://localhost:0", "tcp://[::1]:0"])
+async def test_listen_and_metrics_take_the_same_addresses(option: str, addr: str) -> None:
+    if "::1" in addr and not socket.has_ipv6:
+        pytest.skip("this Python has no IPv6")
+    # listen: a worker process connects to the address the runtime gives it
+    workers = {"workers": 1} if option == "listen" else {}
+    async with async_wf.Runtime(**workers, **{option: addr}) as rt:
+        assert await rt.submit(add, 1, 2) == 3
+        if option == "metrics":
+            assert rt.metrics_address is not None and rt.metrics_address[1] > 0
+
+
+@pytest.mark.parametrize("option", ["listen", "metrics"])
+@pytest.mark.parametrize("addr", [":0", "tcp://:0", "9464", "tcp://host", "host:port"])
+def test_listen_and_metrics_refuse_the_same_addresses(option: str, addr: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{option} must be 'host:port' or 'tcp://host:port'"
+                                         rf".*got '{re.escape(addr)}'"):
+        async_wf.Runtime(workers=1, **{option: addr})
