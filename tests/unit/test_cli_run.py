@@ -97,8 +97,10 @@ def test_the_exit_code_of_the_application_is_kept(tmp_path: Path) -> None:
      "--listen: cannot resolve the host 'no-such-host.invalid'"),
     (["--metrics", "no-such-host.invalid:0"],
      "--metrics: cannot resolve the host 'no-such-host.invalid'"),
-    (["--listen", ":0"], "--listen: give the host"),
-    (["--metrics", ":0"], "--metrics: give the host"),
+    (["--listen", ":0"],
+     "--listen: must be HOST:PORT (port 0: any free one), got ':0'; give the host"),
+    (["--metrics", ":0"],
+     "--metrics: must be HOST:PORT (port 0: any free one), got ':0'; give the host"),
 ])
 def test_bad_options_are_refused_with_the_rule(tmp_path: Path, opts: list[str],
                                                message: str) -> None:
