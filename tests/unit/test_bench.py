@@ -180,18 +180,20 @@ def test_the_suite_reports_a_system_over_its_time_limit_and_cleans_up(tmp_path: 
     psutil = pytest.importorskip("psutil")
     js = tmp_path / "out.json"
     before = {p.pid for p in psutil.process_iter()}
+    mark = uuid.uuid4().hex
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--systems", "async_wf-tcp", "--workloads", "chain",
          "--n", "1000000", "--repeat", "1", "--timeout", "8", "--json", str(js)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, TEST_MARK: mark},
     )
     assert proc.returncode == 0, proc.stderr
     r = json.loads(js.read_text())["results"]["async_wf-tcp"]["chain"]
     assert r["status"] == "failed" and "timed out after 8 s" in r["reason"]
     # the child, its worker processes and everything they started are gone
-    # (only processes carrying the suite's mark: other test runs on the
+    # (only processes carrying this run's mark: other test runs on the
     # machine may start workers of their own meanwhile)
-    assert _leftovers(before, "") == []
+    assert _leftovers(before, mark) == []
 
 
 def test_the_suite_reports_a_peer_that_is_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -240,13 +242,13 @@ def _leftovers(before: set[int], mark: str) -> list[Any]:
 
     return [p for p in psutil.process_iter(["cmdline"])
             if p.pid not in before and "async_wf.worker" in " ".join(p.info["cmdline"] or [])
-            and _marked(p)]
+            and _marked(p, mark)]
 
 
-def _marked(p: Any) -> bool:
-    """True when process ``p`` was started by a benchmark suite run (its environment mark)."""
+def _marked(p: Any, mark: str) -> bool:
+    """True when process ``p`` inherited ``TEST_MARK=mark`` (it belongs to that run)."""
     try:
-        return "ASYNC_WF_BENCH_RUN" in p.environ()
+        return bool(p.environ().get(TEST_MARK) == mark)
     except Exception:  # gone, or not ours to read
         return False
 
