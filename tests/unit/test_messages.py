@@ -218,3 +218,37 @@ def test_listen_and_metrics_refuse_the_same_addresses(option: str, addr: str) ->
     with pytest.raises(ValueError, match=rf"^{option} must be 'host:port' or 'tcp://host:port'"
                                          rf".*got '{re.escape(addr)}'"):
         async_wf.Runtime(workers=1, **{option: addr})
+
+
+PIPELINE = """\
+import asyncio, async_wf
+
+def fail():
+    raise ValueError("a-failed")
+
+def step(x):
+    return x
+
+async def main():
+    async with async_wf.Runtime() as rt:
+        x = rt.submit(fail)
+        await asyncio.wait([x])
+        for _ in range(3000):  # each step's input has failed: a long chain
+            x = rt.submit(step, x)
+        if {seen}:
+            await asyncio.gather(x, return_exceptions=True)
+
+async_wf.run(main())
+"""
+
+
+@pytest.mark.parametrize("seen", [True, False])
+def test_a_failure_at_the_head_of_a_dropped_pipeline_is_reported_once(seen: bool) -> None:
+    # the user keeps only the last future: the failed head and the steps in
+    # between are dropped long before the last step is looked at
+    proc = subprocess.run([sys.executable, "-c", PIPELINE.format(seen=seen)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "Exception ignored" not in proc.stderr, proc.stderr
+    never = proc.stderr.count("exception was never retrieved")
+    assert never == (0 if seen else 1), proc.stderr
