@@ -5,13 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
+import socket
 import ssl as _ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, Unpack, cast, overload
 
 from async_wf._errors import RuntimeClosedError
 from async_wf._futures import TaskFuture
-from async_wf._launch import LaunchArgs, choose_transport, fill_in_launch_defaults
+from async_wf._launch import (
+    LaunchArgs,
+    choose_transport,
+    fill_in_launch_defaults,
+    join_address,
+    split_address,
+)
 from async_wf._loop import run
 from async_wf._options import TaskOptionArgs
 from async_wf._scheduler import Scheduler
@@ -90,9 +97,10 @@ class Runtime:
             run in this process (default: ``min(32, cpu_count + 4)``).
         workers: start this many worker processes and run tasks on them,
             over TCP (see ``async_wf.transport.tcp``); stopped on exit.
-        listen: ``tcp://host:port`` on which to accept workers started by
-            hand (``async-wf worker --connect ...``); implies the TCP
-            transport. Default: loopback only, on a free port.
+        listen: ``host:port`` or ``tcp://host:port`` (an IPv6 host in
+            brackets) on which to accept workers started by hand
+            (``async-wf worker --connect ...``); implies the TCP transport.
+            Default: loopback only, on a free port.
         token_file: with ``listen``: the file holding the secret that
             external workers must prove they know; created (mode 0600) with
             a fresh secret if missing.
@@ -115,8 +123,9 @@ class Runtime:
         progress: show a live progress line on the terminal (submitted,
             running, done, failed, tasks/s); nothing when stderr is not a
             terminal.
-        metrics: ``"host:port"`` on which to serve Prometheus metrics while
-            the runtime runs (port 0: a free one, see ``metrics_address``).
+        metrics: ``"host:port"`` (or ``tcp://host:port``, as ``listen``)
+            on which to serve Prometheus metrics while the runtime runs
+            (port 0: a free one, see ``metrics_address``).
         trace: write a Chrome trace-event file (Perfetto, chrome://tracing)
             of every task attempt to this path at close.
         report: write a self-contained HTML report of the run to this path
@@ -170,6 +179,16 @@ class Runtime:
             checkpoint=checkpoint, progress=progress, metrics=metrics, trace=trace,
             report=report)
         fill_in_launch_defaults(args)
+        # (option, as given, host, port): resolved at start, before any listening
+        self._addresses: list[tuple[str, str, str, int]] = []
+        if args.listen is not None:
+            host, port = split_address(args.listen, "listen")
+            self._addresses.append(("listen", args.listen, host, port))
+            args.listen = "tcp://" + join_address(host, port)
+        if args.metrics is not None:
+            host, port = split_address(args.metrics, "metrics")
+            self._addresses.append(("metrics", args.metrics, host, port))
+            args.metrics = join_address(host, port)
         self._transport: Transport = choose_transport(args, Runtime.__init__)
         self._wait_on_exit = wait_on_exit
         checkpoint = args.checkpoint
@@ -181,8 +200,6 @@ class Runtime:
         self._checkpoint = checkpoint
         from async_wf.observe._events import ObserveOptions
 
-        if args.metrics is not None:
-            _check_address(args.metrics)
         self._observe = ObserveOptions(
             progress=bool(args.progress), metrics=args.metrics,
             trace=None if args.trace is None else os.fspath(args.trace),
@@ -198,6 +215,8 @@ class Runtime:
 
         Raises:
             RuntimeError: it was started before.
+            socket.gaierror: the host of ``listen`` or ``metrics`` cannot be
+                resolved (the message names the option and the value).
             OSError: the transport could not listen (address in use, ...).
             CheckpointLockedError: another runtime writes the checkpoint log.
             CheckpointFormatError: the checkpoint file is not a checkpoint log.
@@ -205,6 +224,13 @@ class Runtime:
         if self._sched is not None or self._closed:
             raise RuntimeError("a Runtime can be started only once")
         loop = asyncio.get_running_loop()
+        for option, given, host, port in self._addresses:
+            try:
+                await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                self._closed = True
+                raise socket.gaierror(f"{option}={given!r}: cannot resolve the host {host!r} "
+                                      f"({exc.strerror})") from None
         recorder = None
         if self._checkpoint is not None:
             from async_wf._recorder import Recorder
@@ -536,10 +562,3 @@ async def as_completed(
     finally:
         for f in fs:
             f.remove_done_callback(q.put_nowait)
-
-
-def _check_address(addr: str, what: str = "metrics") -> None:
-    """Refuse anything but ``host:port`` (``tcp://host:port`` too, as ``listen=`` takes)."""
-    _host, sep, port = addr.removeprefix("tcp://").rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"{what} must be 'host:port' (port 0: any free one), got {addr!r}")

@@ -47,6 +47,7 @@ class TaskFuture(asyncio.Future[_T]):
         "_ckey",
         "_cparents",
         "_fn",
+        "_group",
         "_handle",
         "_id",
         "_ignored",
@@ -55,6 +56,7 @@ class TaskFuture(asyncio.Future[_T]):
         "_lost",
         "_obs_t",
         "_opts",
+        "_origin",
         "_sched",
         "_subst",
         "_unrun",
@@ -84,6 +86,10 @@ class TaskFuture(asyncio.Future[_T]):
     _obs_t: float | tuple[float, float, int]
     _ckey: bytes | None
     _cparents: tuple[bytes, ...] | None  # keys of the inputs; None: not recorded
+    # set only on failed futures linked by link_echo (their class is swapped
+    # for a _Linked one); an ordinary future never has them
+    _origin: TaskFuture[Any] | None
+    _group: list[Any] | None
 
     @property
     def name(self) -> str:
@@ -123,7 +129,8 @@ class TaskFuture(asyncio.Future[_T]):
         if self.cancelled():
             state = "cancelled"
         elif self.done():
-            state = "failed" if self.exception() is not None else "finished"
+            # not exception(): looking must not count as retrieving it
+            state = "failed" if self._exception is not None else "finished"
         return f"<TaskFuture #{self._id} {self.name!r} {state}>"
 
     def _repr_html_(self) -> str:
@@ -226,6 +233,91 @@ class RecordedFuture(TaskFuture[_T]):
         return super().__await__()
 
     __iter__ = __await__
+
+
+# A failure reported once
+# ------------------------
+# asyncio prints "exception was never retrieved" with the traceback when a
+# failed future nobody looked at is freed. The dependents of a failed task
+# fail with an error whose __cause__ is that failure (DependencyError,
+# WorkflowAborted): whoever awaits one of them has seen it, and the upstream
+# future, usually never awaited, must then not print it a second time at
+# exit. A failure nobody saw is still printed, once, for the future that
+# raised it (its echoes say nothing of their own).
+#
+# link_echo puts an echo in its origin's group: the echo keeps the origin
+# alive, and the origin keeps a count of the members not yet freed and
+# whether the user retrieved any of them (asyncio's own flag, read when a
+# member is freed). The last member freed decides: normally the origin,
+# which its echoes outlive; in a garbage cycle (a raised error's traceback
+# holds the frame that holds the futures) the order is arbitrary, so an
+# echo freed last reports for its origin, as asyncio would have. Only failed
+# futures change class (for the __del__), so the others pay nothing.
+# Neither the scheduler nor repr() calls exception() on a future: that
+# would count as the user having retrieved it.
+
+
+class _Linked:
+    """Mixin for failed futures in a group made by ``link_echo`` (see above)."""
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        fut: Any = self
+        origin = fut._origin if fut._origin is not None else fut
+        group = origin._group  # [members not yet freed, retrieved by the user]
+        if not fut._log_traceback:
+            group[1] = True
+        group[0] -= 1
+        unseen_last = group[0] == 0 and not group[1]
+        if fut is origin:
+            if unseen_last:
+                super().__del__()  # type: ignore[misc]  # asyncio's report
+            return
+        if unseen_last:
+            context = {"message": f"{type(origin).__name__} exception was never retrieved",
+                       "exception": origin._exception, "future": origin}
+            if origin._source_traceback:
+                context["source_traceback"] = origin._source_traceback
+            origin.get_loop().call_exception_handler(context)
+
+
+class _LinkedTask(_Linked, TaskFuture[_T]):
+    __slots__ = ()
+
+
+class _LinkedRecorded(_Linked, RecordedFuture[_T]):
+    __slots__ = ()
+
+
+# the message asyncio prints names the class: keep the public names
+_LinkedTask.__name__ = _LinkedTask.__qualname__ = "TaskFuture"
+_LinkedRecorded.__name__ = _LinkedRecorded.__qualname__ = "RecordedFuture"
+
+
+def _linked(fut: TaskFuture[Any]) -> None:
+    if not isinstance(fut, _Linked):
+        fut._origin = None
+        fut._group = [1, False]
+        fut.__class__ = _LinkedRecorded if isinstance(fut, RecordedFuture) else _LinkedTask
+
+
+def link_echo(failed: TaskFuture[Any], echo: TaskFuture[Any]) -> None:
+    """``echo`` failed with an error caused by ``failed``'s: report the failure once.
+
+    ``failed`` may itself be an echo (a task submitted after its input had
+    failed without running): ``echo`` then joins the same origin. Call it
+    once ``echo`` holds its error, and do not set its ``_log_traceback``
+    (that flag tells whether the user retrieved it).
+    """
+    _linked(failed)
+    origin = failed._origin if failed._origin is not None else failed
+    echo._origin = origin
+    echo._group = None
+    echo.__class__ = _LinkedRecorded if isinstance(echo, RecordedFuture) else _LinkedTask
+    group = origin._group
+    assert group is not None
+    group[0] += 1
 
 
 def _fn_name(fn: Any) -> str:

@@ -102,6 +102,46 @@ class LaunchArgs:
                 or self.token_file is not None or self.ssl is not None)
 
 
+# listen= and metrics= take the same forms: 'host:port' or 'tcp://host:port',
+# an IPv6 host in brackets. An empty host is refused rather than read as
+# "every interface": listening beyond loopback must be asked for by name.
+_ADDRESS_RULE = "must be 'host:port' or 'tcp://host:port' (port 0: any free one)"
+
+
+def missing_host_hint(port: str) -> str:
+    """What to write instead of ``:port``."""
+    return (f"give the host: '127.0.0.1:{port}' (this machine only) or "
+            f"'0.0.0.0:{port}' (every interface)")
+
+
+def split_address(addr: object, option: str) -> tuple[str, int]:
+    """``(host, port)`` of a ``listen=`` or ``metrics=`` address (``option`` names it).
+
+    Raises:
+        ValueError: not ``host:port`` or ``tcp://host:port``, naming the
+            option and the value.
+    """
+    if not isinstance(addr, str):
+        raise ValueError(f"{option} {_ADDRESS_RULE}, got {type(addr).__name__}: {addr!r}")
+    rest = addr.removeprefix("tcp://")
+    host, sep, port = rest.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""  # an IPv6 address without brackets: where it ends is unclear
+        sep = ""
+    if not sep or not port.isdigit() or int(port) > 65535 or "/" in rest or "@" in rest:
+        raise ValueError(f"{option} {_ADDRESS_RULE}, got {addr!r}")
+    if not host:
+        raise ValueError(f"{option} {_ADDRESS_RULE}, got {addr!r}; {missing_host_hint(port)}")
+    return host, int(port)
+
+
+def join_address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def fill_in_launch_defaults(args: LaunchArgs) -> None:
     """Fill in what ``args`` leaves out from ``launch_defaults()``, in place.
 

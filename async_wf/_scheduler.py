@@ -40,7 +40,14 @@ from async_wf import core as _corepick
 from async_wf._context import TaskContext, call_on_loop
 from async_wf._errors import DependencyError, RuntimeClosedError, WorkflowAborted
 from async_wf._files import FileOrder
-from async_wf._futures import RecordedFuture, TaskFuture, _fn_name, collect, replace_in
+from async_wf._futures import (
+    RecordedFuture,
+    TaskFuture,
+    _fn_name,
+    collect,
+    link_echo,
+    replace_in,
+)
 from async_wf._options import DEFAULT_OPTIONS, TaskOptions, kind_of
 from async_wf._task import TaskFunction
 from async_wf.checkpoint._keys import FileArg, files_in_use
@@ -237,7 +244,7 @@ class Scheduler:
                 inputs.append(dep._handle)
             elif dep.cancelled():
                 cancelled_dep = dep
-            elif not dep._ignored and dep.exception() is not None:
+            elif not dep._ignored and dep._exception is not None:
                 failed_dep = dep
         if failed_dep is not None or cancelled_dep is not None:
             fut._handle = -1
@@ -289,7 +296,7 @@ class Scheduler:
         fut._args = ()
         fut._kwargs = {}
         if failed is not None:
-            cause = failed.exception()
+            cause = failed._exception  # not exception(): the user has not seen it
             upstream = failed.name
             if failed._unrun:
                 # the input did not run either: name the task that failed and
@@ -306,7 +313,7 @@ class Scheduler:
             err = DependencyError(fut.name, upstream)
             err.__cause__ = cause
             fut.set_exception(err)
-            fut._log_traceback = False
+            link_echo(failed, fut)
             fut._unrun = True
             self.n_failed += 1
         else:
@@ -558,7 +565,7 @@ class Scheduler:
                 err = DependencyError(sf.name, name)
                 err.__cause__ = exc
                 sf.set_exception(err)
-                sf._log_traceback = False
+                link_echo(fut, sf)
                 sf._unrun = True
         if cancel:
             self.n_cancelled += len(succ)
@@ -613,7 +620,7 @@ class Scheduler:
             )
             err.__cause__ = exc
             f.set_exception(err)
-            f._log_traceback = False
+            link_echo(culprit, f)
             f._args = ()
             f._kwargs = {}
             self.n_failed += 1

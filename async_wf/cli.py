@@ -89,13 +89,25 @@ def _positive(text: str) -> int:
 
 
 def _address(text: str) -> str:
-    from async_wf._api import _check_address
+    # the same forms as Runtime(listen=, metrics=); the host is resolved here
+    # so that a typo is one line of usage, not a traceback from the application
+    import socket
+
+    from async_wf._launch import missing_host_hint, split_address
 
     try:
-        _check_address(text)
+        host, port = split_address(text, "address")
     except ValueError:
+        _, _, tail = text.rpartition(":")
+        hint = f"; {missing_host_hint(tail)}" if text.removeprefix("tcp://").startswith(":") \
+            and tail.isdigit() else ""
         raise argparse.ArgumentTypeError(
-            f"must be HOST:PORT (port 0: any free one), got {text!r}") from None
+            f"must be HOST:PORT (port 0: any free one), got {text!r}{hint}") from None
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise argparse.ArgumentTypeError(
+            f"cannot resolve the host {host!r} ({exc.strerror}), got {text!r}") from None
     return text
 
 

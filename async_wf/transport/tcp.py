@@ -193,7 +193,8 @@ class TcpTransport(RemoteTransport):
     @property
     def address(self) -> str:
         """The ``tcp://host:port`` workers connect to (the real port once started)."""
-        return f"tcp://{self._host}:{self._port}"
+        host = f"[{self._host}]" if ":" in self._host else self._host  # IPv6
+        return f"tcp://{host}:{self._port}"
 
     # ----------------------------------------------------------------- start
     async def start(self, sched: Scheduler, loop: asyncio.AbstractEventLoop) -> None:
@@ -241,6 +242,8 @@ class TcpTransport(RemoteTransport):
 
     def _spawn(self, n: int) -> None:
         host = "127.0.0.1" if self._host in ("0.0.0.0", "::", "") else self._host
+        if ":" in host:
+            host = f"[{host}]"  # IPv6
         env = dict(os.environ)
         env[P.TOKEN_ENV] = self.secret.hex()
         env[P.SYS_PATH_ENV] = os.pathsep.join(p or os.getcwd() for p in sys.path)

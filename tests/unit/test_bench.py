@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+#: set in the environment of a benchmark run this test file starts, with a
+#: value of its own: every process of that run inherits it
+TEST_MARK = "ASYNC_WF_TEST_BENCH_MARK"
 
 
 def _run(*args: str) -> dict[str, object]:
@@ -173,21 +180,20 @@ def test_the_suite_reports_a_system_over_its_time_limit_and_cleans_up(tmp_path: 
     psutil = pytest.importorskip("psutil")
     js = tmp_path / "out.json"
     before = {p.pid for p in psutil.process_iter()}
+    mark = uuid.uuid4().hex
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--systems", "async_wf-tcp", "--workloads", "chain",
          "--n", "1000000", "--repeat", "1", "--timeout", "8", "--json", str(js)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, TEST_MARK: mark},
     )
     assert proc.returncode == 0, proc.stderr
     r = json.loads(js.read_text())["results"]["async_wf-tcp"]["chain"]
     assert r["status"] == "failed" and "timed out after 8 s" in r["reason"]
     # the child, its worker processes and everything they started are gone
-    # (only processes carrying the suite's mark: other test runs on the
+    # (only processes carrying this run's mark: other test runs on the
     # machine may start workers of their own meanwhile)
-    left = [p for p in psutil.process_iter(["cmdline"])
-            if p.pid not in before and "async_wf.worker" in " ".join(p.info["cmdline"] or [])
-            and _marked(p)]
-    assert left == []
+    assert _leftovers(before, mark) == []
 
 
 def test_the_suite_reports_a_peer_that_is_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -230,9 +236,38 @@ def test_the_suite_rejects_an_unknown_system() -> None:
     assert "'async_wf-local,spark'" in proc.stderr
 
 
-def _marked(p: Any) -> bool:
-    """True when process ``p`` was started by a benchmark suite run (its environment mark)."""
+def _leftovers(before: set[int], mark: str) -> list[Any]:
+    """Worker processes not in ``before`` that the run marked ``mark`` left behind."""
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"])
+            if p.pid not in before and "async_wf.worker" in " ".join(p.info["cmdline"] or [])
+            and _marked(p, mark)]
+
+
+def _marked(p: Any, mark: str) -> bool:
+    """True when process ``p`` inherited ``TEST_MARK=mark`` (it belongs to that run)."""
     try:
-        return "ASYNC_WF_BENCH_RUN" in p.environ()
+        return bool(p.environ().get(TEST_MARK) == mark)
     except Exception:  # gone, or not ours to read
         return False
+
+
+def test_the_leftover_check_counts_only_the_processes_of_its_own_run() -> None:
+    # another make test on the machine runs this suite too: its workers
+    # (marked by its own benchmark run) are not this run's leftovers
+    psutil = pytest.importorskip("psutil")
+    before = {p.pid for p in psutil.process_iter()}
+    mine, theirs = uuid.uuid4().hex, uuid.uuid4().hex
+    looks_like_a_worker = [sys.executable, "-c", "import time; time.sleep(60)",
+                           "-m", "async_wf.worker"]
+    envs = [{TEST_MARK: mine, "ASYNC_WF_BENCH_RUN": "a"},
+            {TEST_MARK: theirs, "ASYNC_WF_BENCH_RUN": "b"},
+            {"ASYNC_WF_BENCH_RUN": "c"}]
+    procs = [subprocess.Popen(looks_like_a_worker, env={**os.environ, **env}) for env in envs]
+    try:
+        assert [p.pid for p in _leftovers(before, mine)] == [procs[0].pid]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

@@ -93,12 +93,21 @@ def test_the_exit_code_of_the_application_is_kept(tmp_path: Path) -> None:
     (["--mpi", "1"], "--mpi: must be >= 2"),
     (["--workers", "2", "--mpi", "3"], "not allowed with argument"),
     (["--metrics", "9464"], "--metrics: must be HOST:PORT (port 0: any free one), got '9464'"),
+    (["--listen", "no-such-host.invalid:0"],
+     "--listen: cannot resolve the host 'no-such-host.invalid'"),
+    (["--metrics", "no-such-host.invalid:0"],
+     "--metrics: cannot resolve the host 'no-such-host.invalid'"),
+    (["--listen", ":0"],
+     "--listen: must be HOST:PORT (port 0: any free one), got ':0'; give the host"),
+    (["--metrics", ":0"],
+     "--metrics: must be HOST:PORT (port 0: any free one), got ':0'; give the host"),
 ])
 def test_bad_options_are_refused_with_the_rule(tmp_path: Path, opts: list[str],
                                                message: str) -> None:
     proc, _ = _run(tmp_path, *opts)
     assert proc.returncode == 2
     assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_a_missing_application_is_named(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -145,3 +146,109 @@ async def test_runtime_and_future_reprs_say_where_things_stand() -> None:
         assert repr(fut) == "<TaskFuture #1 'slow_add' finished>"
         assert fut._repr_html_().count("finished") == 1
     assert repr(rt).startswith("<async_wf.Runtime local, closed: 1 submitted")
+
+
+UNSEEN = """\
+import asyncio, sys, traceback, async_wf
+
+def fail():
+    raise ValueError("a-failed")
+
+def follow(x):
+    return x
+
+async def main():
+    async with async_wf.Runtime() as rt:
+        a = rt.submit(fail)
+        b = rt.submit(follow, a)
+        c = rt.submit(follow, b)
+        await asyncio.wait([a, b, c])
+        late = rt.submit(follow, b)
+        await asyncio.wait([late])
+        if {seen!r} == "nobody":
+            return
+        try:
+            await {{"b": b, "c": c, "late": late}}[{seen!r}]
+        except async_wf.DependencyError:
+            traceback.print_exc()
+
+async_wf.run(main())
+"""
+
+
+@pytest.mark.parametrize("seen", ["b", "c", "late", "nobody"])
+def test_a_failure_is_reported_once(seen: str) -> None:
+    # a's failure reached the user through a dependent's DependencyError
+    # (its cause): at exit a must not print the same traceback again; a
+    # failure nobody saw is still reported, once (not once per dependent)
+    proc = subprocess.run([sys.executable, "-c", UNSEEN.format(seen=seen)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("ValueError: a-failed") == 1, proc.stderr
+    never = proc.stderr.count("exception was never retrieved")
+    assert never == (1 if seen == "nobody" else 0), proc.stderr
+
+
+@pytest.mark.parametrize("option", ["listen", "metrics"])
+async def test_an_unresolvable_host_names_the_option(option: str) -> None:
+    addr = "tcp://no-such-host.invalid:0"
+    rt = async_wf.Runtime(workers=1, **{option: addr})
+    with pytest.raises(OSError, match=rf"^{option}='tcp://no-such-host\.invalid:0': cannot "
+                                      r"resolve the host 'no-such-host\.invalid'"):
+        await rt.start()
+    await rt.close()
+
+
+@pytest.mark.parametrize("option", ["listen", "metrics"])
+@pytest.mark.parametrize("addr", ["127.0.0.1:0", "tcp://localhost:0", "tcp://[::1]:0"])
+async def test_listen_and_metrics_take_the_same_addresses(option: str, addr: str) -> None:
+    if "::1" in addr and not socket.has_ipv6:
+        pytest.skip("this Python has no IPv6")
+    # listen: a worker process connects to the address the runtime gives it
+    workers = {"workers": 1} if option == "listen" else {}
+    async with async_wf.Runtime(**workers, **{option: addr}) as rt:
+        assert await rt.submit(add, 1, 2) == 3
+        if option == "metrics":
+            assert rt.metrics_address is not None and rt.metrics_address[1] > 0
+
+
+@pytest.mark.parametrize("option", ["listen", "metrics"])
+@pytest.mark.parametrize("addr", [":0", "tcp://:0", "9464", "tcp://host", "host:port"])
+def test_listen_and_metrics_refuse_the_same_addresses(option: str, addr: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{option} must be 'host:port' or 'tcp://host:port'"
+                                         rf".*got '{re.escape(addr)}'"):
+        async_wf.Runtime(workers=1, **{option: addr})
+
+
+PIPELINE = """\
+import asyncio, async_wf
+
+def fail():
+    raise ValueError("a-failed")
+
+def step(x):
+    return x
+
+async def main():
+    async with async_wf.Runtime() as rt:
+        x = rt.submit(fail)
+        await asyncio.wait([x])
+        for _ in range(3000):  # each step's input has failed: a long chain
+            x = rt.submit(step, x)
+        if {seen}:
+            await asyncio.gather(x, return_exceptions=True)
+
+async_wf.run(main())
+"""
+
+
+@pytest.mark.parametrize("seen", [True, False])
+def test_a_failure_at_the_head_of_a_dropped_pipeline_is_reported_once(seen: bool) -> None:
+    # the user keeps only the last future: the failed head and the steps in
+    # between are dropped long before the last step is looked at
+    proc = subprocess.run([sys.executable, "-c", PIPELINE.format(seen=seen)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "Exception ignored" not in proc.stderr, proc.stderr
+    never = proc.stderr.count("exception was never retrieved")
+    assert never == (0 if seen else 1), proc.stderr
