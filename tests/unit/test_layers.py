@@ -130,5 +130,6 @@ def test_the_checker_sees_lazy_imports_and_skips_type_only_ones(tmp_path: Path) 
 def test_only_the_entry_points_import_the_public_api() -> None:
     # the worker process, the transports and the scheduler get their loop
     # from _loop, not from _api: "nothing below _api.py imports it"
-    users = sorted(m for m in MODULES if "async_wf._api" in runtime_imports(m))
-    assert users == ["async_wf", "async_wf._executor", "async_wf.cli"], users
+    users = {m for m in MODULES if "async_wf._api" in runtime_imports(m)}
+    assert "async_wf" in users
+    assert users <= {"async_wf", "async_wf._executor", "async_wf.cli"}, sorted(users)
