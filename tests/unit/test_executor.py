@@ -515,3 +515,69 @@ def test_pickling_errors_keep_their_type_on_worker_processes() -> None:
             ex.submit(_ident, threading.Lock()).result(timeout=30)
         with pytest.raises(TypeError, match=r"result could not be pickled.*_thread\.lock"):
             ex.submit(_a_lock).result(timeout=30)
+
+
+# ---------------------- gaps found by the upstream suites' second run (17)
+def test_wait_and_as_completed_see_a_cancelled_call() -> None:
+    # concurrent.futures.wait/as_completed count a cancelled future as done
+    with Executor(max_workers=1) as ex:
+        ex.submit(time_sleep, 0.3)
+        f = ex.submit(time_sleep, 0)
+        assert f.cancel()
+        done, not_done = cf.wait([f], timeout=5)
+        assert done == {f} and not not_done
+        assert list(cf.as_completed([f], timeout=5)) == [f]
+
+
+def time_sleep(t: float) -> None:
+    import time
+
+    time.sleep(t)
+
+
+def test_bootup_after_shutdown_raises_and_num_workers_drops_to_zero() -> None:
+    ex = Executor(max_workers=2)
+    assert ex.num_workers == 2
+    ex.shutdown()
+    assert ex.num_workers == 0
+    with pytest.raises(RuntimeError, match="cannot bootup after shutdown"):
+        ex.bootup()
+
+
+def test_a_later_shutdown_with_cancel_futures_still_cancels() -> None:
+    ex = Executor(max_workers=1)
+    ex.submit(time_sleep, 0.3)
+    rest = [ex.submit(time_sleep, 0.05) for _ in range(20)]
+    ex.shutdown(wait=False)
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert sum(f.cancelled() for f in rest) >= 15, [f.cancelled() for f in rest]
+
+
+def _result_that_exits_when_pickled() -> Any:
+    class ExitsWhenPickled:
+        def __reduce__(self) -> Any:
+            raise SystemExit(1)
+
+    return ExitsWhenPickled()
+
+
+def test_systemexit_while_pickling_a_result_fails_that_task_not_the_worker() -> None:
+    with Executor(workers=1) as ex:
+        f = ex.submit(_result_that_exits_when_pickled)
+        assert isinstance(f.exception(timeout=30), SystemExit)
+        assert ex.submit(int, "7").result(timeout=30) == 7
+        assert ex.statistics()["workers_lost"] == 0
+
+
+def _put(proxy: Any, key: str) -> str:
+    proxy[key] = "here"
+    return key
+
+
+def test_multiprocessing_manager_proxies_reach_worker_processes() -> None:
+    import multiprocessing as mp
+
+    with mp.Manager() as manager, Executor(workers=1) as ex:
+        shared = manager.dict()
+        assert ex.submit(_put, shared, "k").result(timeout=30) == "k"
+        assert shared["k"] == "here"
