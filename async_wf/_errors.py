@@ -81,17 +81,20 @@ class WorkerLostError(RuntimeError):
     """A task was running on ``max_lost`` workers that were all lost."""
 
 
-def retyped(exc: BaseException, message: str, fallback: type[Exception]) -> Exception:
+def retyped(exc: BaseException, message: str,
+            fallback: type[Exception]) -> Exception | SystemExit:
     """An exception of ``exc``'s type that says ``message``, or ``fallback(message)``.
 
     For errors the runtime reports on a value's behalf (an argument or a
     result that could not be pickled): the caller's ``except PicklingError``
     or ``except TypeError`` keeps working, as with ``concurrent.futures``.
-    A type that cannot be built from one message (or is no ``Exception``)
-    gives ``fallback``.
+    A type that cannot be built from one message (or is neither an
+    ``Exception`` nor ``SystemExit``) gives ``fallback``.
     """
     kind = type(exc)
-    if issubclass(kind, Exception):
+    # SystemExit too (concurrent.futures hands it over as it is); never
+    # KeyboardInterrupt or GeneratorExit, which are the runtime's to see
+    if issubclass(kind, Exception | SystemExit):
         try:
             made = kind(message)
         except Exception:

@@ -57,6 +57,9 @@ class ExecutorFuture(cf.Future[Any]):
             return False
         if not super().cancel():
             return False
+        # CANCELLED_AND_NOTIFIED: concurrent.futures.wait and as_completed
+        # count a future as done only then (a pool does it as it skips the call)
+        self.set_running_or_notify_cancel()
         loop = self._loop
         if t is not None and loop is not None:
             # the runtime cancels the task (and its dependents) on its loop;
@@ -224,6 +227,14 @@ class _Service:
             again = self.closed
             self.closed = True
         if again:
+            if cancel_futures and not self.cancel_on_close:
+                # a later shutdown(cancel_futures=True) still cancels what has
+                # not started, as concurrent.futures does
+                self.cancel_on_close = True
+                loop, sched = self.loop, self.rt._sched
+                if loop is not None and sched is not None and not loop.is_closed():
+                    with contextlib.suppress(RuntimeError):  # the loop has stopped
+                        loop.call_soon_threadsafe(_cancel_unstarted, sched)
             # joined outside the lock: the loop thread takes it to drain the inbox
             if wait and self.thread.ident is not None \
                     and self.thread is not threading.current_thread():
@@ -369,12 +380,23 @@ class Executor(cf.Executor):
                         chunksize=chunksize, unordered=unordered)
 
     def bootup(self, wait: bool = True) -> Executor:
-        """Return the executor, started (it starts in its constructor; mpi4py's API)."""
+        """Return the executor, started (it starts in its constructor; mpi4py's API).
+
+        Raises:
+            RuntimeError: after ``shutdown`` ("cannot bootup after shutdown").
+        """
+        if self._svc.closed:
+            raise RuntimeError("cannot bootup after shutdown")
         return self
 
     @property
     def num_workers(self) -> int:
-        """How many tasks run at once: threads, worker processes or ranks (as in mpi4py)."""
+        """How many tasks run at once: threads, worker processes or ranks (as in mpi4py).
+
+        0 once the executor is shut down.
+        """
+        if self._svc.closed:
+            return 0
         tr = self._rt.transport
         n = tr.statistics().get("workers")
         if isinstance(n, int):
@@ -424,7 +446,9 @@ class _Relay:
         if tf.cancelled():
             # the base method: ExecutorFuture.cancel would ask the runtime
             # again, and refuse for a task that had started
-            if not cf.Future.cancel(cfut):
+            if cf.Future.cancel(cfut):
+                cfut.set_running_or_notify_cancel()
+            else:
                 cfut.set_exception(cf.CancelledError("the task was cancelled"))
             return
         exc = tf.exception()

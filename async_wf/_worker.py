@@ -752,7 +752,10 @@ class Worker:
                 # each result in a blob of its own, so that one the scheduler
                 # cannot unpickle costs that task, not the connection
                 blob = P.pack(value, bufs) if status != P.R_CANCELLED else b""
-            except Exception as exc:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
+                # SystemExit from a __reduce__ too: that task fails, the worker stays
                 del bufs[n0:]
                 status = P.R_ERROR
                 tb = traceback.format_exc()

@@ -116,6 +116,8 @@ SYS_PATH_ENV = "ASYNC_WF_SYS_PATH"  # the scheduler's sys.path, so functions imp
 #: a base64 cloudpickle of the callable a spawned worker runs once at start
 INIT_ENV = "ASYNC_WF_WORKER_INIT"
 LOG_LEVEL_ENV = "ASYNC_WF_LOG_LEVEL"
+#: the scheduler's multiprocessing authkey, hex: its Manager proxies work in a spawned worker
+MP_AUTHKEY_ENV = "ASYNC_WF_MP_AUTHKEY"
 
 
 def parse_url(url: str) -> tuple[str, int]:

@@ -10,6 +10,7 @@ ranks. A lost connection is retried for ``--reconnect`` seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import pickle
@@ -120,6 +121,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise SystemExit(f"async-wf worker: --reconnect must be >= 0 seconds, "
                          f"got {args.reconnect:g}")
     secret = _secret_from(args)
+    authkey = os.environ.pop(P.MP_AUTHKEY_ENV, None)
+    if authkey:
+        import multiprocessing
+
+        with contextlib.suppress(ValueError):  # not hex: proxies just fail to connect
+            multiprocessing.current_process().authkey = bytes.fromhex(authkey)
     init = os.environ.pop(P.INIT_ENV, None)
     if init:
         import base64

@@ -360,7 +360,9 @@ class RemoteTransport(Transport):
             if entry is None or not _same_fn(entry[0], fn):
                 try:
                     blob = cloudpickle.dumps(fn, protocol=5)
-                except Exception as exc:
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:  # SystemExit from a __reduce__: this task
                     self._unsendable(w, fut, "function", exc)
                     continue
                 if (len(self._fn_blobs) >= _FN_CACHE_MAX
@@ -375,7 +377,9 @@ class RemoteTransport(Transport):
                 # each task's arguments in a blob of their own: one that the
                 # worker cannot unpickle fails that task, not the frame
                 args_blob = P.pack((args, fut._kwargs or None), bufs, main_by_value=True)
-            except Exception as exc:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
                 del bufs[n0:]
                 self._unsendable(w, fut, "arguments", exc)
                 continue
@@ -425,7 +429,8 @@ class RemoteTransport(Transport):
                      self._compress_min, bufs)
         )
 
-    def _unsendable(self, w: _Worker, fut: TaskFuture[Any], what: str, exc: Exception) -> None:
+    def _unsendable(self, w: _Worker, fut: TaskFuture[Any], what: str,
+                    exc: BaseException) -> None:
         """Fail one task of a batch whose ``what`` cannot be pickled, and only it.
 
         Raising instead would leave the whole batch half-dispatched, its
@@ -436,7 +441,7 @@ class RemoteTransport(Transport):
         err.__cause__ = exc
         self._refuse_task(w, fut, err)
 
-    def _refuse_task(self, w: _Worker, fut: TaskFuture[Any], exc: Exception) -> None:
+    def _refuse_task(self, w: _Worker, fut: TaskFuture[Any], exc: BaseException) -> None:
         """Fail one task of a batch before it is sent; its credit on ``w`` is given back."""
         sched = self._sched
         assert sched is not None

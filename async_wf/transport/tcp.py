@@ -22,6 +22,7 @@ import contextlib
 import ipaddress
 import itertools
 import logging
+import multiprocessing
 import os
 import resource
 import ssl as _ssl
@@ -247,6 +248,8 @@ class TcpTransport(RemoteTransport):
         env = dict(os.environ)
         env[P.TOKEN_ENV] = self.secret.hex()
         env[P.SYS_PATH_ENV] = os.pathsep.join(p or os.getcwd() for p in sys.path)
+        # as multiprocessing's own children: a Manager's proxies authenticate
+        env[P.MP_AUTHKEY_ENV] = multiprocessing.current_process().authkey.hex()
         if self._init_blob is not None:
             env[P.INIT_ENV] = self._init_blob
         cmd = [sys.executable, "-m", "async_wf.worker", "--connect", f"tcp://{host}:{self._port}",
