@@ -509,3 +509,62 @@ def test_mpi_trace_has_a_process_per_rank_and_rank_logs_come_back(tmp_path: Path
     assert {names[e["pid"]] for e in spans} <= {"worker #1 rank 1", "worker #2 rank 2"}
     for pid in {e["pid"] for e in spans}:  # one slot per rank: one lane
         assert {e["tid"] for e in spans if e["pid"] == pid} == {0}
+
+
+# ------------------------------------------------- optional libraries (issue 21)
+BLOCKER = textwrap.dedent('''
+    import sys
+
+    class Blocker:
+        """Makes {mod} look uninstalled, as in an install without the [observe] extra."""
+
+        def find_spec(self, name, path=None, target=None):
+            if name == "{mod}" or name.startswith("{mod}."):
+                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+''')
+
+NO_LIB_APP = textwrap.dedent('''
+    import async_wf
+
+    async def main():
+        async with async_wf.Runtime({option}) as rt:
+            print(await rt.submit(sum, [1, 2]))
+
+    async_wf.run(main())
+''')
+
+
+@pytest.mark.parametrize(("mod", "option", "said"), [
+    ("rich", "progress=True", "Runtime(progress=True)"),
+    ("prometheus_client", "metrics='127.0.0.1:0'", "Runtime(metrics=...)"),
+])
+def test_a_missing_observe_library_is_one_clear_line(tmp_path: Path, mod: str, option: str,
+                                                     said: str) -> None:
+    blocker = BLOCKER.format(mod=mod)
+    (tmp_path / "app.py").write_text(blocker + NO_LIB_APP.format(option=option))
+    proc = subprocess.run([sys.executable, "app.py"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ModuleNotFoundError: "), proc.stderr
+    assert said in last and f"'{mod}'" in last, last
+    assert "pip install 'async-wf[observe]'" in last, last
+    # the same line, alone and without a traceback, from async-wf run
+    flag = "--progress" if mod == "rich" else "--metrics=127.0.0.1:0"
+    (tmp_path / "plain.py").write_text(NO_LIB_APP.format(option=""))
+    cli = subprocess.run(
+        [sys.executable, "-c", blocker + "from async_wf.cli import main\n"
+         f"raise SystemExit(main(['run', '{flag}', 'plain.py']))"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 2, cli.stderr
+    (line,) = cli.stderr.strip().splitlines()
+    assert "pip install 'async-wf[observe]'" in line and f"'{mod}'" in line, line
+    assert cli.stdout == ""
+    # an observability feature without a library still works without them
+    (tmp_path / "dag.py").write_text(blocker + NO_LIB_APP.format(option="dag=True"))
+    ok = subprocess.run([sys.executable, "dag.py"], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.strip() == "3", ok.stderr
