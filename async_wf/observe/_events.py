@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import importlib
 import logging
 import time
 import traceback
@@ -48,13 +49,45 @@ if TYPE_CHECKING:
     from async_wf._futures import TaskFuture
     from async_wf._scheduler import Scheduler
 
-__all__ = ["BUCKETS", "ObserveOptions", "Observer", "Span", "span_key"]
+__all__ = ["BUCKETS", "OBSERVE_EXTRA", "ObserveOptions", "Observer", "Span", "missing_library",
+           "span_key"]
 
 log = logging.getLogger("async_wf.observe")
 
+#: how to install the libraries of progress and metrics (package extras)
+OBSERVE_EXTRA = "pip install 'async-wf[observe]'"
+
+
+def missing_library(progress: bool, metrics: bool) -> str | None:
+    """The library that the features asked for need and that cannot be imported, or None.
+
+    ``rich`` for the progress line, ``prometheus_client`` for metrics: they
+    are the ``[observe]`` extra, not dependencies, so a runtime that watches
+    nothing does not need them installed.
+    """
+    for on, mod in ((progress, "rich"), (metrics, "prometheus_client")):
+        if on:
+            try:
+                importlib.import_module(mod)
+            except ImportError:
+                return mod
+    return None
+
+
+def library_message(mod: str, option: str) -> str:
+    """One line: ``option`` needs ``mod``, and how to install it."""
+    return f"{option} needs {mod!r}, which is not installed: {OBSERVE_EXTRA}"
+
+
 @dataclass
 class ObserveOptions:
-    """Which observability features a runtime has on (all off by default)."""
+    """Which observability features a runtime has on (all off by default).
+
+    Raises:
+        ModuleNotFoundError: ``progress`` or ``metrics`` is on and its library
+            (the ``[observe]`` extra) is not installed; one line that says
+            which and how to install it.
+    """
 
     progress: bool = False
     metrics: str | None = None
@@ -63,6 +96,12 @@ class ObserveOptions:
     dag: bool = False
     max_spans: int = 2_000_000
     max_nodes: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        mod = missing_library(bool(self.progress), bool(self.metrics))
+        if mod is not None:
+            option = "Runtime(progress=True)" if mod == "rich" else "Runtime(metrics=...)"
+            raise ModuleNotFoundError(library_message(mod, option), name=mod)
 
     @property
     def any(self) -> bool:
