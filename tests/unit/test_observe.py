@@ -568,3 +568,146 @@ def test_a_missing_observe_library_is_one_clear_line(tmp_path: Path, mod: str, o
     ok = subprocess.run([sys.executable, "dag.py"], cwd=tmp_path, capture_output=True,
                         text=True, timeout=60)
     assert ok.returncode == 0 and ok.stdout.strip() == "3", ok.stderr
+
+
+# ------------------------------------------------------ observability polish (issue 21)
+_ESC = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _render_progress(snap: dict[str, Any], width: int = 80) -> list[str]:
+    """The progress display drawn once on a terminal ``width`` columns wide: its lines."""
+    import io
+
+    from rich.console import Console
+
+    from async_wf.observe import ObserveOptions, Observer
+    from async_wf.observe.progress import ProgressDisplay
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, force_terminal=True, color_system="standard")
+    obs = Observer(ObserveOptions(progress=True))
+    obs.snapshot = snap
+    display = ProgressDisplay(obs, console)
+    assert display.active
+    display.close()
+    text = _ESC.sub("", buf.getvalue()).replace("\r", "\n")
+    return [ln.rstrip() for ln in text.splitlines() if ln.strip()]
+
+
+@pytest.mark.parametrize("snap", [
+    {"submitted": 300, "finished": 300, "failed": 0, "running": 0, "rate": 0.0},
+    {"submitted": 5000, "finished": 1234, "failed": 3, "running": 8, "queued": 120,
+     "reused": 200, "cancelled": 2, "rate": 1520.4},
+    {"submitted": 2_000_000, "finished": 1_234_567, "failed": 12_345, "running": 16,
+     "queued": 1024, "reused": 34_567, "cancelled": 99_999, "rate": 123_456.0},
+])
+def test_progress_fits_80_columns_with_every_count_whole(snap: dict[str, Any]) -> None:
+    lines = _render_progress(snap)
+    assert lines and all(len(ln) <= 80 for ln in lines), lines
+    text = " ".join(lines)
+    assert "…" not in text and "..." not in text, lines
+    ended = (snap["finished"] + snap["failed"] + snap.get("cancelled", 0)
+             + snap.get("reused", 0))
+
+    def num(n: float) -> str:  # counts of six digits and more are shortened, not cut
+        return str(int(n)) if n < 100_000 else (f"{n / 1e6:.3g}M" if n >= 1e6 else
+                                                f"{n / 1e3:.3g}k")
+
+    assert f"{num(ended)}/{num(snap['submitted'])}" in text, lines
+    for label, key in (("done", "finished"), ("running", "running"), ("failed", "failed")):
+        assert f"{label} {num(snap[key])}" in text, (label, lines)
+    for label in ("queued", "reused", "cancelled"):
+        if snap.get(label):
+            assert f"{label} {num(snap[label])}" in text, (label, lines)
+        else:
+            assert label not in text, lines  # zero: not shown
+    assert f"{num(round(snap['rate']))} tasks/s" in text, lines
+
+
+def slow_block(ms: int) -> int:
+    time.sleep(ms / 1000)
+    return ms
+
+
+@pytest.mark.parametrize("kind", ["local", "tcp"])
+async def test_running_counts_tasks_that_run_not_those_queued(kind: str) -> None:
+    # 8 blocking tasks, 2 threads (or 1 worker with 1 slot): 2 (or 1) run, the
+    # others wait in the thread pool's queue (or were sent ahead to the worker)
+    opts: dict[str, Any] = {"threads": 2} if kind == "local" else {"workers": 1}
+    runs = 2 if kind == "local" else 1
+    async with async_wf.Runtime(metrics="127.0.0.1:0", **opts) as rt:
+        if kind == "tcp":
+            await until(lambda: rt.statistics()["workers"] == 1, "the worker")
+        futs = [rt.submit(slow_block, 400) for _ in range(8)]
+        addr = rt.metrics_address
+        assert addr is not None
+
+        def now(state: str) -> float:
+            return _scrape(addr)[("async_wf_tasks_now", (("state", state),))]
+
+        await until(lambda: now("queued") > 0, "a sample with tasks queued")
+        running, queued = now("running"), now("queued")
+        assert running == runs and queued == 8 - runs - rt.statistics()["finished"], \
+            (running, queued)
+        for f in futs:
+            f.cancel()
+
+
+async def test_dag_alone_colours_nodes_by_state(tmp_path: Path) -> None:
+    async with async_wf.Runtime(dag=True) as rt:
+        ok = rt.submit(coro, 1)
+        bad = rt.submit(fails, 2)
+        after_bad = rt.submit(coro, bad)
+        hung = rt.submit(asyncio.sleep, 30)
+        dropped = rt.submit(asyncio.sleep, 30)
+        assert await ok == 2
+        with pytest.raises(ValueError):
+            await bad
+        with pytest.raises(async_wf.DependencyError):
+            await after_bad
+        dropped.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await dropped
+        rt.dag(tmp_path / "g.dot")
+        hung.cancel()
+    text = (tmp_path / "g.dot").read_text()
+    colour = dict(re.findall(r"^  t(\d+) \[.*fillcolor=(\w+)", text, re.M))
+    state = dict(re.findall(r'^  t(\d+) \[.*tooltip="(\w+)', text, re.M))
+    want = {ok: ("done", "palegreen"), bad: ("failed", "salmon"),
+            after_bad: ("failed", "salmon"), hung: ("pending", "white"),
+            dropped: ("cancelled", "lightgrey")}
+    for f, (st, col) in want.items():
+        assert (state[str(f._id)], colour[str(f._id)]) == (st, col), (f, text)
+    assert "legend" in text
+
+
+def raises_key(i: int) -> int:
+    raise KeyError(i)
+
+
+async def test_report_throughput_scale_is_robust_and_failures_are_grouped(
+        tmp_path: Path) -> None:
+    path = tmp_path / "run.html"
+    async with async_wf.Runtime(threads=1, report=path) as rt:
+        # a steady trickle, then a burst of thousands ending at once: the spike
+        for i in range(30):
+            await rt.submit(slow_block, 15 + i % 2)
+        burst = [rt.submit(coro, i) for i in range(3000)]
+        bad = [rt.submit(fails, i) for i in range(5)] + [rt.submit(raises_key, 1)]
+        await async_wf.gather(*burst, *bad, return_exceptions=True)
+    data = _report_data(path)
+    tp = data["throughput"]
+    assert sum(tp["bins"]) == 30 + 3000 + 6
+    peak = max(tp["bins"])
+    # the scale follows the trickle; the spike is clipped and listed with its value
+    assert tp["scale"] < peak / 10, tp
+    assert [i for i, c in tp["clipped"]] == [i for i, c in enumerate(tp["bins"])
+                                             if c > tp["scale"]], tp
+    assert max(c for _i, c in tp["clipped"]) == peak
+    groups = data["failure_groups"]
+    assert [(g["type"], g["function"].rsplit(".", 1)[-1], g["count"]) for g in groups] == [
+        ("ValueError", "fails", 5), ("KeyError", "raises_key", 1)], groups
+    assert "ValueError: bad input 0" in groups[0]["traceback"]
+    assert groups[0]["tasks"][:1] == [bad[0]._id]
+    page = path.read_text()
+    assert "clipped" in page and "failure_groups" in page
