@@ -199,6 +199,10 @@ class Observer:
         st = sched.statistics()
         tr = sched._transport
         st.update(tr.statistics())
+        # the core's "running" is dispatched and not ended: split off what waits
+        queued = min(tr.queued(), st["running"])
+        st["running"] -= queued
+        st["queued"] = queued
         ck = sched._ckpt
         if ck is not None:
             st.update(ck.statistics())
