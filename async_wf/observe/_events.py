@@ -43,7 +43,19 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from async_wf.observe._model import BUCKETS, ERROR, LOCAL_LANE, OK, RETRY, Span, span_key
+from async_wf.observe._model import (
+    BUCKETS,
+    CANCELLED,
+    DONE,
+    ERROR,
+    FAILED,
+    LOCAL_LANE,
+    OK,
+    RETRY,
+    REUSED,
+    Span,
+    span_key,
+)
 
 if TYPE_CHECKING:
     from async_wf._futures import TaskFuture
@@ -143,6 +155,8 @@ class Observer:
         self.spans: list[Span] = []
         self.spans_dropped = 0
         self.nodes: dict[int, str] = {}  # task id -> name
+        # task id -> DONE, FAILED, CANCELLED or REUSED once known; absent: pending
+        self.node_state: dict[int, str] = {}
         self.edges: list[tuple[int, int]] = []  # (input task id, task id)
         self.nodes_dropped = 0
         self.failures: list[tuple[str, int, int, str]] = []  # name, id, attempt, traceback
@@ -295,11 +309,17 @@ class Observer:
                 cache[key] = st
         return st
 
-    def submitted(self, fut: TaskFuture[Any], found: list[TaskFuture[Any]]) -> None:
+    def submitted(self, fut: TaskFuture[Any], found: list[TaskFuture[Any]],
+                  reused: bool = False) -> None:
         """A task was submitted with the futures ``found`` among its arguments.
 
         Called only when the graph is recorded (``keep_graph``): counting per
-        function happens when attempts end, off the submit path.
+        function happens when attempts end, off the submit path. ``reused``:
+        resolved from the checkpoint log, not run. The node's final state
+        comes from a done-callback on the future: it sees every way a task
+        ends (a failed input, a cancel, an abort), not only the attempts the
+        hooks below hear of, at one loop callback per task, paid only while
+        the graph is recorded.
         """
         nodes = self.nodes
         if len(nodes) >= self.opts.max_nodes:
@@ -309,6 +329,17 @@ class Observer:
         nodes[tid] = self._stats(fut).name
         for d in found:
             self.edges.append((d._id, tid))
+        if reused:
+            self.node_state[tid] = REUSED
+        else:
+            fut.add_done_callback(self._node_over)
+
+    def _node_over(self, fut: asyncio.Future[Any]) -> None:
+        # _exception, not exception(): that would mark the failure retrieved
+        # and silence asyncio's report of a failure nobody awaited
+        state = CANCELLED if fut.cancelled() else (
+            FAILED if fut._exception is not None else DONE)
+        self.node_state[fut._id] = state  # type: ignore[attr-defined]
 
     def dispatched(self, futs: list[TaskFuture[Any]]) -> None:
         """These tasks were handed to the transport (one batch of the pump).

@@ -716,3 +716,17 @@ async def test_report_throughput_scale_is_robust_and_failures_are_grouped(
     assert groups[0]["tasks"][:1] == [bad[0]._id]
     page = path.read_text()
     assert "clipped" in page and "failure_groups" in page
+
+
+async def test_dag_shows_tasks_reused_from_a_checkpoint(tmp_path: Path) -> None:
+    for run in range(2):
+        async with async_wf.Runtime(dag=True, checkpoint=tmp_path / "ck.wfck") as rt:
+            a = rt.submit(coro, 1)
+            b = rt.submit(coro, a)
+            assert await b == 3
+            rt.dag(tmp_path / f"g{run}.dot")
+    first, second = ((tmp_path / f"g{r}.dot").read_text() for r in range(2))
+    assert re.findall(r'tooltip="(\w+)"', first) == ["done", "done"]
+    # the second run ran nothing: both come from the log, and the edge is still there
+    assert re.findall(r'tooltip="(\w+)"', second) == ["reused", "reused"]
+    assert re.findall(r"t(\d+) -> t(\d+);", second) == [(str(a._id), str(b._id))]
