@@ -61,8 +61,8 @@ if TYPE_CHECKING:
     from async_wf._futures import TaskFuture
     from async_wf._scheduler import Scheduler
 
-__all__ = ["BUCKETS", "OBSERVE_EXTRA", "ObserveOptions", "Observer", "Span", "missing_library",
-           "span_key"]
+__all__ = ["BUCKETS", "OBSERVE_EXTRA", "FailureGroup", "ObserveOptions", "Observer", "Span",
+           "missing_library", "span_key"]
 
 log = logging.getLogger("async_wf.observe")
 
@@ -121,6 +121,33 @@ class ObserveOptions:
         return bool(self.progress or self.metrics or self.trace or self.report or self.dag)
 
 
+class FailureGroup:
+    """The failed attempts of one function with one exception type (for the report).
+
+    Every attempt is counted; the traceback is that of the first one only
+    (formatting each would cost more than the rest of the failure path),
+    and the first ``MAX_IDS`` task numbers are kept.
+    """
+
+    MAX_IDS = 20
+    __slots__ = ("attempt", "count", "final", "function", "task_ids", "traceback", "type")
+
+    def __init__(self, type_name: str, function: str, traceback_text: str,
+                 attempt: int) -> None:
+        self.type = type_name
+        self.function = function
+        self.count = 0  # attempts that raised
+        self.final = 0  # of which not retried: the task failed
+        self.task_ids: list[int] = []
+        self.traceback = traceback_text
+        self.attempt = attempt  # of the first failure, whose traceback is kept
+
+
+def _type_name(exc: BaseException) -> str:
+    t = type(exc)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
 class _FnStats:
     __slots__ = ("buckets", "done", "failed", "name", "retried", "total")
 
@@ -159,7 +186,8 @@ class Observer:
         self.node_state: dict[int, str] = {}
         self.edges: list[tuple[int, int]] = []  # (input task id, task id)
         self.nodes_dropped = 0
-        self.failures: list[tuple[str, int, int, str]] = []  # name, id, attempt, traceback
+        # (exception type, function) -> its FailureGroup, in the order first seen
+        self.failure_groups: dict[tuple[str, str], FailureGroup] = {}
         self.lanes: dict[int, str] = {LOCAL_LANE: "scheduler process"}
         # (t s since start, submitted, finished, failed, running, ready, {lane: (out, in)})
         self.samples: list[tuple[float, int, int, int, int, int, dict[int, tuple[int, int]]]] = []
@@ -412,6 +440,17 @@ class Observer:
     def failed(self, fut: TaskFuture[Any], exc: BaseException, retrying: bool) -> None:
         """The current attempt of ``fut`` raised ``exc``; it is retried or fails."""
         self._attempt_over(fut, RETRY if retrying else ERROR)
-        if self.opts.report and len(self.failures) < 1000:
-            tb = "".join(traceback.format_exception(exc))
-            self.failures.append((fut.name, fut._id, fut._attempt, tb))
+        if not self.opts.report:
+            return
+        key = (_type_name(exc), fut.name)
+        group = self.failure_groups.get(key)
+        if group is None:
+            if len(self.failure_groups) >= 1000:  # distinct kinds: bounded, like the spans
+                return
+            group = self.failure_groups[key] = FailureGroup(
+                key[0], key[1], "".join(traceback.format_exception(exc)), fut._attempt)
+        group.count += 1
+        if not retrying:
+            group.final += 1
+        if len(group.task_ids) < FailureGroup.MAX_IDS and fut._id not in group.task_ids:
+            group.task_ids.append(fut._id)
