@@ -51,6 +51,7 @@ from async_wf.observe._model import (
     FAILED,
     LOCAL_LANE,
     OK,
+    PENDING,
     RETRY,
     REUSED,
     Span,
@@ -182,7 +183,7 @@ class Observer:
         self.spans: list[Span] = []
         self.spans_dropped = 0
         self.nodes: dict[int, str] = {}  # task id -> name
-        # task id -> DONE, FAILED, CANCELLED or REUSED once known; absent: pending
+        # task id -> DONE, FAILED or REUSED, as the hooks hear of it (see node_states)
         self.node_state: dict[int, str] = {}
         self.edges: list[tuple[int, int]] = []  # (input task id, task id)
         self.nodes_dropped = 0
@@ -343,11 +344,7 @@ class Observer:
 
         Called only when the graph is recorded (``keep_graph``): counting per
         function happens when attempts end, off the submit path. ``reused``:
-        resolved from the checkpoint log, not run. The node's final state
-        comes from a done-callback on the future: it sees every way a task
-        ends (a failed input, a cancel, an abort), not only the attempts the
-        hooks below hear of, at one loop callback per task, paid only while
-        the graph is recorded.
+        resolved from the checkpoint log, not run.
         """
         nodes = self.nodes
         if len(nodes) >= self.opts.max_nodes:
@@ -359,15 +356,36 @@ class Observer:
             self.edges.append((d._id, tid))
         if reused:
             self.node_state[tid] = REUSED
-        else:
-            fut.add_done_callback(self._node_over)
 
-    def _node_over(self, fut: asyncio.Future[Any]) -> None:
-        # _exception, not exception(): that would mark the failure retrieved
-        # and silence asyncio's report of a failure nobody awaited
-        state = CANCELLED if fut.cancelled() else (
-            FAILED if fut._exception is not None else DONE)
-        self.node_state[fut._id] = state  # type: ignore[attr-defined]
+    def node_states(self) -> dict[int, str]:
+        """The state of every recorded task now: done, reused, failed, cancelled or pending.
+
+        Done and failed are what the hooks heard of (``finished``, a final
+        ``failed``); a task the scheduler still holds is pending. A task
+        that ended otherwise never ran to an outcome: it failed when one of
+        its inputs failed (``DependencyError``), else it was cancelled (by
+        the user, a cancelled input, an abort or the runtime's close). So
+        no hook is needed on those rare paths, and nothing is paid per task
+        for them (a done-callback on every future cost about 3 us a task).
+        """
+        known = self.node_state
+        sched = self._sched
+        live = {f._id for f in sched._tasks.values()} if sched is not None else set()
+        inputs: dict[int, list[int]] = {}
+        for a, b in self.edges:
+            inputs.setdefault(b, []).append(a)
+        out: dict[int, str] = {}
+        for tid in sorted(self.nodes):  # an input is always submitted before its users
+            st = known.get(tid)
+            if st is None:
+                if tid in live:
+                    st = PENDING
+                elif any(out.get(a) == FAILED for a in inputs.get(tid, ())):
+                    st = FAILED
+                else:
+                    st = CANCELLED
+            out[tid] = st
+        return out
 
     def dispatched(self, futs: list[TaskFuture[Any]]) -> None:
         """These tasks were handed to the transport (one batch of the pump).
@@ -396,6 +414,11 @@ class Observer:
             spans = None
         bisect_left = bisect.bisect_left
         cache_get = self._by_key.get
+        if self.keep_graph:
+            nodes, states = self.nodes, self.node_state
+            for f in futs:
+                if f._id in nodes:
+                    states[f._id] = DONE
         # the per-task path of a busy runtime: kept to plain local operations
         for f in futs:
             t = f._obs_t
@@ -440,6 +463,8 @@ class Observer:
     def failed(self, fut: TaskFuture[Any], exc: BaseException, retrying: bool) -> None:
         """The current attempt of ``fut`` raised ``exc``; it is retried or fails."""
         self._attempt_over(fut, RETRY if retrying else ERROR)
+        if not retrying and self.keep_graph and fut._id in self.nodes:
+            self.node_state[fut._id] = FAILED
         if not self.opts.report:
             return
         key = (_type_name(exc), fut.name)

@@ -6,7 +6,7 @@ input to the task that takes it. Each node is filled by the task's state
 when the file is written: done, reused from a checkpoint log, failed (its
 own error or a failed input), cancelled, or pending (not ended yet); the
 state is also the node's tooltip, and a legend lists the colours. The
-states need nothing but ``dag=True`` (see ``Observer.submitted``).
+states need nothing but ``dag=True`` (see ``Observer.node_states``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _quote(text: str) -> str:
 
 def dot_text(obs: Observer) -> str:
     """The DOT source of the graph ``obs`` recorded."""
-    state = obs.node_state
+    state = obs.node_states()
     lines = ["digraph async_wf {", "  rankdir=LR;",
              '  node [shape=box, style="rounded,filled", fillcolor=white, fontsize=10];']
     for tid, name in obs.nodes.items():
