@@ -647,13 +647,21 @@ async def test_running_counts_tasks_that_run_not_those_queued(kind: str) -> None
         addr = rt.metrics_address
         assert addr is not None
 
-        def now(state: str) -> float:
-            return _scrape(addr)[("async_wf_tasks_now", (("state", state),))]
+        seen: list[tuple[float, float, float]] = []
 
-        await until(lambda: now("queued") > 0, "a sample with tasks queued")
-        running, queued = now("running"), now("queued")
-        assert running == runs and queued == 8 - runs - rt.statistics()["finished"], \
-            (running, queued)
+        def one_sample() -> bool:
+            """Running, queued and finished, all three from one scrape (one snapshot)."""
+            m = _scrape(addr)
+            seen.append(tuple(  # type: ignore[arg-type]
+                m.get((name, (("state", state),)), -1.0) for name, state in (
+                    ("async_wf_tasks_now", "running"), ("async_wf_tasks_now", "queued"),
+                    ("async_wf_runtime_tasks_total", "finished"))))
+            running, queued, finished = seen[-1]
+            # a thread that just ended a task and took the next one counts both
+            # until the loop hears of the first: wait for a steady sample
+            return finished < 8 - runs and running == runs and \
+                queued == 8 - runs - finished
+        await until(one_sample, "a sample with only the task slots running")
         for f in futs:
             f.cancel()
 
