@@ -66,8 +66,9 @@ def _graph_summary(obs: Observer) -> dict[str, Any]:
 def robust_scale(bins: list[int]) -> int:
     """The top of the chart's scale: the largest bin that is not a spike.
 
-    A spike is a bin above three times the 90th percentile of the non-empty
-    bins: it stands out from at least nine tenths of the run. Thousands of
+    A spike is a bin above three times the 75th percentile of the non-empty
+    bins: it stands out from at least three quarters of the run (a burst
+    that a loaded machine spreads over a few bins is still one). Thousands of
     tasks that end at once (a burst of trivial tasks, the results of a
     worker's prefetch arriving together) would otherwise flatten the rest
     of the chart to a line at zero; they are drawn clipped, with their value.
@@ -75,8 +76,8 @@ def robust_scale(bins: list[int]) -> int:
     filled = sorted(b for b in bins if b)
     if not filled:
         return 0
-    p90 = filled[(len(filled) - 1) * 9 // 10]
-    return max(b for b in filled if b <= 3 * p90)
+    p75 = filled[(len(filled) - 1) * 3 // 4]
+    return max(b for b in filled if b <= 3 * p75)
 
 
 def _throughput(spans: list[Any], t0: float, nbins: int = 60) -> dict[str, Any]:

@@ -703,14 +703,14 @@ async def test_report_throughput_scale_is_robust_and_failures_are_grouped(
     path = tmp_path / "run.html"
     async with async_wf.Runtime(threads=1, report=path) as rt:
         # a steady trickle, then a burst of thousands ending at once: the spike
-        for i in range(30):
-            await rt.submit(slow_block, 15 + i % 2)
+        for i in range(40):
+            await rt.submit(slow_block, 10 + i % 2)
         burst = [rt.submit(coro, i) for i in range(3000)]
         bad = [rt.submit(fails, i) for i in range(5)] + [rt.submit(raises_key, 1)]
         await async_wf.gather(*burst, *bad, return_exceptions=True)
     data = _report_data(path)
     tp = data["throughput"]
-    assert sum(tp["bins"]) == 30 + 3000 + 6
+    assert sum(tp["bins"]) == 40 + 3000 + 6
     peak = max(tp["bins"])
     # the scale follows the trickle; the spike is clipped and listed with its value
     assert tp["scale"] < peak / 10, tp
