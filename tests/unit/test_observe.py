@@ -144,6 +144,9 @@ async def test_trace_local(tmp_path: Path) -> None:
 async def test_trace_tcp_one_lane_per_slot(tmp_path: Path) -> None:
     path = tmp_path / "run.json"
     async with async_wf.Runtime(workers=2, trace=path) as rt:
+        # both workers first: a worker that joins late leaves the other all the
+        # coroutines, which then overlap its first blocking task (another lane)
+        await until(lambda: rt.statistics()["workers"] == 2, "both workers")
         tasks, attempts = await _workload(rt, tmp_path)
         wids = {w for w, _n, _o, _i in rt.transport.link_bytes()}
     spans = _check_trace(path, tasks, attempts)
