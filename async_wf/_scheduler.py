@@ -186,6 +186,8 @@ class Scheduler:
                     rec._handle = -1
                     rec._unread = True
                     self.n_reused += 1
+                    if self._obs is not None and self._obs.keep_graph:
+                        self._obs.submitted(rec, found, reused=True)
                     if plan is not None:
                         self._files.register(rec, plan)
                         if plan.deps:

@@ -168,6 +168,10 @@ class ThreadPool:
                 return False  # the loop is closed: nobody is waiting any more
         return True
 
+    def queued(self) -> int:
+        """Calls waiting for a thread (read without the lock: a len() is atomic)."""
+        return len(self._heap)
+
     def take_now(self) -> list[Outcome]:
         """Take the outcomes reported so far, from any thread.
 

@@ -131,6 +131,13 @@ def run_app(args: argparse.Namespace) -> int:
             print(f"async-wf run: {arg.split('=', 1)[0]} after {args.app} goes to the "
                   f"application, not to async-wf run: put it before {args.app} to set the "
                   "runtime's option", file=sys.stderr)
+    from async_wf.observe._events import library_message, missing_library
+
+    mod = missing_library(bool(args.progress), args.metrics is not None)
+    if mod is not None:
+        flag = "--progress" if mod == "rich" else "--metrics"
+        print(f"async-wf run: {library_message(mod, flag)}", file=sys.stderr)
+        return 2
     opts: dict[str, object] = {}
     if args.workers is not None:
         opts["workers"] = args.workers

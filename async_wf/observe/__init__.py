@@ -5,7 +5,7 @@ trace="run.json", report="run.html", dag=True)`` turns pieces on; the
 runtime then has one ``Observer`` (``_events.py``) that the scheduler and
 the transports report to, and the display, server and writers read from.
 The libraries (``rich``, ``prometheus_client``) are imported only when
-their feature is on.
+their feature is on, and are the ``[observe]`` extra, not dependencies.
 """
 
 from async_wf.observe._events import ObserveOptions, Observer

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import importlib
 import logging
 import time
 import traceback
@@ -42,19 +43,64 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from async_wf.observe._model import BUCKETS, ERROR, LOCAL_LANE, OK, RETRY, Span, span_key
+from async_wf.observe._model import (
+    BUCKETS,
+    CANCELLED,
+    DONE,
+    ERROR,
+    FAILED,
+    LOCAL_LANE,
+    OK,
+    PENDING,
+    RETRY,
+    REUSED,
+    Span,
+    span_key,
+)
 
 if TYPE_CHECKING:
     from async_wf._futures import TaskFuture
     from async_wf._scheduler import Scheduler
 
-__all__ = ["BUCKETS", "ObserveOptions", "Observer", "Span", "span_key"]
+__all__ = ["BUCKETS", "OBSERVE_EXTRA", "FailureGroup", "ObserveOptions", "Observer", "Span",
+           "missing_library", "span_key"]
 
 log = logging.getLogger("async_wf.observe")
 
+#: how to install the libraries of progress and metrics (package extras)
+OBSERVE_EXTRA = "pip install 'async-wf[observe]'"
+
+
+def missing_library(progress: bool, metrics: bool) -> str | None:
+    """The library that the features asked for need and that cannot be imported, or None.
+
+    ``rich`` for the progress line, ``prometheus_client`` for metrics: they
+    are the ``[observe]`` extra, not dependencies, so a runtime that watches
+    nothing does not need them installed.
+    """
+    for on, mod in ((progress, "rich"), (metrics, "prometheus_client")):
+        if on:
+            try:
+                importlib.import_module(mod)
+            except ImportError:
+                return mod
+    return None
+
+
+def library_message(mod: str, option: str) -> str:
+    """One line: ``option`` needs ``mod``, and how to install it."""
+    return f"{option} needs {mod!r}, which is not installed: {OBSERVE_EXTRA}"
+
+
 @dataclass
 class ObserveOptions:
-    """Which observability features a runtime has on (all off by default)."""
+    """Which observability features a runtime has on (all off by default).
+
+    Raises:
+        ModuleNotFoundError: ``progress`` or ``metrics`` is on and its library
+            (the ``[observe]`` extra) is not installed; one line that says
+            which and how to install it.
+    """
 
     progress: bool = False
     metrics: str | None = None
@@ -64,10 +110,43 @@ class ObserveOptions:
     max_spans: int = 2_000_000
     max_nodes: int = 1_000_000
 
+    def __post_init__(self) -> None:
+        mod = missing_library(bool(self.progress), bool(self.metrics))
+        if mod is not None:
+            option = "Runtime(progress=True)" if mod == "rich" else "Runtime(metrics=...)"
+            raise ModuleNotFoundError(library_message(mod, option), name=mod)
+
     @property
     def any(self) -> bool:
         """Whether anything is on (else the runtime has no observer at all)."""
         return bool(self.progress or self.metrics or self.trace or self.report or self.dag)
+
+
+class FailureGroup:
+    """The failed attempts of one function with one exception type (for the report).
+
+    Every attempt is counted; the traceback is that of the first one only
+    (formatting each would cost more than the rest of the failure path),
+    and the first ``MAX_IDS`` task numbers are kept.
+    """
+
+    MAX_IDS = 20
+    __slots__ = ("attempt", "count", "final", "function", "task_ids", "traceback", "type")
+
+    def __init__(self, type_name: str, function: str, traceback_text: str,
+                 attempt: int) -> None:
+        self.type = type_name
+        self.function = function
+        self.count = 0  # attempts that raised
+        self.final = 0  # of which not retried: the task failed
+        self.task_ids: list[int] = []
+        self.traceback = traceback_text
+        self.attempt = attempt  # of the first failure, whose traceback is kept
+
+
+def _type_name(exc: BaseException) -> str:
+    t = type(exc)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
 class _FnStats:
@@ -104,9 +183,12 @@ class Observer:
         self.spans: list[Span] = []
         self.spans_dropped = 0
         self.nodes: dict[int, str] = {}  # task id -> name
+        # task id -> DONE, FAILED or REUSED, as the hooks hear of it (see node_states)
+        self.node_state: dict[int, str] = {}
         self.edges: list[tuple[int, int]] = []  # (input task id, task id)
         self.nodes_dropped = 0
-        self.failures: list[tuple[str, int, int, str]] = []  # name, id, attempt, traceback
+        # (exception type, function) -> its FailureGroup, in the order first seen
+        self.failure_groups: dict[tuple[str, str], FailureGroup] = {}
         self.lanes: dict[int, str] = {LOCAL_LANE: "scheduler process"}
         # (t s since start, submitted, finished, failed, running, ready, {lane: (out, in)})
         self.samples: list[tuple[float, int, int, int, int, int, dict[int, tuple[int, int]]]] = []
@@ -160,6 +242,10 @@ class Observer:
         st = sched.statistics()
         tr = sched._transport
         st.update(tr.statistics())
+        # the core's "running" is dispatched and not ended: split off what waits
+        queued = min(tr.queued(), st["running"])
+        st["running"] -= queued
+        st["queued"] = queued
         ck = sched._ckpt
         if ck is not None:
             st.update(ck.statistics())
@@ -252,11 +338,13 @@ class Observer:
                 cache[key] = st
         return st
 
-    def submitted(self, fut: TaskFuture[Any], found: list[TaskFuture[Any]]) -> None:
+    def submitted(self, fut: TaskFuture[Any], found: list[TaskFuture[Any]],
+                  reused: bool = False) -> None:
         """A task was submitted with the futures ``found`` among its arguments.
 
         Called only when the graph is recorded (``keep_graph``): counting per
-        function happens when attempts end, off the submit path.
+        function happens when attempts end, off the submit path. ``reused``:
+        resolved from the checkpoint log, not run.
         """
         nodes = self.nodes
         if len(nodes) >= self.opts.max_nodes:
@@ -266,6 +354,38 @@ class Observer:
         nodes[tid] = self._stats(fut).name
         for d in found:
             self.edges.append((d._id, tid))
+        if reused:
+            self.node_state[tid] = REUSED
+
+    def node_states(self) -> dict[int, str]:
+        """The state of every recorded task now: done, reused, failed, cancelled or pending.
+
+        Done and failed are what the hooks heard of (``finished``, a final
+        ``failed``); a task the scheduler still holds is pending. A task
+        that ended otherwise never ran to an outcome: it failed when one of
+        its inputs failed (``DependencyError``), else it was cancelled (by
+        the user, a cancelled input, an abort or the runtime's close). So
+        no hook is needed on those rare paths, and nothing is paid per task
+        for them (a done-callback on every future cost about 3 us a task).
+        """
+        known = self.node_state
+        sched = self._sched
+        live = {f._id for f in sched._tasks.values()} if sched is not None else set()
+        inputs: dict[int, list[int]] = {}
+        for a, b in self.edges:
+            inputs.setdefault(b, []).append(a)
+        out: dict[int, str] = {}
+        for tid in sorted(self.nodes):  # an input is always submitted before its users
+            st = known.get(tid)
+            if st is None:
+                if tid in live:
+                    st = PENDING
+                elif any(out.get(a) == FAILED for a in inputs.get(tid, ())):
+                    st = FAILED
+                else:
+                    st = CANCELLED
+            out[tid] = st
+        return out
 
     def dispatched(self, futs: list[TaskFuture[Any]]) -> None:
         """These tasks were handed to the transport (one batch of the pump).
@@ -294,6 +414,11 @@ class Observer:
             spans = None
         bisect_left = bisect.bisect_left
         cache_get = self._by_key.get
+        if self.keep_graph:
+            nodes, states = self.nodes, self.node_state
+            for f in futs:
+                if f._id in nodes:
+                    states[f._id] = DONE
         # the per-task path of a busy runtime: kept to plain local operations
         for f in futs:
             t = f._obs_t
@@ -338,6 +463,19 @@ class Observer:
     def failed(self, fut: TaskFuture[Any], exc: BaseException, retrying: bool) -> None:
         """The current attempt of ``fut`` raised ``exc``; it is retried or fails."""
         self._attempt_over(fut, RETRY if retrying else ERROR)
-        if self.opts.report and len(self.failures) < 1000:
-            tb = "".join(traceback.format_exception(exc))
-            self.failures.append((fut.name, fut._id, fut._attempt, tb))
+        if not retrying and self.keep_graph and fut._id in self.nodes:
+            self.node_state[fut._id] = FAILED
+        if not self.opts.report:
+            return
+        key = (_type_name(exc), fut.name)
+        group = self.failure_groups.get(key)
+        if group is None:
+            if len(self.failure_groups) >= 1000:  # distinct kinds: bounded, like the spans
+                return
+            group = self.failure_groups[key] = FailureGroup(
+                key[0], key[1], "".join(traceback.format_exception(exc)), fut._attempt)
+        group.count += 1
+        if not retrying:
+            group.final += 1
+        if len(group.task_ids) < FailureGroup.MAX_IDS and fut._id not in group.task_ids:
+            group.task_ids.append(fut._id)

@@ -7,7 +7,8 @@ back.
 
 from __future__ import annotations
 
-__all__ = ["BUCKETS", "ERROR", "LOCAL_LANE", "OK", "RETRY", "Span", "span_key"]
+__all__ = ["BUCKETS", "CANCELLED", "DONE", "ERROR", "FAILED", "LOCAL_LANE", "OK", "PENDING",
+           "RETRY", "REUSED", "Span", "span_key"]
 
 #: upper bounds (seconds) of the task-duration histogram buckets
 BUCKETS: tuple[float, ...] = (
@@ -16,6 +17,9 @@ BUCKETS: tuple[float, ...] = (
 
 #: span statuses
 OK, ERROR, RETRY = "ok", "error", "retry"
+
+#: final states of a task in the recorded graph (PENDING: not ended yet)
+DONE, FAILED, CANCELLED, REUSED, PENDING = "done", "failed", "cancelled", "reused", "pending"
 
 #: lane (trace pid) of work run in the scheduler's own process
 LOCAL_LANE = 0

@@ -52,7 +52,7 @@ class _RuntimeCollector(Collector):
         yield tasks
         now = GaugeMetricFamily("async_wf_tasks_now", "Tasks in each state now",
                                 labels=["state"])
-        for state in ("waiting", "ready", "running"):
+        for state in ("waiting", "ready", "queued", "running"):
             now.add_metric([state], snap.get(state, 0))
         yield now
         totals = CounterMetricFamily("async_wf_runtime_tasks",

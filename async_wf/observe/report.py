@@ -4,9 +4,11 @@ One self-contained file: the data as JSON inside the page and a small
 script that draws it with the browser's own SVG, so it opens offline and
 needs no library. Sections: a summary, the task stream (one row of lanes
 per worker, one rectangle per task attempt), durations by function,
-throughput over time, failures with their tracebacks, and a summary of the
-task graph. The task stream shows at most ``MAX_STREAM`` attempts (evenly
-sampled beyond that, and said so), to keep the page light enough to open.
+throughput over time (on a scale that one spike does not set: see
+``robust_scale``), failures grouped by exception type and function with
+counts and the first traceback of each, and a summary of the task graph.
+The task stream shows at most ``MAX_STREAM`` attempts (evenly sampled
+beyond that, and said so), to keep the page light enough to open.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from async_wf.observe.trace import pack_lanes
 if TYPE_CHECKING:
     from async_wf.observe._events import Observer
 
-__all__ = ["MAX_STREAM", "report_data", "write_report"]
+__all__ = ["MAX_STREAM", "report_data", "robust_scale", "write_report"]
 
 MAX_STREAM = 20_000
 
@@ -61,15 +63,38 @@ def _graph_summary(obs: Observer) -> dict[str, Any]:
     }
 
 
+def robust_scale(bins: list[int]) -> int:
+    """The top of the chart's scale: the largest bin that is not a spike.
+
+    A spike is a bin above three times the 75th percentile of the non-empty
+    bins: it stands out from at least three quarters of the run (a burst
+    that a loaded machine spreads over a few bins is still one). Thousands of
+    tasks that end at once (a burst of trivial tasks, the results of a
+    worker's prefetch arriving together) would otherwise flatten the rest
+    of the chart to a line at zero; they are drawn clipped, with their value.
+    """
+    filled = sorted(b for b in bins if b)
+    if not filled:
+        return 0
+    p75 = filled[(len(filled) - 1) * 3 // 4]
+    return max(b for b in filled if b <= 3 * p75)
+
+
 def _throughput(spans: list[Any], t0: float, nbins: int = 60) -> dict[str, Any]:
-    """Attempts ended per time bin, binned here so that the page stays small."""
+    """Attempts ended per time bin, binned here so that the page stays small.
+
+    ``scale``: the top of the chart (``robust_scale``); ``clipped``: the
+    bins above it, as ``[index, count]``.
+    """
     if not spans:
-        return {"end": 0.0, "bins": []}
+        return {"end": 0.0, "bins": [], "scale": 0, "clipped": []}
     end = max(max(s[1] for s in spans) - t0, 1e-6)
     bins = [0] * nbins
     for s in spans:
         bins[min(nbins - 1, max(0, int(nbins * (s[1] - t0) / end)))] += 1
-    return {"end": end, "bins": bins}
+    scale = robust_scale(bins)
+    return {"end": end, "bins": bins, "scale": scale,
+            "clipped": [[i, b] for i, b in enumerate(bins) if b > scale]}
 
 
 def report_data(obs: Observer) -> dict[str, Any]:
@@ -113,8 +138,11 @@ def report_data(obs: Observer) -> dict[str, Any]:
         "spans_dropped": obs.spans_dropped,
         "throughput": _throughput(spans, t0),
         "functions": fns,
-        "failures": [{"name": n, "task": tid, "attempt": a, "traceback": tb}
-                     for n, tid, a, tb in obs.failures],
+        # most frequent first; the first traceback of each kind
+        "failure_groups": [
+            {"type": g.type, "function": g.function, "count": g.count, "final": g.final,
+             "tasks": g.task_ids, "attempt": g.attempt, "traceback": g.traceback}
+            for g in sorted(obs.failure_groups.values(), key=lambda g: -g.count)],
         "graph": _graph_summary(obs),
     }
 
@@ -219,28 +247,47 @@ for (const f of D.functions) {
   dur.appendChild(tr);
 }
 
-// throughput: attempts ended per bin
-const H = 160, bins = D.throughput.bins, NB = bins.length, end = D.throughput.end;
-const tp = el("svg:svg", {width: W, height: H + 30, id: "throughput-svg"});
+// throughput: attempts ended per bin, on a scale that a spike does not set:
+// bins above it are drawn at the top, marked with a triangle and their rate
+const H = 160, TOP = 20, bins = D.throughput.bins, NB = bins.length, end = D.throughput.end;
+const tp = el("svg:svg", {width: W, height: H + TOP + 30, id: "throughput-svg"});
 if (NB) {
-  const peak = Math.max(...bins), dt = end / NB;
+  const scale = D.throughput.scale || 1, dt = end / NB;
+  const xs = i => LEFT + (W - LEFT - 5) * (i + 0.5) / NB;
   const pts = bins.map((c, i) =>
-    (LEFT + (W - LEFT - 5) * (i + 0.5) / NB) + "," + (H - H * c / peak + 5)).join(" ");
+    xs(i) + "," + (TOP + H - H * Math.min(c, scale) / scale)).join(" ");
   tp.appendChild(el("svg:polyline", {points: pts, fill: "none", stroke: "#4a90d9",
                                      "stroke-width": 2}));
-  tp.appendChild(el("svg:text", {x: 0, y: 15}, (peak / dt).toFixed(0) + " tasks/s peak"));
-  tp.appendChild(el("svg:text", {x: LEFT, y: H + 25}, "0 s"));
-  tp.appendChild(el("svg:text", {x: W - 60, y: H + 25}, end.toFixed(3) + " s"));
+  for (const [i, c] of D.throughput.clipped) {
+    const m = el("svg:text", {x: xs(i) - 4, y: TOP - 4, "class": "clipped",
+                              fill: "#d9534f"}, "\u25B2 " + (c / dt).toFixed(0) + "/s");
+    m.appendChild(el("svg:title", {}, "clipped: " + c + " tasks ended in this bin"));
+    tp.appendChild(m);
+  }
+  tp.appendChild(el("svg:text", {x: 0, y: TOP + 10}, (scale / dt).toFixed(0) + " tasks/s"));
+  tp.appendChild(el("svg:text", {x: 0, y: TOP + H}, "0"));
+  tp.appendChild(el("svg:text", {x: LEFT, y: TOP + H + 25}, "0 s"));
+  tp.appendChild(el("svg:text", {x: W - 60, y: TOP + H + 25}, end.toFixed(3) + " s"));
 }
 document.getElementById("throughput").appendChild(tp);
+if (D.throughput.clipped.length) {
+  document.getElementById("throughput").appendChild(el("p", {"class": "note"},
+    D.throughput.clipped.length + " bin(s) above the scale, clipped (\u25B2): the scale " +
+    "is set by the rest of the run"));
+}
 
-// failures
+// failures: one entry per (exception type, function), most frequent first
 const fl = document.getElementById("failures");
-if (!D.failures.length) fl.appendChild(el("p", {}, "No task failed."));
-for (const f of D.failures) {
+if (!D.failure_groups.length) fl.appendChild(el("p", {}, "No task failed."));
+for (const g of D.failure_groups) {
   const d = el("details", {"class": "failure"});
-  d.appendChild(el("summary", {}, f.name + " #" + f.task + " attempt " + f.attempt));
-  d.appendChild(el("pre", {}, f.traceback));
+  const retried = g.count - g.final;
+  d.appendChild(el("summary", {}, g.count + " \u00D7 " + g.type + " in " + g.function +
+    " (" + g.final + " failed" + (retried ? ", " + retried + " retried" : "") + "; tasks #" +
+    g.tasks.join(", #") + (g.tasks.length < g.count ? ", ..." : "") + ")"));
+  d.appendChild(el("p", {"class": "note"}, "first: task #" + g.tasks[0] + " attempt " +
+                   g.attempt));
+  d.appendChild(el("pre", {}, g.traceback));
   fl.appendChild(d);
 }
 

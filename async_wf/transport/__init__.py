@@ -106,6 +106,17 @@ class Transport(abc.ABC):
         """Transport-specific counters merged into ``Runtime.statistics()``."""
         return {}
 
+    def queued(self) -> int:
+        """How many dispatched tasks have not started, as far as this process knows.
+
+        The core counts a task as running from dispatch to its outcome; a
+        transport that queues tasks (a thread pool's queue, tasks sent ahead
+        to a worker beyond its slots) says here how many of those wait, so
+        that the progress display and the metrics show what really runs.
+        Read by the observer at each sample, not per task.
+        """
+        return 0
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Release everything: threads, processes, connections."""

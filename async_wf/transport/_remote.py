@@ -251,6 +251,21 @@ class RemoteTransport(Transport):
         w.count(fut._kind, 1)
         w.quarantine = self._send_tasks(w, [fut]) or 0
 
+    def queued(self) -> int:
+        """Tasks not started: in the backlog, or sent ahead to a worker beyond its slots.
+
+        A worker runs at most ``slots`` blocking tasks at once and every
+        ``async def`` task it has; the rest of its blocking credit
+        (``prefetch``) waits in its queue. An estimate from what was sent:
+        a slot between two tasks, or a result on its way back, is counted
+        as running.
+        """
+        n = len(self._backlog[0]) + len(self._backlog[1])
+        for w in self._order:
+            if w.n_thread > w.slots:
+                n += w.n_thread - w.slots
+        return n
+
     def capacity(self) -> int:
         """How many tasks the scheduler may pop now (see the module docstring).
 

@@ -98,6 +98,10 @@ class LocalTransport(Transport):
         """Unbounded: coroutines are cheap and thread tasks queue here by priority."""
         return 1 << 30
 
+    def queued(self) -> int:
+        """Blocking tasks waiting for a thread (coroutines start at once)."""
+        return 0 if self._pool is None else self._pool.queued()
+
     def task_context(self, token: Any) -> TaskContext:
         """The context of a task running here (token: its future, or its ``_Run``)."""
         sched = self._sched

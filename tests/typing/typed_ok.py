@@ -30,6 +30,16 @@ def inc(x: int) -> int:
     return x + 1
 
 
+async def futures_into_a_task() -> None:
+    # a @task call is checked against its own signature (README, Types): with a
+    # future among the arguments, submit() keeps the result typed
+    async with async_wf.Runtime() as rt:
+        two: async_wf.TaskFuture[int] = rt.submit(inc, 1)
+        three: int = await rt.submit(inc, two)
+        four: int = await async_wf.submit(inc, rt.submit(add, two, 1))
+        print(three, four)
+
+
 def declared() -> None:
     a: async_wf.TaskFunction[[int], int] = inc
     b: async_wf.TaskFunction[[int, int], int] = async_wf.task(add, priority=1, name="add")
