@@ -581,3 +581,17 @@ def test_multiprocessing_manager_proxies_reach_worker_processes() -> None:
         shared = manager.dict()
         assert ex.submit(_put, shared, "k").result(timeout=30) == "k"
         assert shared["k"] == "here"
+
+
+def test_submit_raises_once_the_thread_initializer_has_failed() -> None:
+    # as ThreadPoolExecutor: once broken, submit() itself raises BrokenThreadPool
+    def bad() -> None:
+        raise ValueError("no database")
+
+    with Executor(max_workers=1, initializer=bad) as ex:
+        first = ex.submit(int, "1")
+        with pytest.raises(cf.BrokenExecutor):
+            first.result(timeout=10)
+        with pytest.raises(cf.BrokenExecutor, match="initializer failed") as info:
+            ex.submit(int, "2")
+        assert isinstance(info.value.__cause__, ValueError)
