@@ -22,6 +22,7 @@ import functools
 import threading
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures.thread import BrokenThreadPool
 from typing import Any
 
 from async_wf._api import Runtime, RuntimeStatistics
@@ -338,9 +339,15 @@ class Executor(cf.Executor):
         Raises:
             RuntimeError: after ``shutdown`` ("cannot submit after shutdown").
             TypeError: ``fn`` is not callable.
+            BrokenThreadPool: a thread initializer has failed.
         """
         if not callable(fn):
             raise TypeError(f"submit needs a callable, got {type(fn).__name__}: {fn!r}")
+        why = self._rt.transport.broken()
+        if why is not None:
+            # the standard library's type and words
+            raise BrokenThreadPool("a thread initializer failed, the pool is not usable "
+                                   "any more") from why
         return self._svc.submit(fn, args, kwargs)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

@@ -79,6 +79,13 @@ class Transport(abc.ABC):
         the transport has disarmed the attempt's timeout.
         """
 
+    def broken(self) -> BaseException | None:
+        """Why this transport can run nothing any more (a failed thread initializer), or None.
+
+        May be asked from another thread (the Executor's ``submit``).
+        """
+        return None
+
     def started(self, fut: TaskFuture[Any]) -> bool:
         """Whether the current attempt of a dispatched task has left the queue.
 

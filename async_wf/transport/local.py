@@ -109,6 +109,11 @@ class LocalTransport(Transport):
         fut = token.fut if type(token) is _Run else token
         return sched.task_context(fut)
 
+    def broken(self) -> BaseException | None:
+        """The exception of a thread initializer that failed: every call fails from then on."""
+        pool = self._pool
+        return None if pool is None else pool.broken
+
     def started(self, fut: TaskFuture[Any]) -> bool:
         """Whether the current attempt of ``fut`` has begun (a coroutine always has)."""
         run = fut._att
