@@ -57,6 +57,8 @@ INLINE_BELOW = 200e-6
 INLINE_BUDGET = 5e-3
 INLINE_NEVER = 5e-3
 GUARD_TICK = 20e-3
+#: log records kept while the connection is not ready yet
+_LOG_KEEP = 1000
 #: seconds a connection attempt may take (TimeoutError, an OSError, after it)
 CONNECT_TIMEOUT = 10.0
 
@@ -196,12 +198,18 @@ class Worker:
                 self._guard_can = True
 
         stream.on_open = opened
-        # bounded: a SYN into a cut link is retried by the kernel for minutes
-        await asyncio.wait_for(loop.create_connection(
-            lambda: stream, host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None
-        ), CONNECT_TIMEOUT)
-        watchdog = loop.create_task(self._watch())
+        # before connecting: the first tasks may run before the coroutine
+        # resumes from connecting, and their records must be forwarded too
         self.forward_logs()
+        try:
+            # bounded: a SYN into a cut link is retried by the kernel for minutes
+            await asyncio.wait_for(loop.create_connection(
+                lambda: stream, host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None
+            ), CONNECT_TIMEOUT)
+        except BaseException:
+            self.stop_forwarding()
+            raise
+        watchdog = loop.create_task(self._watch())
         try:
             return await self._done
         finally:
@@ -257,9 +265,16 @@ class Worker:
         with self._log_lock:
             items = self._logs
             self._logs = []
+        if not items:
+            return
         stream = self._stream
-        if items and stream is not None and self._state == "ready":
+        if stream is not None and self._state == "ready":
             stream.send(P.encode(P.LOG, items))
+            return
+        # not joined yet: kept (the most recent 1000) until the handshake ends
+        with self._log_lock:
+            self._logs[:0] = items
+            del self._logs[:-_LOG_KEEP]
 
     def _finish(self, code: int) -> None:
         if self._done is not None and not self._done.done():
@@ -303,6 +318,7 @@ class Worker:
             self.worker_id, self._heartbeat = self._joining.welcome(kind, payload)
             self._state = "ready"
             self.joined = True
+            self._send_logs()  # records made before the handshake ended
             stream.decoder.max_frame = self.max_frame
             log.info("worker %s joined as #%d", self.name, self.worker_id)
 
