@@ -151,10 +151,13 @@ async def test_trace_tcp_one_lane_per_slot(tmp_path: Path) -> None:
         wids = {w for w, _n, _o, _i in rt.transport.link_bytes()}
     spans = _check_trace(path, tasks, attempts)
     assert {e["pid"] for e in spans} <= wids and len(wids) == 2
-    # blocking tasks run on the single slot of each worker: one lane each
+    # blocking tasks run on the single slot of each worker, plus, for a
+    # function the worker has learnt as quick, inline on its loop beside that
+    # slot: at most two lanes each (one was asserted, and failed under load)
     for w in wids:
-        assert {e["tid"] for e in spans
-                if e["pid"] == w and e["name"].endswith("blocking")} <= {0}
+        lanes = {e["tid"] for e in spans if e["pid"] == w and e["name"].endswith("blocking")}
+        assert 0 in lanes or not lanes
+        assert len(lanes) <= 2, lanes
     doc = json.loads(path.read_text())
     counters = [e for e in doc["traceEvents"] if e["ph"] == "C"]
     assert counters and all(e["pid"] in wids for e in counters)
