@@ -343,6 +343,16 @@ def _chromium() -> str | None:
     return None
 
 
+async def _dump_dom(browser: str, page: Path, tmp_path: Path) -> tuple[str, str]:
+    """The DOM a headless browser built from ``page`` after its scripts ran, and its stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        browser, "--headless", "--disable-gpu", "--no-sandbox", "--dump-dom",
+        f"--user-data-dir={tmp_path / 'profile'}", page.as_uri(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    return out.decode(), err.decode()
+
+
 @pytest.mark.skipif(_chromium() is None, reason="no chromium, chromium-browser or "
                     "google-chrome on PATH: run 'make test-browser' to install Debian's "
                     "chromium and run this test")
@@ -352,13 +362,8 @@ async def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
         _tasks, attempts = await _workload(rt, tmp_path)
     browser = _chromium()
     assert browser is not None
-    proc = await asyncio.create_subprocess_exec(
-        browser, "--headless", "--disable-gpu", "--no-sandbox", "--dump-dom",
-        f"--user-data-dir={tmp_path / 'profile'}", path.as_uri(),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    dom = out.decode()
-    assert 'data-rendered="yes"' in dom, err.decode()[-2000:]
+    dom, err = await _dump_dom(browser, path, tmp_path)
+    assert 'data-rendered="yes"' in dom, err[-2000:]
     # what the page's own script built: one rect per attempt, a row per function
     assert len(re.findall(r'<rect [^>]*class="task"', dom)) == attempts
     assert len(re.findall(r'<tr class="fn"', dom)) == 5
@@ -731,12 +736,7 @@ async def test_report_throughput_scale_is_robust_and_failures_are_grouped(
     browser = _chromium()
     if browser is None:
         return  # the page's drawing is checked where a browser is (make test-browser)
-    proc = await asyncio.create_subprocess_exec(
-        browser, "--headless", "--disable-gpu", "--no-sandbox", "--dump-dom",
-        f"--user-data-dir={tmp_path / 'profile'}", path.as_uri(),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, _err = await asyncio.wait_for(proc.communicate(), 120)
-    dom = out.decode()
+    dom, _err = await _dump_dom(browser, path, tmp_path)
     assert len(re.findall(r'<text [^>]*class="clipped"', dom)) == len(tp["clipped"])
     assert "5 \u00d7 ValueError in " in dom and "(5 failed; tasks #" in dom
 
