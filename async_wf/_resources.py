@@ -723,11 +723,14 @@ class Allocator:
     the declared order) and are never handed to two live grants at once.
     """
 
-    __slots__ = ("_declared", "_free", "_free_cpus", "_free_gpus", "_lock")
+    __slots__ = ("_cpu_index", "_declared", "_free", "_free_cpus", "_free_gpus", "_gpu_index",
+                 "_lock")
 
     def __init__(self, declared: Declared) -> None:
         self._declared = declared
         self._lock = threading.Lock()
+        self._gpu_index = {g: i for i, g in enumerate(declared.gpu_ids)}
+        self._cpu_index = {c: i for i, c in enumerate(declared.cpu_ids)}
         self._free: dict[str, float] = dict(declared.amounts)
         # one flag per declared id, in declared order: "lowest" is the first free
         self._free_gpus = [True] * len(declared.gpu_ids)
@@ -751,8 +754,14 @@ class Allocator:
     def give(self, grant: Grant) -> None:
         """Return a Grant's resources; ValueError (nothing changed) if that exceeds the totals."""
         d = self._declared
-        gpu_index = {g: i for i, g in enumerate(d.gpu_ids)}
-        cpu_index = {c: i for i, c in enumerate(d.cpu_ids)}
+        req = grant.request
+        # ids and amounts must agree, or the free ids would drift from the free counts
+        want_cpus = req.cores if d.cpu_ids else 0
+        if len(grant.gpu_ids) != req.gpus or len(grant.cpu_ids) != want_cpus:
+            raise ValueError(
+                f"giving back a grant whose ids do not match its request: {req.describe()} "
+                f"with gpu_ids {list(grant.gpu_ids)!r}, cpu_ids {list(grant.cpu_ids)!r}"
+            )
         with self._lock:
             free = self._free
             back: dict[str, float] = {}
@@ -766,8 +775,8 @@ class Allocator:
                     )
                 # snap to the total so that float sums do not drift over many returns
                 back[name] = total if now > total - _TOL else now
-            gi = _indices(grant.gpu_ids, gpu_index, self._free_gpus, "GPU")
-            ci = _indices(grant.cpu_ids, cpu_index, self._free_cpus, "CPU")
+            gi = _indices(grant.gpu_ids, self._gpu_index, self._free_gpus, "GPU")
+            ci = _indices(grant.cpu_ids, self._cpu_index, self._free_cpus, "CPU")
             free.update(back)
             for i in gi:
                 self._free_gpus[i] = True

@@ -525,6 +525,10 @@ def test_allocator_give_refuses_what_it_did_not_hand_out() -> None:
         alloc.give(Grant(_req(gpus=1), ("b",), ()))
     with pytest.raises(ValueError, match="CPU id 1, which is not taken"):
         alloc.give(Grant(_req(cores=1), (), (1,)))
+    with pytest.raises(ValueError, match="ids do not match its request"):
+        alloc.give(Grant(_req(cores=1, gpus=1), ("b",), ()))
+    with pytest.raises(ValueError, match="ids do not match its request"):
+        alloc.give(Grant(_req(cores=1), ("b",), (1,)))
     assert alloc.free() == snapshot  # failed gives changed nothing
     alloc.give(held)
     assert alloc.try_take(_req(gpus=2)) is not None  # both ids are free again
