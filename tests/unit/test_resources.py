@@ -586,10 +586,17 @@ def test_allocator_under_threads_never_overcommits() -> None:
             alloc.give(grant)
 
     threads = [threading.Thread(target=hammer, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    # switch threads as often as the interpreter allows, so that an unlocked
+    # check-then-take would interleave (with the default 5 ms it rarely does)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        sys.setswitchinterval(interval)
     assert not any(t.is_alive() for t in threads)
     assert errors == []
     assert granted[0] > 1000
