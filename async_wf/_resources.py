@@ -825,7 +825,11 @@ def _indices(
 
 
 class Ledger:
-    """Scheduler-side accounting of one worker (single-threaded, no lock, cheap): free amounts only, no ids."""  # noqa: E501
+    """Scheduler-side accounting of one worker: free amounts only, no ids.
+
+    Single-threaded (the scheduler's loop), so no lock; ``free`` may be read
+    directly. Ids are the worker's business: its Allocator picks them.
+    """
 
     __slots__ = ("_total", "free")
 
