@@ -82,6 +82,11 @@ class ThreadPool:
         self._heap: list[tuple[int, int, Any, Callable[..., Any], Any, Any]] = []
         self._seq = 0
         self._idle = 0
+        #: calls running now, and the most that may run at once (under the lock):
+        #: lowered while tasks holding cores of their own run beside the pool
+        #: (see set_limit)
+        self.running = 0
+        self._limit = nthreads
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._results: list[Outcome] = []
@@ -124,13 +129,14 @@ class ThreadPool:
                 self.broken = exc
         while True:
             with self.lock:
-                while not heap:
-                    if self._stopping:
+                while not heap or self.running >= self._limit:
+                    if self._stopping and not heap:
                         return
                     self._idle += 1
                     self._cond.wait()  # put() takes it off the idle count
                 _, _, token, fn, args, kwargs = heapq.heappop(heap)
                 run = claim is None or claim(token)
+                self.running += 1
             outcome: Outcome
             if not run:
                 outcome = (token, SKIPPED, None, 0.0, 0.0)
@@ -158,6 +164,11 @@ class ThreadPool:
 
     def _report(self, outcome: Outcome) -> bool:
         with self.lock:
+            self.running -= 1
+            if self._limit < self.nthreads and self._heap and self._idle:
+                # a thread held back by the limit may start the next call now
+                self._idle -= 1
+                self._cond.notify()
             self._results.append(outcome)
             wake = not self._wake_pending
             self._wake_pending = True
@@ -167,6 +178,41 @@ class ThreadPool:
             except RuntimeError:
                 return False  # the loop is closed: nobody is waiting any more
         return True
+
+    def set_limit(self, limit: int) -> None:
+        """Let at most ``limit`` calls run at once (call with ``lock`` held).
+
+        Threads over the limit finish their call and then wait; raising it
+        wakes them. The pool never starts more than ``nthreads`` threads.
+        """
+        raised = limit > self._limit
+        self._limit = limit
+        if raised and self._idle:
+            self._idle = 0
+            self._cond.notify_all()
+
+    def take_back(self, n: int, keep: Callable[[Any], bool]) -> list[Any]:
+        """Remove up to ``n`` queued calls (the last to be taken) for which ``keep`` is False.
+
+        Returns their tokens. For work stealing: a call no thread has
+        started goes back to the scheduler, to run elsewhere.
+        """
+        with self.lock:
+            heap = self._heap
+            if not heap:
+                return []
+            order = sorted(heap)
+            out: list[Any] = []
+            kept = []
+            for item in reversed(order):
+                if len(out) < n and not keep(item[2]):
+                    out.append(item[2])
+                else:
+                    kept.append(item)
+            if out:
+                kept.reverse()
+                heap[:] = kept  # sorted, so a valid heap
+        return out
 
     def queued(self) -> int:
         """Calls waiting for a thread (read without the lock: a len() is atomic)."""
