@@ -22,6 +22,7 @@ Authentication
 
         scheduler -> worker   HELLO   version, nonce_s
         worker -> scheduler   AUTH    version, nonce_w, HMAC(secret, "worker"|nonce_s|nonce_w), ...
+                                      (slots, pid, name, and the resources it declares as JSON)
         scheduler -> worker   WELCOME HMAC(secret, "sched"|nonce_w|nonce_s), worker id, ...
 
     Both sides compare MACs with ``hmac.compare_digest``. The secret never
@@ -47,6 +48,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import os
 import pickle
@@ -66,7 +68,9 @@ from async_wf._options import ASYNC, INLINE, THREAD
 
 log = logging.getLogger("async_wf")
 
-PROTOCOL_VERSION = 1
+# 2: AUTH carries the worker's resources; resource tasks (K_RTHREAD, K_RASYNC);
+# STEAL and R_RETURNED
+PROTOCOL_VERSION = 2
 MAGIC = b"aw"
 
 # frame kinds
@@ -83,6 +87,9 @@ EXIT = 10  # MPI: the application is over, worker ranks leave
 SAVE = 11  # a task saved a step's state: (rid, step, pickled state)
 INSITU = 12  # in-situ bridge <-> hub: a pickled message tuple (async_wf.insitu)
 LOG = 13  # worker log records: [(logger name, level, message, created), ...]
+# scheduler -> worker: give back these rids if no slot has started them (work
+# stealing); the worker answers R_RETURNED for each one it gave back
+STEAL = 14
 KIND_NAMES = {
     HELLO: "HELLO",
     AUTH: "AUTH",
@@ -97,6 +104,7 @@ KIND_NAMES = {
     SAVE: "SAVE",
     INSITU: "INSITU",
     LOG: "LOG",
+    STEAL: "STEAL",
 }
 
 # task kinds in a TASKS item: how the worker runs the function. The first
@@ -105,8 +113,13 @@ KIND_NAMES = {
 # async_wf.mpi)
 K_ASYNC, K_THREAD, K_INLINE = ASYNC, THREAD, INLINE
 K_MPI = max(ASYNC, THREAD, INLINE) + 1
-# result statuses in a RESULTS item
-R_OK, R_ERROR, R_CANCELLED = 0, 1, 2
+# a task that asks for resources (TaskOptions.request), blocking or async: its
+# item's extra is (saved step or None, Request.to_wire(), pin); the worker
+# starts it once its own resources are free (async_wf._worker)
+K_RTHREAD = K_MPI + 1
+K_RASYNC = K_MPI + 2
+# result statuses in a RESULTS item; R_RETURNED: given back unstarted (STEAL)
+R_OK, R_ERROR, R_CANCELLED, R_RETURNED = 0, 1, 2, 3
 #: TASKS flags: bit 0, send each task's start and end with its result
 WANT_TIMES = 1
 
@@ -181,7 +194,9 @@ _ALIGN = 16
 
 NONCE_LEN = 32
 _HELLO = struct.Struct("!H32s")
-_AUTH = struct.Struct("!H32s32sII")  # version, nonce, mac, slots, pid (+ utf-8 name)
+# version, nonce, mac, slots, pid, name length (+ utf-8 name, + JSON resources)
+_AUTH = struct.Struct("!H32s32sIIH")
+_NAME_MAX = 256
 _WELCOME = struct.Struct("!32sId")  # mac, worker id, heartbeat interval s
 
 
@@ -237,9 +252,11 @@ def hello_payload() -> tuple[bytes, bytes]:
 
 
 def answer_hello(
-    payload: bytes, secret: bytes, slots: int, name: str
+    payload: bytes, secret: bytes, slots: int, name: str, declared: Any = None
 ) -> tuple[bytes, bytes, bytes]:
     """Worker side: check HELLO; return (AUTH payload, scheduler nonce, worker nonce).
+
+    ``declared`` is the worker's resources (``Declared.to_wire()``), or None.
 
     Raises:
         ProtocolError: malformed HELLO or another protocol version.
@@ -253,21 +270,30 @@ def answer_hello(
         )
     nonce_w = os.urandom(NONCE_LEN)
     mac = _mac(secret, b"worker", nonce_s, nonce_w)
-    body = _AUTH.pack(PROTOCOL_VERSION, nonce_w, mac, slots, os.getpid())
-    return body + name.encode("utf-8")[:256], nonce_s, nonce_w
+    raw_name = name.encode("utf-8")[:_NAME_MAX]
+    body = _AUTH.pack(PROTOCOL_VERSION, nonce_w, mac, slots, os.getpid(), len(raw_name))
+    res = b"" if declared is None else json.dumps(declared, separators=(",", ":")).encode()
+    if _AUTH.size + len(raw_name) + len(res) > PREAUTH_MAX_FRAME - 64:
+        raise ValueError(f"the declared resources take {len(res)} bytes as JSON; the "
+                         f"handshake allows {PREAUTH_MAX_FRAME - 64 - _AUTH.size - _NAME_MAX}")
+    return body + raw_name + res, nonce_s, nonce_w
 
 
-def check_auth(payload: bytes, secret: bytes, nonce_s: bytes) -> tuple[int, int, str, bytes]:
-    """Scheduler side: verify AUTH; return (slots, pid, name, worker nonce).
+def check_auth(payload: bytes, secret: bytes,
+               nonce_s: bytes) -> tuple[int, int, str, bytes, Any]:
+    """Scheduler side: verify AUTH; return (slots, pid, name, worker nonce, resources).
+
+    The resources are the decoded JSON the worker declared (None if it
+    declared none), to be checked by ``Declared.from_wire``.
 
     Raises:
         ProtocolError: malformed AUTH or another protocol version.
         AuthenticationError: the MAC is wrong.
     """
-    if not _AUTH.size <= len(payload) <= _AUTH.size + 256:
-        raise ProtocolError(f"AUTH must be {_AUTH.size} to {_AUTH.size + 256} bytes, "
+    if not _AUTH.size <= len(payload) <= PREAUTH_MAX_FRAME:
+        raise ProtocolError(f"AUTH must be {_AUTH.size} to {PREAUTH_MAX_FRAME} bytes, "
                             f"got {len(payload)}")
-    version, nonce_w, mac, slots, pid = _AUTH.unpack_from(payload)
+    version, nonce_w, mac, slots, pid, name_len = _AUTH.unpack_from(payload)
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
             f"worker speaks protocol version {version}, this scheduler {PROTOCOL_VERSION}"
@@ -276,8 +302,17 @@ def check_auth(payload: bytes, secret: bytes, nonce_s: bytes) -> tuple[int, int,
         raise AuthenticationError("worker failed the HMAC challenge (wrong token)")
     if slots < 1:
         raise ProtocolError(f"worker slots must be >= 1, got {slots}")
-    name = bytes(payload[_AUTH.size :]).decode("utf-8", "replace")
-    return slots, pid, name, nonce_w
+    end = _AUTH.size + name_len
+    if name_len > _NAME_MAX or end > len(payload):
+        raise ProtocolError(f"AUTH name length {name_len} exceeds the frame or {_NAME_MAX}")
+    name = bytes(payload[_AUTH.size : end]).decode("utf-8", "replace")
+    declared = None
+    if end < len(payload):
+        try:
+            declared = json.loads(bytes(payload[end:]))
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError both
+            raise ProtocolError(f"AUTH resources are not valid JSON: {exc}") from None
+    return slots, pid, name, nonce_w, declared
 
 
 def welcome_payload(
@@ -319,6 +354,8 @@ class Challenge:
         self.stream = stream
         self.secret = secret
         self.passed = False
+        #: the resources the peer declared in AUTH (decoded JSON, unchecked), or None
+        self.declared: Any = None
         payload, self._nonce = hello_payload()
         self._nonce_w = b""
         stream.send(raw_frame(HELLO, payload))
@@ -337,7 +374,8 @@ class Challenge:
         """
         if kind != AUTH:
             raise ProtocolError(f"expected AUTH, got {KIND_NAMES[kind]}")
-        slots, pid, name, self._nonce_w = check_auth(bytes(payload), self.secret, self._nonce)
+        slots, pid, name, self._nonce_w, self.declared = check_auth(
+            bytes(payload), self.secret, self._nonce)
         self.passed = True
         self._timer.cancel()
         return slots, pid, name
@@ -361,10 +399,11 @@ class Joining:
     (peer id, heartbeat interval).
     """
 
-    def __init__(self, secret: bytes, slots: int, name: str) -> None:
+    def __init__(self, secret: bytes, slots: int, name: str, declared: Any = None) -> None:
         self.secret = secret
         self.slots = slots
         self.name = name
+        self.declared = declared
         self._nonces = (b"", b"")
 
     def hello(self, kind: int, payload: memoryview | bytes) -> list[Any]:
@@ -375,7 +414,8 @@ class Joining:
         """
         if kind != HELLO:
             raise ProtocolError(f"expected HELLO, got {KIND_NAMES[kind]}")
-        auth, nonce_s, nonce_w = answer_hello(bytes(payload), self.secret, self.slots, self.name)
+        auth, nonce_s, nonce_w = answer_hello(bytes(payload), self.secret, self.slots,
+                                                self.name, self.declared)
         self._nonces = (nonce_s, nonce_w)
         return raw_frame(AUTH, auth)
 

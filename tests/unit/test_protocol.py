@@ -258,7 +258,7 @@ def test_handshake_round_trip_and_wrong_secrets() -> None:
     hello, nonce_s = P.hello_payload()
     auth, ns, nonce_w = P.answer_hello(hello, secret, 4, "w1")
     assert ns == nonce_s
-    slots, pid, name, nw = P.check_auth(auth, secret, nonce_s)
+    slots, pid, name, nw, _declared = P.check_auth(auth, secret, nonce_s)
     assert (slots, pid, name, nw) == (4, os.getpid(), "w1", nonce_w)
     welcome = P.welcome_payload(secret, nonce_s, nonce_w, 7, 0.5)
     assert P.check_welcome(welcome, secret, nonce_s, nonce_w) == (7, 0.5)
@@ -291,11 +291,18 @@ def test_handshake_malformed_payloads() -> None:
     with pytest.raises(P.ProtocolError, match="AUTH must be"):
         P.check_auth(b"x" * 10, secret, nonce_s)
     with pytest.raises(P.ProtocolError, match="AUTH must be"):
-        P.check_auth(b"x" * (P._AUTH.size + 257), secret, nonce_s)
+        P.check_auth(b"x" * (P.PREAUTH_MAX_FRAME + 1), secret, nonce_s)
     _, _, nonce_w = P.answer_hello(hello, secret, 1, "w")
-    zero_slots = P._AUTH.pack(1, nonce_w, P._mac(secret, b"worker", nonce_s, nonce_w), 0, 1)
+    mac = P._mac(secret, b"worker", nonce_s, nonce_w)
+    v = P.PROTOCOL_VERSION
+    zero_slots = P._AUTH.pack(v, nonce_w, mac, 0, 1, 0)
     with pytest.raises(P.ProtocolError, match="slots"):
         P.check_auth(zero_slots, secret, nonce_s)
+    # a name longer than the frame, and resources that are not JSON
+    with pytest.raises(P.ProtocolError, match="name length"):
+        P.check_auth(P._AUTH.pack(v, nonce_w, mac, 1, 1, 200) + b"w", secret, nonce_s)
+    with pytest.raises(P.ProtocolError, match="not valid JSON"):
+        P.check_auth(P._AUTH.pack(v, nonce_w, mac, 1, 1, 1) + b"w{cores", secret, nonce_s)
     with pytest.raises(P.ProtocolError, match="WELCOME must be"):
         P.check_welcome(b"", secret, nonce_s, nonce_w)
 
