@@ -86,9 +86,15 @@ class TaskContext:
         rank: this rank's index among the task's ranks (0 for a plain task).
         nranks: how many ranks run the task (1 for a plain task).
         step: the last step saved or restored by this rank (-1: none yet).
+        gpus: the GPU ids this attempt was given (``@task(gpus=k)``), as
+            ``CUDA_VISIBLE_DEVICES`` would list them; empty if it asked for none.
+        cpus: the CPUs this attempt may pin to (``cores=k``), empty if unknown.
+        resources: what this attempt asked for and holds, e.g.
+            ``{"cores": 8, "gpus": 1}``; empty for a task that asked for nothing.
     """
 
-    __slots__ = ("_fetch", "_restored", "_saver", "nranks", "rank", "step")
+    __slots__ = ("_fetch", "_restored", "_saver", "cpus", "gpus", "grant", "nranks", "rank",
+                 "resources", "step")
 
     def __init__(
         self,
@@ -96,13 +102,28 @@ class TaskContext:
         nranks: int,
         fetch: Callable[[], tuple[int, bytes] | None],
         saver: Callable[[int, bytes], None],
+        grant: Any = None,
     ) -> None:
         self.rank = rank
         self.nranks = nranks
+        #: the ``async_wf._resources.Grant`` of this attempt, or None
+        self.grant: Any = None
+        self.gpus: tuple[str, ...] = ()
+        self.cpus: tuple[int, ...] = ()
+        self.resources: dict[str, float] = {}
         self.step = -1
         self._fetch = fetch
         self._saver = saver
         self._restored = False
+        if grant is not None:
+            self.assign(grant)
+
+    def assign(self, grant: Any) -> None:
+        """Record the resources this attempt holds (an ``async_wf._resources.Grant``)."""
+        self.grant = grant
+        self.gpus = grant.gpu_ids
+        self.cpus = grant.cpu_ids
+        self.resources = dict(grant.request.amounts)
 
     def restore(self) -> tuple[int, Any] | None:
         """``(step, state)`` of this rank at the task's last complete step, or None.

@@ -81,6 +81,10 @@ class WorkerLostError(RuntimeError):
     """A task was running on ``max_lost`` workers that were all lost."""
 
 
+class ResourceError(ValueError):
+    """A task asks for more cores, memory, GPUs or named resources than any worker has."""
+
+
 def retyped(exc: BaseException, message: str,
             fallback: type[Exception]) -> Exception | SystemExit:
     """An exception of ``exc``'s type that says ``message``, or ``fallback(message)``.

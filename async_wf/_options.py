@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, replace
 from types import FunctionType
 from typing import Any, TypedDict
 
+from async_wf._resources import Request
+
 ON_FAILURE = ("fail", "cancel_successors", "ignore", "abort")
 _PRIO_LIMIT = 1 << 31
 
@@ -48,6 +50,11 @@ class TaskOptionArgs(TypedDict, total=False):
     checkpoint: bool
     version: str | None
     key: Callable[..., Any] | None
+    cores: int | None
+    memory: int | str | None
+    gpus: int | None
+    resources: Mapping[str, float] | None
+    pin: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +78,15 @@ class TaskOptions:
     checkpoint: bool = True
     version: str | None = None
     key: Callable[..., Any] | None = None
+    cores: int | None = None
+    memory: int | str | None = None
+    gpus: int | None = None
+    resources: Mapping[str, float] | None = None
+    pin: bool = False
     _has_default: bool = field(default=False, repr=False)
+    #: cores, memory, gpus and resources as one ``Request``; None when the
+    #: task asks for nothing (the fast path: one slot, no accounting)
+    request: Request | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.name is not None and not isinstance(self.name, str):
@@ -126,10 +141,33 @@ class TaskOptions:
                             f"{self.version!r}")
         if self.key is not None and not callable(self.key):
             raise TypeError(f"key must be a function of the task's arguments, got {self.key!r}")
+        self._check_request()
         if self._has_default and self.on_failure != "ignore":
             raise ValueError(
                 "default= only applies with on_failure='ignore', "
                 f"got on_failure={self.on_failure!r}"
+            )
+
+    def _check_request(self) -> None:
+        req = Request.of(self.cores, self.memory, self.gpus, self.resources)
+        object.__setattr__(self, "request", req)
+        if self.resources is not None:
+            object.__setattr__(self, "resources", dict(self.resources))
+        if not isinstance(self.pin, bool):
+            raise TypeError(f"pin must be True or False, got {self.pin!r}")
+        if self.pin and not self.cores:
+            raise ValueError("pin=True pins a task to the cores it asks for: give cores=k")
+        if req is None:
+            return
+        if self.inline:
+            raise ValueError(
+                f"a task that asks for resources ({req.describe()}) runs where they are "
+                "free, in a thread of its own; it cannot be inline"
+            )
+        if self.mpi is not None and self.binary is None:
+            raise ValueError(
+                f"an mpi=k task holds whole worker ranks; it cannot ask for resources "
+                f"({req.describe()})"
             )
 
     @classmethod

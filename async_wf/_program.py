@@ -98,12 +98,13 @@ async def run_program(
     cwd: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     check: bool = True,
+    cpus: Sequence[int] | None = None,
 ) -> ProgramResult:
     """Run ``program args...`` (under ``mpiexec -n nprocs`` if given); capture its output.
 
     Usable directly as a task: ``rt.submit(run_program, "./solver", ["-n", "8"], nprocs=4)``.
     If the task is cancelled or times out, the program's process group is
-    killed.
+    killed. ``cpus`` pins the program (and what it starts) to those CPUs.
 
     Raises:
         ProgramError: the program exited with a non-zero code (``check=True``).
@@ -116,11 +117,19 @@ async def run_program(
             raise ValueError(f"nprocs must be an int >= 1, got {nprocs!r}")
         cmd = [find_mpiexec(), "-n", str(nprocs), *cmd]
     child_env = _child_env(env)
+    pinned = None
+    if cpus:
+        mask = [int(c) for c in cpus]
+
+        def pinned() -> None:
+            # in the child, before exec: every thread the program starts inherits it
+            os.sched_setaffinity(0, mask)
     try:
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, cwd=cwd, env=child_env,
             start_new_session=True,  # its own process group: a cancel kills mpiexec's ranks too
+            preexec_fn=pinned,
         )
     except FileNotFoundError as exc:
         if exc.filename not in (None, cmd[0]) and os.path.sep in os.fspath(program):
@@ -156,6 +165,8 @@ class ProgramTask:
         self.binary = opts.binary
         self.args = opts.args or ()
         self.nprocs = opts.mpi
+        self.resourced = opts.request is not None
+        self.pin = opts.pin
         self._sig = inspect.signature(fn)
         names = set(self._sig.parameters)
         for a in self.args:
@@ -167,7 +178,8 @@ class ProgramTask:
                     )
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"fn": self.fn, "binary": self.binary, "args": self.args, "nprocs": self.nprocs}
+        return {"fn": self.fn, "binary": self.binary, "args": self.args, "nprocs": self.nprocs,
+                "resourced": self.resourced, "pin": self.pin}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -182,7 +194,18 @@ class ProgramTask:
                   for k, v in bound.arguments.items()}
         line = [a.format(**values) for a in self.args]
         assert self.binary is not None
-        return await run_program(self.binary, line, nprocs=self.nprocs)
+        env = None
+        cpus = None
+        if self.resourced:
+            # the devices and cores of this attempt, in the program's environment
+            from async_wf._context import task_context
+            from async_wf._resources import task_env
+
+            grant = task_context().grant
+            if grant is not None:
+                env = task_env(grant, os.environ)
+                cpus = grant.cpu_ids if self.pin else None
+        return await run_program(self.binary, line, nprocs=self.nprocs, env=env, cpus=cpus)
 
     def __repr__(self) -> str:
         return f"<program task {self.binary!r} {list(self.args)!r} mpi={self.nprocs}>"

@@ -908,3 +908,14 @@ def pin(cpu_ids: Sequence[int]) -> None:
     if not cpu_ids or not hasattr(os, "sched_setaffinity"):
         return
     os.sched_setaffinity(threading.get_native_id(), cpu_ids)
+
+
+def rank_resources(slots: int) -> Declared:
+    """What an MPI worker rank declares: its slots as cores, no GPU, the machine's memory.
+
+    Ranks do not tell the root what they have (they join without a
+    handshake), so both sides derive it from the job's ``--slots``: a rank
+    shares its node with others, and claiming the node's cores or GPUs
+    would count them once per rank.
+    """
+    return Declared.build(cores=slots, gpus=0)

@@ -252,6 +252,21 @@ def task(
         key: a function called with the task's arguments whose return value
             stands for them in the key: for arguments without a stable
             hash. Futures in its return value count by their tasks' keys.
+        cores: CPU cores the task needs (an int >= 1): it starts only on a
+            worker with that many free, and a program task gets
+            ``OMP_NUM_THREADS`` (and its family) set to it.
+        memory: memory the task needs, bytes or a size such as ``"16GiB"``
+            (accounted, not enforced).
+        gpus: GPUs the task needs; it gets that many device ids of its
+            worker (``task_context().gpus``; ``CUDA_VISIBLE_DEVICES`` for a
+            program task).
+        resources: named amounts the task needs, e.g. ``{"licence": 1}``;
+            workers declare theirs with ``--resources licence=2``.
+        pin: with ``cores``: pin the task's thread (or program) to the
+            CPUs it was given.
+
+    A task that asks for more than any worker has fails with
+    ``ResourceError`` when it is submitted to run.
 
     Raises:
         ValueError: an option breaks its rule (the message names the value).

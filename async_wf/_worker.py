@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import math
 import os
@@ -40,6 +41,7 @@ from typing import Any
 from async_wf import protocol as P
 from async_wf._context import TaskContext, call_on_loop, mark_coroutine, mark_thread
 from async_wf._errors import RemoteError, retyped
+from async_wf._resources import Allocator, Declared, Grant, Request, pin
 from async_wf._threads import ERROR, OK, SKIPPED, Outcome, ThreadPool
 
 log = logging.getLogger("async_wf.worker")
@@ -93,6 +95,7 @@ class Worker:
         name: str | None = None,
         parent_pid: int | None = None,
         max_frame: int = P.DEFAULT_MAX_FRAME,
+        declared: Declared | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
@@ -107,7 +110,19 @@ class Worker:
         self.max_frame = max_frame
         self.worker_id = -1
         self._state = "hello"
-        self._joining = P.Joining(secret, slots, self.name)
+        #: the resources this worker offers (``--cores``, ``--gpus``, ...)
+        self.declared = declared if declared is not None else Declared.build()
+        wire = self.declared.to_wire()
+        wire["cpu_ids"] = []  # the scheduler does not pin: keep the handshake small
+        self._joining = P.Joining(secret, slots, self.name, wire)
+        # tasks that asked for resources: the free ones, the waiting tasks
+        # (a heap by priority), the grants of the running ones, and the cores
+        # they hold (under the pool's lock, which the slot limit shares)
+        self._alloc = Allocator(self.declared)
+        self._waiting: list[tuple[Any, ...]] = []
+        self._wseq = 0
+        self._grants: dict[int, Grant] = {}
+        self._req_cores = 0
         self._fns: dict[int, Any] = {}
         self._fn_errors: dict[int, BaseException] = {}
         self._dur: dict[int, float] = {}  # function id -> moving average of one call, s
@@ -307,6 +322,8 @@ class Worker:
                 pass
             elif kind == P.CANCEL:
                 self._cancel(P.loads(payload, buffers))
+            elif kind == P.STEAL:
+                self._give_back(P.loads(payload, buffers))
             elif kind == P.SHUTDOWN:
                 self._finish(0)
             else:
@@ -404,6 +421,8 @@ class Worker:
                 spent += self._run_inline(rid, -1, fn, args, kwargs)
                 i = self._batch_i
                 pos = self._batch_pos
+            elif kind == P.K_RTHREAD or kind == P.K_RASYNC:
+                self._queue_resource(rid, kind, fn, args, kwargs, extra)
             else:
                 self._start_part(kind, rid, fid, fn, args, kwargs, extra)
         self._batch = None
@@ -431,7 +450,9 @@ class Worker:
             self._unloadable(rid, exc)
             return None
         if extra is not None and kind != P.K_MPI:
-            self._ctx_info[rid] = (0, 1, extra)  # a saved step to restore
+            restore = extra[0] if kind >= P.K_RTHREAD else extra
+            if restore is not None:
+                self._ctx_info[rid] = (0, 1, restore)  # a saved step to restore
         fn = self._fns.get(fid)
         if fn is None:
             err = self._fn_errors.get(fid) or RemoteError(f"unknown function id {fid}")
@@ -468,6 +489,122 @@ class Worker:
             rid, fid, _kind, fn, args, kwargs, _extra = loaded
             self._in_pool.add(rid)
             pool.put((rid, fid), fn, args, kwargs)
+
+    # ------------------------------------------------------ resource tasks
+    def _queue_resource(self, rid: int, kind: int, fn: Any, args: Any, kwargs: Any,
+                        extra: Any) -> None:
+        """Queue a task that asked for resources; it starts once they are free here.
+
+        The scheduler sends such a task only where its accounting says it
+        fits, so it normally starts at once; the queue covers what that
+        accounting cannot see (slot tasks still finishing, results on the
+        wire), and nothing here ever runs beyond what this worker declared.
+        """
+        try:
+            _restore, wire, pin, priority = extra
+            req = Request.from_wire(wire)
+            if type(pin) is not bool or type(priority) is not int:
+                raise TypeError(f"pin {pin!r} and priority {priority!r}")
+        except (TypeError, ValueError) as exc:
+            self._report(rid, P.R_ERROR, RemoteError(
+                f"a malformed resource request reached worker {self.name}: {exc}"), None)
+            return
+        if not self.declared.fits(req):
+            self._report(rid, P.R_ERROR, RemoteError(
+                f"worker {self.name} has {self.declared.describe()}; it can never run a "
+                f"task asking for {req.describe()} ({self.declared.shortfall(req)})"), None)
+            return
+        self._wseq += 1
+        heapq.heappush(self._waiting, (-priority, self._wseq, rid, kind, fn, args, kwargs,
+                                       req, pin))
+        self._start_waiting()
+
+    def _slot_limit(self, head_cores: int) -> int:
+        """How many slot tasks may run beside the resource tasks (pool lock held).
+
+        Slot tasks count as one core each once a resource task holds cores
+        here or waits for them; otherwise the slots are as many as asked.
+        """
+        taken = self._req_cores + head_cores
+        if not taken:
+            return self.slots
+        return max(0, min(self.slots, int(self.declared.amounts["cores"]) - taken))
+
+    def _start_waiting(self) -> None:
+        """Start the waiting resource tasks that fit now, best priority first."""
+        pool = self._pool
+        loop = self._loop
+        assert pool is not None and loop is not None
+        waiting = self._waiting
+        cores = int(self.declared.amounts["cores"])
+        while waiting:
+            _p, _s, rid, kind, fn, args, kwargs, req, pin = waiting[0]
+            k = req.cores
+            with pool.lock:
+                grant = None
+                if cores - self._req_cores - pool.running >= k:
+                    grant = self._alloc.try_take(req)
+                if grant is None:
+                    # hold new slot tasks back until the head fits
+                    pool.set_limit(self._slot_limit(k))
+                    return
+                self._req_cores += k
+                pool.set_limit(self._slot_limit(0))
+            heapq.heappop(waiting)
+            self._grants[rid] = grant
+            if kind == P.K_RASYNC:
+                self._async[rid] = loop.create_task(self._run_async(rid, fn, args, kwargs))
+                continue
+            threading.Thread(target=self._call_granted, args=(rid, fn, args, kwargs, grant, pin),
+                             name=f"async_wf-task-{rid}", daemon=True).start()
+
+    def _call_granted(self, rid: int, fn: Any, args: Any, kwargs: Any, grant: Grant,
+                      pin_it: bool) -> None:
+        """A thread of its own: run a blocking resource task, hand the outcome to the loop."""
+        mark_thread(self, rid)
+        if pin_it:
+            pin(grant.cpu_ids)
+        t0 = perf_counter()
+        try:
+            out: tuple[int, Any, str | None] = (P.R_OK, fn(*args, **kwargs), None)
+        except BaseException as exc:  # a thread has nowhere to propagate to
+            out = (P.R_ERROR, exc, traceback.format_exc())
+        t1 = perf_counter()
+        mark_thread(None, None)
+        loop = self._loop
+        assert loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(self._granted_done, rid, out, t0, t1)
+
+    def _granted_done(self, rid: int, out: tuple[int, Any, str | None], t0: float,
+                      t1: float) -> None:
+        if self._timing:
+            self._times.extend((rid, t0, t1))
+        self._release_grant(rid)
+        self._report(rid, *out)
+
+    def _release_grant(self, rid: int) -> None:
+        """The attempt ``rid`` is over: its resources are free; start who waits."""
+        grant = self._grants.pop(rid, None)
+        if grant is None:
+            return
+        pool = self._pool
+        assert pool is not None
+        with pool.lock:
+            self._alloc.give(grant)
+            self._req_cores -= grant.request.cores
+            pool.set_limit(self._slot_limit(0))
+        self._start_waiting()
+
+    def _give_back(self, n: Any) -> None:
+        """STEAL: return up to ``n`` queued slot tasks that no thread has started."""
+        if type(n) is not int or n < 0:
+            raise P.ProtocolError(f"STEAL wants a count of tasks, got {n!r}")
+        pool = self._pool
+        assert pool is not None
+        for rid, _fid in pool.take_back(n, lambda token: token[0] in self._cancelled):
+            self._in_pool.discard(rid)
+            self._report(rid, P.R_RETURNED, None, None)
 
     def _start_part(self, kind: int, rid: int, fid: int, fn: Any, args: Any, kwargs: Any,
                     extra: Any) -> None:
@@ -678,6 +815,8 @@ class Worker:
             self._async.pop(rid, None)
             if self._timing:
                 self._times.extend((rid, t0, perf_counter()))
+            if self._grants:
+                self._release_grant(rid)
 
     def task_context(self, token: Any) -> TaskContext:
         """The context of the task ``token`` (its rid, or (rid, function id)) running here.
@@ -700,7 +839,7 @@ class Worker:
             # that dies right after a save has still sent it
             call_on_loop(loop, send, step, blob)
 
-        return TaskContext(rank, nranks, lambda: restore, saver)
+        return TaskContext(rank, nranks, lambda: restore, saver, self._grants.get(rid))
 
     def _claim(self, token: tuple[int, int]) -> bool:
         return token[0] not in self._cancelled
@@ -712,6 +851,11 @@ class Worker:
             t = self._async.get(rid)
             if t is not None:
                 t.cancel()
+            elif self._waiting and any(item[2] == rid for item in self._waiting):
+                self._waiting = [item for item in self._waiting if item[2] != rid]
+                heapq.heapify(self._waiting)
+                self._report(rid, P.R_CANCELLED, None, None)
+                self._start_waiting()  # the slot limit may have held back for it
             elif rid in self._in_pool:  # not yet reported: skip it if not started
                 with pool.lock:
                     self._cancelled.add(rid)

@@ -44,6 +44,7 @@ from async_wf._errors import RemoteError
 from async_wf._mpi_channel import MpiChannel, new_event_loop
 from async_wf._mpi_session import Session, current_session, set_current_session
 from async_wf._program import ProgramError, ProgramResult, run_program
+from async_wf._resources import rank_resources
 from async_wf._worker import Worker
 
 if TYPE_CHECKING:
@@ -216,7 +217,8 @@ class MpiWorker(Worker):
     """A worker rank's service of one runtime: the TCP worker's execution, MPI's frames."""
 
     def __init__(self, session: Session, link: _Link, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(b"", session.slots, f"rank {session.rank}")
+        super().__init__(b"", session.slots, f"rank {session.rank}",
+                         declared=rank_resources(session.slots))
         from async_wf._threads import ThreadPool
 
         self.session = session

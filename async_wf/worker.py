@@ -20,6 +20,7 @@ import time
 from typing import NoReturn
 
 from async_wf import protocol as P
+from async_wf._resources import Declared
 from async_wf._worker import Worker
 
 log = logging.getLogger("async_wf.worker")
@@ -84,9 +85,40 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--reconnect", type=float, default=60.0, metavar="SECONDS",
                    help="after a lost connection (a network cut, a restarted switch), try "
                    "again for this long, with backoff (default 60; 0: exit at once)")
+    p.add_argument("--cores", type=int, metavar="N",
+                   help="cores this worker offers to tasks that ask for cores (default: the "
+                   "CPUs of its affinity mask)")
+    p.add_argument("--memory", metavar="BYTES",
+                   help="memory it offers, e.g. 120GiB (default: the cgroup limit, else the "
+                   "machine's RAM)")
+    p.add_argument("--gpus", metavar="N|ID,ID",
+                   help="GPUs it offers: a count, or the device ids (default: "
+                   "CUDA_VISIBLE_DEVICES, else nvidia-smi -L)")
+    p.add_argument("--resources", action="append", metavar="NAME=AMOUNT,...",
+                   help="named resources it offers, e.g. licence=2 (repeatable)")
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def declared_from_args(args: argparse.Namespace) -> Declared:
+    """The resources a worker declares, from ``--cores/--memory/--gpus/--resources``.
+
+    Raises:
+        ValueError: a value breaks its rule (the message names the option).
+    """
+    gpus: int | list[str] | None = None
+    if args.gpus is not None:
+        text = args.gpus.strip()
+        if text.isdigit():
+            gpus = int(text)
+        else:
+            gpus = [g.strip() for g in text.split(",") if g.strip()]
+            if not gpus:
+                raise ValueError(f"--gpus takes a count or device ids, got {args.gpus!r}")
+    resources = ",".join(args.resources) if args.resources else None
+    return Declared.build(cores=args.cores, memory=args.memory, gpus=gpus,
+                          resources=resources)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +149,10 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise SystemExit(f"async-wf worker: {exc}") from None
     if args.slots < 1:
         raise SystemExit(f"async-wf worker: --slots must be >= 1, got {args.slots}")
+    try:
+        declared = declared_from_args(args)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"async-wf worker: {exc}") from None
     if args.reconnect < 0:
         raise SystemExit(f"async-wf worker: --reconnect must be >= 0 seconds, "
                          f"got {args.reconnect:g}")
@@ -145,7 +181,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     lost_at: float | None = None
     delay = _RECONNECT_FIRST
     while True:
-        worker = Worker(secret, args.slots, args.name, args.parent_pid)
+        worker = Worker(secret, args.slots, args.name, args.parent_pid, declared=declared)
         try:
             code = run(worker.run(host, port, _ssl_from(args), tls_auto=args.tls_auto))
         except KeyboardInterrupt:

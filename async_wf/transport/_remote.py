@@ -34,6 +34,7 @@ Batching
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 import itertools
 import logging
@@ -48,11 +49,13 @@ from async_wf import protocol as P
 from async_wf._errors import (
     RemoteError,
     RemoteTraceback,
+    ResourceError,
     TaskTimeoutError,
     WorkerLostError,
     retyped,
 )
 from async_wf._options import ASYNC
+from async_wf._resources import CORES, GPUS, MEMORY, Declared, Ledger, Request
 from async_wf.transport import Attempt, Transport
 
 if TYPE_CHECKING:
@@ -117,16 +120,21 @@ class _Worker:
         "async_limit",
         "budget",
         "cancelling",
+        "declared",
         "fids",
         "held",
         "id",
         "inflight",
         "last_heard",
+        "ledger",
         "n_async",
+        "n_req",
         "n_thread",
         "name",
         "pid",
         "quarantine",
+        "req_zombies",
+        "reserved",
         "slots",
         "stream",
         "thread_limit",
@@ -136,8 +144,18 @@ class _Worker:
     )
 
     def __init__(self, stream: Link, wid: int, slots: int, pid: int, name: str,
-                 prefetch: int, async_limit: int) -> None:
+                 prefetch: int, async_limit: int, declared: Declared | None = None) -> None:
         self.stream = stream
+        #: what it declared (cores, memory, gpus, named resources), and what
+        #: of that the resource tasks sent to it leave free (see _place_req)
+        self.declared = declared if declared is not None else Declared.build(
+            cores=slots, memory=0, gpus=0)
+        self.ledger = Ledger(self.declared)
+        self.n_req = 0  # resource tasks sent, outcome not reported
+        self.req_zombies: dict[int, Request] = {}  # timed out, still holding their resources
+        #: the resource task waiting for this worker's cores: no new slot task
+        #: goes here meanwhile, so that the slots drain and it fits
+        self.reserved = False
         self.id = wid
         self.slots = slots
         self.pid = pid
@@ -169,7 +187,7 @@ class _Worker:
             return 0
         if kind == ASYNC:
             return self.async_limit - self.n_async
-        if self.held is not None:
+        if self.held is not None or self.reserved:
             return 0  # blocking tasks would wait behind the holder: others can run them
         if not self.thread_open:
             return 0
@@ -217,6 +235,9 @@ class RemoteTransport(Transport):
         #: of (an MPI task's ranks: transport.mpi), not straight to their future
         self._parts: dict[int, Any] = {}
         self.n_workers_lost = 0
+        self.n_stolen = 0  # tasks given back unstarted by a busy worker, to run elsewhere
+        #: resource tasks waiting for room: (-priority, seq, future, since), sorted
+        self._rq: list[tuple[int, int, TaskFuture[Any], float]] = []
         self.bytes_sent = 0
         self.bytes_received = 0
         self._flags = 0  # of every TASKS frame: P.WANT_TIMES with an observer
@@ -279,7 +300,7 @@ class RemoteTransport(Transport):
             return 0
         t = a = 0
         for w in self._order:
-            if w.held is None and w.thread_open:
+            if w.held is None and w.thread_open and not w.reserved:
                 t += w.thread_limit - w.n_thread
             a += w.async_limit - w.n_async
         if a <= 0:
@@ -314,8 +335,15 @@ class RemoteTransport(Transport):
         """Place each task on a worker with free credit; send one frame per worker."""
         batches: dict[_Worker, list[Any]] = {}
         n_async = 0
+        n_req = 0
         for fut in futs:
             kind = fut._kind
+            if fut._opts.request is not None:
+                self._seq += 1
+                bisect.insort(self._rq, (-fut._opts.priority, self._seq, fut, time.monotonic()))
+                fut._att = None
+                n_req += 1
+                continue
             if kind == ASYNC:
                 n_async += 1
                 w = self._pick(kind)
@@ -343,6 +371,127 @@ class RemoteTransport(Transport):
             self._async_seen = False  # a large all-blocking batch: stop counting async credit
         for w, fs in batches.items():
             self._send_tasks(w, fs)
+        if n_req:
+            self._place_req()
+
+    # ------------------------------------------------------- resource tasks
+    #: how many waiting resource tasks one placement looks at: past the first
+    #: that does not fit, later ones may still fit (backfill), but a call must
+    #: cost what it places, not the length of the queue
+    REQ_SCAN = 64
+
+    def _place_req(self) -> None:
+        """Send the waiting resource tasks that fit a worker now, best priority first.
+
+        A task fits a worker when what the resource tasks sent there leave
+        free covers it, counting each slot that may be busy with a task that
+        asked for nothing as one core. Tasks after one that does not fit may
+        go ahead of it (backfill), but not on the worker it is waiting for
+        (``reserved``: no new task goes there until its cores are free). A
+        task that no worker could ever run fails at once, unless more
+        workers may still join (``_more_workers_coming``).
+        """
+        rq = self._rq
+        order = self._order
+        if not order:
+            return
+        batches: dict[_Worker, list[TaskFuture[Any]]] = {}
+        reserve: _Worker | None = None
+        i = scanned = 0
+        while i < len(rq) and scanned < self.REQ_SCAN:
+            fut = rq[i][2]
+            if fut.done():
+                del rq[i]
+                continue
+            scanned += 1
+            req = fut._opts.request
+            assert req is not None
+            w = self._fit_now(req, reserve)
+            if w is not None:
+                del rq[i]
+                w.ledger.take(req)
+                w.n_req += 1
+                if w.budget > 0:
+                    w.budget -= 1
+                batches.setdefault(w, []).append(fut)
+                continue
+            if not any(x.declared.fits(req) for x in order):
+                if not self._more_workers_coming(rq[i][3]):
+                    del rq[i]
+                    self._unfit(fut, req)
+                    continue
+            elif reserve is None and req.cores:
+                reserve = self._reserve_for(req)
+            i += 1
+        for w in order:
+            w.reserved = w is reserve
+        for w, fs in batches.items():
+            self._send_tasks(w, fs)
+
+    @staticmethod
+    def _busy_slots(w: _Worker) -> int:
+        return w.n_thread if w.n_thread < w.slots else w.slots
+
+    def _fit_now(self, req: Request, skip: _Worker | None) -> _Worker | None:
+        """The first worker where ``req`` fits now (not ``skip``, the reserved one)."""
+        for w in self._order:
+            if (w is skip or w.quarantine or w.budget == 0 or w.held is not None):
+                continue
+            if w.ledger.fits_now(req, self._busy_slots(w)):
+                return w
+        return None
+
+    def _reserve_for(self, req: Request) -> _Worker | None:
+        """The worker to drain for ``req``: it fits there in total, with the fewest cores busy."""
+        best = None
+        best_busy = 0.0
+        for w in self._order:
+            if not w.declared.fits(req) or w.held is not None or w.quarantine:
+                continue
+            busy = (w.declared.amounts[CORES] - w.ledger.free[CORES]) + self._busy_slots(w)
+            if best is None or busy < best_busy:
+                best, best_busy = w, busy
+        return best
+
+    def _more_workers_coming(self, since: float) -> bool:
+        """Whether a worker able to run a task waiting since ``since`` may still join.
+
+        None here: the workers of an MPI job are all there from the start.
+        """
+        return False
+
+    def _unfit(self, fut: TaskFuture[Any], req: Request) -> None:
+        """Fail a task that asks for more than any worker has."""
+        sched = self._sched
+        assert sched is not None
+        big = max(self._order, key=lambda w: (w.declared.amounts.get(GPUS, 0),
+                                              w.declared.amounts[CORES],
+                                              w.declared.amounts.get(MEMORY, 0)))
+        sched.task_error(fut, ResourceError(
+            f"task {fut.name!r} asks for {req.describe()}, which no worker has: the largest, "
+            f"worker #{big.id} {big.name}, has {big.declared.describe()} "
+            f"({big.declared.shortfall(req)}); {len(self._order)} worker(s) connected"))
+
+    def _maybe_steal(self, w: _Worker) -> None:
+        """``w`` is idle with nothing to run: take unstarted tasks from the busiest worker.
+
+        Tasks sent ahead to a worker (``prefetch``) wait there behind its
+        running ones; when another worker runs dry, half of the busiest
+        one's waiting tasks go back to the ready queue (STEAL, answered
+        with R_RETURNED for each task not started yet) and from there to
+        whoever has room.
+        """
+        if (w.n_thread or w.stream is None or w.id not in self._workers
+                or self._backlog[1] or self._closing):
+            return
+        victim = None
+        most = 0
+        for v in self._order:
+            queued = v.n_thread - v.slots
+            if v is not w and queued > most:
+                victim, most = v, queued
+        if victim is not None:
+            victim.stream.send(P.encode(P.STEAL, min(most // 2 + 1, w.thread_limit)))
 
     def _send_tasks(self, w: _Worker, futs: list[TaskFuture[Any]],
                     part: tuple[int, Any] | None = None) -> int:
@@ -428,7 +577,13 @@ class RemoteTransport(Transport):
                 got = sched.restore_blobs(fut, 1)
                 if got is not None:
                     extra = (got[0], got[1][0])
-            batch.append((rid, fid, fut._kind, len(bufs) - n0, args_blob, extra))
+            req = fut._opts.request
+            if req is None:
+                batch.append((rid, fid, fut._kind, len(bufs) - n0, args_blob, extra))
+            else:
+                batch.append((rid, fid, P.K_RASYNC if fut._kind == ASYNC else P.K_RTHREAD,
+                              len(bufs) - n0, args_blob,
+                              (extra, req.to_wire(), fut._opts.pin, fut._opts.priority)))
             timeout = fut._opts.timeout
             if timeout is not None:
                 sent.timer = loop.call_later(timeout, self._on_timeout, fut, sent)
@@ -460,9 +615,19 @@ class RemoteTransport(Transport):
         """Fail one task of a batch before it is sent; its credit on ``w`` is given back."""
         sched = self._sched
         assert sched is not None
-        w.count(fut._kind, -1)
+        self._uncount(w, fut)
         fut._att = None
         sched.task_error(fut, exc)
+
+    @staticmethod
+    def _uncount(w: _Worker, fut: TaskFuture[Any]) -> None:
+        """Give back what sending ``fut`` to ``w`` took: a credit, or its resources."""
+        req = fut._opts.request
+        if req is None:
+            w.count(fut._kind, -1)
+        else:
+            w.ledger.give(req)
+            w.n_req -= 1
 
     def _forget_functions(self) -> None:
         """Drop the function cache, here and (with the next frame) on every worker.
@@ -611,8 +776,22 @@ class RemoteTransport(Transport):
                 zkind = w.zombies.pop(rid, None)
                 if zkind is not None:
                     w.count(zkind, -1)
+                elif w.req_zombies:
+                    zreq = w.req_zombies.pop(rid, None)
+                    if zreq is not None:
+                        w.ledger.give(zreq)
+                        w.n_req -= 1
                 continue
-            w.count(fut._kind, -1)
+            self._uncount(w, fut)
+            if status == P.R_RETURNED:
+                # given back unstarted (STEAL): it runs again wherever there is room
+                sent = fut._att
+                if sent is not None:
+                    sent.stop_timer()
+                    fut._att = None
+                self.n_stolen += 1
+                sched.task_requeue(fut)
+                continue
             value: Any = None
             if status != P.R_CANCELLED:
                 try:
@@ -645,7 +824,12 @@ class RemoteTransport(Transport):
         if w.budget == 0 and not w.inflight and not w.zombies:
             self._retire(w)
         self._place_backlog()
+        if self._rq:
+            self._place_req()
         self._wake()
+        if not w.n_thread and self._loop is not None and len(self._order) > 1:
+            # after the pump that _wake asks for: if it had nothing for w either
+            self._loop.call_soon(self._maybe_steal, w)
 
     def _retire(self, w: _Worker) -> None:
         """``w`` ran its ``budget`` of tasks, all over: replace it (subclasses that set one)."""
@@ -676,7 +860,11 @@ class RemoteTransport(Transport):
         if w.inflight.get(rid) is not fut or fut._cancelling:
             return
         del w.inflight[rid]
-        w.zombies[rid] = fut._kind  # its slot stays busy until the worker answers
+        # its slot (or its resources) stay busy until the worker answers
+        if fut._opts.request is None:
+            w.zombies[rid] = fut._kind
+        else:
+            w.req_zombies[rid] = fut._opts.request
         w.stream.send(P.encode(P.CANCEL, [rid]))
         sched = self._sched
         assert sched is not None
@@ -728,6 +916,8 @@ class RemoteTransport(Transport):
         self._workers[w.id] = w
         self._order.append(w)
         self._place_backlog()
+        if self._rq:
+            self._place_req()
         self._wake()
 
     @staticmethod
@@ -746,7 +936,7 @@ class RemoteTransport(Transport):
         for f in w.inflight.values():
             if f.done():
                 continue
-            if f._kind != ASYNC:
+            if f._kind != ASYNC and f._opts.request is None:
                 if blocking >= w.slots:
                     continue
                 blocking += 1

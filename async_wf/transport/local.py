@@ -21,15 +21,21 @@ queued, or started later), re-armed for the time that is left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
 import inspect
 import os
+import threading
 import time
+import traceback
 from collections.abc import Callable
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from async_wf._context import TaskContext, mark_coroutine, mark_thread
-from async_wf._errors import TaskTimeoutError
+from async_wf._errors import ResourceError, TaskTimeoutError
 from async_wf._options import ASYNC, THREAD
+from async_wf._resources import Allocator, Declared, Grant, pin
 from async_wf._threads import ERROR, OK, SKIPPED, Outcome, ThreadPool
 from async_wf.transport import Attempt, Transport
 
@@ -76,13 +82,21 @@ class LocalTransport(Transport):
     """Runs tasks in this process: see the module docstring."""
 
     def __init__(self, threads: int | None = None,
-                 initializer: Callable[[], Any] | None = None) -> None:
+                 initializer: Callable[[], Any] | None = None,
+                 declared: Declared | None = None) -> None:
         self._initializer = initializer
         if threads is None:
             threads = default_threads()
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be an int >= 1, got {threads!r}")
         self._max_threads = threads
+        #: this machine, for the tasks that ask for resources: they wait in
+        #: ``_rwait`` (by priority) until ``_alloc`` grants what they asked for
+        self.declared = Declared.detect() if declared is None else declared
+        self._alloc = Allocator(self.declared)
+        self._rwait: list[tuple[int, int, _Run]] = []
+        self._rseq = 0
+        self._grants: dict[_Run, Grant] = {}
         self._pool: ThreadPool | None = None
         self._sched: Scheduler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -107,7 +121,11 @@ class LocalTransport(Transport):
         sched = self._sched
         assert sched is not None
         fut = token.fut if type(token) is _Run else token
-        return sched.task_context(fut)
+        ctx = sched.task_context(fut)
+        grant = self._grants.get(fut._att) if self._grants else None
+        if grant is not None:
+            ctx.assign(grant)
+        return ctx
 
     def broken(self) -> BaseException | None:
         """The exception of a thread initializer that failed: every call fails from then on."""
@@ -128,7 +146,9 @@ class LocalTransport(Transport):
         assert sched is not None and loop is not None and pool is not None
         for fut in futs:
             kind = fut._kind
-            if kind == ASYNC:
+            if fut._opts.request is not None:
+                self._queue_resource(fut)
+            elif kind == ASYNC:
                 run = _Run(fut, _STARTED)
                 fut._att = run
                 # the function is called inside the task, so that a task
@@ -157,6 +177,90 @@ class LocalTransport(Transport):
                     sched.task_ok(fut, value)
                 finally:
                     mark_thread(None, None)
+
+    # ---------------------------------------------------------- resource tasks
+    def _queue_resource(self, fut: TaskFuture[Any]) -> None:
+        """Start a task that asked for resources once this machine has them free."""
+        req = fut._opts.request
+        assert req is not None and self._sched is not None
+        if not self.declared.fits(req):
+            self._sched.task_error(fut, ResourceError(
+                f"task {fut.name!r} asks for {req.describe()}, more than this process's "
+                f"machine has: {self.declared.describe()} ({self.declared.shortfall(req)})"))
+            return
+        run = _Run(fut, _QUEUED)
+        fut._att = run
+        self._rseq += 1
+        heapq.heappush(self._rwait, (-fut._opts.priority, self._rseq, run))
+        self._start_resources()
+
+    def _start_resources(self) -> None:
+        """Start the waiting resource tasks that fit now, best priority first."""
+        loop = self._loop
+        pool = self._pool
+        assert loop is not None and pool is not None
+        wait = self._rwait
+        while wait:
+            run = wait[0][2]
+            fut = run.fut
+            if fut.done() or fut._att is not run or run.state != _QUEUED:
+                heapq.heappop(wait)
+                continue
+            req = fut._opts.request
+            assert req is not None
+            grant = self._alloc.try_take(req)
+            if grant is None:
+                return  # the best one waits: nothing overtakes it
+            heapq.heappop(wait)
+            self._grants[run] = grant
+            with pool.lock:
+                run.state = _STARTED
+                run.t0 = time.monotonic()
+            timeout = fut._opts.timeout
+            if timeout is not None:
+                run.timer = loop.call_later(timeout, self._on_timeout, run)
+            if fut._kind == ASYNC:
+                run.task = loop.create_task(self._run_granted_async(run))
+            else:
+                threading.Thread(target=self._call_granted, args=(run, grant),
+                                 name="async_wf-task", daemon=True).start()
+
+    def _call_granted(self, run: _Run, grant: Grant) -> None:
+        """A thread of its own: run a blocking resource task, hand the outcome to the loop."""
+        fut = run.fut
+        fn = fut._fn
+        assert fn is not None
+        mark_thread(self, run)
+        if fut._opts.pin:
+            pin(grant.cpu_ids)
+        t0 = perf_counter()
+        outcome: Outcome
+        try:
+            outcome = (run, OK, fn(*fut._args, **fut._kwargs), perf_counter() - t0, t0)
+        except BaseException as exc:  # a thread has nowhere to propagate to
+            outcome = (run, ERROR, (exc, traceback.format_exc()), perf_counter() - t0, t0)
+        mark_thread(None, None)
+        loop = self._loop
+        assert loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(self._granted_done, run, outcome)
+
+    def _granted_done(self, run: _Run, outcome: Outcome) -> None:
+        self._release(run)
+        self._deliver([outcome])
+
+    async def _run_granted_async(self, run: _Run) -> None:
+        try:
+            await self._run_async(run)
+        finally:
+            self._release(run)
+
+    def _release(self, run: _Run) -> None:
+        """The attempt ``run`` is over: what it held is free; start who waits."""
+        grant = self._grants.pop(run, None)
+        if grant is not None:
+            self._alloc.give(grant)
+            self._start_resources()
 
     async def _run_async(self, run: _Run) -> None:
         # Reporting from inside the task, rather than from a done callback,
@@ -258,7 +362,7 @@ class LocalTransport(Transport):
         run = fut._att
         if type(run) is not _Run:
             return False  # inline: over already
-        if fut._kind == ASYNC:
+        if fut._kind == ASYNC and run.state != _QUEUED:
             if not self._cancel_async(run, msg):
                 return False
             # no timeout may turn the cancellation into an error meanwhile
@@ -273,6 +377,10 @@ class LocalTransport(Transport):
         run.stop_timer()
         sched.task_cancelled(fut, msg)
         return True
+
+    def statistics(self) -> dict[str, Any]:
+        """Resource tasks waiting for this machine's resources."""
+        return {"resource_tasks_waiting": len(self._rwait)} if self._rwait else {}
 
     def _cancel_async(self, run: _Run, msg: Any) -> bool:
         task = run.task

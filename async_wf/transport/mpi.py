@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from async_wf import protocol as P
 from async_wf._errors import TaskTimeoutError, WorkerLostError
 from async_wf._options import THREAD
+from async_wf._resources import rank_resources
 from async_wf.transport import Attempt
 from async_wf.transport._remote import RemoteTransport, _Worker
 
@@ -202,7 +203,8 @@ class MpiTransport(RemoteTransport):
         ch.start()
         for rank in self.ranks:
             self._join(_Worker(_RankLink(ch, rank), rank, self.session.slots, 0,
-                               f"rank {rank}", self._prefetch, self._async_limit))
+                               f"rank {rank}", self._prefetch, self._async_limit,
+                               rank_resources(self.session.slots)))
 
     def check_options(self, fn: Any, mpi: int) -> None:
         """Refuse at submit an MPI task larger than the job's worker ranks.

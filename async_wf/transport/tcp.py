@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import cloudpickle
@@ -40,6 +40,7 @@ from async_wf._errors import (
     NoWorkerError,
     WorkerLostError,
 )
+from async_wf._resources import MEMORY, Declared, parse_memory
 from async_wf.transport._remote import RemoteTransport, _Worker
 
 if TYPE_CHECKING:
@@ -49,6 +50,26 @@ if TYPE_CHECKING:
 __all__ = ["NoWorkerError", "TcpTransport", "WorkerLostError"]
 
 log = logging.getLogger("async_wf")
+
+_WORKER_RESOURCES = ("cores", "memory", "gpus", "resources")
+
+
+def _check_worker_resources(spec: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Check ``worker_resources`` now, as ``Declared.build`` will on each worker.
+
+    Raises:
+        ValueError, TypeError: an unknown key, or a value that breaks its rule.
+    """
+    if spec is None:
+        return {}
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"worker_resources must be a dict, got {spec!r}")
+    for k in spec:
+        if k not in _WORKER_RESOURCES:
+            raise ValueError(f"worker_resources takes {', '.join(_WORKER_RESOURCES)}; "
+                             f"got {k!r}")
+    Declared.build(**spec)  # raises with the rule and the value
+    return dict(spec)
 #: seconds a connecting worker has to authenticate (a worker answers at
 #: once; only a stranger or a dead peer takes longer)
 HANDSHAKE_TIMEOUT = 3.0
@@ -97,6 +118,11 @@ class TcpTransport(RemoteTransport):
             more are closed on arrival (as are connections that would take
             the last descriptors below the process's RLIMIT_NOFILE), so
             strangers cannot exhaust memory or file descriptors.
+        worker_resources: what each started worker declares: ``cores`` (an
+            int; default ``slots``), ``memory`` (bytes or "16GiB"; default an
+            equal share of this machine's), ``gpus`` (a count or a list of
+            ids; default an equal share of the GPUs detected here) and
+            ``resources`` (named amounts, e.g. ``{"licence": 2}``).
 
     Raises:
         ValueError: an argument breaks its rule.
@@ -124,6 +150,7 @@ class TcpTransport(RemoteTransport):
         max_handshakes: int = 64,
         initializer: Callable[[], Any] | None = None,
         max_tasks_per_child: int | None = None,
+        worker_resources: Mapping[str, Any] | None = None,
     ) -> None:
         for name, value, low in (("workers", workers, 0), ("slots", slots, 1),
                                  ("max_handshakes", max_handshakes, 1),
@@ -136,6 +163,9 @@ class TcpTransport(RemoteTransport):
                 or max_tasks_per_child < 1):
             raise ValueError(f"max_tasks_per_child must be >= 1, got {max_tasks_per_child!r}")
         self._max_tasks = max_tasks_per_child
+        self._worker_resources = _check_worker_resources(worker_resources)
+        self._external = listen is not None
+        self._spawned = 0
         for name, fvalue in (("heartbeat", heartbeat), ("no_worker_timeout", no_worker_timeout),
                              ("start_timeout", start_timeout)):
             if not (isinstance(fvalue, int | float) and fvalue > 0):
@@ -241,6 +271,16 @@ class TcpTransport(RemoteTransport):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._joined.wait(), 0.1)
 
+    def _more_workers_coming(self, since: float) -> bool:
+        """Whether a bigger worker may still join for a task waiting since ``since``.
+
+        The workers this transport starts have all joined before the first
+        task runs (and a replacement is no bigger), so with those alone a
+        task no worker fits fails at once; when others may connect (an
+        explicit ``listen=``), it waits ``no_worker_timeout`` for one.
+        """
+        return self._external and time.monotonic() - since < self._no_worker_timeout
+
     def _spawn(self, n: int) -> None:
         host = "127.0.0.1" if self._host in ("0.0.0.0", "::", "") else self._host
         if ":" in host:
@@ -259,7 +299,38 @@ class TcpTransport(RemoteTransport):
         elif self._tls_ca:
             cmd += ["--tls-ca", self._tls_ca]
         for _ in range(n):
-            self._procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
+            # each started worker its share of the machine, unless told
+            i = self._spawned
+            self._spawned += 1
+            args = cmd + self._resource_args(i)
+            self._procs.append(subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL))
+
+    def _resource_args(self, i: int) -> list[str]:
+        """The resource flags of the ``i``-th started worker (``worker_resources``).
+
+        Unless given: as many cores as slots, an equal share of the
+        machine's memory and of its GPUs (worker ``i`` gets GPUs i, i+n, ...),
+        and no named resources.
+        """
+        spec = dict(self._worker_resources)
+        n = max(self._n_spawn, 1)
+        out = ["--cores", str(spec.get("cores") or self._slots)]
+        if spec.get("memory") is not None:
+            out += ["--memory", str(parse_memory(spec["memory"]))]
+        else:
+            out += ["--memory", str(Declared.detect().amounts[MEMORY] // n)]
+        gpus = spec.get("gpus")
+        if gpus is None:
+            ids = Declared.detect().gpu_ids[i % n::n]
+            out += ["--gpus", ",".join(ids) if ids else "0"]
+        elif isinstance(gpus, int):
+            out += ["--gpus", str(gpus)]
+        else:
+            out += ["--gpus", ",".join(gpus) if gpus else "0"]
+        res = spec.get("resources")
+        if res:
+            out += ["--resources", ",".join(f"{k}={v:g}" for k, v in res.items())]
+        return out
 
     # ------------------------------------------------------------- handshake
     def _new_stream(self) -> P.FrameStream:
@@ -279,14 +350,21 @@ class TcpTransport(RemoteTransport):
         self._handshaking.discard(stream)
         if self._closing:
             return None
+        try:
+            declared = None if challenge.declared is None else \
+                Declared.from_wire(challenge.declared)
+        except ValueError as exc:
+            log.warning("worker %s (pid %d) from %s declared malformed resources, refused: %s",
+                        name, pid, stream.peer, exc)
+            return None
         wid = next(self._wids)
-        w = _Worker(stream, wid, slots, pid, name, self._prefetch, self._async_limit)
+        w = _Worker(stream, wid, slots, pid, name, self._prefetch, self._async_limit, declared)
         if self._max_tasks is not None and any(p.pid == pid for p in self._procs):
             w.budget = self._max_tasks  # only the processes this transport replaces
         challenge.welcome(wid, self._heartbeat, self._max_frame)
         self._no_worker_since = None
-        log.info("worker #%d %s (pid %d, %d slots) joined from %s", wid, name, pid, slots,
-                 stream.peer)
+        log.info("worker #%d %s (pid %d, %d slots; %s) joined from %s", wid, name, pid, slots,
+                 w.declared.describe(), stream.peer)
         if self._joined is not None:
             self._joined.set()
         self._join(w)
@@ -412,6 +490,8 @@ class TcpTransport(RemoteTransport):
                     ))
                 else:
                     stream.send(beat)
+            if self._rq:
+                self._place_req()  # fails those no worker fits once none may still join
             if self._workers or not sched.pending():
                 self._no_worker_since = None if self._workers else now
                 continue
@@ -444,6 +524,10 @@ class TcpTransport(RemoteTransport):
             "connections_in_handshake": len(self._handshaking),
             "bytes_sent": sent,
             "bytes_received": received,
+            "tasks_stolen": self.n_stolen,
+            "resource_tasks_waiting": len(self._rq),
+            "worker_resources": {f"#{w.id} {w.name}": w.declared.describe()
+                                 for w in self._order},
         }
 
     async def close(self) -> None:
