@@ -65,6 +65,10 @@ class RuntimeStatistics(_SchedulerStatistics, total=False):
     workers_retired: int
     connections_rejected: int
     connections_in_handshake: int
+    tasks_stolen: int  # given back unstarted by a busy worker, to run elsewhere
+    # tasks that asked for resources and wait for a worker where they fit
+    resource_tasks_waiting: int
+    worker_resources: dict[str, str]  # "#id name" -> what it declared
     # MPI
     mpi_tasks: int
     mpi_tasks_aborted: int

@@ -414,7 +414,7 @@ class Worker:
                     pos = self._batch_pos
                     continue
                 self._in_pool.add(rid)
-                pool.put((rid, fid), fn, args, kwargs)
+                pool.put((rid, fid), fn, args, kwargs, 0 if extra is None else extra[1])
             elif kind == P.K_INLINE:
                 self._batch_i = i
                 self._batch_pos = pos
@@ -450,7 +450,7 @@ class Worker:
             self._unloadable(rid, exc)
             return None
         if extra is not None and kind != P.K_MPI:
-            restore = extra[0] if kind >= P.K_RTHREAD else extra
+            restore = extra[0]
             if restore is not None:
                 self._ctx_info[rid] = (0, 1, restore)  # a saved step to restore
         fn = self._fns.get(fid)
@@ -486,9 +486,9 @@ class Worker:
             loaded = self._load(item, buffers, start)
             if loaded is None:
                 continue
-            rid, fid, _kind, fn, args, kwargs, _extra = loaded
+            rid, fid, _kind, fn, args, kwargs, extra = loaded
             self._in_pool.add(rid)
-            pool.put((rid, fid), fn, args, kwargs)
+            pool.put((rid, fid), fn, args, kwargs, 0 if extra is None else extra[1])
 
     # ------------------------------------------------------ resource tasks
     def _queue_resource(self, rid: int, kind: int, fn: Any, args: Any, kwargs: Any,

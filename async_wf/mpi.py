@@ -246,6 +246,8 @@ class MpiWorker(Worker):
             self._run_batch(P.loads(payload, buffers), buffers)
         elif kind == P.CANCEL:
             self._cancel(P.loads(payload, buffers))
+        elif kind == P.STEAL:
+            self._give_back(P.loads(payload, buffers))
         elif kind == P.ABORT:
             gang_id, why = P.loads(payload, buffers)
             part = self._parts.get(gang_id)

@@ -113,7 +113,8 @@ KIND_NAMES = {
 # async_wf.mpi)
 K_ASYNC, K_THREAD, K_INLINE = ASYNC, THREAD, INLINE
 K_MPI = max(ASYNC, THREAD, INLINE) + 1
-# a task that asks for resources (TaskOptions.request), blocking or async: its
+# a K_ASYNC or K_THREAD item's extra is None or (saved step or None, priority).
+# A task that asks for resources (TaskOptions.request), blocking or async: its
 # item's extra is (saved step or None, Request.to_wire(), pin); the worker
 # starts it once its own resources are free (async_wf._worker)
 K_RTHREAD = K_MPI + 1

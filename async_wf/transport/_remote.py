@@ -571,19 +571,23 @@ class RemoteTransport(Transport):
                 batch.append((rid, fid, part[0], len(bufs) - n0, args_blob, part[1]))
                 continue
             sent = fut._att = _Sent(w, rid)
-            # a checkpointed task with a saved step gets it back from the worker
-            extra = None
+            # a checkpointed task with a saved step gets it back from the
+            # worker; one with a priority takes its place in the worker's queue
+            restore = extra = None
             if fut._cparents is not None:
                 got = sched.restore_blobs(fut, 1)
                 if got is not None:
-                    extra = (got[0], got[1][0])
+                    restore = (got[0], got[1][0])
+            prio = fut._opts.priority
+            if restore is not None or prio:
+                extra = (restore, prio)
             req = fut._opts.request
             if req is None:
                 batch.append((rid, fid, fut._kind, len(bufs) - n0, args_blob, extra))
             else:
                 batch.append((rid, fid, P.K_RASYNC if fut._kind == ASYNC else P.K_RTHREAD,
                               len(bufs) - n0, args_blob,
-                              (extra, req.to_wire(), fut._opts.pin, fut._opts.priority)))
+                              (restore, req.to_wire(), fut._opts.pin, prio)))
             timeout = fut._opts.timeout
             if timeout is not None:
                 sent.timer = loop.call_later(timeout, self._on_timeout, fut, sent)

@@ -26,13 +26,14 @@ LIMIT = 120  # seconds: a hang fails the test instead of the whole run
 
 
 def mpirun(tmp_path: Path, n: int, app: str, *args: str, launcher: bool = True,
-           timeout: float = LIMIT) -> subprocess.CompletedProcess[str]:
+           timeout: float = LIMIT, slots: int = 1) -> subprocess.CompletedProcess[str]:
     script = tmp_path / "app.py"
     script.write_text(textwrap.dedent(app))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     cmd = [find_mpiexec(), "-n", str(n), sys.executable]
-    cmd += ["-m", "async_wf.mpi", str(script)] if launcher else [str(script)]
+    cmd += ["-m", "async_wf.mpi", "--slots", str(slots), str(script)] if launcher \
+        else [str(script)]
     return subprocess.run([*cmd, *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -510,3 +511,40 @@ def test_instances_and_functions_of_main_travel_as_arguments(tmp_path: Path) -> 
 def test_a_slow_call_of_a_function_learnt_as_quick_holds_no_other_task(tmp_path: Path) -> None:
     # the worker ranks run tasks with the TCP worker's code (MpiWorker)
     assert oks(mpirun(tmp_path, 2, LEARNT_QUICK)) == {"quick first", "slow first"}
+
+
+RESOURCES = """
+    import time
+    import async_wf
+    from mpi4py import MPI
+
+    def held(s):
+        t0 = time.time()
+        time.sleep(s)
+        return MPI.COMM_WORLD.rank, t0, time.time(), async_wf.task_context().resources
+
+    async def main():
+        async with async_wf.Runtime() as rt:
+            futs = [rt.options(cores=1 + i % 2).submit(held, 0.03) for i in range(16)]
+            spans = await async_wf.gather(*futs)
+            for rank in {s[0] for s in spans}:
+                mine = [s for s in spans if s[0] == rank]
+                for _r, t0, _t1, _res in mine:
+                    # the cores held at each start never exceed the rank's 2 slots
+                    at = sum(s[3]["cores"] for s in mine if s[1] <= t0 < s[2])
+                    assert at <= 2, (rank, at, mine)
+            assert {s[0] for s in spans} == {1, 2}
+            print("OK fit")
+            try:
+                await rt.options(cores=3).submit(held, 0)
+            except async_wf.ResourceError as exc:
+                assert "cores=3" in str(exc)
+                print("OK unfit")
+
+    async_wf.run(main())
+"""
+
+
+def test_resource_tasks_on_mpi_ranks(tmp_path: Path) -> None:
+    # worker ranks declare their --slots as cores (they join without a handshake)
+    assert oks(mpirun(tmp_path, 3, RESOURCES, slots=2)) == {"fit", "unfit"}

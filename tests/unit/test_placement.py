@@ -215,3 +215,14 @@ def test_options_check_requests() -> None:
     t = async_wf.task(held).options(cores=2, memory="2GiB", gpus=1, resources={"fpga": 1})
     req = t.task_options.request
     assert req is not None and req.describe() == "cores=2, memory=2 GiB, gpus=1, fpga=1"
+
+
+async def test_priority_holds_in_a_workers_own_queue() -> None:
+    # with the default prefetch, 60 tasks are sent ahead to the one worker;
+    # an urgent call sent after them starts at the head of its queue
+    async with async_wf.Runtime(workers=1, slots=1) as rt:
+        queued = [rt.submit(plain, 0.02) for _ in range(60)]
+        await asyncio.sleep(0.1)
+        urgent = await rt.options(priority=10).submit(plain, 0)
+        ends = sorted(s[2] for s in await async_wf.gather(*queued))
+    assert sum(e < urgent[1] for e in ends) < 20, "the urgent call waited behind the queue"
