@@ -236,6 +236,7 @@ class RemoteTransport(Transport):
         self._parts: dict[int, Any] = {}
         self.n_workers_lost = 0
         self.n_stolen = 0  # tasks given back unstarted by a busy worker, to run elsewhere
+        self._thieves: dict[int, _Worker] = {}  # victim's id -> the worker that asked
         #: resource tasks waiting for room: (-priority, seq, future, since), sorted
         self._rq: list[tuple[int, int, TaskFuture[Any], float]] = []
         self.bytes_sent = 0
@@ -423,10 +424,15 @@ class RemoteTransport(Transport):
             elif reserve is None and req.cores:
                 reserve = self._reserve_for(req)
             i += 1
+        freed = False
         for w in order:
+            if w.reserved and w is not reserve:
+                freed = True
             w.reserved = w is reserve
         for w, fs in batches.items():
             self._send_tasks(w, fs)
+        if freed:
+            self._wake()  # a worker that was kept for a big task takes plain ones again
 
     @staticmethod
     def _busy_slots(w: _Worker) -> int:
@@ -490,8 +496,30 @@ class RemoteTransport(Transport):
             queued = v.n_thread - v.slots
             if v is not w and queued > most:
                 victim, most = v, queued
-        if victim is not None:
+        if victim is not None and victim.id not in self._thieves:
+            self._thieves[victim.id] = w
             victim.stream.send(P.encode(P.STEAL, min(most // 2 + 1, w.thread_limit)))
+
+    def _hand_to_thief(self, victim: _Worker, futs: list[TaskFuture[Any]]) -> None:
+        """Send the tasks ``victim`` gave back to the worker that asked, as far as it has room.
+
+        Not through the ready queue: round robin there could send them back
+        to where they came from. What the thief cannot take (it left, or got
+        work meanwhile) goes back to the ready queue.
+        """
+        sched = self._sched
+        assert sched is not None
+        thief = self._thieves.pop(victim.id, None)
+        batch: list[TaskFuture[Any]] = []
+        for fut in futs:
+            if (thief is not None and thief.id in self._workers and not fut.done()
+                    and thief.free(fut._kind) > 0):
+                thief.count(fut._kind, 1)
+                batch.append(fut)
+            else:
+                sched.task_requeue(fut)
+        if batch and thief is not None:
+            self._send_tasks(thief, batch)
 
     def _send_tasks(self, w: _Worker, futs: list[TaskFuture[Any]],
                     part: tuple[int, Any] | None = None) -> int:
@@ -769,6 +797,7 @@ class RemoteTransport(Transport):
         sched = self._sched
         assert sched is not None
         pos = 0
+        returned: list[TaskFuture[Any]] = []
         for rid, status, nbufs, blob, tb in results:
             start = pos
             pos += nbufs
@@ -788,13 +817,13 @@ class RemoteTransport(Transport):
                 continue
             self._uncount(w, fut)
             if status == P.R_RETURNED:
-                # given back unstarted (STEAL): it runs again wherever there is room
+                # given back unstarted (STEAL): to the worker that ran dry
                 sent = fut._att
                 if sent is not None:
                     sent.stop_timer()
                     fut._att = None
                 self.n_stolen += 1
-                sched.task_requeue(fut)
+                returned.append(fut)
                 continue
             value: Any = None
             if status != P.R_CANCELLED:
@@ -825,6 +854,8 @@ class RemoteTransport(Transport):
                 sent.stop_timer()
                 fut._att = None
             self._outcome(fut, status, value)
+        if returned:
+            self._hand_to_thief(w, returned)
         if w.budget == 0 and not w.inflight and not w.zombies:
             self._retire(w)
         self._place_backlog()
@@ -885,6 +916,12 @@ class RemoteTransport(Transport):
         assert sched is not None
         sent = fut._att
         if sent is None:
+            for i, waiting in enumerate(self._rq):
+                if waiting[2] is fut:
+                    del self._rq[i]
+                    sched.task_cancelled(fut, msg)
+                    self._place_req()  # it may have held a worker reserved
+                    return True
             heap = self._backlog[fut._kind != ASYNC]
             for i, item in enumerate(heap):
                 if item[2] is fut:
@@ -959,6 +996,7 @@ class RemoteTransport(Transport):
         if self._workers.pop(w.id, None) is None:
             return False
         self._order.remove(w)
+        self._thieves.pop(w.id, None)
         # statistics() sums the live links: keep what this one moved
         self.bytes_sent += w.stream.bytes_out
         self.bytes_received += w.stream.bytes_in
@@ -994,5 +1032,7 @@ class RemoteTransport(Transport):
                 ))
             else:
                 sched.task_requeue(fut)
+        if self._rq:
+            self._place_req()  # it may have been the worker kept for a waiting task
         self._wake()
         return True

@@ -226,3 +226,18 @@ async def test_priority_holds_in_a_workers_own_queue() -> None:
         urgent = await rt.options(priority=10).submit(plain, 0)
         ends = sorted(s[2] for s in await async_wf.gather(*queued))
     assert sum(e < urgent[1] for e in ends) < 20, "the urgent call waited behind the queue"
+
+
+async def test_cancelling_a_waiting_big_task_frees_the_worker_kept_for_it() -> None:
+    # one worker of 2 cores, kept free for a 2-core task that waits behind a
+    # plain one; once that task is cancelled, plain tasks run there again
+    async with async_wf.Runtime(workers=1, worker_resources={"cores": 2}) as rt:
+        first = rt.submit(plain, 0.3)
+        await asyncio.sleep(0.1)
+        big = rt.options(cores=2, priority=5).submit(held, 0.1)
+        gate = rt.options(cores=2).submit(held, 5)  # waits behind big
+        await asyncio.sleep(0.05)
+        gate.cancel()
+        await first
+        await big
+        assert (await asyncio.wait_for(rt.submit(plain, 0), 10))[3] == {"cores": 1}
