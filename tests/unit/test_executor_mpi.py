@@ -15,6 +15,10 @@ pytest.importorskip("mpi4py", reason="the MPI tests need mpi4py (make test insta
 
 from tests.unit.test_mpi import mpirun, oks
 
+# runs in the first pass only (core_independent): the Executor face on MPI ranks; the scheduling
+# is tested elsewhere
+pytestmark = pytest.mark.core_independent
+
 APP = """
     import gc, os, threading, time
     import concurrent.futures as cf
