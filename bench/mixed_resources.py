@@ -81,7 +81,7 @@ def simulate(tasks: list[Task], workers: int, cores: int, backfill: bool = True)
     running: list[tuple[float, int, int]] = []  # (end, worker, cores)
     now = 0.0
     while waiting or running:
-        rest = []
+        rest: list[Task] = []
         for c, d in waiting:
             w = next((i for i in range(workers) if free[i] >= c), None)
             if w is None or (rest and not backfill):
