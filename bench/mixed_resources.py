@@ -23,7 +23,9 @@ submits the same tasks with ``priority=cores`` so 4-core tasks go first (the
 classic longest-/largest-first heuristic). ``greedy-sim`` is a reference,
 not a run: a zero-overhead simulation of first-fit list scheduling with
 backfill on the same workers, the same order and the same durations;
-``strict-sim`` the same without backfill (the head of the queue blocks).
+``reserve-sim`` the same with a worker kept for the first task that does
+not fit (the runtime's anti-starvation rule, see docs/architecture.md);
+``strict-sim`` without backfill (the head of the queue blocks).
 
 Usage: python bench/mixed_resources.py [--n 300] [--workers 2] [--cores 4]
        [--seed 0] [--buckets 10] [--quick] [--json]
@@ -68,23 +70,34 @@ def ideal(tasks: list[Task], total_cores: int) -> float:
     return max(sum(c * d for c, d in tasks) / total_cores, max(d for _, d in tasks))
 
 
-def simulate(tasks: list[Task], workers: int, cores: int, backfill: bool = True) -> float:
-    """Makespan of zero-overhead first-fit list scheduling, with or without backfill.
+POLICIES = ("backfill", "reserve", "strict")
+
+
+def simulate(tasks: list[Task], workers: int, cores: int, policy: str = "backfill") -> float:
+    """Makespan of zero-overhead first-fit list scheduling under ``policy``.
 
     At each instant the waiting tasks, in order, start on the first worker
-    with room for them; with ``backfill`` a task that does not fit is passed
-    over, without it the scan stops there (strict FIFO). The two bracket
-    what a scheduler with no latency reaches with the same order.
+    with room for them. ``backfill``: a task that does not fit is passed
+    over. ``strict``: the scan stops at it (FIFO, the head blocks).
+    ``reserve``: passed over, but the worker with the most free cores is
+    kept for the first such task (no later task starts there), the
+    anti-starvation rule the runtime uses. With no latency and the same
+    order, these are the references for a real run.
     """
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     free = [cores] * workers
     waiting = list(tasks)
     running: list[tuple[float, int, int]] = []  # (end, worker, cores)
     now = 0.0
     while waiting or running:
         rest: list[Task] = []
+        reserved = -1
         for c, d in waiting:
-            w = next((i for i in range(workers) if free[i] >= c), None)
-            if w is None or (rest and not backfill):
+            w = next((i for i in range(workers) if free[i] >= c and i != reserved), None)
+            if w is None or (rest and policy == "strict"):
+                if policy == "reserve" and reserved < 0:
+                    reserved = max(range(workers), key=lambda i: free[i])
                 rest.append((c, d))
                 continue
             free[w] -= c
@@ -198,13 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     tasks = draw(args.n, args.seed, args.min, args.max)
     results = measure(tasks, args.workers, args.cores, args.buckets)
     sim = simulate(tasks, args.workers, args.cores)
-    strict = simulate(tasks, args.workers, args.cores, backfill=False)
+    reserve = simulate(tasks, args.workers, args.cores, "reserve")
+    strict = simulate(tasks, args.workers, args.cores, "strict")
     bound = ideal(tasks, args.workers * args.cores)
     work = sum(c * d for c, d in tasks)
     if args.json:
         print(json.dumps({"n": args.n, "workers": args.workers, "cores": args.cores,
                           "seed": args.seed, "core_seconds": work, "ideal_s": bound,
-                          "greedy_sim_s": sim, "strict_fifo_sim_s": strict, "results": results}))
+                          "greedy_sim_s": sim, "reserve_sim_s": reserve,
+                          "strict_fifo_sim_s": strict, "results": results}))
         return 0
     total = args.workers * args.cores
     print(f"{args.n} tasks of {'/'.join(map(str, SIZES))} cores, {args.min * 1e3:g}-"
@@ -220,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['utilisation']:>6.1%} {r['tasks_stolen']!s:>7}  {pk + ' ' + mark:<12} {line}")
     print(f"{'greedy-sim':<11} {sim:>11.2f} {sim / bound:>7.3f} {work / (sim * total):>6.1%}"
           f"  (zero-overhead first-fit with backfill, same order)")
+    print(f"{'reserve-sim':<11} {reserve:>11.2f} {reserve / bound:>7.3f} "
+          f"{work / (reserve * total):>6.1%}  (the same, the head's worker kept for it: the "
+          f"runtime's rule)")
     print(f"{'strict-sim':<11} {strict:>11.2f} {strict / bound:>7.3f} "
           f"{work / (strict * total):>6.1%}  (zero-overhead first-fit, strict FIFO: no backfill)")
     return 0

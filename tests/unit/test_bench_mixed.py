@@ -19,6 +19,7 @@ def test_mixed_resources_benchmark_reports_packing_against_the_bound() -> None:
     # the bound is a bound: neither the simulations nor the real runs beat it
     assert report["ideal_s"] > 0
     assert report["greedy_sim_s"] >= report["ideal_s"] * 0.999
+    assert report["reserve_sim_s"] >= report["ideal_s"] * 0.999
     assert report["strict_fifo_sim_s"] >= report["greedy_sim_s"] * 0.999
     assert [r["run"] for r in report["results"]] == ["fifo", "big-first"]
     for r in report["results"]:
@@ -37,7 +38,7 @@ def test_mixed_resources_benchmark_prints_a_table() -> None:
     lines = out.stdout.splitlines()
     assert lines[0].startswith("30 tasks of 1/2/4 cores")
     rows = {line.split()[0] for line in lines[2:]}
-    assert rows == {"fifo", "big-first", "greedy-sim", "strict-sim"}
+    assert rows == {"fifo", "big-first", "greedy-sim", "reserve-sim", "strict-sim"}
     assert "EXCEEDED" not in out.stdout
 
 
