@@ -23,10 +23,17 @@ lint: install
 	$(PY) -m mypy
 
 # lint + types, the suite on the compiled core, then the runtime suite again
-# on the pure-Python twin (the core tests run both twins in the first pass)
+# on the pure-Python twin (the core tests run both twins in the first pass).
+# The second pass leaves out what the twin cannot change: tests marked
+# core_independent (builds, CLI parsing, file-format tools, kernels, MPI
+# launching, codecs, report rendering, docs), which the first pass runs.
+# Anything that drives the scheduler runs in both (docs/architecture.md).
+# The second pass runs async tests on uvloop only (ASYNC_WF_TEST_LOOPS,
+# tests/conftest.py): the core twin never touches the event loop, and the
+# first pass runs every async test on both loops.
 test: lint
 	$(PY) -m pytest -q -m "not slow and not faults"
-	ASYNC_WF_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "not slow and not faults" --ignore=tests/unit/test_core.py
+	ASYNC_WF_NO_EXTENSIONS=1 ASYNC_WF_TEST_LOOPS=uvloop $(PY) -m pytest -q -m "not slow and not faults and not core_independent" --ignore=tests/unit/test_core.py
 
 test-fast: install
 	$(PY) -m pytest -q -x -m "not slow and not faults"

@@ -4,11 +4,18 @@ pytest-asyncio 1.x deprecates overriding the ``event_loop_policy`` fixture
 (and warnings are errors here), so the two loops are given through its
 ``pytest_asyncio_loop_factories`` hook instead; the test ids carry
 ``[asyncio]`` or ``[uvloop]`` all the same.
+
+``ASYNC_WF_TEST_LOOPS`` (comma-separated names) narrows that to some loops:
+make test's second pass, on the pure-Python core twin, runs on uvloop only,
+because which core runs and which loop runs are independent of each other
+(the first pass covers both loops). A test that asks for a loop left out
+is skipped, with the reason given.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Callable, Iterator
 
@@ -21,11 +28,30 @@ LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
 }
 
 
+#: narrows the loops every async test runs on (see the module docstring)
+LOOPS_ENV = "ASYNC_WF_TEST_LOOPS"
+
+
+def selected_loops() -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The loop factories named by ``ASYNC_WF_TEST_LOOPS``, or all when it is unset or empty."""
+    raw = os.environ.get(LOOPS_ENV, "")
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    if not names:
+        return LOOP_FACTORIES
+    unknown = [n for n in names if n not in LOOP_FACTORIES]
+    if unknown:
+        raise pytest.UsageError(
+            f"{LOOPS_ENV} must be a comma-separated list of {', '.join(LOOP_FACTORIES)}, "
+            f"got {raw!r}"
+        )
+    return {n: LOOP_FACTORIES[n] for n in names}
+
+
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
-    """Run each async test once per event loop implementation."""
-    return LOOP_FACTORIES
+    """Run each async test once per event loop implementation (those selected)."""
+    return selected_loops()
 
 
 class ThreadSignal:

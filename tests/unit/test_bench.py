@@ -12,6 +12,10 @@ from typing import Any
 
 import pytest
 
+# runs in the first pass only (core_independent): the benchmark scripts run and report; their
+# figures are for the compiled core
+pytestmark = pytest.mark.core_independent
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

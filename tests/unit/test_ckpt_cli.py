@@ -13,6 +13,10 @@ import pytest
 
 from async_wf.checkpoint import CheckpointLog
 
+# runs in the first pass only (core_independent): the checkpoint CLI's commands on log files (the
+# format twins are compared in test_ckpt_log)
+pytestmark = pytest.mark.core_independent
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -7,7 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import async_wf.checkpoint
+
+# runs in the first pass only (core_independent): what the checkpoint package imports; no task
+# runs
+pytestmark = pytest.mark.core_independent
 
 CKPT = Path(async_wf.checkpoint.__file__).parent
 #: what async_wf.checkpoint may import of async_wf, lazily or not

@@ -12,6 +12,10 @@ from typing import Any
 
 import pytest
 
+# runs in the first pass only (core_independent): how `async-wf run` turns options into a Runtime;
+# the scheduling is tested elsewhere
+pytestmark = pytest.mark.core_independent
+
 APP = textwrap.dedent('''
     import json, os, sys
     import async_wf

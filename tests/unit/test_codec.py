@@ -13,6 +13,9 @@ import pytest
 from async_wf import _codec
 from async_wf.checkpoint import CheckpointLog
 
+# runs in the first pass only (core_independent): the serialisation policy; no scheduler
+pytestmark = pytest.mark.core_independent
+
 PKG = Path(_codec.__file__).parent
 
 

@@ -10,6 +10,10 @@ import pytest
 
 import async_wf
 
+# runs in the first pass only (core_independent): the public names and their docstrings; no task
+# runs
+pytestmark = pytest.mark.core_independent
+
 PUBLIC = sorted(async_wf.__all__)
 
 

@@ -100,6 +100,7 @@ def _flood(host: str, port: int, n: int, hold: float, out: dict[str, Any]) -> No
     out.update(opened=len(socks), refused=refused, closed=closed)
 
 
+@pytest.mark.core_independent
 async def test_an_unauthenticated_flood_is_bounded_and_the_workflow_goes_on() -> None:
     tr = TcpTransport(workers=2, max_handshakes=64)
     async with async_wf.Runtime(transport=tr) as rt:

@@ -30,6 +30,10 @@ from async_wf import protocol as P
 from async_wf._program import find_mpiexec
 from async_wf.insitu import ADDRESS_ENV, TOKEN_ENV, Hub
 
+# runs in the first pass only (core_independent): the Hub/Bridge stream between simulation ranks
+# and analytics
+pytestmark = pytest.mark.core_independent
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -16,6 +16,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
+# runs in the first pass only (core_independent): builds and imports a wheel with no compiler:
+# always the pure-Python twin
+pytestmark = pytest.mark.core_independent
+
 REPO = Path(__file__).resolve().parents[2]
 
 PROBE = """

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+# runs in the first pass only (core_independent): reads the source and docs; no task runs
+pytestmark = pytest.mark.core_independent
+
 ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "async_wf"
 DOC = ROOT / "docs" / "architecture.md"

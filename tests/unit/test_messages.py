@@ -37,6 +37,7 @@ async def test_a_forgotten_await_says_so() -> None:
         assert await fut == 3  # and await still works
 
 
+@pytest.mark.core_independent
 def test_unknown_runtime_option_suggests_the_closest_name() -> None:
     with pytest.raises(TypeError, match=r"Runtime\(\) got an unknown option 'worker'; "
                                         r"did you mean 'workers'\?"):
@@ -47,6 +48,7 @@ def test_unknown_runtime_option_suggests_the_closest_name() -> None:
         async_wf.Runtime(zzz=1)
 
 
+@pytest.mark.core_independent
 def test_exception_classes_print_as_the_package() -> None:
     for cls in (async_wf.DependencyError, async_wf.TaskTimeoutError, async_wf.WorkflowAborted,
                 async_wf.RuntimeClosedError, async_wf.RemoteError, async_wf.NoWorkerError,
@@ -84,6 +86,7 @@ async def test_result_of_a_pending_task_says_await_on_the_loop_and_waits_elsewhe
         assert got == [5]
 
 
+@pytest.mark.core_independent
 @pytest.mark.parametrize(("args", "env", "message"), [
     (["--token-file", "/nonexistent/token"], {},
      "async-wf worker: cannot read the token file '/nonexistent/token'"),
@@ -104,6 +107,7 @@ def test_token_problems_are_one_line(tmp_path: Path, args: list[str], env: dict[
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+@pytest.mark.core_independent
 async def test_a_missing_program_is_named_with_the_path() -> None:
     async with async_wf.Runtime() as rt:
         t = async_wf.task(lambda: None, binary="nosuch-program-xyz")
@@ -189,6 +193,7 @@ def test_a_failure_is_reported_once(seen: str) -> None:
     assert never == (1 if seen == "nobody" else 0), proc.stderr
 
 
+@pytest.mark.core_independent
 @pytest.mark.parametrize("option", ["listen", "metrics"])
 async def test_an_unresolvable_host_names_the_option(option: str) -> None:
     addr = "tcp://no-such-host.invalid:0"
@@ -199,6 +204,7 @@ async def test_an_unresolvable_host_names_the_option(option: str) -> None:
     await rt.close()
 
 
+@pytest.mark.core_independent
 @pytest.mark.parametrize("option", ["listen", "metrics"])
 @pytest.mark.parametrize("addr", ["127.0.0.1:0", "tcp://localhost:0", "tcp://[::1]:0"])
 async def test_listen_and_metrics_take_the_same_addresses(option: str, addr: str) -> None:
@@ -212,6 +218,7 @@ async def test_listen_and_metrics_take_the_same_addresses(option: str, addr: str
             assert rt.metrics_address is not None and rt.metrics_address[1] > 0
 
 
+@pytest.mark.core_independent
 @pytest.mark.parametrize("option", ["listen", "metrics"])
 @pytest.mark.parametrize("addr", [":0", "tcp://:0", "9464", "tcp://host", "host:port"])
 def test_listen_and_metrics_refuse_the_same_addresses(option: str, addr: str) -> None:

@@ -21,6 +21,10 @@ pytest.importorskip("mpi4py", reason="the MPI tests need mpi4py (make test insta
 
 from async_wf._program import find_mpiexec
 
+# runs in the first pass only (core_independent): launching under mpiexec and the rank protocol;
+# the scheduling is tested elsewhere
+pytestmark = pytest.mark.core_independent
+
 ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 120  # seconds: a hang fails the test instead of the whole run
 

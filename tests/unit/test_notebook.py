@@ -15,6 +15,10 @@ from pathlib import Path
 
 import pytest
 
+# runs in the first pass only (core_independent): the kernel's event loop and cells; the
+# scheduling is tested elsewhere
+pytestmark = pytest.mark.core_independent
+
 nbformat = pytest.importorskip("nbformat", reason="nbformat is not installed (the dev extra)")
 nbclient = pytest.importorskip("nbclient", reason="nbclient is not installed (the dev extra)")
 pytest.importorskip("ipykernel", reason="ipykernel is not installed (the dev extra)")

@@ -106,6 +106,7 @@ def _check_trace(path: Path, tasks: int, attempts: int) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------ trace
+@pytest.mark.core_independent
 def test_pack_lanes_never_overlaps_and_uses_the_fewest_lanes() -> None:
     rng = random.Random(7)
     for _ in range(200):
@@ -211,11 +212,13 @@ async def test_metrics_scraped_over_http_during_a_tcp_run(tmp_path: Path) -> Non
         urllib.request.urlopen(f"http://{addr[0]}:{addr[1]}/metrics", timeout=2)
 
 
+@pytest.mark.core_independent
 async def test_metrics_address_is_checked() -> None:
     with pytest.raises(ValueError, match="host:port"):
         async_wf.Runtime(metrics="localhost")
 
 
+@pytest.mark.core_independent
 async def test_metrics_address_in_use_fails_the_start() -> None:
     import socket
 
@@ -245,6 +248,7 @@ PROGRESS_APP = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.core_independent
 def test_progress_is_quiet_when_not_a_terminal(tmp_path: Path) -> None:
     (tmp_path / "app.py").write_text(PROGRESS_APP)
     proc = subprocess.run([sys.executable, "app.py"], cwd=tmp_path, capture_output=True,
@@ -282,6 +286,7 @@ def _on_a_terminal(tmp_path: Path, *args: str) -> tuple[int, str]:
     return proc.returncode, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode(errors="replace"))
 
 
+@pytest.mark.core_independent
 def test_progress_draws_on_a_terminal(tmp_path: Path) -> None:
     (tmp_path / "app.py").write_text(PROGRESS_APP)
     code, text = _on_a_terminal(tmp_path)
@@ -316,6 +321,7 @@ def _report_data(path: Path) -> dict[str, Any]:
     return data
 
 
+@pytest.mark.core_independent
 @UV
 async def test_report_tcp(tmp_path: Path) -> None:
     path = tmp_path / "run.html"
@@ -353,6 +359,7 @@ async def _dump_dom(browser: str, page: Path, tmp_path: Path) -> tuple[str, str]
     return out.decode(), err.decode()
 
 
+@pytest.mark.core_independent
 @pytest.mark.skipif(_chromium() is None, reason="no chromium, chromium-browser or "
                     "google-chrome on PATH: run 'make test-browser' to install Debian's "
                     "chromium and run this test")
@@ -372,6 +379,7 @@ async def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
 
 
 # -------------------------------------------------------------------- dag
+@pytest.mark.core_independent
 async def test_dag_dot(tmp_path: Path) -> None:
     async with async_wf.Runtime(dag=True) as rt:
         a = rt.submit(coro, 1)
@@ -387,6 +395,7 @@ async def test_dag_dot(tmp_path: Path) -> None:
         subprocess.run(["dot", "-Tsvg", "-o", os.devnull, str(tmp_path / "g.dot")], check=True)
 
 
+@pytest.mark.core_independent
 async def test_dag_needs_recording(tmp_path: Path) -> None:
     async with async_wf.Runtime() as rt:
         with pytest.raises(RuntimeError, match=r"Runtime\(dag=True\)"):
@@ -394,6 +403,7 @@ async def test_dag_needs_recording(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- logging
+@pytest.mark.core_independent
 @UV
 async def test_worker_log_records_reach_the_scheduler(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
@@ -413,6 +423,7 @@ async def test_worker_log_records_reach_the_scheduler(caplog: pytest.LogCaptureF
     assert f"worker #{wid}" in rec.getMessage()
 
 
+@pytest.mark.core_independent
 @UV
 @pytest.mark.parametrize("frame", ["wrong-shape", "wrong-types", "bad-timings"])
 async def test_malformed_log_or_timing_frame_closes_that_connection_only(frame: str) -> None:
@@ -454,6 +465,7 @@ CLI_APP = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.core_independent
 def test_cli_run_with_observability(tmp_path: Path) -> None:
     (tmp_path / "app.py").write_text(CLI_APP)
     proc = subprocess.run(
@@ -470,6 +482,7 @@ def test_cli_run_with_observability(tmp_path: Path) -> None:
     assert (tmp_path / "f.wfck").stat().st_size > 0
 
 
+@pytest.mark.core_independent
 def test_cli_help_lists_every_command() -> None:
     proc = subprocess.run([sys.executable, "-m", "async_wf.cli", "--help"],
                           capture_output=True, text=True, timeout=60)
@@ -501,6 +514,7 @@ MPI_APP = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.core_independent
 def test_mpi_trace_has_a_process_per_rank_and_rank_logs_come_back(tmp_path: Path) -> None:
     pytest.importorskip("mpi4py", reason="the MPI tests need mpi4py (make test installs it)")
     from async_wf._program import find_mpiexec
@@ -549,6 +563,7 @@ NO_LIB_APP = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.core_independent
 @pytest.mark.parametrize(("mod", "option", "said"), [
     ("rich", "progress=True", "Runtime(progress=True)"),
     ("prometheus_client", "metrics='127.0.0.1:0'", "Runtime(metrics=...)"),
@@ -606,6 +621,7 @@ def _render_progress(snap: dict[str, Any], width: int = 80) -> list[str]:
     return [ln.rstrip() for ln in text.splitlines() if ln.strip()]
 
 
+@pytest.mark.core_independent
 @pytest.mark.parametrize("snap", [
     {"submitted": 300, "finished": 300, "failed": 0, "running": 0, "rate": 0.0},
     {"submitted": 5000, "finished": 1234, "failed": 3, "running": 8, "queued": 120,
@@ -709,6 +725,7 @@ def raises_key(i: int) -> int:
     raise KeyError(i)
 
 
+@pytest.mark.core_independent
 async def test_report_throughput_scale_is_robust_and_failures_are_grouped(
         tmp_path: Path) -> None:
     path = tmp_path / "run.html"

@@ -16,6 +16,10 @@ from hypothesis import strategies as st
 
 from async_wf import protocol as P
 
+# runs in the first pass only (core_independent): frame codec, handshake and token files; no
+# scheduler
+pytestmark = pytest.mark.core_independent
+
 # ----------------------------------------------------------------- helpers
 
 

@@ -7,6 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# runs in the first pass only (core_independent): the README's examples run as written (a docs
+# check)
+pytestmark = pytest.mark.core_independent
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
