@@ -69,6 +69,10 @@ class RuntimeStatistics(_SchedulerStatistics, total=False):
     # tasks that asked for resources and wait for a worker where they fit
     resource_tasks_waiting: int
     worker_resources: dict[str, str]  # "#id name" -> what it declared
+    results_held: int  # results that stay on their workers now (keep_min)
+    bytes_held: int  # the sizes of all results that stayed on workers
+    bytes_fetched: int  # of those, what the application fetched
+    results_recomputed: int  # held results made again after their worker was lost
     # MPI
     mpi_tasks: int
     mpi_tasks_aborted: int

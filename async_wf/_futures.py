@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from async_wf._held import HeldRef
 from async_wf._options import TaskOptions
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ class TaskFuture(asyncio.Future[_T]):
         "_fn",
         "_group",
         "_handle",
+        "_held",
         "_id",
         "_ignored",
         "_kind",
@@ -57,6 +59,7 @@ class TaskFuture(asyncio.Future[_T]):
         "_obs_t",
         "_opts",
         "_origin",
+        "_refs",
         "_sched",
         "_subst",
         "_unrun",
@@ -90,6 +93,11 @@ class TaskFuture(asyncio.Future[_T]):
     # for a _Linked one); an ordinary future never has them
     _origin: TaskFuture[Any] | None
     _group: list[Any] | None
+    # results that stayed on workers (async_wf._held): the references among
+    # this task's inputs once they are substituted (None: none), and, for a
+    # HeldFuture, where its own value is
+    _refs: list[Any] | None
+    _held: Any
 
     @property
     def name(self) -> str:
@@ -293,6 +301,40 @@ class _LinkedRecorded(_Linked, RecordedFuture[_T]):
 # the message asyncio prints names the class: keep the public names
 _LinkedTask.__name__ = _LinkedTask.__qualname__ = "TaskFuture"
 _LinkedRecorded.__name__ = _LinkedRecorded.__qualname__ = "RecordedFuture"
+
+
+class HeldFuture(TaskFuture[_T]):
+    """A task whose value stayed on the worker that computed it (``async_wf._held``).
+
+    Its class is swapped in when the worker reports the result as held;
+    ``await`` and ``result()`` fetch the value from the worker the first
+    time (``result()`` blocks for the transfer, as it must), and keep it.
+    Dependents never fetch through here: they get the reference and fetch
+    worker to worker.
+    """
+
+    __slots__ = ()
+
+    def result(self) -> _T:
+        """The task's value, fetched from its worker on first use (blocking)."""
+        ref: Any = super().result()
+        if type(ref) is not HeldRef:
+            return ref  # type: ignore[no-any-return]
+        got: Any = self._sched.fetch_held(self, ref)
+        return got  # type: ignore[no-any-return]
+
+    def __await__(self) -> Generator[Any, None, _T]:
+        """Wait for the task, then fetch its value from its worker without blocking."""
+        ref: Any = yield from super().__await__()
+        if type(ref) is not HeldRef:
+            return ref  # type: ignore[no-any-return]
+        got: Any = yield from self._sched.fetch_held_async(self, ref).__await__()
+        return got  # type: ignore[no-any-return]
+
+    __iter__ = __await__
+
+
+HeldFuture.__name__ = HeldFuture.__qualname__ = "TaskFuture"
 
 
 def _linked(fut: TaskFuture[Any]) -> None:

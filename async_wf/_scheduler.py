@@ -48,6 +48,7 @@ from async_wf._futures import (
     link_echo,
     replace_in,
 )
+from async_wf._held import HeldRef
 from async_wf._options import DEFAULT_OPTIONS, TaskOptions, kind_of
 from async_wf._task import TaskFunction
 from async_wf.checkpoint._keys import FileArg, files_in_use
@@ -64,9 +65,12 @@ _CANCEL_GRACE = 2.0  # seconds a cancelling close waits for cancelled work to re
 
 
 def _value(fut: TaskFuture[Any]) -> Any:
-    """The value a dependent task receives for ``fut``."""
+    """The value a dependent task receives for ``fut`` (for a held one: where it is)."""
     if fut._ignored:
         return fut._opts.default
+    held = fut._held
+    if held is not None:
+        return held  # even when the application fetched it: workers fetch their own
     return fut.result()
 
 
@@ -114,6 +118,9 @@ class Scheduler:
         self.n_cancelled = 0
         self.n_retried = 0
         self.n_reused = 0
+        #: results held on workers (HeldFuture) so far: while 0, dependents are not
+        #: searched for references (the fast path costs one test per task)
+        self.n_held = 0
 
     def set_context(self, ctx: contextvars.Context) -> None:
         """Run the scheduler's callbacks (and so the tasks they start) in ``ctx``."""
@@ -232,6 +239,8 @@ class Scheduler:
         fut._unrun = False
         fut._lost = 0
         fut._cancelling = False
+        fut._refs = None
+        fut._held = None
         return fut
 
     def _enqueue(self, fut: TaskFuture[Any], found: list[TaskFuture[Any]]) -> None:
@@ -347,6 +356,8 @@ class Scheduler:
                         f._args = replace_in(f._args, TaskFuture, _value)
                         f._kwargs = replace_in(f._kwargs, TaskFuture, _value)
                         f._subst = False
+                        if self.n_held:
+                            self._find_refs(f)
                 if self._obs is not None:
                     self._obs.dispatched(futs)
                 self._transport.dispatch(futs)
@@ -354,6 +365,24 @@ class Scheduler:
                     self._kick()
         if not self._tasks and self._idle_waiters:
             self._wake_idle()
+
+    def _find_refs(self, fut: TaskFuture[Any]) -> None:
+        """Note the held results among ``fut``'s inputs; they stay held until it is over."""
+        refs: list[HeldRef] = []
+        collect(fut._args, HeldRef, refs)
+        if fut._kwargs:
+            collect(fut._kwargs, HeldRef, refs)
+        if refs:
+            fut._refs = refs
+            self._transport.hold_inputs(fut, refs)
+
+    def fetch_held(self, fut: TaskFuture[Any], ref: HeldRef) -> Any:
+        """The value of a held result, fetched now (blocking): ``HeldFuture.result()``."""
+        return self._transport.fetch_held(ref)
+
+    async def fetch_held_async(self, fut: TaskFuture[Any], ref: HeldRef) -> Any:
+        """The value of a held result, fetched without blocking: ``await`` of a HeldFuture."""
+        return await self._transport.fetch_held_async(ref)
 
     def _flush_done(self) -> None:
         buf = self._done_buf

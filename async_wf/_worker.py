@@ -22,6 +22,7 @@ worker outlives its runtime. The command line is in ``async_wf.worker``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import heapq
 import logging
@@ -41,6 +42,8 @@ from typing import Any
 from async_wf import protocol as P
 from async_wf._context import TaskContext, call_on_loop, mark_coroutine, mark_thread
 from async_wf._errors import RemoteError, retyped
+from async_wf._futures import replace_in
+from async_wf._held import HeldRef, count_fetched, data_items, read_data
 from async_wf._resources import Allocator, Declared, Grant, Request, pin
 from async_wf._threads import ERROR, OK, SKIPPED, Outcome, ThreadPool
 
@@ -65,6 +68,7 @@ _LOG_KEEP = 1000
 CONNECT_TIMEOUT = 10.0
 
 _NO_KWARGS: dict[str, Any] = {}  # never mutated: ** unpacking copies it
+_MISSING: Any = object()
 
 def portable_exception(exc: BaseException) -> BaseException:
     """Return ``exc`` if it survives a pickle round trip, else a ``RemoteError`` for it."""
@@ -114,7 +118,15 @@ class Worker:
         self.declared = declared if declared is not None else Declared.build()
         wire = self.declared.to_wire()
         wire["cpu_ids"] = []  # the scheduler does not pin: keep the handshake small
-        self._joining = P.Joining(secret, slots, self.name, wire)
+        # AUTH's JSON: the resources, and (once connected) the data port's address
+        self._hello: dict[str, Any] = {"resources": wire}
+        self._joining = P.Joining(secret, slots, self.name, self._hello)
+        # results that stay here (R_HELD), by request id, and the connections
+        # to other workers' data ports, by address
+        self._store: dict[int, Any] = {}
+        self._peers: dict[str, _PeerLink] = {}
+        self._data_sock: socket.socket | None = None
+        self._data_server: asyncio.AbstractServer | None = None
         # tasks that asked for resources: the free ones, the waiting tasks
         # (a heap by priority), the grants of the running ones, and the cores
         # they hold (under the pool's lock, which the slot limit shares)
@@ -211,6 +223,8 @@ class Worker:
             if ssl_ctx is None and sock is not None:
                 self._raw_fd = sock.fileno()
                 self._guard_can = True
+            if sock is not None:
+                self._open_data_port(sock.getsockname()[0])
 
         stream.on_open = opened
         # before connecting: the first tasks may run before the coroutine
@@ -224,6 +238,8 @@ class Worker:
         except BaseException:
             self.stop_forwarding()
             raise
+        if self._data_sock is not None:
+            self._data_server = await loop.create_server(self._data_stream, sock=self._data_sock)
         watchdog = loop.create_task(self._watch())
         try:
             return await self._done
@@ -234,6 +250,10 @@ class Worker:
             watchdog.cancel()
             for t in self._async.values():
                 t.cancel()
+            if self._data_server is not None:
+                self._data_server.close()
+            for peer in self._peers.values():
+                peer.close()
             # after a lost connection the queued calls belong to the
             # scheduler's past: it has queued them again elsewhere
             self._pool.close(drop_queued=self.lost)
@@ -324,6 +344,10 @@ class Worker:
                 self._cancel(P.loads(payload, buffers))
             elif kind == P.STEAL:
                 self._give_back(P.loads(payload, buffers))
+            elif kind == P.FETCH:
+                self._serve(stream, P.loads(payload, buffers))
+            elif kind == P.FREE:
+                self._free(P.loads(payload, buffers))
             elif kind == P.SHUTDOWN:
                 self._finish(0)
             else:
@@ -458,7 +482,146 @@ class Worker:
             err = self._fn_errors.get(fid) or RemoteError(f"unknown function id {fid}")
             self._report(rid, P.R_ERROR, err, None)
             return None
-        return rid, fid, kind, fn, args, kw if kw is not None else _NO_KWARGS, extra
+        loaded = rid, fid, kind, fn, args, kw if kw is not None else _NO_KWARGS, extra
+        if extra is not None and kind != P.K_MPI and len(extra) in (3, 5):
+            # inputs that stayed on workers: this one's own are at hand, the
+            # others are fetched first (and the task starts when they are here)
+            refs: list[HeldRef] = extra[-1]
+            missing = [r for r in refs
+                       if not r.inline and not (r.wid == self.worker_id and r.key in self._store)]
+            if missing:
+                loop = self._loop
+                assert loop is not None
+                # through the loop: the guard thread loads tasks too (_hand_over_rest)
+                loop.call_soon_threadsafe(self._spawn_fetch, loaded, missing)
+                return None
+            return self._with_inputs(loaded, {})
+        return loaded
+
+    def _with_inputs(self, loaded: tuple[Any, ...], fetched: dict[int, Any]) -> tuple[Any, ...]:
+        """``loaded`` with each ``HeldRef`` in its arguments replaced by the value."""
+        store = self._store
+
+        def value(r: HeldRef) -> Any:
+            if r.inline:
+                return r.value
+            got = fetched.get(r.key, _MISSING)
+            return store[r.key] if got is _MISSING else got
+
+        rid, fid, kind, fn, args, kw, extra = loaded
+        args = replace_in(args, HeldRef, value)
+        if kw:
+            kw = replace_in(kw, HeldRef, value)
+        return rid, fid, kind, fn, args, kw, extra
+
+    def _spawn_fetch(self, loaded: tuple[Any, ...], refs: list[HeldRef]) -> None:
+        loop = self._loop
+        assert loop is not None
+        loop.create_task(self._fetch_then_start(loaded, refs))
+
+    async def _fetch_then_start(self, loaded: tuple[Any, ...], refs: list[HeldRef]) -> None:
+        """Fetch the inputs of a task from the workers that hold them, then start it."""
+        rid = loaded[0]
+        # one request per holder, split so that no answer exceeds a frame
+        budget = self.max_frame - P.FRAME_MARGIN
+        asks: list[tuple[str, list[int]]] = []
+        last: dict[str, int] = {}  # addr -> index in asks of its open request
+        sizes: list[int] = []
+        for r in refs:
+            i = last.get(r.addr, -1)
+            if i < 0 or sizes[i] + r.size > budget:
+                i = last[r.addr] = len(asks)
+                asks.append((r.addr, []))
+                sizes.append(0)
+            asks[i][1].append(r.key)
+            sizes[i] += r.size
+        fetched: dict[int, Any] = {}
+        lost: list[int] = []
+        for addr, keys in asks:
+            try:
+                got = await self._peer(addr).fetch(keys)
+            except (OSError, P.ProtocolError, EOFError) as exc:
+                log.info("worker %s: inputs %s at %s unreachable: %s", self.name, keys, addr, exc)
+                self._peers.pop(addr, None)
+                lost += keys
+                continue
+            for k, v in got.items():
+                if isinstance(v, KeyError):
+                    lost.append(k)
+                else:
+                    fetched[k] = v
+        count_fetched(sum(r.size for r in refs if r.key in fetched))
+        if lost:
+            self._report(rid, P.R_NOINPUT, lost, None)
+            return
+        self._start_loaded(self._with_inputs(loaded, fetched))
+
+    def _start_loaded(self, loaded: tuple[Any, ...]) -> None:
+        """Start a task outside its batch (its inputs were fetched meanwhile)."""
+        rid, fid, kind, fn, args, kwargs, extra = loaded
+        loop = self._loop
+        pool = self._pool
+        assert loop is not None and pool is not None
+        if kind == P.K_ASYNC:
+            self._async[rid] = loop.create_task(self._run_async(rid, fn, args, kwargs))
+        elif kind == P.K_RTHREAD or kind == P.K_RASYNC:
+            self._queue_resource(rid, kind, fn, args, kwargs, extra)
+        elif kind == P.K_INLINE:
+            self._run_inline(rid, -1, fn, args, kwargs)
+        else:
+            self._in_pool.add(rid)
+            pool.put((rid, fid), fn, args, kwargs, 0 if extra is None else extra[1])
+
+    def _peer(self, addr: str) -> _PeerLink:
+        link = self._peers.get(addr)
+        if link is None or link.lost:
+            link = self._peers[addr] = _PeerLink(self, addr)
+        return link
+
+    # ------------------------------------------------------- the data port
+    def _open_data_port(self, host: str) -> None:
+        """Listen for other workers' FETCH on the address the scheduler reached us from.
+
+        That address is on a network the scheduler shares with us, which is
+        where the other workers are too; its port is free (0). Said in AUTH.
+        """
+        with contextlib.suppress(OSError):
+            fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(fam, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, 0))
+            sock.listen(64)
+            sock.setblocking(False)
+            self._data_sock = sock
+            port = sock.getsockname()[1]
+            shown = f"[{host}]" if ":" in host else host
+            self._hello["data"] = f"tcp://{shown}:{port}"
+
+    def _data_stream(self) -> P.FrameStream:
+        def on_join(stream: P.FrameStream, challenge: P.Challenge, _slots: int, _pid: int,
+                    _name: str) -> tuple[Any, Any]:
+            challenge.welcome(0, 0.0, self.max_frame)
+
+            def on_frame(kind: int, payload: memoryview, buffers: list[Any]) -> None:
+                if kind != P.FETCH:
+                    raise P.ProtocolError(f"a data port takes FETCH, got {P.KIND_NAMES[kind]}")
+                self._serve(stream, P.loads(payload, buffers))
+
+            return on_frame, lambda exc: None
+
+        return P.accepting_stream(self.secret, lambda: 10.0, on_join, lambda s, e: None)
+
+    def _serve(self, stream: P.FrameStream, keys: Any) -> None:
+        """Answer FETCH ``keys`` with the values held here (DATA)."""
+        bufs: list[Any] = []
+        items = data_items(self._store, keys, bufs)
+        stream.send(P.encode(P.DATA, items, P.DEFAULT_COMPRESS_MIN, bufs))
+
+    def _free(self, keys: Any) -> None:
+        if type(keys) is not list:
+            raise P.ProtocolError(f"FREE wants a list of keys, got {keys!r:.80}")
+        for k in keys:
+            self._store.pop(k, None)
 
     def _unloadable(self, rid: int, exc: BaseException) -> None:
         # this task alone: e.g. an argument's module is missing here
@@ -501,7 +664,7 @@ class Worker:
         wire), and nothing here ever runs beyond what this worker declared.
         """
         try:
-            _restore, wire, pin, priority = extra
+            _restore, wire, pin, priority = extra[:4]
             req = Request.from_wire(wire)
             if type(pin) is not bool or type(priority) is not int:
                 raise TypeError(f"pin {pin!r} and priority {priority!r}")
@@ -928,6 +1091,14 @@ class Worker:
                     del bufs[n0:]
                     blob = P.pack(RemoteError(msg), bufs)
             n = P.packed_size(blob, bufs, n0)
+            keep = self._joining.keep_min
+            if keep and status == P.R_OK and keep <= n <= budget:
+                # large: it stays here, the scheduler learns its size and type
+                del bufs[n0:]
+                self._store[rid] = value
+                status = P.R_HELD
+                blob = P.pack((n, type(value).__qualname__), bufs)
+                n = P.packed_size(blob, bufs, n0)
             if n > budget:
                 # the scheduler would take the frame for an attack and drop
                 # this worker: fail the one task instead
@@ -960,6 +1131,80 @@ class Worker:
             self._send_now(parts)
         else:
             stream.send(parts)
+
+
+class _PeerLink:
+    """This worker's connection to another worker's data port: FETCH out, DATA back.
+
+    Opened on first use with the same handshake as a worker's (the secret
+    proves both sides); answers come in the order of the requests.
+    """
+
+    def __init__(self, worker: Worker, addr: str) -> None:
+        self.addr = addr
+        self.lost = False
+        self._worker = worker
+        self._joining = P.Joining(worker.secret, 1, f"{worker.name} fetching")
+        self._state = "hello"
+        self._pending: collections.deque[asyncio.Future[dict[int, Any]]] = collections.deque()
+        self._stream = P.FrameStream(self._on_frame, self._on_lost)
+        loop = asyncio.get_running_loop()
+        self._ready: asyncio.Future[None] = loop.create_future()
+        self._opening = loop.create_task(self._open())
+
+    async def _open(self) -> None:
+        host, port = P.parse_url(self.addr)
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: self._stream, host, port),
+                                   CONNECT_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
+            self._on_lost(self._stream, exc)
+
+    async def fetch(self, keys: list[int]) -> dict[int, Any]:
+        """The values of ``keys`` held at this address (a ``KeyError`` for each one it lacks).
+
+        Raises:
+            OSError: the connection failed or was lost before the answer.
+        """
+        await asyncio.shield(self._ready)
+        fut: asyncio.Future[dict[int, Any]] = asyncio.get_running_loop().create_future()
+        self._pending.append(fut)
+        self._stream.send(P.encode(P.FETCH, keys))
+        return await fut
+
+    def _on_frame(self, kind: int, payload: memoryview, buffers: list[Any]) -> None:
+        if self._state == "ready":
+            if kind != P.DATA or not self._pending:
+                raise P.ProtocolError(f"unexpected {P.KIND_NAMES[kind]} frame from a data port")
+            fut = self._pending.popleft()
+            if not fut.done():
+                fut.set_result(read_data(payload, buffers))
+        elif self._state == "hello":
+            self._stream.send(self._joining.hello(kind, payload))
+            self._state = "welcome"
+        else:
+            self._joining.welcome(kind, payload)
+            self._stream.decoder.max_frame = self._worker.max_frame
+            self._state = "ready"
+            if not self._ready.done():
+                self._ready.set_result(None)
+
+    def _on_lost(self, _stream: P.FrameStream, exc: BaseException | None) -> None:
+        self.lost = True
+        err = ConnectionError(f"data port {self.addr} lost: {exc or 'closed'}")
+        if not self._ready.done():
+            self._ready.set_exception(err)
+            self._ready.exception()  # retrieved: nobody may be waiting yet
+        while self._pending:
+            fut = self._pending.popleft()
+            if not fut.done():
+                fut.set_exception(err)
+
+    def close(self) -> None:
+        """Close the connection (the worker is stopping)."""
+        self._opening.cancel()
+        self._stream.close()
 
 
 class _Forward(logging.Handler):

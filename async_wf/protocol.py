@@ -90,6 +90,13 @@ LOG = 13  # worker log records: [(logger name, level, message, created), ...]
 # scheduler -> worker: give back these rids if no slot has started them (work
 # stealing); the worker answers R_RETURNED for each one it gave back
 STEAL = 14
+# results that stay on their worker (R_HELD): FETCH [keys] asks their holder for
+# them (from the scheduler over the worker's connection, or from a peer over the
+# holder's data port), DATA [(key, status, nbufs, blob)] answers in order, FREE
+# [keys] drops them
+FETCH = 15
+DATA = 16
+FREE = 17
 KIND_NAMES = {
     HELLO: "HELLO",
     AUTH: "AUTH",
@@ -105,6 +112,9 @@ KIND_NAMES = {
     INSITU: "INSITU",
     LOG: "LOG",
     STEAL: "STEAL",
+    FETCH: "FETCH",
+    DATA: "DATA",
+    FREE: "FREE",
 }
 
 # task kinds in a TASKS item: how the worker runs the function. The first
@@ -121,6 +131,10 @@ K_RTHREAD = K_MPI + 1
 K_RASYNC = K_MPI + 2
 # result statuses in a RESULTS item; R_RETURNED: given back unstarted (STEAL)
 R_OK, R_ERROR, R_CANCELLED, R_RETURNED = 0, 1, 2, 3
+# R_HELD: the value stays on the worker, the item carries (size, type name);
+# R_NOINPUT: an input held by another worker could not be fetched (it is lost):
+# the value is the list of keys
+R_HELD, R_NOINPUT = 4, 5
 #: TASKS flags: bit 0, send each task's start and end with its result
 WANT_TIMES = 1
 
@@ -198,7 +212,8 @@ _HELLO = struct.Struct("!H32s")
 # version, nonce, mac, slots, pid, name length (+ utf-8 name, + JSON resources)
 _AUTH = struct.Struct("!H32s32sIIH")
 _NAME_MAX = 256
-_WELCOME = struct.Struct("!32sId")  # mac, worker id, heartbeat interval s
+# mac, worker id, heartbeat interval s, results at least this large stay on the worker
+_WELCOME = struct.Struct("!32sIdQ")
 
 
 class ProtocolError(Exception):
@@ -317,16 +332,22 @@ def check_auth(payload: bytes, secret: bytes,
 
 
 def welcome_payload(
-    secret: bytes, nonce_s: bytes, nonce_w: bytes, worker_id: int, heartbeat: float
+    secret: bytes, nonce_s: bytes, nonce_w: bytes, worker_id: int, heartbeat: float,
+    keep_min: int = 0,
 ) -> bytes:
-    """Scheduler side: the WELCOME payload proving the scheduler holds the secret."""
-    return _WELCOME.pack(_mac(secret, b"sched", nonce_w, nonce_s), worker_id, heartbeat)
+    """Scheduler side: the WELCOME payload proving the scheduler holds the secret.
+
+    ``keep_min``: results of at least this many bytes stay on the worker
+    (R_HELD); 0: every result comes back.
+    """
+    return _WELCOME.pack(_mac(secret, b"sched", nonce_w, nonce_s), worker_id, heartbeat,
+                         keep_min)
 
 
 def check_welcome(
     payload: bytes, secret: bytes, nonce_s: bytes, nonce_w: bytes
-) -> tuple[int, float]:
-    """Worker side: verify WELCOME; return (worker id, heartbeat interval).
+) -> tuple[int, float, int]:
+    """Worker side: verify WELCOME; return (worker id, heartbeat interval, keep_min).
 
     Raises:
         ProtocolError: malformed WELCOME.
@@ -334,10 +355,10 @@ def check_welcome(
     """
     if len(payload) != _WELCOME.size:
         raise ProtocolError(f"WELCOME must be {_WELCOME.size} bytes, got {len(payload)}")
-    mac, worker_id, heartbeat = _WELCOME.unpack(payload)
+    mac, worker_id, heartbeat, keep_min = _WELCOME.unpack(payload)
     if not hmac.compare_digest(mac, _mac(secret, b"sched", nonce_w, nonce_s)):
         raise AuthenticationError("scheduler failed the HMAC challenge (wrong token)")
-    return worker_id, heartbeat
+    return worker_id, heartbeat, keep_min
 
 
 class Challenge:
@@ -381,10 +402,11 @@ class Challenge:
         self._timer.cancel()
         return slots, pid, name
 
-    def welcome(self, peer_id: int, heartbeat: float, max_frame: int) -> None:
+    def welcome(self, peer_id: int, heartbeat: float, max_frame: int,
+                keep_min: int = 0) -> None:
         """Send WELCOME (our proof) and accept frames up to ``max_frame`` from now on."""
         self.stream.send(raw_frame(WELCOME, welcome_payload(
-            self.secret, self._nonce, self._nonce_w, peer_id, heartbeat)))
+            self.secret, self._nonce, self._nonce_w, peer_id, heartbeat, keep_min)))
         self.stream.decoder.max_frame = max_frame
 
     def cancel(self) -> None:
@@ -405,6 +427,8 @@ class Joining:
         self.slots = slots
         self.name = name
         self.declared = declared
+        #: from WELCOME: results of at least this many bytes stay here (0: none)
+        self.keep_min = 0
         self._nonces = (b"", b"")
 
     def hello(self, kind: int, payload: memoryview | bytes) -> list[Any]:
@@ -429,7 +453,9 @@ class Joining:
         """
         if kind != WELCOME:
             raise ProtocolError(f"expected WELCOME, got {KIND_NAMES[kind]}")
-        return check_welcome(bytes(payload), self.secret, *self._nonces)
+        peer, heartbeat, self.keep_min = check_welcome(bytes(payload), self.secret,
+                                                       *self._nonces)
+        return peer, heartbeat
 
 
 #: what an accepting side does with an authenticated peer: given the stream,

@@ -271,7 +271,7 @@ class RawPeer:
         self.send(P.raw_frame(P.AUTH, auth))
         kind, payload, _ = await self.frame()
         assert kind == P.WELCOME
-        wid, _beat = P.check_welcome(payload, secret, nonce_s, nonce_w)
+        wid, _beat, _keep = P.check_welcome(payload, secret, nonce_s, nonce_w)
         return wid
 
     async def closed_by_peer(self) -> bool:

@@ -113,6 +113,29 @@ class Transport(abc.ABC):
         """Transport-specific counters merged into ``Runtime.statistics()``."""
         return {}
 
+    def hold_inputs(self, fut: TaskFuture[Any], refs: list[Any]) -> None:
+        """``fut`` needs these held results (``async_wf._held.HeldRef``) until it is over.
+
+        Only transports whose workers keep results get any.
+        """
+        return None
+
+    def fetch_held(self, ref: Any) -> Any:
+        """The value of a held result, fetched now, blocking.
+
+        Raises:
+            TypeError: this transport holds no results (it never makes a HeldRef).
+        """
+        raise TypeError(f"{type(self).__name__} keeps no results on workers")
+
+    async def fetch_held_async(self, ref: Any) -> Any:
+        """The value of a held result, fetched without blocking the loop.
+
+        Raises:
+            TypeError: this transport holds no results.
+        """
+        raise TypeError(f"{type(self).__name__} keeps no results on workers")
+
     def queued(self) -> int:
         """How many dispatched tasks have not started, as far as this process knows.
 

@@ -35,11 +35,14 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
+import contextlib
 import heapq
 import itertools
 import logging
 import time
 import types
+import weakref
 from array import array
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -54,12 +57,14 @@ from async_wf._errors import (
     WorkerLostError,
     retyped,
 )
+from async_wf._futures import HeldFuture, TaskFuture
+from async_wf._held import HeldRef, fetch_sync, read_data
 from async_wf._options import ASYNC
 from async_wf._resources import CORES, GPUS, MEMORY, Declared, Ledger, Request
+from async_wf._task import TaskFunction
 from async_wf.transport import Attempt, Transport
 
 if TYPE_CHECKING:
-    from async_wf._futures import TaskFuture
     from async_wf._scheduler import Scheduler
     from async_wf.observe._events import Observer
 
@@ -104,6 +109,24 @@ def _same_fn(cached: Any, fn: Any) -> bool:
     )
 
 
+class _Held:
+    """What the scheduler keeps of a result held on a worker (see ``_held``)."""
+
+    __slots__ = ("again", "app_gone", "lineage", "uses")
+
+    def __init__(self, lineage: tuple[Any, ...]) -> None:
+        self.lineage = lineage  # (function, arguments, keywords, options) that made it
+        self.uses = 0  # tasks not over that take it as an input
+        self.app_gone = False  # the application dropped its future
+        self.again: TaskFuture[Any] | None = None  # its recomputation, while it runs
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+    # a finalizer may run in any thread, or after the loop closed
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)
+
+
 class _Sent(Attempt):
     """Where the current attempt of a task went (``TaskFuture._att``)."""
 
@@ -120,9 +143,12 @@ class _Worker:
         "async_limit",
         "budget",
         "cancelling",
+        "data_addr",
         "declared",
+        "fetches",
         "fids",
         "held",
+        "held_refs",
         "id",
         "inflight",
         "last_heard",
@@ -156,6 +182,11 @@ class _Worker:
         #: the resource task waiting for this worker's cores: no new slot task
         #: goes here meanwhile, so that the slots drain and it fits
         self.reserved = False
+        #: where other workers fetch the results it holds ("" if it keeps none)
+        self.data_addr = ""
+        self.held_refs: set[HeldRef] = set()  # the results it holds
+        #: the application's FETCHes on this connection, answered in order
+        self.fetches: collections.deque[asyncio.Future[dict[int, Any]]] = collections.deque()
         self.id = wid
         self.slots = slots
         self.pid = pid
@@ -236,7 +267,15 @@ class RemoteTransport(Transport):
         self._parts: dict[int, Any] = {}
         self.n_workers_lost = 0
         self.n_stolen = 0  # tasks given back unstarted by a busy worker, to run elsewhere
-        self._thieves: dict[int, _Worker] = {}  # victim's id -> the worker that asked
+        #: victim's id -> (the worker that asked it for tasks, when)
+        self._thieves: dict[int, tuple[_Worker, float]] = {}
+        #: results held on workers, with what is needed to make them again
+        self._held: dict[HeldRef, _Held] = {}
+        self._parked: dict[HeldRef, list[TaskFuture[Any]]] = {}  # waiting for a recompute
+        self._again: set[TaskFuture[Any]] = set()  # the recomputations running
+        self.n_recomputed = 0
+        self.bytes_held = 0  # sizes of the results that stayed on workers
+        self.bytes_fetched = 0  # of those, what the application fetched
         #: resource tasks waiting for room: (-priority, seq, future, since), sorted
         self._rq: list[tuple[int, int, TaskFuture[Any], float]] = []
         self.bytes_sent = 0
@@ -345,7 +384,17 @@ class RemoteTransport(Transport):
                 fut._att = None
                 n_req += 1
                 continue
-            if kind == ASYNC:
+            refs = fut._refs
+            if refs is not None:
+                dead = [r for r in refs if not r.inline and r.wid not in self._workers]
+                if dead:
+                    self._park(fut, dead)
+                    continue
+            if refs is not None and not fut._lost:
+                if kind == ASYNC:
+                    n_async += 1
+                w = self._near(refs, kind) or self._pick(kind)
+            elif kind == ASYNC:
                 n_async += 1
                 w = self._pick(kind)
             elif fut._lost:
@@ -375,11 +424,248 @@ class RemoteTransport(Transport):
         if n_req:
             self._place_req()
 
+    # ------------------------------------------------------- held results
+    def _on_held(self, w: _Worker, rid: int, fut: TaskFuture[Any], info: Any) -> None:
+        """``fut``'s value stayed on ``w`` (R_HELD, ``info`` = (size, type name))."""
+        size, typename = info
+        if type(size) is not int or type(typename) is not str:
+            raise TypeError(f"(size, type name) expected, got {info!r:.80}")
+        sched = self._sched
+        assert sched is not None
+        ref = HeldRef(w.id, rid, w.data_addr, size, typename)
+        w.held_refs.add(ref)
+        self._held[ref] = _Held((fut._fn, fut._args, fut._kwargs, fut._opts))
+        self.bytes_held += size
+        if fut.done():
+            return
+        fut._held = ref
+        sched.n_held += 1
+        loop = self._loop
+        assert loop is not None
+        weakref.finalize(fut, _call_soon, loop, self._app_released, ref)
+        if (fut._callbacks and fut not in self._again
+                and any(cb[0] != self._inputs_done for cb in fut._callbacks)):
+            # someone waits for it (await, gather): it needs the value, so fetch
+            # it first; an await that began now could not see a swapped class
+            loop.create_task(self._fetch_for(fut, ref))
+            return
+        if type(fut) is TaskFuture:
+            fut.__class__ = HeldFuture  # fetches when awaited later
+        self._outcome(fut, P.R_OK, ref)
+
+    async def _fetch_for(self, fut: TaskFuture[Any], ref: HeldRef) -> None:
+        """Resolve ``fut`` with its held value, fetched for whoever waits for it."""
+        sched = self._sched
+        assert sched is not None
+        try:
+            value = await self.fetch_held_async(ref)
+        except Exception as exc:
+            sched.task_error(fut, exc)
+            return
+        sched.task_ok(fut, value)
+
+    def _inputs_lost(self, fut: TaskFuture[Any], keys: Any) -> None:
+        """A worker could not fetch ``fut``'s inputs ``keys``: make them again, then run it."""
+        if type(keys) is not list:
+            raise TypeError(f"a list of keys expected, got {keys!r:.80}")
+        sched = self._sched
+        assert sched is not None
+        for r in fut._refs or ():
+            if r.key in keys and not r.inline:
+                w = self._workers.get(r.wid)
+                if w is not None:
+                    w.held_refs.discard(r)
+                r.wid = -1
+        sched.task_requeue(fut)  # not a failure of the task: no retry is spent
+
+    def _near(self, refs: list[HeldRef], kind: int) -> _Worker | None:
+        """The worker holding most bytes of these inputs, if it can take a task now."""
+        best = -1
+        most = -1
+        for r in refs:
+            if not r.inline and r.size > most:
+                best, most = r.wid, r.size
+        if len(refs) > 1:
+            by: dict[int, int] = {}
+            for r in refs:
+                if not r.inline:
+                    by[r.wid] = by.get(r.wid, 0) + r.size
+            best = max(by, key=by.__getitem__, default=-1)
+        w = self._workers.get(best)
+        if w is not None and not w.quarantine and w.free(kind) > 0:
+            return w
+        return None
+
+    def hold_inputs(self, fut: TaskFuture[Any], refs: list[HeldRef]) -> None:
+        """``fut`` needs these held results until it is over: they are not freed before."""
+        for r in refs:
+            rec = self._held.get(r)
+            if rec is not None:
+                rec.uses += 1
+        fut.add_done_callback(self._inputs_done)
+
+    def _inputs_done(self, fut: TaskFuture[Any]) -> None:
+        for r in fut._refs or ():
+            rec = self._held.get(r)
+            if rec is not None:
+                rec.uses -= 1
+                if rec.uses <= 0 and rec.app_gone:
+                    self._free(r)
+
+    def _app_released(self, ref: HeldRef) -> None:
+        """The application dropped the future of a held result (its finalizer)."""
+        rec = self._held.get(ref)
+        if rec is not None:
+            rec.app_gone = True
+            if rec.uses <= 0:
+                self._free(ref)
+
+    def _free(self, ref: HeldRef) -> None:
+        """Nobody needs this held result any more: its worker drops it."""
+        self._held.pop(ref, None)
+        w = self._workers.get(ref.wid)
+        if w is not None and not ref.inline:
+            w.held_refs.discard(ref)
+            if not self._closing:
+                w.stream.send(P.encode(P.FREE, [ref.key]))
+
+    def _park(self, fut: TaskFuture[Any], dead: list[HeldRef]) -> None:
+        """Hold ``fut`` back until its lost inputs are made again (lineage)."""
+        fut._att = None
+        for r in dead:
+            self._parked.setdefault(r, []).append(fut)
+            self._recompute(r)
+
+    def _recompute(self, ref: HeldRef) -> TaskFuture[Any] | None:
+        """Run again the task that made ``ref``, whose worker was lost; its future."""
+        rec = self._held.get(ref)
+        sched = self._sched
+        assert sched is not None
+        if rec is not None and rec.again is not None:
+            return rec.again
+        err: BaseException
+        if rec is None:
+            err = WorkerLostError(f"a held result ({ref!r}) was lost with its worker, and "
+                                  "nothing is left to make it again")
+        else:
+            fn, args, kwargs, opts = rec.lineage
+            try:
+                again = sched.submit(TaskFunction(fn, opts), args, kwargs)
+            except Exception as exc:
+                err = exc
+            else:
+                rec.again = again
+                self._again.add(again)
+                self.n_recomputed += 1
+                log.info("recomputing %r: its worker was lost", ref)
+                sched._find_refs(again)  # its own inputs may be lost too: parked then
+                again.add_done_callback(lambda f: self._recomputed(ref, f))
+                return again
+        for f in self._parked.pop(ref, []):
+            if not f.done():
+                sched.task_error(f, err)
+        return None
+
+    def _recomputed(self, ref: HeldRef, again: TaskFuture[Any]) -> None:
+        """The task that made ``ref`` ran again: point ``ref`` there, start who waited."""
+        rec = self._held.get(ref)
+        if rec is not None:
+            rec.again = None
+        self._again.discard(again)
+        parked = [f for f in self._parked.pop(ref, []) if not f.done()]
+        sched = self._sched
+        if sched is None:
+            return
+        if again.cancelled() or again.exception() is not None:
+            exc = again.exception() if not again.cancelled() else WorkerLostError(
+                f"the recomputation of {ref!r} was cancelled")
+            assert exc is not None
+            for f in parked:
+                sched.task_error(f, exc)
+            return
+        new = asyncio.Future.result(again)
+        if type(new) is HeldRef:
+            # the value is held again, elsewhere: the old reference takes its place
+            ref.wid, ref.key, ref.addr, ref.size = new.wid, new.key, new.addr, new.size
+            self._held.pop(new, None)
+            w = self._workers.get(new.wid)
+            if w is not None:
+                w.held_refs.discard(new)
+                w.held_refs.add(ref)
+        else:
+            ref.value = new
+        if parked:
+            self.dispatch(parked)
+
+    def fetch_held(self, ref: HeldRef) -> Any:
+        """The value of a held result, fetched now from its worker's data port (blocking).
+
+        Raises:
+            WorkerLostError: its worker is gone (``await`` the future instead:
+                that makes the value again).
+        """
+        if ref.inline:
+            return ref.value
+        if ref.fetched:
+            return ref.cached
+        secret = getattr(self, "secret", None)
+        w = self._workers.get(ref.wid)
+        if w is None or secret is None or not w.data_addr:
+            raise WorkerLostError(
+                f"{ref!r}: its worker is gone; await the future to have it made again")
+        got = fetch_sync(w.data_addr, secret, [ref.key]).get(ref.key)
+        if got is None or isinstance(got, KeyError):
+            raise WorkerLostError(f"{ref!r}: its worker no longer holds it")
+        self.bytes_fetched += ref.size
+        ref.cached = got
+        return got
+
+    async def fetch_held_async(self, ref: HeldRef) -> Any:
+        """The value of a held result, fetched over its worker's connection.
+
+        If that worker is lost, the value is made again (lineage) first.
+        """
+        loop = self._loop
+        assert loop is not None
+        for _ in range(self._max_lost + 1):
+            if ref.inline:
+                return ref.value
+            if ref.fetched:
+                return ref.cached
+            w = self._workers.get(ref.wid)
+            if w is None:
+                again = self._recompute(ref)
+                if again is not None:
+                    await asyncio.wait([again])
+                    again.result()  # its failure is this value's
+                continue
+            fut: asyncio.Future[dict[int, Any]] = loop.create_future()
+            w.fetches.append(fut)
+            w.stream.send(P.encode(P.FETCH, [ref.key]))
+            try:
+                got = (await fut).get(ref.key)
+            except ConnectionError:
+                continue  # lost meanwhile: made again in the next round
+            if got is None or isinstance(got, KeyError):
+                w.held_refs.discard(ref)
+                ref.wid = -1
+                continue
+            self.bytes_fetched += ref.size
+            ref.cached = got
+            return got
+        raise WorkerLostError(f"{ref!r}: lost with {self._max_lost} workers in a row")
+
     # ------------------------------------------------------- resource tasks
     #: how many waiting resource tasks one placement looks at: past the first
     #: that does not fit, later ones may still fit (backfill), but a call must
     #: cost what it places, not the length of the queue
     REQ_SCAN = 64
+    #: seconds after which a STEAL with no answer no longer blocks another
+    STEAL_LAPSE = 0.05
+    #: seconds a resource task that needs cores waits, passed over by smaller
+    #: ones (backfill), before a worker is kept for it: sooner, packing suffers
+    #: (workers drain for it while small tasks could run); never, it may starve
+    RESERVE_AFTER = 0.5
 
     def _place_req(self) -> None:
         """Send the waiting resource tasks that fit a worker now, best priority first.
@@ -388,7 +674,8 @@ class RemoteTransport(Transport):
         free covers it, counting each slot that may be busy with a task that
         asked for nothing as one core. Tasks after one that does not fit may
         go ahead of it (backfill), but not on the worker it is waiting for
-        (``reserved``: no new task goes there until its cores are free). A
+        (``reserved``: no new task goes there until its cores are free, once
+        it has waited ``RESERVE_AFTER`` seconds). A
         task that no worker could ever run fails at once, unless more
         workers may still join (``_more_workers_coming``).
         """
@@ -398,6 +685,7 @@ class RemoteTransport(Transport):
             return
         batches: dict[_Worker, list[TaskFuture[Any]]] = {}
         reserve: _Worker | None = None
+        now = time.monotonic()
         i = scanned = 0
         while i < len(rq) and scanned < self.REQ_SCAN:
             fut = rq[i][2]
@@ -421,7 +709,7 @@ class RemoteTransport(Transport):
                     del rq[i]
                     self._unfit(fut, req)
                     continue
-            elif reserve is None and req.cores:
+            elif reserve is None and req.cores and now - rq[i][3] >= self.RESERVE_AFTER:
                 reserve = self._reserve_for(req)
             i += 1
         freed = False
@@ -496,8 +784,14 @@ class RemoteTransport(Transport):
             queued = v.n_thread - v.slots
             if v is not w and queued > most:
                 victim, most = v, queued
-        if victim is not None and victim.id not in self._thieves:
-            self._thieves[victim.id] = w
+        now = time.monotonic()
+        if victim is not None:
+            asked = self._thieves.get(victim.id)
+            # one request at a time per victim; one it never answered (it had
+            # nothing left unstarted: no R_RETURNED comes) lapses after a while
+            if asked is not None and now - asked[1] < self.STEAL_LAPSE:
+                return
+            self._thieves[victim.id] = (w, now)
             victim.stream.send(P.encode(P.STEAL, min(most // 2 + 1, w.thread_limit)))
 
     def _hand_to_thief(self, victim: _Worker, futs: list[TaskFuture[Any]]) -> None:
@@ -509,7 +803,8 @@ class RemoteTransport(Transport):
         """
         sched = self._sched
         assert sched is not None
-        thief = self._thieves.pop(victim.id, None)
+        asked = self._thieves.pop(victim.id, None)
+        thief = None if asked is None else asked[0]
         batch: list[TaskFuture[Any]] = []
         for fut in futs:
             if (thief is not None and thief.id in self._workers and not fut.done()
@@ -601,21 +896,25 @@ class RemoteTransport(Transport):
             sent = fut._att = _Sent(w, rid)
             # a checkpointed task with a saved step gets it back from the
             # worker; one with a priority takes its place in the worker's queue
-            restore = extra = None
+            restore = None
+            extra: tuple[Any, ...] | None = None
             if fut._cparents is not None:
                 got = sched.restore_blobs(fut, 1)
                 if got is not None:
                     restore = (got[0], got[1][0])
             prio = fut._opts.priority
-            if restore is not None or prio:
+            refs = fut._refs
+            if refs is not None:
+                extra = (restore, prio, refs)
+            elif restore is not None or prio:
                 extra = (restore, prio)
             req = fut._opts.request
             if req is None:
                 batch.append((rid, fid, fut._kind, len(bufs) - n0, args_blob, extra))
             else:
+                rx: tuple[Any, ...] = (restore, req.to_wire(), fut._opts.pin, prio)
                 batch.append((rid, fid, P.K_RASYNC if fut._kind == ASYNC else P.K_RTHREAD,
-                              len(bufs) - n0, args_blob,
-                              (restore, req.to_wire(), fut._opts.pin, prio)))
+                              len(bufs) - n0, args_blob, rx if refs is None else (*rx, refs)))
             timeout = fut._opts.timeout
             if timeout is not None:
                 sent.timer = loop.call_later(timeout, self._on_timeout, fut, sent)
@@ -723,6 +1022,13 @@ class RemoteTransport(Transport):
                 raise P.ProtocolError(f"malformed RESULTS frame: {exc}") from exc
         elif kind == P.HEARTBEAT:
             pass
+        elif kind == P.DATA:
+            if not w.fetches:
+                raise P.ProtocolError("a DATA frame nobody asked for")
+            got = read_data(payload, buffers)
+            fut = w.fetches.popleft()
+            if not fut.done():
+                fut.set_result(got)
         elif kind == P.LOG:
             records = P.loads(payload, buffers)
             try:
@@ -816,6 +1122,20 @@ class RemoteTransport(Transport):
                         w.n_req -= 1
                 continue
             self._uncount(w, fut)
+            if status == P.R_HELD or status == P.R_NOINPUT:
+                sent = fut._att
+                if sent is not None:
+                    sent.stop_timer()
+                    fut._att = None
+                try:
+                    info = P.unpack(blob, buffers, start, nbufs)
+                    if status == P.R_HELD:
+                        self._on_held(w, rid, fut, info)
+                    else:
+                        self._inputs_lost(fut, info)
+                except (TypeError, ValueError) as exc:
+                    sched.task_error(fut, RemoteError(f"malformed report of a held result: {exc}"))
+                continue
             if status == P.R_RETURNED:
                 # given back unstarted (STEAL): to the worker that ran dry
                 sent = fut._att
@@ -997,6 +1317,15 @@ class RemoteTransport(Transport):
             return False
         self._order.remove(w)
         self._thieves.pop(w.id, None)
+        lost = ConnectionError(f"worker #{w.id} {w.name} was lost")
+        while w.fetches:
+            f = w.fetches.popleft()
+            if not f.done():
+                f.set_exception(lost)
+        for r in w.held_refs:
+            if r.wid == w.id:
+                r.wid = -1  # gone with it: made again when needed (lineage)
+        w.held_refs.clear()
         # statistics() sums the live links: keep what this one moved
         self.bytes_sent += w.stream.bytes_out
         self.bytes_received += w.stream.bytes_in

@@ -54,6 +54,26 @@ log = logging.getLogger("async_wf")
 _WORKER_RESOURCES = ("cores", "memory", "gpus", "resources")
 
 
+def _hello_json(obj: Any) -> tuple[Declared | None, str]:
+    """The resources and the data port's address a worker sent in AUTH.
+
+    Raises:
+        ValueError: not ``{"resources": {...}, "data": "tcp://host:port"}``.
+    """
+    if obj is None:
+        return None, ""
+    if not isinstance(obj, dict) or not set(obj) <= {"resources", "data"}:
+        raise ValueError(f"AUTH JSON must be an object with resources and data, got {obj!r:.80}")
+    res = obj.get("resources")
+    declared = None if res is None else Declared.from_wire(res)
+    data = obj.get("data", "")
+    if not isinstance(data, str) or len(data) > 300:
+        raise ValueError(f"the data address must be a string, got {data!r:.80}")
+    if data:
+        P.parse_url(data)
+    return declared, data
+
+
 def _check_worker_resources(spec: Mapping[str, Any] | None) -> dict[str, Any]:
     """Check ``worker_resources`` now, as ``Declared.build`` will on each worker.
 
@@ -118,6 +138,12 @@ class TcpTransport(RemoteTransport):
             more are closed on arrival (as are connections that would take
             the last descriptors below the process's RLIMIT_NOFILE), so
             strangers cannot exhaust memory or file descriptors.
+        keep_min: a result of at least this many bytes stays on the worker
+            that computed it: its dependents fetch it from there (or use it
+            in place), and the application when it awaits it; 0: every
+            result comes to this process. Not with a checkpoint log, which
+            records every result, nor over TLS (the workers' data ports
+            are authenticated, not encrypted).
         worker_resources: what each started worker declares: ``cores`` (an
             int; default ``slots``), ``memory`` (bytes or "16GiB"; default an
             equal share of this machine's), ``gpus`` (a count or a list of
@@ -151,6 +177,7 @@ class TcpTransport(RemoteTransport):
         initializer: Callable[[], Any] | None = None,
         max_tasks_per_child: int | None = None,
         worker_resources: Mapping[str, Any] | None = None,
+        keep_min: int = 64 << 10,
     ) -> None:
         for name, value, low in (("workers", workers, 0), ("slots", slots, 1),
                                  ("max_handshakes", max_handshakes, 1),
@@ -163,6 +190,9 @@ class TcpTransport(RemoteTransport):
                 or max_tasks_per_child < 1):
             raise ValueError(f"max_tasks_per_child must be >= 1, got {max_tasks_per_child!r}")
         self._max_tasks = max_tasks_per_child
+        if isinstance(keep_min, bool) or not isinstance(keep_min, int) or keep_min < 0:
+            raise ValueError(f"keep_min must be a number of bytes >= 0, got {keep_min!r}")
+        self._keep_min = keep_min
         self._worker_resources = _check_worker_resources(worker_resources)
         self._external = listen is not None
         self._spawned = 0
@@ -351,17 +381,22 @@ class TcpTransport(RemoteTransport):
         if self._closing:
             return None
         try:
-            declared = None if challenge.declared is None else \
-                Declared.from_wire(challenge.declared)
+            declared, data_addr = _hello_json(challenge.declared)
         except ValueError as exc:
             log.warning("worker %s (pid %d) from %s declared malformed resources, refused: %s",
                         name, pid, stream.peer, exc)
             return None
         wid = next(self._wids)
         w = _Worker(stream, wid, slots, pid, name, self._prefetch, self._async_limit, declared)
+        w.data_addr = data_addr
         if self._max_tasks is not None and any(p.pid == pid for p in self._procs):
             w.budget = self._max_tasks  # only the processes this transport replaces
-        challenge.welcome(wid, self._heartbeat, self._max_frame)
+        sched = self._sched
+        # with a checkpoint log every result is recorded, so it must come here
+        # and over TLS: the data ports between workers are not encrypted
+        keep = self._keep_min if (sched is not None and sched._ckpt is None
+                                  and self._ssl is None) else 0
+        challenge.welcome(wid, self._heartbeat, self._max_frame, keep if data_addr else 0)
         self._no_worker_since = None
         log.info("worker #%d %s (pid %d, %d slots; %s) joined from %s", wid, name, pid, slots,
                  w.declared.describe(), stream.peer)
@@ -525,6 +560,10 @@ class TcpTransport(RemoteTransport):
             "bytes_sent": sent,
             "bytes_received": received,
             "tasks_stolen": self.n_stolen,
+            "results_held": len(self._held),
+            "bytes_held": self.bytes_held,
+            "bytes_fetched": self.bytes_fetched,
+            "results_recomputed": self.n_recomputed,
             "resource_tasks_waiting": len(self._rq),
             "worker_resources": {f"#{w.id} {w.name}": w.declared.describe()
                                  for w in self._order},

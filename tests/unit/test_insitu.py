@@ -218,7 +218,7 @@ async def _authed(hub: Hub) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]
     _, hello, _ = dec.feed(await reader.readexactly(16 + 34))[0]
     auth, nonce_s, nonce_w = P.answer_hello(bytes(hello), hub.secret, 1, "test")
     writer.write(b"".join(P.raw_frame(P.AUTH, auth)))
-    kind, welcome, _ = dec.feed(await reader.readexactly(16 + 44))[0]
+    kind, welcome, _ = dec.feed(await reader.readexactly(16 + P._WELCOME.size))[0]
     assert kind == P.WELCOME
     P.check_welcome(bytes(welcome), hub.secret, nonce_s, nonce_w)
     return reader, writer

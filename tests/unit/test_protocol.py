@@ -265,7 +265,7 @@ def test_handshake_round_trip_and_wrong_secrets() -> None:
     slots, pid, name, nw, _declared = P.check_auth(auth, secret, nonce_s)
     assert (slots, pid, name, nw) == (4, os.getpid(), "w1", nonce_w)
     welcome = P.welcome_payload(secret, nonce_s, nonce_w, 7, 0.5)
-    assert P.check_welcome(welcome, secret, nonce_s, nonce_w) == (7, 0.5)
+    assert P.check_welcome(welcome, secret, nonce_s, nonce_w) == (7, 0.5, 0)
 
     other = P.new_secret()
     bad_auth, _, _ = P.answer_hello(hello, other, 1, "intruder")
