@@ -280,7 +280,7 @@ def test_handshake_round_trip_and_wrong_secrets() -> None:
         P.check_welcome(P.welcome_payload(other, nonce_s, nonce_w, 1, 1.0), secret,
                         nonce_s, nonce_w)
     # the worker's MAC is not a valid scheduler MAC (roles differ)
-    forged = P._WELCOME.pack(auth[2 + 32 : 2 + 64], 1, 1.0)
+    forged = P._WELCOME.pack(auth[2 + 32 : 2 + 64], 1, 1.0, 0)
     with pytest.raises(P.AuthenticationError):
         P.check_welcome(forged, secret, nonce_s, nonce_w)
 

@@ -540,7 +540,7 @@ async def test_worker_unpickles_nothing_from_a_fake_scheduler(tmp_path: Path, ca
                 kind, _, _ = await peer.frame()
                 assert kind == P.AUTH
                 if case == "forged-welcome-then-tasks":
-                    forged = P._WELCOME.pack(os.urandom(32), 1, 1.0)
+                    forged = P._WELCOME.pack(os.urandom(32), 1, 1.0, 0)
                     # one write: the TASKS frame arrives with the WELCOME
                     peer.send(P.raw_frame(P.WELCOME, forged) + poison_frame(P.TASKS, str(poison)))
                 elif case == "tasks-instead-of-welcome":
