@@ -25,6 +25,7 @@ import logging
 import multiprocessing
 import os
 import resource
+import socket
 import ssl as _ssl
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import cloudpickle
 
 from async_wf import protocol as P
+from async_wf._allocator import AllocationError, Allocator
 from async_wf._errors import (
     NoWorkerError,
     WorkerLostError,
@@ -123,6 +125,8 @@ class TcpTransport(RemoteTransport):
             equal share of this machine's), ``gpus`` (a count or a list of
             ids; default an equal share of the GPUs detected here) and
             ``resources`` (named amounts, e.g. ``{"licence": 2}``).
+        allocator: an ``Allocator`` (Slurm) that starts workers elsewhere;
+            the default ``listen`` is then its ``listen_host()``.
 
     Raises:
         ValueError: an argument breaks its rule.
@@ -151,6 +155,7 @@ class TcpTransport(RemoteTransport):
         initializer: Callable[[], Any] | None = None,
         max_tasks_per_child: int | None = None,
         worker_resources: Mapping[str, Any] | None = None,
+        allocator: Allocator | None = None,
     ) -> None:
         for name, value, low in (("workers", workers, 0), ("slots", slots, 1),
                                  ("max_handshakes", max_handshakes, 1),
@@ -164,6 +169,10 @@ class TcpTransport(RemoteTransport):
             raise ValueError(f"max_tasks_per_child must be >= 1, got {max_tasks_per_child!r}")
         self._max_tasks = max_tasks_per_child
         self._worker_resources = _check_worker_resources(worker_resources)
+        self._allocator = allocator
+        self._alloc_task: asyncio.Task[None] | None = None
+        if allocator is not None and listen is None:
+            listen = f"tcp://{allocator.listen_host()}:0"
         self._external = listen is not None
         self._spawned = 0
         for name, fvalue in (("heartbeat", heartbeat), ("no_worker_timeout", no_worker_timeout),
@@ -251,6 +260,8 @@ class TcpTransport(RemoteTransport):
                 self._host or "*", self._port)
         _live_transports.add(self)
         self._watchdog = loop.create_task(self._watch())
+        if self._allocator is not None:
+            await self._start_allocator(self._allocator)
         if self._n_spawn:
             self._spawn(self._n_spawn)
             deadline = loop.time() + self._start_timeout
@@ -270,6 +281,44 @@ class TcpTransport(RemoteTransport):
                 self._joined.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._joined.wait(), 0.1)
+
+    async def _start_allocator(self, alloc: Allocator) -> None:
+        """Hand the allocator the address and the token (in the environment), then drive it."""
+        host = self._host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.getfqdn()  # a wildcard is no address to connect to
+        host = f"[{host}]" if ":" in host else host
+        env = {P.TOKEN_ENV: self.secret.hex(),
+               P.SYS_PATH_ENV: os.pathsep.join(p or os.getcwd() for p in sys.path)}
+        args = ["--tls-auto"] if self._tls_auto else []
+        try:
+            await alloc.start(f"tcp://{host}:{self._port}", env, args)
+        except BaseException:
+            await self.close()
+            raise
+        assert self._loop is not None
+        self._alloc_task = self._loop.create_task(self._drive(alloc))
+
+    async def _drive(self, alloc: Allocator) -> None:
+        """Tick the allocator every heartbeat; a refusal fails the waiting tasks once."""
+        sched = self._sched
+        assert sched is not None
+        while not self._closing:
+            try:
+                await alloc.tick(sched.pending(), [w.name for w in self._order])
+            except AllocationError as exc:
+                alloc.error = exc
+                log.error("%s", exc)
+                if not self._workers:
+                    def refused(f: TaskFuture[Any], exc: AllocationError = exc) -> BaseException:
+                        return AllocationError(f"task {f.name!r} could not run: {exc}")
+
+                    sched.fail_pending(refused)
+                return
+            st = alloc.status()
+            if st.get("pending") or st.get("running"):
+                self._no_worker_since = None  # workers are coming: no NoWorkerError yet
+            await asyncio.sleep(self._heartbeat)
 
     def _more_workers_coming(self, since: float) -> bool:
         """Whether a bigger worker may still join for a task waiting since ``since``.
@@ -528,6 +577,7 @@ class TcpTransport(RemoteTransport):
             "resource_tasks_waiting": len(self._rq),
             "worker_resources": {f"#{w.id} {w.name}": w.declared.describe()
                                  for w in self._order},
+            **({} if self._allocator is None else {"allocations": self._allocator.status()}),
         }
 
     async def close(self) -> None:
@@ -543,6 +593,10 @@ class TcpTransport(RemoteTransport):
             w.stream.close()
         if self._server is not None:
             self._server.close()
+        if self._alloc_task is not None:
+            self._alloc_task.cancel()
+        if self._allocator is not None:
+            await self._allocator.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 3.0
         while any(p.poll() is None for p in self._procs) and loop.time() < deadline:
