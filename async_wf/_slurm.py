@@ -418,7 +418,8 @@ class SlurmAllocator(Allocator):
         code, out, err = await self._run(self.sbatch_command(),
                                          self.script(self._address, self._args))
         if code != 0:
-            msg = " ".join(err.split()) or f"sbatch exited with code {code}"
+            msg = " ".join(err.replace("sbatch: error: ", "").split()) \
+                or f"exited with code {code}"
             raise self._refuse(f"sbatch: {msg}")
         job_id = out.strip().split(";")[0]
         self.jobs[job_id] = _Job(job_id)

@@ -300,24 +300,26 @@ class TcpTransport(RemoteTransport):
         self._alloc_task = self._loop.create_task(self._drive(alloc))
 
     async def _drive(self, alloc: Allocator) -> None:
-        """Tick the allocator every heartbeat; a refusal fails the waiting tasks once."""
+        """Tick the allocator every heartbeat; once it refuses, fail tasks no worker will take."""
         sched = self._sched
         assert sched is not None
         while not self._closing:
-            try:
-                await alloc.tick(sched.pending(), [w.name for w in self._order])
-            except AllocationError as exc:
-                alloc.error = exc
-                log.error("%s", exc)
-                if not self._workers:
-                    def refused(f: TaskFuture[Any], exc: AllocationError = exc) -> BaseException:
-                        return AllocationError(f"task {f.name!r} could not run: {exc}")
+            if alloc.error is None:
+                try:
+                    await alloc.tick(sched.pending(), [w.name for w in self._order])
+                except AllocationError as exc:
+                    alloc.error = exc
+                    log.error("%s", exc)  # once: no more ticks
+                else:
+                    st = alloc.status()
+                    if st.get("pending") or st.get("running"):
+                        self._no_worker_since = None  # workers are coming: no NoWorkerError
+            if alloc.error is not None and not self._workers and sched.pending():
+                def refused(f: TaskFuture[Any],
+                            exc: AllocationError = alloc.error) -> BaseException:
+                    return AllocationError(f"task {f.name!r} could not run: {exc}")
 
-                    sched.fail_pending(refused)
-                return
-            st = alloc.status()
-            if st.get("pending") or st.get("running"):
-                self._no_worker_since = None  # workers are coming: no NoWorkerError yet
+                sched.fail_pending(refused)
             await asyncio.sleep(self._heartbeat)
 
     def _more_workers_coming(self, since: float) -> bool:

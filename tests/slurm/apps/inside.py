@@ -1,0 +1,27 @@
+"""Run by a job script under sbatch: a workflow on the job's workers (Runtime(cluster="slurm"))."""
+
+import asyncio
+import json
+import os
+import sys
+
+import async_wf
+
+
+def where(i: int) -> dict[str, object]:
+    return {"i": i, "square": i * i, "job": os.environ.get("SLURM_JOB_ID"),
+            "step": os.environ.get("SLURM_STEP_ID"), "pid": os.getpid()}
+
+
+async def main() -> None:
+    async with async_wf.Runtime(cluster="slurm") as rt:
+        out = await asyncio.gather(*[rt.submit(where, i) for i in range(8)])
+        stats = rt.statistics()
+        print(json.dumps({"results": out, "app_pid": os.getpid(),
+                          "workers": stats["worker_resources"],
+                          "allocations": stats["allocations"]}))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
+    sys.stdout.flush()
