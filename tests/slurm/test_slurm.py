@@ -124,7 +124,7 @@ def test_automatic_allocation_submits_runs_and_idle_jobs_end(tmp_path: Path) -> 
     async def main() -> None:
         async with async_wf.Runtime(cluster=alloc, prefetch=1) as rt:
             seen: dict[str, list[str]] = {}
-            futs = [rt.submit(slow_where, i, 0.5) for i in range(8)]
+            futs = [rt.submit(slow_where, i, 1.2) for i in range(8)]
             while not all(f.done() for f in futs):
                 for jid, j in rt.statistics()["allocations"]["jobs"].items():
                     if j["workers"]:
