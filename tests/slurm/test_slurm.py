@@ -79,9 +79,12 @@ def result_line(text: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------- inside an allocation
-def test_workflow_inside_an_allocation_runs_on_srun_workers(tmp_path: Path) -> None:
-    job, text = run_job(tmp_path, f"{PY} {HERE / 'apps' / 'inside.py'}",
-                        "--nodes=1 --ntasks=1 --cpus-per-task=2")
+@pytest.mark.parametrize("how", ["cluster=slurm", "async-wf run --slurm"])
+def test_workflow_inside_an_allocation_runs_on_srun_workers(tmp_path: Path, how: str) -> None:
+    app = HERE / "apps" / "inside.py"
+    cmd = f"{PY} {app}" if how == "cluster=slurm" else \
+        f"INSIDE_PLAIN=1 {PY} -m async_wf run --slurm {app}"
+    job, text = run_job(tmp_path, cmd, "--nodes=1 --ntasks=1 --cpus-per-task=2")
     out = result_line(text)
     assert [r["square"] for r in out["results"]] == [i * i for i in range(8)]
     for r in out["results"]:

@@ -14,7 +14,9 @@ def where(i: int) -> dict[str, object]:
 
 
 async def main() -> None:
-    async with async_wf.Runtime(cluster="slurm") as rt:
+    # under "async-wf run --slurm" the plain Runtime() gets cluster="slurm"
+    plain = os.environ.get("INSIDE_PLAIN") == "1"
+    async with (async_wf.Runtime() if plain else async_wf.Runtime(cluster="slurm")) as rt:
         out = await asyncio.gather(*[rt.submit(where, i) for i in range(8)])
         stats = rt.statistics()
         print(json.dumps({"results": out, "app_pid": os.getpid(),
