@@ -182,7 +182,9 @@ class SlurmJob(Allocator):
         env = os.environ
         if self.per == "node":
             n = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
-            cpus = _first_count(env.get("SLURM_JOB_CPUS_PER_NODE")) or 1
+            # the smallest node's CPUs: one srun shape must fit every node
+            counts = re.findall(r"(\d+)(?:\(x\d+\))?", env.get("SLURM_JOB_CPUS_PER_NODE", ""))
+            cpus = min((int(c) for c in counts), default=1)
             shape = [f"--nodes={n}", f"--ntasks={n}", "--ntasks-per-node=1",
                      f"--cpus-per-task={cpus}"]
         else:
@@ -382,6 +384,7 @@ class SlurmAllocator(Allocator):
 
     async def start(self, address: str, env: Mapping[str, str], args: Sequence[str]) -> None:
         """Remember where workers connect; jobs are submitted by ``tick`` when tasks wait."""
+        self._closed = False
         self._address = address
         self._env = dict(env)
         self._args = list(args)

@@ -310,6 +310,9 @@ class TcpTransport(RemoteTransport):
                 except AllocationError as exc:
                     alloc.error = exc
                     log.error("%s", exc)  # once: no more ticks
+                except Exception as exc:  # a bug or a vanished command: stop, and say so
+                    log.exception("the allocator failed; it starts no more workers")
+                    alloc.error = AllocationError(f"the allocator failed: {exc!r}")
                 else:
                     st = alloc.status()
                     if st.get("pending") or st.get("running"):
