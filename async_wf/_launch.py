@@ -174,7 +174,7 @@ def fill_in_launch_defaults(args: LaunchArgs) -> None:
         args.cluster = defaults.get("cluster")
     elif any(k in defaults for k in _TRANSPORT_DEFAULTS):
         log.warning("the application chooses its own transport: the --workers, "
-                    "--threads, --listen or --token-file of async-wf run do not "
+                    "--threads, --listen, --token-file or --slurm of async-wf run do not "
                     "apply to this Runtime")
     if args.checkpoint is None:
         args.checkpoint = defaults.get("checkpoint")

@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 PY = sys.executable
 MPIEXEC = str(Path(PY).parent / "mpiexec")
+NODE = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
 
 
 def squeue_ids() -> list[str]:
@@ -83,7 +84,7 @@ def result_line(text: str) -> dict[str, Any]:
 def test_workflow_inside_an_allocation_runs_on_srun_workers(tmp_path: Path, how: str) -> None:
     app = HERE / "apps" / "inside.py"
     cmd = f"{PY} {app}" if how == "cluster=slurm" else \
-        f"INSIDE_PLAIN=1 {PY} -m async_wf run --slurm {app}"
+        f"INSIDE_MODE=plain {PY} -m async_wf run --slurm {app}"
     job, text = run_job(tmp_path, cmd, "--nodes=1 --ntasks=1 --cpus-per-task=2")
     out = result_line(text)
     assert [r["square"] for r in out["results"]] == [i * i for i in range(8)]
@@ -91,11 +92,22 @@ def test_workflow_inside_an_allocation_runs_on_srun_workers(tmp_path: Path, how:
         # run by a worker in a job step of this job (the batch script has no step id)
         assert r["job"] == job and r["step"] is not None and r["step"].isdigit()
         assert r["pid"] != out["app_pid"]
-    node = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
     # one worker for the one node, declaring the job's 2 CPUs and its memory
-    assert list(out["workers"]) == [f"#1 slurm-{job}-{node}"]
-    assert out["workers"][f"#1 slurm-{job}-{node}"].startswith("cores=2, memory=1 GiB")
+    assert list(out["workers"]) == [f"#1 slurm-{job}-{NODE}"]
+    assert out["workers"][f"#1 slurm-{job}-{NODE}"].startswith("cores=2, memory=1 GiB")
     assert out["allocations"]["kind"] == "slurm-job"
+
+
+def test_one_worker_per_task_inside_an_allocation(tmp_path: Path) -> None:
+    job, text = run_job(tmp_path, f"INSIDE_MODE=task {PY} {HERE / 'apps' / 'inside.py'}",
+                        "--ntasks=2 --cpus-per-task=1")
+    out = result_line(text)
+    assert [r["square"] for r in out["results"]] == [i * i for i in range(8)]
+    assert all(r["job"] == job and r["step"] is not None for r in out["results"])
+    # two workers, one per task, each with its one CPU and 512 MiB (DefMemPerCPU)
+    assert sorted(out["workers"].values()) == ["cores=1, memory=512 MiB, gpus=0"] * 2
+    assert sorted(n.split()[1] for n in out["workers"]) == \
+        [f"slurm-{job}-{NODE}-0", f"slurm-{job}-{NODE}-1"]
 
 
 @pytest.mark.parametrize("launcher", ["mpiexec", "srun-pmi2"])

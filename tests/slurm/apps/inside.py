@@ -15,8 +15,10 @@ def where(i: int) -> dict[str, object]:
 
 async def main() -> None:
     # under "async-wf run --slurm" the plain Runtime() gets cluster="slurm"
-    plain = os.environ.get("INSIDE_PLAIN") == "1"
-    async with (async_wf.Runtime() if plain else async_wf.Runtime(cluster="slurm")) as rt:
+    mode = os.environ.get("INSIDE_MODE", "cluster")
+    rt = async_wf.Runtime() if mode == "plain" else async_wf.Runtime(
+        cluster=async_wf.SlurmJob(per="task") if mode == "task" else "slurm")
+    async with rt:
         out = await asyncio.gather(*[rt.submit(where, i) for i in range(8)])
         stats = rt.statistics()
         print(json.dumps({"results": out, "app_pid": os.getpid(),
