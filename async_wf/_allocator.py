@@ -54,6 +54,10 @@ class Allocator(ABC):
             AllocationError: the batch system refused a request (raised once).
         """
 
+    def initial_workers(self) -> int:
+        """Workers to wait for before the first task runs (0: none, the default)."""
+        return 0
+
     @abstractmethod
     def status(self) -> dict[str, Any]:
         """Allocations by state and the workers of each, for ``statistics()``."""

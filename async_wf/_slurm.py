@@ -172,6 +172,14 @@ class SlurmJob(Allocator):
         self._proc: asyncio.subprocess.Process | None = None
         self._workers: list[str] = []
         self._warned = False
+        self._all_joined = False
+
+    def initial_workers(self) -> int:
+        """One per node (``SLURM_JOB_NUM_NODES``), or per task (``SLURM_NTASKS``)."""
+        env = os.environ
+        if self.per == "node":
+            return int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+        return int(env.get("SLURM_NTASKS") or 1)
 
     def listen_host(self) -> str:
         """Loopback when the job's nodes are this machine, else this machine's route to them."""
@@ -180,15 +188,14 @@ class SlurmJob(Allocator):
     def srun_command(self, address: str, args: Sequence[str]) -> list[str]:
         """The ``srun`` command line that starts the workers (no secret in it)."""
         env = os.environ
+        n = self.initial_workers()
         if self.per == "node":
-            n = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
             # the smallest node's CPUs: one srun shape must fit every node
             counts = re.findall(r"(\d+)(?:\(x\d+\))?", env.get("SLURM_JOB_CPUS_PER_NODE", ""))
             cpus = min((int(c) for c in counts), default=1)
             shape = [f"--nodes={n}", f"--ntasks={n}", "--ntasks-per-node=1",
                      f"--cpus-per-task={cpus}"]
         else:
-            n = int(env.get("SLURM_NTASKS") or 1)
             shape = [f"--ntasks={n}", f"--cpus-per-task={env.get('SLURM_CPUS_PER_TASK') or 1}"]
         return [_command("srun"), "--kill-on-bad-exit=0", "--job-name=async-wf-workers",
                 *shape, *self.srun_args, *_worker_command(self.python, address, self.per, args)]
@@ -201,9 +208,19 @@ class SlurmJob(Allocator):
             *cmd, env={**os.environ, **env}, stdin=subprocess.DEVNULL)
 
     async def tick(self, waiting: int, workers: Sequence[str]) -> None:
-        """Note the workers; say once if the step ended while tasks wait."""
+        """Note the workers; say once if the step ended while tasks wait.
+
+        Raises:
+            AllocationError: the step ended before all its workers joined.
+        """
         self._workers = list(workers)
         proc = self._proc
+        if len(workers) >= self.initial_workers():
+            self._all_joined = True
+        if proc is not None and proc.returncode is not None and not self._all_joined:
+            raise AllocationError(f"the srun step of the workers of Slurm job {self.job_id} "
+                                  f"ended (exit code {proc.returncode}) before its "
+                                  f"{self.initial_workers()} worker(s) joined; see its output")
         if proc is not None and proc.returncode is not None and waiting and not self._warned:
             self._warned = True
             log.error("the srun step of the workers of Slurm job %s ended (exit code %d) "

@@ -238,10 +238,11 @@ class TcpTransport(RemoteTransport):
 
     # ----------------------------------------------------------------- start
     async def start(self, sched: Scheduler, loop: asyncio.AbstractEventLoop) -> None:
-        """Listen, start the local workers and wait until they have joined.
+        """Listen, start the local workers (or the allocator's) and wait until they have joined.
 
         Raises:
             RuntimeError: a started worker exited or did not join in time.
+            AllocationError: the allocator could not start its first workers.
         """
         self._sched = sched
         self._loop = loop
@@ -296,8 +297,24 @@ class TcpTransport(RemoteTransport):
         except BaseException:
             await self.close()
             raise
-        assert self._loop is not None
-        self._alloc_task = self._loop.create_task(self._drive(alloc))
+        # as with workers=N: the first task waits for the allocation's workers
+        loop = self._loop
+        assert loop is not None and self._joined is not None
+        deadline = loop.time() + self._start_timeout
+        while len(self._workers) < alloc.initial_workers():
+            try:
+                await alloc.tick(0, [w.name for w in self._order])
+            except BaseException:
+                await self.close()
+                raise
+            if loop.time() > deadline:
+                await self.close()
+                raise RuntimeError(f"only {len(self._workers)} of {alloc.initial_workers()} "
+                                   f"workers joined within {self._start_timeout:g} s")
+            self._joined.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._joined.wait(), 0.1)
+        self._alloc_task = loop.create_task(self._drive(alloc))
 
     async def _drive(self, alloc: Allocator) -> None:
         """Tick the allocator every heartbeat; once it refuses, fail tasks no worker will take."""
