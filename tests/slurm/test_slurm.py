@@ -110,6 +110,16 @@ def test_one_worker_per_task_inside_an_allocation(tmp_path: Path) -> None:
         [f"slurm-{job}-{NODE}-0", f"slurm-{job}-{NODE}-1"]
 
 
+def test_a_worker_step_that_fails_at_start_fails_the_runtime_start(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    job, text = run_job(tmp_path, f"INSIDE_MODE=broken {PY} {HERE / 'apps' / 'inside.py'}",
+                        "--ntasks=1")
+    out = result_line(text)
+    assert f"the srun step of the workers of Slurm job {job} ended" in out["error"]
+    assert "before its 1 worker(s) joined" in out["error"]
+    assert time.monotonic() - t0 < 30  # at once, not after start_timeout
+
+
 @pytest.mark.parametrize("launcher", ["mpiexec", "srun-pmi2"])
 def test_mpi_mode_inside_an_allocation(tmp_path: Path, launcher: str) -> None:
     app = f"{PY} -m async_wf.mpi {HERE / 'apps' / 'mpi_app.py'}"

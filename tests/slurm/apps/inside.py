@@ -16,6 +16,13 @@ def where(i: int) -> dict[str, object]:
 async def main() -> None:
     # under "async-wf run --slurm" the plain Runtime() gets cluster="slurm"
     mode = os.environ.get("INSIDE_MODE", "cluster")
+    if mode == "broken":  # the nodes have no such interpreter: the start must say so
+        try:
+            async with async_wf.Runtime(cluster=async_wf.SlurmJob(python="/nonexistent/py")):
+                pass
+        except async_wf.AllocationError as exc:
+            print(json.dumps({"error": str(exc)}))
+        return
     rt = async_wf.Runtime() if mode == "plain" else async_wf.Runtime(
         cluster=async_wf.SlurmJob(per="task") if mode == "task" else "slurm")
     async with rt:
