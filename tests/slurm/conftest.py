@@ -26,8 +26,9 @@ def slurm_reason() -> str | None:
     except subprocess.TimeoutExpired:
         return "sinfo did not answer in 10 s: no Slurm controller running"
     if out.returncode != 0 or not out.stdout.strip():
-        return (f"no Slurm controller answers (SLURM_CONF={os.environ.get('SLURM_CONF')!r}): "
-                f"{out.stderr.strip()[:200]}; run make test-slurm")
+        last = (out.stderr.strip().splitlines() or ["no partition"])[-1][:200]
+        return (f"no Slurm controller answers (SLURM_CONF={os.environ.get('SLURM_CONF')!r}; "
+                f"{last}): make test-slurm starts a test cluster and runs these")
     return None
 
 
