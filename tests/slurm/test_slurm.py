@@ -203,7 +203,17 @@ def test_scancel_of_a_worker_job_reruns_its_tasks_in_a_replacement(tmp_path: Pat
     assert squeue_ids() == []
 
 
-def test_invalid_partition_is_reported_once_and_stops_submitting(tmp_path: Path) -> None:
+def test_invalid_partition_is_reported_once_and_stops_submitting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # count the sbatch calls outside the allocator too: a wrapper first on
+    # PATH logs each call, then runs the real sbatch
+    real = subprocess.run(["which", "sbatch"], capture_output=True, text=True).stdout.strip()
+    calls = tmp_path / "sbatch-calls"
+    wrapper = tmp_path / "bin" / "sbatch"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
     alloc = async_wf.SlurmAllocator("no-such-partition", time="5:00", cores=1, max_jobs=4,
                                     poll=0.5)
 
@@ -228,4 +238,6 @@ def test_invalid_partition_is_reported_once_and_stops_submitting(tmp_path: Path)
 
     asyncio.run(asyncio.wait_for(main(), 60))
     assert alloc.n_sbatch == 1
+    assert len(calls.read_text().splitlines()) == 1
+    assert "--partition=no-such-partition" in calls.read_text()
     assert squeue_ids() == []
