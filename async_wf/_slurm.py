@@ -231,7 +231,9 @@ class SlurmJob(Allocator):
         proc = self._proc
         step = "not started" if proc is None else (
             "running" if proc.returncode is None else f"ended ({proc.returncode})")
-        return {"kind": "slurm-job", "pending": 0, "running": 1,
+        # running only while the step runs: an ended step brings no more workers
+        return {"kind": "slurm-job", "pending": 0,
+                "running": int(proc is not None and proc.returncode is None),
                 "jobs": {self.job_id: {"state": "RUNNING", "step": step,
                                        "workers": list(self._workers)}}}
 
