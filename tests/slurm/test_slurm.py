@@ -141,6 +141,25 @@ def slow_where(i: int, pause: float, marker_dir: str | None = None) -> tuple[int
     return i * i, job
 
 
+def token_only_in_environments(token: str, jobs: list[str]) -> bool:
+    """The token is in the workers' environments, not their command lines or job scripts."""
+    pids = [line.split()[0] for line in slurm_workers()]
+    for pid in pids:  # the workers, and the srun that started them
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+        except FileNotFoundError:
+            continue  # ended meanwhile
+        assert token not in cmdline
+        assert f"ASYNC_WF_TOKEN={token}" in environ.split("\0")
+    for jid in jobs:
+        for cmd in (["scontrol", "show", "job", "-o", jid],
+                    ["scontrol", "write", "batch_script", jid, "-"]):
+            shown = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+            assert shown.returncode == 0 and token not in shown.stdout
+    return bool(pids)
+
+
 def test_automatic_allocation_submits_runs_and_idle_jobs_end(tmp_path: Path) -> None:
     alloc = async_wf.SlurmAllocator("debug", time="5:00", cores=1, max_jobs=2,
                                     idle_timeout=3, poll=0.5,
@@ -150,11 +169,16 @@ def test_automatic_allocation_submits_runs_and_idle_jobs_end(tmp_path: Path) -> 
         async with async_wf.Runtime(cluster=alloc, prefetch=1) as rt:
             seen: dict[str, list[str]] = {}
             futs = [rt.submit(slow_where, i, 1.2) for i in range(8)]
+            token = rt._transport.secret.hex()  # type: ignore[attr-defined]
+            checked = False
             while not all(f.done() for f in futs):
                 for jid, j in rt.statistics()["allocations"]["jobs"].items():
                     if j["workers"]:
                         seen[jid] = j["workers"]
+                if not checked and seen:
+                    checked = token_only_in_environments(token, list(seen))
                 await asyncio.sleep(0.1)
+            assert checked
             out = [f.result() for f in futs]
             assert [sq for sq, _ in out] == [i * i for i in range(8)]
             jobs = {jid for _, jid in out}
