@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 SOURCES := pyproject.toml setup.py $(wildcard src_cython/*.pyx src_cython/*.pxi src_cython/async_wf/*.pxd)
 
-.PHONY: install demo test test-fast test-slow test-faults test-hosts test-browser lint bench bench-core debug clean
+.PHONY: install demo test test-fast test-slow test-faults test-hosts test-slurm test-browser lint bench bench-core debug clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,14 +32,14 @@ lint: install
 # tests/conftest.py): the core twin never touches the event loop, and the
 # first pass runs every async test on both loops.
 test: lint
-	$(PY) -m pytest -q -m "not slow and not faults and not hosts"
-	ASYNC_WF_NO_EXTENSIONS=1 ASYNC_WF_TEST_LOOPS=uvloop $(PY) -m pytest -q -m "not slow and not faults and not hosts and not core_independent" --ignore=tests/unit/test_core.py
+	$(PY) -m pytest -q -m "not slow and not faults and not hosts and not slurm"
+	ASYNC_WF_NO_EXTENSIONS=1 ASYNC_WF_TEST_LOOPS=uvloop $(PY) -m pytest -q -m "not slow and not faults and not hosts and not slurm and not core_independent" --ignore=tests/unit/test_core.py
 
 test-fast: install
-	$(PY) -m pytest -q -x -m "not slow and not faults and not hosts"
+	$(PY) -m pytest -q -x -m "not slow and not faults and not hosts and not slurm"
 
 test-slow: install
-	$(PY) -m pytest -q -m "slow and not faults"
+	$(PY) -m pytest -q -m "slow and not faults and not slurm"
 
 # the fault-injection campaign (issue 22): worker kills and stops under load,
 # a crash-looping task, an oversized result, a pre-auth flood, and a 15 s
@@ -61,6 +61,19 @@ test-hosts: install
 		apt-get update -q && apt-get install -y -q iproute2; \
 	fi
 	$(PY) -m pytest -q -rs -m hosts tests/hosts
+
+# async_wf on a real Slurm (issue 20): installs Debian's slurmctld, slurmd and
+# munge when run as root with apt, starts a private one-node cluster in
+# .slurm-test/ (tests/slurm/cluster.sh: non-default ports, two partitions),
+# runs tests/slurm, then stops every daemon it started and checks that no
+# job is left in squeue, also when a test fails
+SLURM_CONF_TEST := $(CURDIR)/.slurm-test/slurm.conf
+test-slurm: install
+	@export SLURM_CONF=$(SLURM_CONF_TEST); rc=0; \
+	tests/slurm/cluster.sh start || rc=$$?; \
+	if [ $$rc = 0 ]; then $(PY) -m pytest -q -rs -p no:cacheprovider -m slurm tests/slurm || rc=$$?; fi; \
+	tests/slurm/cluster.sh stop || rc=$$?; \
+	exit $$rc
 
 # the HTML report rendered by a real headless Chromium (make test skips that
 # test when no browser is on PATH): installs Debian's chromium when run as

@@ -14,6 +14,7 @@ arguments become dependencies; ``await`` gives the result::
     async_wf.run(main())
 """
 
+from async_wf._allocator import AllocationError, Allocator
 from async_wf._api import (
     Runtime,
     as_completed,
@@ -40,6 +41,7 @@ from async_wf._futures import TaskFuture
 from async_wf._loop import run
 from async_wf._options import TaskOptions
 from async_wf._program import ProgramError, ProgramResult, run_program
+from async_wf._slurm import SlurmAllocator, SlurmJob
 from async_wf._task import Submitter, TaskFunction, task
 from async_wf.checkpoint import (
     CheckpointCorruptError,
@@ -58,6 +60,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CORE_IMPL",
+    "AllocationError",
+    "Allocator",
     "Checkpoint",
     "CheckpointCorruptError",
     "CheckpointError",
@@ -78,6 +82,8 @@ __all__ = [
     "ResourceError",
     "Runtime",
     "RuntimeClosedError",
+    "SlurmAllocator",
+    "SlurmJob",
     "Submitter",
     "TaskFunction",
     "TaskContext",

@@ -27,6 +27,7 @@ from async_wf.checkpoint._config import Checkpoint
 from async_wf.transport import Transport
 
 if TYPE_CHECKING:
+    from async_wf._allocator import Allocator
     from async_wf.observe._events import Observer
 
 T = TypeVar("T")
@@ -73,6 +74,8 @@ class RuntimeStatistics(_SchedulerStatistics, total=False):
     bytes_held: int  # the sizes of all results that stayed on workers
     bytes_fetched: int  # of those, what the application fetched
     results_recomputed: int  # held results made again after their worker was lost
+    # with cluster=: the allocator's status (jobs pending/running, their workers)
+    allocations: dict[str, Any]
     # MPI
     mpi_tasks: int
     mpi_tasks_aborted: int
@@ -145,6 +148,11 @@ class Runtime:
             ``BrokenThreadPool``) or in each worker process started with
             ``workers=`` (a failure stops the start). Not for MPI ranks or
             workers started by hand.
+        cluster: workers from a batch system, over TCP: ``"slurm"`` (inside
+            a Slurm allocation: one worker per node with ``srun``, see
+            ``SlurmJob``) or an ``Allocator`` such as ``SlurmAllocator(...)``
+            (submits worker jobs while tasks wait). The scheduler listens on
+            the allocator's ``listen_host()`` unless ``listen`` is given.
         **tcp_options: further options of ``TcpTransport`` (``slots``,
             ``prefetch``, ``heartbeat``, ``no_worker_timeout``, ...).
 
@@ -179,13 +187,14 @@ class Runtime:
         report: str | os.PathLike[str] | None = None,
         dag: bool = False,
         initializer: Callable[[], Any] | None = None,
+        cluster: Allocator | Literal["slurm"] | None = None,
         **tcp_options: Any,
     ) -> None:
         args = LaunchArgs(
             transport=transport, threads=threads, workers=workers, listen=listen,
             token_file=token_file, ssl=ssl, initializer=initializer, tcp_options=tcp_options,
             checkpoint=checkpoint, progress=progress, metrics=metrics, trace=trace,
-            report=report)
+            report=report, cluster=cluster)
         fill_in_launch_defaults(args)
         # (option, as given, host, port): resolved at start, before any listening
         self._addresses: list[tuple[str, str, str, int]] = []

@@ -21,6 +21,7 @@ from async_wf._loop import mpi_launched
 from async_wf.transport.local import LocalTransport
 
 if TYPE_CHECKING:
+    from async_wf._allocator import Allocator
     from async_wf.checkpoint._config import Checkpoint
     from async_wf.transport import Transport
 
@@ -31,9 +32,9 @@ log = logging.getLogger("async_wf")
 DEFAULTS_ENV = "ASYNC_WF_DEFAULTS"
 _DEFAULT_TYPES: dict[str, type] = {
     "workers": int, "threads": int, "checkpoint": str, "listen": str, "token_file": str,
-    "progress": bool, "metrics": str, "trace": str, "report": str,
+    "progress": bool, "metrics": str, "trace": str, "report": str, "cluster": str,
 }
-_TRANSPORT_DEFAULTS = ("workers", "threads", "listen", "token_file")
+_TRANSPORT_DEFAULTS = ("workers", "threads", "listen", "token_file", "cluster")
 
 
 def launch_defaults() -> dict[str, Any]:
@@ -88,18 +89,20 @@ class LaunchArgs:
     metrics: str | None = None
     trace: str | os.PathLike[str] | None = None
     report: str | os.PathLike[str] | None = None
+    cluster: Allocator | Literal["slurm"] | None = None
 
     def chose_transport(self) -> bool:
         """Whether the call itself says where tasks run (then the launch's say does not)."""
         return (self.transport is not None or self.workers is not None
                 or self.threads is not None or self.listen is not None
                 or self.token_file is not None or self.ssl is not None
-                or bool(self.tcp_options))
+                or self.cluster is not None or bool(self.tcp_options))
 
     def wants_tcp(self) -> bool:
         """Whether an option only the TCP transport has is given."""
         return (self.workers is not None or self.listen is not None
-                or self.token_file is not None or self.ssl is not None)
+                or self.token_file is not None or self.ssl is not None
+                or self.cluster is not None)
 
 
 # listen= and metrics= take the same forms: 'host:port' or 'tcp://host:port',
@@ -168,9 +171,10 @@ def fill_in_launch_defaults(args: LaunchArgs) -> None:
         args.threads = defaults.get("threads")
         args.listen = defaults.get("listen")
         args.token_file = defaults.get("token_file")
+        args.cluster = defaults.get("cluster")
     elif any(k in defaults for k in _TRANSPORT_DEFAULTS):
         log.warning("the application chooses its own transport: the --workers, "
-                    "--threads, --listen or --token-file of async-wf run do not "
+                    "--threads, --listen, --token-file or --slurm of async-wf run do not "
                     "apply to this Runtime")
     if args.checkpoint is None:
         args.checkpoint = defaults.get("checkpoint")
@@ -229,6 +233,7 @@ def choose_transport(args: LaunchArgs, runtime: Callable[..., Any]) -> Transport
             token_file=args.token_file,
             ssl=args.ssl,
             initializer=initializer,
+            allocator=_allocator(args.cluster),
             **tcp_options,
         )
     if name == "local":
@@ -237,6 +242,24 @@ def choose_transport(args: LaunchArgs, runtime: Callable[..., Any]) -> Transport
         return LocalTransport(threads, initializer)
     assert transport is not None and not isinstance(transport, str)
     return transport
+
+
+def _allocator(cluster: object) -> Allocator | None:
+    """The ``Allocator`` of ``cluster=``: ``"slurm"`` is ``SlurmJob()``.
+
+    Raises:
+        ValueError: neither ``"slurm"`` nor an ``Allocator``.
+    """
+    from async_wf._allocator import Allocator
+
+    if cluster is None or isinstance(cluster, Allocator):
+        return cluster
+    if cluster == "slurm":
+        from async_wf._slurm import SlurmJob
+
+        return SlurmJob()
+    raise ValueError(f"cluster must be 'slurm' (the workers of this Slurm job) or an "
+                     f"Allocator such as async_wf.SlurmAllocator(...), got {cluster!r}")
 
 
 def check_tcp_options(given: Iterable[str], runtime: Callable[..., Any]) -> None:

@@ -100,6 +100,7 @@ class Worker:
         parent_pid: int | None = None,
         max_frame: int = P.DEFAULT_MAX_FRAME,
         declared: Declared | None = None,
+        idle_timeout: float | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
@@ -148,6 +149,9 @@ class Worker:
         self._ctx_info: dict[int, tuple[int, int, Any]] = {}
         self._flush_pending = False
         self._last_heard = time.monotonic()
+        #: exit after this many seconds without a task in hand (None: never)
+        self.idle_timeout = idle_timeout
+        self._busy_at = time.monotonic()
         self._heartbeat = 1.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stream: P.FrameStream | None = None
@@ -377,6 +381,15 @@ class Worker:
                 self.lost = self._state == "ready"
                 self._finish(1)
                 return
+            if self.idle_timeout is not None and self._state == "ready":
+                now = time.monotonic()
+                if self._in_pool or self._async or self._grants or self._waiting:
+                    self._busy_at = now
+                elif now - self._busy_at > self.idle_timeout:
+                    log.info("worker %s: no task for %g s (--idle-timeout), exiting",
+                             self.name, self.idle_timeout)
+                    self._finish(0)
+                    return
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.error("worker %s: parent process %d is gone, exiting", self.name,
                           self.parent_pid)
@@ -386,6 +399,7 @@ class Worker:
     # ----------------------------------------------------------------- tasks
     def _run_batch(self, msg: Any, buffers: list[Any]) -> None:
         new_fns, batch, floor, flags = msg
+        self._busy_at = time.monotonic()
         self._timing = bool(flags & P.WANT_TIMES)
         for fid, blob in new_fns:
             try:

@@ -1,6 +1,6 @@
 """The ``async-wf`` command line.
 
-    async-wf run [--workers N | --threads N | --mpi N] [--listen tcp://HOST:PORT]
+    async-wf run [--workers N | --threads N | --mpi N | --slurm] [--listen tcp://HOST:PORT]
                  [--token-file FILE] [--checkpoint FILE]
                  [--progress] [--metrics HOST:PORT] [--trace FILE] [--report FILE]
                  app.py [args...]
@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run tasks in-process, on N threads")
     how.add_argument("--mpi", type=_at_least_2, metavar="N",
                      help="run under mpiexec -n N (1 scheduler rank, N-1 worker ranks)")
+    how.add_argument("--slurm", action="store_true",
+                     help="inside a Slurm allocation: one worker per node, started with srun "
+                     "(Runtime(cluster='slurm'))")
     r.add_argument("--listen", metavar="tcp://HOST:PORT", type=_address,
                    help="accept external workers ('async-wf worker --connect') here")
     r.add_argument("--token-file", metavar="FILE",
@@ -143,6 +146,8 @@ def run_app(args: argparse.Namespace) -> int:
         opts["workers"] = args.workers
     if args.threads is not None:
         opts["threads"] = args.threads
+    if args.slurm:
+        opts["cluster"] = "slurm"
     if args.listen is not None:
         opts["listen"] = args.listen if args.listen.startswith("tcp://") else \
             f"tcp://{args.listen}"

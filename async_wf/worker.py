@@ -72,8 +72,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     )
     p.add_argument("--connect", required=True, metavar="tcp://HOST:PORT",
                    help="the scheduler's address")
-    p.add_argument("--slots", type=int, default=1,
-                   help="threads for blocking tasks (async tasks are not limited by it)")
+    p.add_argument("--slots", type=int,
+                   help="threads for blocking tasks (async tasks are not limited by it; "
+                   "default 1, with --slurm the cores)")
     p.add_argument("--token-file", help=f"file holding the runtime's token (else ${P.TOKEN_ENV})")
     p.add_argument("--name", help="name shown in logs (default host:pid)")
     p.add_argument("--tls-ca", help="CA file to verify the scheduler's TLS certificate")
@@ -96,6 +97,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    "CUDA_VISIBLE_DEVICES, else nvidia-smi -L)")
     p.add_argument("--resources", action="append", metavar="NAME=AMOUNT,...",
                    help="named resources it offers, e.g. licence=2 (repeatable)")
+    p.add_argument("--slurm", nargs="?", const="node", choices=("node", "task"),
+                   help="started by srun: declare what Slurm gave this job step (cores, "
+                   "memory, GPUs: per node, or per task) unless given above, and take the "
+                   "name slurm-JOBID-NODE")
+    p.add_argument("--idle-timeout", type=float, metavar="SECONDS",
+                   help="exit after this long without a task (a batch job's worker gives "
+                   "its nodes back)")
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -147,12 +155,33 @@ def run_from_args(args: argparse.Namespace) -> int:
         host, port = P.parse_url(args.connect)
     except ValueError as exc:
         raise SystemExit(f"async-wf worker: {exc}") from None
+    if args.slurm:
+        from async_wf._slurm import slurm_worker_args
+
+        try:
+            given = slurm_worker_args(os.environ, args.slurm)
+        except ValueError as exc:
+            raise SystemExit(f"async-wf worker: {exc}") from None
+        args.name = args.name or given["name"]
+        args.cores = args.cores if args.cores is not None else given["cores"]
+        if args.memory is None and given["memory"] is not None:
+            args.memory = str(given["memory"])
+        if args.gpus is None:
+            g = given["gpus"]
+            args.gpus = ",".join(g) if isinstance(g, list) else str(g)
+        if args.slots is None:
+            args.slots = args.cores
+    if args.slots is None:
+        args.slots = 1
     if args.slots < 1:
         raise SystemExit(f"async-wf worker: --slots must be >= 1, got {args.slots}")
     try:
         declared = declared_from_args(args)
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"async-wf worker: {exc}") from None
+    if args.idle_timeout is not None and not args.idle_timeout > 0:
+        raise SystemExit(f"async-wf worker: --idle-timeout must be > 0 seconds, "
+                         f"got {args.idle_timeout:g}")
     if args.reconnect < 0:
         raise SystemExit(f"async-wf worker: --reconnect must be >= 0 seconds, "
                          f"got {args.reconnect:g}")
@@ -181,7 +210,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     lost_at: float | None = None
     delay = _RECONNECT_FIRST
     while True:
-        worker = Worker(secret, args.slots, args.name, args.parent_pid, declared=declared)
+        worker = Worker(secret, args.slots, args.name, args.parent_pid, declared=declared,
+                        idle_timeout=args.idle_timeout)
         try:
             code = run(worker.run(host, port, _ssl_from(args), tls_auto=args.tls_auto))
         except KeyboardInterrupt:

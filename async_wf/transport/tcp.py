@@ -25,6 +25,7 @@ import logging
 import multiprocessing
 import os
 import resource
+import socket
 import ssl as _ssl
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import cloudpickle
 
 from async_wf import protocol as P
+from async_wf._allocator import AllocationError, Allocator
 from async_wf._errors import (
     NoWorkerError,
     WorkerLostError,
@@ -149,6 +151,8 @@ class TcpTransport(RemoteTransport):
             equal share of this machine's), ``gpus`` (a count or a list of
             ids; default an equal share of the GPUs detected here) and
             ``resources`` (named amounts, e.g. ``{"licence": 2}``).
+        allocator: an ``Allocator`` (Slurm) that starts workers elsewhere;
+            the default ``listen`` is then its ``listen_host()``.
 
     Raises:
         ValueError: an argument breaks its rule.
@@ -178,6 +182,7 @@ class TcpTransport(RemoteTransport):
         max_tasks_per_child: int | None = None,
         worker_resources: Mapping[str, Any] | None = None,
         keep_min: int = 64 << 10,
+        allocator: Allocator | None = None,
     ) -> None:
         for name, value, low in (("workers", workers, 0), ("slots", slots, 1),
                                  ("max_handshakes", max_handshakes, 1),
@@ -194,6 +199,10 @@ class TcpTransport(RemoteTransport):
             raise ValueError(f"keep_min must be a number of bytes >= 0, got {keep_min!r}")
         self._keep_min = keep_min
         self._worker_resources = _check_worker_resources(worker_resources)
+        self._allocator = allocator
+        self._alloc_task: asyncio.Task[None] | None = None
+        if allocator is not None and listen is None:
+            listen = f"tcp://{allocator.listen_host()}:0"
         self._external = listen is not None
         self._spawned = 0
         for name, fvalue in (("heartbeat", heartbeat), ("no_worker_timeout", no_worker_timeout),
@@ -259,10 +268,11 @@ class TcpTransport(RemoteTransport):
 
     # ----------------------------------------------------------------- start
     async def start(self, sched: Scheduler, loop: asyncio.AbstractEventLoop) -> None:
-        """Listen, start the local workers and wait until they have joined.
+        """Listen, start the local workers (or the allocator's) and wait until they have joined.
 
         Raises:
             RuntimeError: a started worker exited or did not join in time.
+            AllocationError: the allocator could not start its first workers.
         """
         self._sched = sched
         self._loop = loop
@@ -281,6 +291,8 @@ class TcpTransport(RemoteTransport):
                 self._host or "*", self._port)
         _live_transports.add(self)
         self._watchdog = loop.create_task(self._watch())
+        if self._allocator is not None:
+            await self._start_allocator(self._allocator)
         if self._n_spawn:
             self._spawn(self._n_spawn)
             deadline = loop.time() + self._start_timeout
@@ -300,6 +312,65 @@ class TcpTransport(RemoteTransport):
                 self._joined.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._joined.wait(), 0.1)
+
+    async def _start_allocator(self, alloc: Allocator) -> None:
+        """Hand the allocator the address and the token (in the environment), then drive it."""
+        host = self._host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.getfqdn()  # a wildcard is no address to connect to
+        host = f"[{host}]" if ":" in host else host
+        env = {P.TOKEN_ENV: self.secret.hex(),
+               P.SYS_PATH_ENV: os.pathsep.join(p or os.getcwd() for p in sys.path)}
+        args = ["--tls-auto"] if self._tls_auto else []
+        try:
+            await alloc.start(f"tcp://{host}:{self._port}", env, args)
+        except BaseException:
+            await self.close()
+            raise
+        # as with workers=N: the first task waits for the allocation's workers
+        loop = self._loop
+        assert loop is not None and self._joined is not None
+        deadline = loop.time() + self._start_timeout
+        while len(self._workers) < alloc.initial_workers():
+            try:
+                await alloc.tick(0, [w.name for w in self._order])
+            except BaseException:
+                await self.close()
+                raise
+            if loop.time() > deadline:
+                await self.close()
+                raise RuntimeError(f"only {len(self._workers)} of {alloc.initial_workers()} "
+                                   f"workers joined within {self._start_timeout:g} s")
+            self._joined.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._joined.wait(), 0.1)
+        self._alloc_task = loop.create_task(self._drive(alloc))
+
+    async def _drive(self, alloc: Allocator) -> None:
+        """Tick the allocator every heartbeat; once it refuses, fail tasks no worker will take."""
+        sched = self._sched
+        assert sched is not None
+        while not self._closing:
+            if alloc.error is None:
+                try:
+                    await alloc.tick(sched.pending(), [w.name for w in self._order])
+                except AllocationError as exc:
+                    alloc.error = exc
+                    log.error("%s", exc)  # once: no more ticks
+                except Exception as exc:  # a bug or a vanished command: stop, and say so
+                    log.exception("the allocator failed; it starts no more workers")
+                    alloc.error = AllocationError(f"the allocator failed: {exc!r}")
+                else:
+                    st = alloc.status()
+                    if st.get("pending") or st.get("running"):
+                        self._no_worker_since = None  # workers are coming: no NoWorkerError
+            if alloc.error is not None and not self._workers and sched.pending():
+                def refused(f: TaskFuture[Any],
+                            exc: AllocationError = alloc.error) -> BaseException:
+                    return AllocationError(f"task {f.name!r} could not run: {exc}")
+
+                sched.fail_pending(refused)
+            await asyncio.sleep(self._heartbeat)
 
     def _more_workers_coming(self, since: float) -> bool:
         """Whether a bigger worker may still join for a task waiting since ``since``.
@@ -567,6 +638,7 @@ class TcpTransport(RemoteTransport):
             "resource_tasks_waiting": len(self._rq),
             "worker_resources": {f"#{w.id} {w.name}": w.declared.describe()
                                  for w in self._order},
+            **({} if self._allocator is None else {"allocations": self._allocator.status()}),
         }
 
     async def close(self) -> None:
@@ -582,6 +654,10 @@ class TcpTransport(RemoteTransport):
             w.stream.close()
         if self._server is not None:
             self._server.close()
+        if self._alloc_task is not None:
+            self._alloc_task.cancel()
+        if self._allocator is not None:
+            await self._allocator.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 3.0
         while any(p.poll() is None for p in self._procs) and loop.time() < deadline:
