@@ -20,11 +20,11 @@ import re
 import shutil
 import subprocess
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 CORES = "cores"
 MEMORY = "memory"
@@ -908,6 +908,23 @@ def pin(cpu_ids: Sequence[int]) -> None:
     if not cpu_ids or not hasattr(os, "sched_setaffinity"):
         return
     os.sched_setaffinity(threading.get_native_id(), cpu_ids)
+
+
+def pinned(fn: Callable[..., Any], cpus: Sequence[int]) -> Callable[..., Any]:
+    """``fn`` made to run on ``cpus`` only: the calling thread is pinned for the call.
+
+    The thread's own affinity comes back afterwards: the threads that run
+    resource tasks are kept for the next ones, which may not ask to be pinned.
+    """
+    def call(*args: Any, **kwargs: Any) -> Any:
+        before = os.sched_getaffinity(0)
+        pin(cpus)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            os.sched_setaffinity(0, before)
+
+    return call
 
 
 def rank_resources(slots: int) -> Declared:

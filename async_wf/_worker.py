@@ -44,7 +44,7 @@ from async_wf._context import TaskContext, call_on_loop, mark_coroutine, mark_th
 from async_wf._errors import RemoteError, retyped
 from async_wf._futures import replace_in
 from async_wf._held import HeldRef, count_fetched, data_items, read_data
-from async_wf._resources import Allocator, Declared, Grant, Request, pin
+from async_wf._resources import Allocator, Declared, Grant, Request, pinned
 from async_wf._threads import ERROR, OK, SKIPPED, Outcome, ThreadPool
 
 log = logging.getLogger("async_wf.worker")
@@ -69,6 +69,9 @@ CONNECT_TIMEOUT = 10.0
 
 _NO_KWARGS: dict[str, Any] = {}  # never mutated: ** unpacking copies it
 _MISSING: Any = object()
+#: the most resource tasks running at once on one worker (their own threads)
+_RES_THREADS = 256
+
 
 def portable_exception(exc: BaseException) -> BaseException:
     """Return ``exc`` if it survives a pickle round trip, else a ``RemoteError`` for it."""
@@ -136,6 +139,7 @@ class Worker:
         self._wseq = 0
         self._grants: dict[int, Grant] = {}
         self._req_cores = 0
+        self._rpool: ThreadPool | None = None  # the resource tasks' threads, made on demand
         self._fns: dict[int, Any] = {}
         self._fn_errors: dict[int, BaseException] = {}
         self._dur: dict[int, float] = {}  # function id -> moving average of one call, s
@@ -261,6 +265,8 @@ class Worker:
             # after a lost connection the queued calls belong to the
             # scheduler's past: it has queued them again elsewhere
             self._pool.close(drop_queued=self.lost)
+            if self._rpool is not None:
+                self._rpool.close(drop_queued=True)
             stream.close()
 
     def forward_logs(self, level: int | None = None) -> None:
@@ -732,33 +738,28 @@ class Worker:
             if kind == P.K_RASYNC:
                 self._async[rid] = loop.create_task(self._run_async(rid, fn, args, kwargs))
                 continue
-            threading.Thread(target=self._call_granted, args=(rid, fn, args, kwargs, grant, pin),
-                             name=f"async_wf-task-{rid}", daemon=True).start()
+            rpool = self._rpool
+            if rpool is None:
+                # threads of their own, kept for the next ones: starting a thread
+                # per task blocked the loop until the kernel ran it (ms under load)
+                rpool = self._rpool = ThreadPool(_RES_THREADS, loop, self._on_granted_results,
+                                                 name="async_wf-res", owner=self)
+            if pin:
+                fn = pinned(fn, grant.cpu_ids)
+            rpool.put(rid, fn, args, kwargs)
 
-    def _call_granted(self, rid: int, fn: Any, args: Any, kwargs: Any, grant: Grant,
-                      pin_it: bool) -> None:
-        """A thread of its own: run a blocking resource task, hand the outcome to the loop."""
-        mark_thread(self, rid)
-        if pin_it:
-            pin(grant.cpu_ids)
-        t0 = perf_counter()
-        try:
-            out: tuple[int, Any, str | None] = (P.R_OK, fn(*args, **kwargs), None)
-        except BaseException as exc:  # a thread has nowhere to propagate to
-            out = (P.R_ERROR, exc, traceback.format_exc())
-        t1 = perf_counter()
-        mark_thread(None, None)
-        loop = self._loop
-        assert loop is not None
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-            loop.call_soon_threadsafe(self._granted_done, rid, out, t0, t1)
-
-    def _granted_done(self, rid: int, out: tuple[int, Any, str | None], t0: float,
-                      t1: float) -> None:
-        if self._timing:
-            self._times.extend((rid, t0, t1))
-        self._release_grant(rid)
-        self._report(rid, *out)
+    def _on_granted_results(self, items: list[Outcome]) -> None:
+        """Outcomes of resource tasks from their threads: release, then report each."""
+        times = self._times if self._timing else None
+        for rid, status, value, took, t0 in items:
+            if times is not None:
+                times.extend((rid, t0, t0 + took))
+            self._release_grant(rid)
+            if status == OK:
+                self._report(rid, P.R_OK, value, None)
+            else:
+                exc, tb = value
+                self._report(rid, P.R_ERROR, exc, tb)
 
     def _release_grant(self, rid: int) -> None:
         """The attempt ``rid`` is over: its resources are free; start who waits."""

@@ -268,6 +268,8 @@ class MpiWorker(Worker):
             part.abort = "the runtime was closed"
         assert self._pool is not None
         self._pool.close(drop_queued=True)
+        if self._rpool is not None:
+            self._rpool.close(drop_queued=True)
 
     def _flush(self) -> None:
         if self._detached:

@@ -21,21 +21,17 @@ queued, or started later), re-armed for the time that is left.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import inspect
 import os
-import threading
 import time
-import traceback
 from collections.abc import Callable
-from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from async_wf._context import TaskContext, mark_coroutine, mark_thread
 from async_wf._errors import ResourceError, TaskTimeoutError
 from async_wf._options import ASYNC, THREAD
-from async_wf._resources import Allocator, Declared, Grant, pin
+from async_wf._resources import Allocator, Declared, Grant, pinned
 from async_wf._threads import ERROR, OK, SKIPPED, Outcome, ThreadPool
 from async_wf.transport import Attempt, Transport
 
@@ -97,6 +93,7 @@ class LocalTransport(Transport):
         self._rwait: list[tuple[int, int, _Run]] = []
         self._rseq = 0
         self._grants: dict[_Run, Grant] = {}
+        self._rpool: ThreadPool | None = None
         self._pool: ThreadPool | None = None
         self._sched: Scheduler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -221,33 +218,23 @@ class LocalTransport(Transport):
                 run.timer = loop.call_later(timeout, self._on_timeout, run)
             if fut._kind == ASYNC:
                 run.task = loop.create_task(self._run_granted_async(run))
-            else:
-                threading.Thread(target=self._call_granted, args=(run, grant),
-                                 name="async_wf-task", daemon=True).start()
+                continue
+            rpool = self._rpool
+            if rpool is None:
+                # threads of their own (not the pool's: a task holding 8 cores must
+                # not wait for a thread behind plain tasks), kept for the next ones
+                rpool = self._rpool = ThreadPool(256, loop, self._granted_done,
+                                                 name="async_wf-res", owner=self)
+            fn = fut._fn
+            assert fn is not None
+            if fut._opts.pin:
+                fn = pinned(fn, grant.cpu_ids)
+            rpool.put(run, fn, fut._args, fut._kwargs)
 
-    def _call_granted(self, run: _Run, grant: Grant) -> None:
-        """A thread of its own: run a blocking resource task, hand the outcome to the loop."""
-        fut = run.fut
-        fn = fut._fn
-        assert fn is not None
-        mark_thread(self, run)
-        if fut._opts.pin:
-            pin(grant.cpu_ids)
-        t0 = perf_counter()
-        outcome: Outcome
-        try:
-            outcome = (run, OK, fn(*fut._args, **fut._kwargs), perf_counter() - t0, t0)
-        except BaseException as exc:  # a thread has nowhere to propagate to
-            outcome = (run, ERROR, (exc, traceback.format_exc()), perf_counter() - t0, t0)
-        mark_thread(None, None)
-        loop = self._loop
-        assert loop is not None
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-            loop.call_soon_threadsafe(self._granted_done, run, outcome)
-
-    def _granted_done(self, run: _Run, outcome: Outcome) -> None:
-        self._release(run)
-        self._deliver([outcome])
+    def _granted_done(self, items: list[Outcome]) -> None:
+        for item in items:
+            self._release(item[0])
+        self._deliver(items)
 
     async def _run_granted_async(self, run: _Run) -> None:
         try:
@@ -405,3 +392,5 @@ class LocalTransport(Transport):
         """Stop the threads; queued tasks are dropped, running ones are not waited for."""
         if self._pool is not None:
             self._pool.close(drop_queued=True)
+        if self._rpool is not None:
+            self._rpool.close(drop_queued=True)

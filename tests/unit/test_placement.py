@@ -241,3 +241,16 @@ async def test_cancelling_a_waiting_big_task_frees_the_worker_kept_for_it() -> N
         await first
         await big
         assert (await asyncio.wait_for(rt.submit(plain, 0), 10))[3] == {"cores": 1}
+
+
+def affinity() -> tuple[list[int], list[int]]:
+    return sorted(os.sched_getaffinity(0)), sorted(async_wf.task_context().cpus)
+
+
+async def test_pinned_tasks_run_on_their_cpus_and_let_the_thread_go() -> None:
+    async with async_wf.Runtime(workers=1, worker_resources={"cores": 1}) as rt:
+        mask, cpus = await rt.options(cores=1, pin=True).submit(affinity)
+        assert mask == cpus and len(mask) == 1
+        # the same thread, next task unpinned: the whole mask again
+        after, _ = await rt.options(cores=1).submit(affinity)
+        assert after == sorted(os.sched_getaffinity(0))
