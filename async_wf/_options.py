@@ -55,6 +55,7 @@ class TaskOptionArgs(TypedDict, total=False):
     gpus: int | None
     resources: Mapping[str, float] | None
     pin: bool
+    time: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,7 @@ class TaskOptions:
     gpus: int | None = None
     resources: Mapping[str, float] | None = None
     pin: bool = False
+    time: float | None = None
     _has_default: bool = field(default=False, repr=False)
     #: cores, memory, gpus and resources as one ``Request``; None when the
     #: task asks for nothing (the fast path: one slot, no accounting)
@@ -153,6 +155,11 @@ class TaskOptions:
         object.__setattr__(self, "request", req)
         if self.resources is not None:
             object.__setattr__(self, "resources", dict(self.resources))
+        if self.time is not None and (
+                isinstance(self.time, bool) or not isinstance(self.time, int | float)
+                or not (self.time > 0 and math.isfinite(self.time))):
+            raise ValueError(f"time must be the seconds one attempt is expected to take, > 0 "
+                             f"and finite, got {self.time!r}")
         if not isinstance(self.pin, bool):
             raise TypeError(f"pin must be True or False, got {self.pin!r}")
         if self.pin and not self.cores:

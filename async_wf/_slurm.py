@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import os
 import re
@@ -131,7 +132,24 @@ def slurm_worker_args(env: Mapping[str, str],
         ids = [g for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
         gpus = ids or [g for g in (env.get("SLURM_STEP_GPUS") or env.get("SLURM_JOB_GPUS")
                                    or "").split(",") if g]
-    return {"name": name, "cores": cores, "memory": memory, "gpus": gpus}
+    return {"name": name, "cores": cores, "memory": memory, "gpus": gpus,
+            "end_time": job_end_time(job)}
+
+
+def job_end_time(job: str) -> float | None:
+    """When Slurm will end job ``job`` (seconds since the epoch), or None if unknown.
+
+    From ``squeue -o %e`` (local time); a job without a time limit, or a
+    ``squeue`` that fails, gives None: the worker then declares no end.
+    """
+    try:
+        out = subprocess.run([_command("squeue"), "-h", "-j", job, "-o", "%e"],
+                             capture_output=True, text=True, timeout=10)
+        text = out.stdout.strip()
+        return datetime.datetime.fromisoformat(text).timestamp() if out.returncode == 0 \
+            and text[:1].isdigit() else None
+    except (OSError, ValueError, subprocess.TimeoutExpired, AllocationError):
+        return None
 
 
 def _worker_command(python: str, address: str, per: str, args: Sequence[str]) -> list[str]:

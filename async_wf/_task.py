@@ -264,6 +264,10 @@ def task(
             workers declare theirs with ``--resources licence=2``.
         pin: with ``cores``: pin the task's thread (or program) to the
             CPUs it was given.
+        time: the seconds one attempt is expected to take: a worker that
+            will be gone before then (its batch job ends: ``--end-time``,
+            or ``--slurm``) does not get it, so no work is cut off by a
+            job's time limit.
 
     A task that asks for more than any worker has fails with
     ``ResourceError`` when it is submitted to run.

@@ -104,6 +104,7 @@ class Worker:
         max_frame: int = P.DEFAULT_MAX_FRAME,
         declared: Declared | None = None,
         idle_timeout: float | None = None,
+        end_time: float | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
@@ -124,6 +125,8 @@ class Worker:
         wire["cpu_ids"] = []  # the scheduler does not pin: keep the handshake small
         # AUTH's JSON: the resources, and (once connected) the data port's address
         self._hello: dict[str, Any] = {"resources": wire}
+        if end_time is not None:
+            self._hello["ends"] = float(end_time)  # the scheduler drains us before then
         self._joining = P.Joining(secret, slots, self.name, self._hello)
         # results that stay here (R_HELD), by request id, and the connections
         # to other workers' data ports, by address

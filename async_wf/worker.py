@@ -101,6 +101,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="started by srun: declare what Slurm gave this job step (cores, "
                    "memory, GPUs: per node, or per task) unless given above, and take the "
                    "name slurm-JOBID-NODE")
+    p.add_argument("--end-time", type=float, metavar="EPOCH",
+                   help="when this worker will be stopped (seconds since the epoch; with "
+                   "--slurm: its job's end): tasks declared with a longer time= go elsewhere")
     p.add_argument("--idle-timeout", type=float, metavar="SECONDS",
                    help="exit after this long without a task (a batch job's worker gives "
                    "its nodes back)")
@@ -171,6 +174,8 @@ def run_from_args(args: argparse.Namespace) -> int:
             args.gpus = ",".join(g) if isinstance(g, list) else str(g)
         if args.slots is None:
             args.slots = args.cores
+        if args.end_time is None:
+            args.end_time = given.get("end_time")
     if args.slots is None:
         args.slots = 1
     if args.slots < 1:
@@ -211,7 +216,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     delay = _RECONNECT_FIRST
     while True:
         worker = Worker(secret, args.slots, args.name, args.parent_pid, declared=declared,
-                        idle_timeout=args.idle_timeout)
+                        idle_timeout=args.idle_timeout, end_time=args.end_time)
         try:
             code = run(worker.run(host, port, _ssl_from(args), tls_auto=args.tls_auto))
         except KeyboardInterrupt:

@@ -145,6 +145,7 @@ class _Worker:
         "cancelling",
         "data_addr",
         "declared",
+        "ends",
         "fetches",
         "fids",
         "held",
@@ -184,6 +185,8 @@ class _Worker:
         self.reserved = False
         #: where other workers fetch the results it holds ("" if it keeps none)
         self.data_addr = ""
+        #: when it will be stopped (its batch job ends), time.time(); 0: never known
+        self.ends = 0.0
         self.held_refs: set[HeldRef] = set()  # the results it holds
         #: the application's FETCHes on this connection, answered in order
         self.fetches: collections.deque[asyncio.Future[dict[int, Any]]] = collections.deque()
@@ -371,6 +374,22 @@ class RemoteTransport(Transport):
                 return w
         return None
 
+    def _pick_in_time(self, fut: TaskFuture[Any]) -> _Worker | None:
+        """A worker with credit that will still be there when ``fut`` is done (``time=``).
+
+        A worker whose batch job ends sooner is drained of such tasks: it
+        gets only what it can finish. None: every worker ends too soon for
+        now; the task waits for one that does not (an allocator's next job).
+        """
+        t = fut._opts.time
+        assert t is not None
+        done_by = time.time() + t
+        kind = fut._kind
+        for w in self._order:
+            if (not w.ends or w.ends >= done_by) and w.free(kind) > 0:
+                return w
+        return None
+
     def dispatch(self, futs: list[TaskFuture[Any]]) -> None:
         """Place each task on a worker with free credit; send one frame per worker."""
         batches: dict[_Worker, list[Any]] = {}
@@ -390,7 +409,11 @@ class RemoteTransport(Transport):
                 if dead:
                     self._park(fut, dead)
                     continue
-            if refs is not None and not fut._lost:
+            if fut._opts.time is not None:
+                if kind == ASYNC:
+                    n_async += 1
+                w = self._pick_in_time(fut)
+            elif refs is not None and not fut._lost:
                 if kind == ASYNC:
                     n_async += 1
                 w = self._near(refs, kind) or self._pick(kind)
@@ -695,7 +718,8 @@ class RemoteTransport(Transport):
             scanned += 1
             req = fut._opts.request
             assert req is not None
-            w = self._fit_now(req, reserve)
+            t = fut._opts.time
+            w = self._fit_now(req, reserve, time.time() + t if t is not None else 0.0)
             if w is not None:
                 del rq[i]
                 w.ledger.take(req)
@@ -726,10 +750,15 @@ class RemoteTransport(Transport):
     def _busy_slots(w: _Worker) -> int:
         return w.n_thread if w.n_thread < w.slots else w.slots
 
-    def _fit_now(self, req: Request, skip: _Worker | None) -> _Worker | None:
-        """The first worker where ``req`` fits now (not ``skip``, the reserved one)."""
+    def _fit_now(self, req: Request, skip: _Worker | None,
+                 done_by: float = 0.0) -> _Worker | None:
+        """The first worker where ``req`` fits now (not ``skip``, the reserved one).
+
+        With ``done_by``: only a worker that will still be there then.
+        """
         for w in self._order:
-            if (w is skip or w.quarantine or w.budget == 0 or w.held is not None):
+            if (w is skip or w.quarantine or w.budget == 0 or w.held is not None
+                    or (done_by and w.ends and w.ends < done_by)):
                 continue
             if w.ledger.fits_now(req, self._busy_slots(w)):
                 return w
@@ -993,7 +1022,8 @@ class RemoteTransport(Transport):
                     heapq.heappop(heap)
                     self._send_alone(w, fut)
                     continue
-                w = self._pick(fut._kind)
+                w = self._pick(fut._kind) if fut._opts.time is None else \
+                    self._pick_in_time(fut)
                 if w is None:
                     break
                 heapq.heappop(heap)

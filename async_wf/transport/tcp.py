@@ -22,6 +22,7 @@ import contextlib
 import ipaddress
 import itertools
 import logging
+import math
 import multiprocessing
 import os
 import resource
@@ -56,15 +57,15 @@ log = logging.getLogger("async_wf")
 _WORKER_RESOURCES = ("cores", "memory", "gpus", "resources")
 
 
-def _hello_json(obj: Any) -> tuple[Declared | None, str]:
-    """The resources and the data port's address a worker sent in AUTH.
+def _hello_json(obj: Any) -> tuple[Declared | None, str, float]:
+    """The resources, the data port's address and the end time a worker sent in AUTH.
 
     Raises:
-        ValueError: not ``{"resources": {...}, "data": "tcp://host:port"}``.
+        ValueError: not ``{"resources": {...}, "data": "tcp://host:port", "ends": t}``.
     """
     if obj is None:
-        return None, ""
-    if not isinstance(obj, dict) or not set(obj) <= {"resources", "data"}:
+        return None, "", 0.0
+    if not isinstance(obj, dict) or not set(obj) <= {"resources", "data", "ends"}:
         raise ValueError(f"AUTH JSON must be an object with resources and data, got {obj!r:.80}")
     res = obj.get("resources")
     declared = None if res is None else Declared.from_wire(res)
@@ -73,7 +74,10 @@ def _hello_json(obj: Any) -> tuple[Declared | None, str]:
         raise ValueError(f"the data address must be a string, got {data!r:.80}")
     if data:
         P.parse_url(data)
-    return declared, data
+    ends = obj.get("ends", 0.0)
+    if isinstance(ends, bool) or not isinstance(ends, int | float) or not math.isfinite(ends):
+        raise ValueError(f"the end time must be seconds since the epoch, got {ends!r:.80}")
+    return declared, data, float(ends)
 
 
 def _check_worker_resources(spec: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -452,7 +456,7 @@ class TcpTransport(RemoteTransport):
         if self._closing:
             return None
         try:
-            declared, data_addr = _hello_json(challenge.declared)
+            declared, data_addr, ends = _hello_json(challenge.declared)
         except ValueError as exc:
             log.warning("worker %s (pid %d) from %s declared malformed resources, refused: %s",
                         name, pid, stream.peer, exc)
@@ -460,6 +464,7 @@ class TcpTransport(RemoteTransport):
         wid = next(self._wids)
         w = _Worker(stream, wid, slots, pid, name, self._prefetch, self._async_limit, declared)
         w.data_addr = data_addr
+        w.ends = ends
         if self._max_tasks is not None and any(p.pid == pid for p in self._procs):
             w.budget = self._max_tasks  # only the processes this transport replaces
         sched = self._sched
@@ -636,8 +641,9 @@ class TcpTransport(RemoteTransport):
             "bytes_fetched": self.bytes_fetched,
             "results_recomputed": self.n_recomputed,
             "resource_tasks_waiting": len(self._rq),
-            "worker_resources": {f"#{w.id} {w.name}": w.declared.describe()
-                                 for w in self._order},
+            "worker_resources": {f"#{w.id} {w.name}": w.declared.describe() + (
+                f"; ends in {w.ends - time.time():.0f} s" if w.ends else "")
+                for w in self._order},
             **({} if self._allocator is None else {"allocations": self._allocator.status()}),
         }
 

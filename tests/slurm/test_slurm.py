@@ -265,3 +265,29 @@ def test_invalid_partition_is_reported_once_and_stops_submitting(
     assert len(calls.read_text().splitlines()) == 1
     assert "--partition=no-such-partition" in calls.read_text()
     assert squeue_ids() == []
+
+
+def test_a_worker_job_near_its_time_limit_gets_no_task_it_cannot_finish(
+        tmp_path: Path) -> None:
+    # jobs of 1 minute: their workers declare when they end (squeue's end
+    # time, through --slurm), and a task declared to take 10 minutes is not
+    # given to them, while one of 1 s is
+    alloc = async_wf.SlurmAllocator("debug", time="1:00", cores=1, max_jobs=1,
+                                    idle_timeout=30, poll=0.5,
+                                    output=str(tmp_path / "w-%j.out"))
+
+    async def main() -> None:
+        async with async_wf.Runtime(cluster=alloc) as rt:
+            short = await rt.options(time=1).submit(slow_where, 3, 0.1)
+            assert short[0] == 9
+            ends = list(rt.statistics()["worker_resources"].values())
+            assert len(ends) == 1 and "ends in" in ends[0], ends
+            left = float(ends[0].split("ends in ")[1].split(" s")[0])
+            assert 0 < left <= 60, ends
+            long = rt.options(time=600).submit(slow_where, 4, 0.1)
+            await asyncio.sleep(3)
+            assert not long.done(), "a 10-minute task went to a job with a minute left"
+            long.cancel()
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+    assert squeue_ids() == []

@@ -254,3 +254,28 @@ async def test_pinned_tasks_run_on_their_cpus_and_let_the_thread_go() -> None:
         # the same thread, next task unpinned: the whole mask again
         after, _ = await rt.options(cores=1).submit(affinity)
         assert after == sorted(os.sched_getaffinity(0))
+
+
+def my_pid() -> int:
+    return os.getpid()
+
+
+async def test_a_worker_about_to_end_gets_only_what_it_can_finish(tmp_path: Any) -> None:
+    token = os.path.join(tmp_path, "token")
+    async with async_wf.Runtime(listen="tcp://127.0.0.1:0", token_file=token) as rt:
+        addr = rt.transport.address  # type: ignore[attr-defined]
+        ending = start_worker(addr, "--token-file", token, "--end-time", str(time.time() + 30))
+        staying = None
+        try:
+            await until(lambda: rt.statistics()["workers"] == 1, "the ending worker joins")
+            there = await rt.options(time=1).submit(my_pid)  # it has time for this
+            assert there == await rt.submit(my_pid)  # and for tasks that say nothing
+            long = rt.options(time=600).submit(my_pid)
+            await asyncio.sleep(1.0)
+            assert not long.done(), "a 10-minute task went to a worker ending in 30 s"
+            staying = start_worker(addr, "--token-file", token)
+            assert await asyncio.wait_for(long, 30) != there
+        finally:
+            stop(ending)
+            if staying is not None:
+                stop(staying)
