@@ -25,7 +25,8 @@ def test_a_node_worker_declares_the_cpus_and_memory_slurm_gave_its_node() -> Non
     env = {"SLURM_JOB_ID": "42", "SLURMD_NODENAME": "n7", "SLURM_CPUS_ON_NODE": "8",
            "SLURM_MEM_PER_NODE": "4096"}
     assert slurm_worker_args(env) == {"name": "slurm-42-n7", "cores": 8,
-                                      "memory": 4096 << 20, "gpus": 0}
+                                      "memory": 4096 << 20, "gpus": 0,
+                                      "end_time": None}  # no such job to ask squeue about
     # memory per CPU: times the cores
     env2 = {"SLURM_JOB_ID": "42", "SLURMD_NODENAME": "n7", "SLURM_CPUS_ON_NODE": "2",
             "SLURM_MEM_PER_CPU": "512"}
@@ -38,7 +39,8 @@ def test_a_task_worker_takes_its_cpus_its_share_of_memory_and_its_gpus() -> None
            "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_STEP_GPUS": "0,1",
            "CUDA_VISIBLE_DEVICES": "1"}
     got = slurm_worker_args(env, "task")
-    assert got == {"name": "slurm-7-g1-3", "cores": 4, "memory": 4000 << 20, "gpus": ["1"]}
+    assert got == {"name": "slurm-7-g1-3", "cores": 4, "memory": 4000 << 20, "gpus": ["1"],
+                   "end_time": None}
 
 
 def test_worker_slurm_outside_a_job_step_says_so() -> None:
