@@ -306,9 +306,12 @@ async_wf.run(main())
 
 def test_ctrl_c_of_a_recorded_run_says_how_to_resume(tmp_path: Path) -> None:
     (tmp_path / "app.py").write_text(INTERRUPTED_APP)
+    # Ctrl-C as a terminal sends it: a suite started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and so would the app
     proc = subprocess.Popen([sys.executable, "app.py", "--its", "args"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + LIMIT
     while (not (tmp_path / "run.wfck").exists()
            or (tmp_path / "run.wfck").stat().st_size < 4096):
