@@ -90,6 +90,18 @@ class _RuntimeCollector(Collector):
                                   value=snap.get("checkpoint_bytes", 0))
         yield GaugeMetricFamily("async_wf_tasks_per_second", "Tasks ended per second, recently",
                                 value=snap.get("rate", 0.0))
+        alloc = snap.get("allocations")
+        if isinstance(alloc, dict) and isinstance(alloc.get("jobs"), dict):
+            jobs = GaugeMetricFamily("async_wf_allocations", "Batch jobs of the allocator by state",
+                                     labels=["state"])
+            jobs.add_metric(["pending"], alloc.get("pending", 0))
+            jobs.add_metric(["running"], alloc.get("running", 0))
+            yield jobs
+            per = GaugeMetricFamily("async_wf_allocation_workers", "Workers of each batch job",
+                                    labels=["job"])
+            for jid, j in sorted(alloc["jobs"].items()):
+                per.add_metric([str(jid)], len(j.get("workers", ())))
+            yield per
 
 
 class MetricsServer:

@@ -88,6 +88,13 @@ class ProgressDisplay:
             items.append(Text(f"reused {short_count(get('reused'))}", style="cyan"))
         if get("cancelled"):
             items.append(Text(f"cancelled {short_count(get('cancelled'))}", style="yellow"))
+        alloc = snap.get("allocations")
+        if isinstance(alloc, Mapping) and alloc.get("jobs") is not None:
+            # a cluster allocator: its jobs, and the workers they brought
+            workers = sum(len(j.get("workers", ())) for j in alloc["jobs"].values())
+            items.append(Text(f"jobs {alloc.get('running', 0)} running, "
+                              f"{alloc.get('pending', 0)} pending, {workers} workers",
+                              style="magenta"))
         rate = float(snap.get("rate", 0.0))
         items.append(Text(f"{short_count(round(rate))} tasks/s"))
         return items

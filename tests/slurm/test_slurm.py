@@ -267,6 +267,13 @@ def test_invalid_partition_is_reported_once_and_stops_submitting(
     assert squeue_ids() == []
 
 
+def _metrics_text(host: str, port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
+        return str(r.read().decode())
+
+
 def test_a_worker_job_near_its_time_limit_gets_no_task_it_cannot_finish(
         tmp_path: Path) -> None:
     # jobs of 1 minute: their workers declare when they end (squeue's end
@@ -277,9 +284,15 @@ def test_a_worker_job_near_its_time_limit_gets_no_task_it_cannot_finish(
                                     output=str(tmp_path / "w-%j.out"))
 
     async def main() -> None:
-        async with async_wf.Runtime(cluster=alloc) as rt:
+        async with async_wf.Runtime(cluster=alloc, metrics="127.0.0.1:0") as rt:
             short = await rt.options(time=1).submit(slow_where, 3, 0.1)
             assert short[0] == 9
+            # the metrics show the job and its worker
+            await asyncio.sleep(1.5)  # the observer samples every second
+            host, port = rt.metrics_address  # type: ignore[misc]
+            text = await asyncio.to_thread(_metrics_text, host, port)
+            assert 'async_wf_allocations{state="running"} 1.0' in text, text
+            assert "async_wf_allocation_workers{job=" in text
             ends = list(rt.statistics()["worker_resources"].values())
             assert len(ends) == 1 and "ends in" in ends[0], ends
             left = float(ends[0].split("ends in ")[1].split(" s")[0])

@@ -118,3 +118,17 @@ async def test_a_worker_with_idle_timeout_exits_after_its_last_task(tmp_path: Pa
         assert 1.0 < idle < 6.0  # the idle timeout, give or take a heartbeat
         await asyncio.sleep(0.2)  # the scheduler's side of the closed connection
         assert rt.statistics()["workers"] == 0
+
+
+def test_the_progress_line_shows_the_allocator_s_jobs_and_workers() -> None:
+    from async_wf.observe.progress import ProgressDisplay
+
+    snap = {"finished": 3, "allocations": {
+        "kind": "slurm", "pending": 1, "running": 2,
+        "jobs": {"11": {"state": "RUNNING", "workers": ["slurm-11-n1"]},
+                 "12": {"state": "RUNNING", "workers": ["slurm-12-n1", "slurm-12-n2"]},
+                 "13": {"state": "PENDING", "workers": []}}}}
+    shown = " | ".join(t.plain for t in ProgressDisplay.describe(snap))
+    assert "jobs 2 running, 1 pending, 3 workers" in shown, shown
+    # without an allocator, nothing about jobs
+    assert "jobs" not in " ".join(t.plain for t in ProgressDisplay.describe({"finished": 3}))
