@@ -105,7 +105,10 @@ def test_one_worker_per_task_inside_an_allocation(tmp_path: Path) -> None:
     assert [r["square"] for r in out["results"]] == [i * i for i in range(8)]
     assert all(r["job"] == job and r["step"] is not None for r in out["results"])
     # two workers, one per task, each with its one CPU and 512 MiB (DefMemPerCPU)
-    assert sorted(out["workers"].values()) == ["cores=1, memory=512 MiB, gpus=0"] * 2
+    # and when their job ends (the job's time limit, from squeue)
+    assert [v.split(";")[0] for v in out["workers"].values()] == \
+        ["cores=1, memory=512 MiB, gpus=0"] * 2
+    assert all("; ends in " in v for v in out["workers"].values())
     assert sorted(n.split()[1] for n in out["workers"]) == \
         [f"slurm-{job}-{NODE}-0", f"slurm-{job}-{NODE}-1"]
 
