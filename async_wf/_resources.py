@@ -910,6 +910,11 @@ def pin(cpu_ids: Sequence[int]) -> None:
     os.sched_setaffinity(threading.get_native_id(), cpu_ids)
 
 
+#: the most resource tasks that run at once in one process (each in a thread of
+#: the pool that runs them, kept for the next ones)
+RESOURCE_THREADS = 256
+
+
 def pinned(fn: Callable[..., Any], cpus: Sequence[int]) -> Callable[..., Any]:
     """``fn`` made to run on ``cpus`` only: the calling thread is pinned for the call.
 

@@ -44,7 +44,7 @@ from async_wf._context import TaskContext, call_on_loop, mark_coroutine, mark_th
 from async_wf._errors import RemoteError, retyped
 from async_wf._futures import replace_in
 from async_wf._held import HeldRef, count_fetched, data_items, read_data
-from async_wf._resources import Allocator, Declared, Grant, Request, pinned
+from async_wf._resources import RESOURCE_THREADS, Allocator, Declared, Grant, Request, pinned
 from async_wf._threads import ERROR, OK, SKIPPED, Outcome, ThreadPool
 
 log = logging.getLogger("async_wf.worker")
@@ -69,8 +69,6 @@ CONNECT_TIMEOUT = 10.0
 
 _NO_KWARGS: dict[str, Any] = {}  # never mutated: ** unpacking copies it
 _MISSING: Any = object()
-#: the most resource tasks running at once on one worker (their own threads)
-_RES_THREADS = 256
 
 
 def portable_exception(exc: BaseException) -> BaseException:
@@ -745,7 +743,7 @@ class Worker:
             if rpool is None:
                 # threads of their own, kept for the next ones: starting a thread
                 # per task blocked the loop until the kernel ran it (ms under load)
-                rpool = self._rpool = ThreadPool(_RES_THREADS, loop, self._on_granted_results,
+                rpool = self._rpool = ThreadPool(RESOURCE_THREADS, loop, self._on_granted_results,
                                                  name="async_wf-res", owner=self)
             if pin:
                 fn = pinned(fn, grant.cpu_ids)

@@ -503,18 +503,11 @@ class RemoteTransport(Transport):
 
     def _near(self, refs: list[HeldRef], kind: int) -> _Worker | None:
         """The worker holding most bytes of these inputs, if it can take a task now."""
-        best = -1
-        most = -1
+        by: dict[int, int] = {}
         for r in refs:
-            if not r.inline and r.size > most:
-                best, most = r.wid, r.size
-        if len(refs) > 1:
-            by: dict[int, int] = {}
-            for r in refs:
-                if not r.inline:
-                    by[r.wid] = by.get(r.wid, 0) + r.size
-            best = max(by, key=by.__getitem__, default=-1)
-        w = self._workers.get(best)
+            if not r.inline:
+                by[r.wid] = by.get(r.wid, 0) + r.size
+        w = self._workers.get(max(by, key=by.__getitem__, default=-1))
         if w is not None and not w.quarantine and w.free(kind) > 0:
             return w
         return None

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from async_wf._context import TaskContext, mark_coroutine, mark_thread
 from async_wf._errors import ResourceError, TaskTimeoutError
 from async_wf._options import ASYNC, THREAD
-from async_wf._resources import Allocator, Declared, Grant, pinned
+from async_wf._resources import RESOURCE_THREADS, Allocator, Declared, Grant, pinned
 from async_wf._threads import ERROR, OK, SKIPPED, Outcome, ThreadPool
 from async_wf.transport import Attempt, Transport
 
@@ -223,7 +223,7 @@ class LocalTransport(Transport):
             if rpool is None:
                 # threads of their own (not the pool's: a task holding 8 cores must
                 # not wait for a thread behind plain tasks), kept for the next ones
-                rpool = self._rpool = ThreadPool(256, loop, self._granted_done,
+                rpool = self._rpool = ThreadPool(RESOURCE_THREADS, loop, self._granted_done,
                                                  name="async_wf-res", owner=self)
             fn = fut._fn
             assert fn is not None

@@ -403,30 +403,36 @@ class TcpTransport(RemoteTransport):
             cmd += ["--tls-auto"]
         elif self._tls_ca:
             cmd += ["--tls-ca", self._tls_ca]
+        spec = self._worker_resources
+        # detected once per start (it may run nvidia-smi), and only if a share is due
+        machine = Declared.detect() if spec.get("memory") is None or spec.get("gpus") is None \
+            else None
         for _ in range(n):
             # each started worker its share of the machine, unless told
             i = self._spawned
             self._spawned += 1
-            args = cmd + self._resource_args(i)
+            args = cmd + self._resource_args(i, machine)
             self._procs.append(subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL))
 
-    def _resource_args(self, i: int) -> list[str]:
+    def _resource_args(self, i: int, machine: Declared | None) -> list[str]:
         """The resource flags of the ``i``-th started worker (``worker_resources``).
 
         Unless given: as many cores as slots, an equal share of the
-        machine's memory and of its GPUs (worker ``i`` gets GPUs i, i+n, ...),
-        and no named resources.
+        ``machine``'s memory and of its GPUs (worker ``i`` gets GPUs i,
+        i+n, ...), and no named resources.
         """
-        spec = dict(self._worker_resources)
+        spec = self._worker_resources
         n = max(self._n_spawn, 1)
         out = ["--cores", str(spec.get("cores") or self._slots)]
         if spec.get("memory") is not None:
             out += ["--memory", str(parse_memory(spec["memory"]))]
         else:
-            out += ["--memory", str(Declared.detect().amounts[MEMORY] // n)]
+            assert machine is not None
+            out += ["--memory", str(machine.amounts[MEMORY] // n)]
         gpus = spec.get("gpus")
         if gpus is None:
-            ids = Declared.detect().gpu_ids[i % n::n]
+            assert machine is not None
+            ids = machine.gpu_ids[i % n::n]
             out += ["--gpus", ",".join(ids) if ids else "0"]
         elif isinstance(gpus, int):
             out += ["--gpus", str(gpus)]
