@@ -26,10 +26,27 @@ if TYPE_CHECKING:
     from async_wf._scheduler import Scheduler
 
 _CONTAINERS = (list, tuple, dict, set, frozenset)
+# what can hold no future: replace_in passes these by without a call
+_LEAVES = frozenset((int, float, str, bytes, bool, type(None), complex))
 
 
 _T = TypeVar("_T")
 
+
+
+def input_value(fut: TaskFuture[Any]) -> Any:
+    """The value a dependent task receives for its finished input ``fut``.
+
+    For a result held on a worker, that is where it is (even when the
+    application fetched it: workers fetch their own); for an ignored
+    failure, the task's ``default``.
+    """
+    if fut._ignored:
+        return fut._opts.default
+    held = fut._held
+    if held is not None:
+        return held
+    return fut.result()
 
 class TaskFuture(asyncio.Future[_T]):
     """The awaitable result of a submitted task.
@@ -56,6 +73,7 @@ class TaskFuture(asyncio.Future[_T]):
         "_kind",
         "_kwargs",
         "_lost",
+        "_next",
         "_obs_t",
         "_opts",
         "_origin",
@@ -98,6 +116,9 @@ class TaskFuture(asyncio.Future[_T]):
     # HeldFuture, where its own value is
     _refs: list[Any] | None
     _held: Any
+    # a task submitted while this one was its only unfinished input: the
+    # transport may send it ahead to this one's worker (send_ahead)
+    _next: TaskFuture[Any] | None
 
     @property
     def name(self) -> str:
@@ -485,6 +506,13 @@ def replace_in(obj: Any, cls: type, fn: Callable[[Any], Any], _depth: int = 0) -
     if _depth >= _MAX_DEPTH:
         return _replace_deep(obj, cls, fn)
     d = _depth + 1
+    if t is tuple:
+        # the common case, a call's flat arguments: no call per plain item
+        items = [fn(x) if type(x) is cls
+                 else x if type(x) in _LEAVES else replace_in(x, cls, fn, d) for x in obj]
+        if all(a is b for a, b in zip(items, obj, strict=True)):
+            return obj
+        return tuple(items)
     if t is list:
         new = [replace_in(x, cls, fn, d) for x in obj]
         return obj if all(a is b for a, b in zip(new, obj, strict=True)) else new

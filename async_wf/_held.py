@@ -22,12 +22,34 @@ from typing import Any
 
 from async_wf import protocol as P
 
-__all__ = ["HeldRef", "data_items", "fetch_sync", "read_data", "transfer_counters"]
+__all__ = ["AHEAD_INPUT", "AheadInput", "HeldRef", "data_items", "fetch_sync", "read_data",
+           "transfer_counters"]
 
 _NO_VALUE: Any = object()
 # bytes this process served from its data port and fetched from others' (a
 # worker's own counters; ``transfer_counters`` reads them, e.g. from a task)
 _counts = {"bytes_served": 0, "bytes_fetched": 0, "fetches": 0}
+
+
+class AheadInput:
+    """Stands, in the arguments of a task sent ahead, for the value its input will make.
+
+    A task whose only unfinished input runs on the same worker may be sent
+    there before that input finishes (``RemoteTransport.send_ahead``); the
+    worker puts the value in place of this marker when the input is done.
+    It pickles by name, so it is the same object on both ends.
+    """
+
+    __slots__ = ()
+
+    def __reduce__(self) -> str:
+        return "AHEAD_INPUT"
+
+    def __repr__(self) -> str:
+        return "AHEAD_INPUT"
+
+
+AHEAD_INPUT = AheadInput()
 
 
 def transfer_counters() -> dict[str, int]:

@@ -45,6 +45,7 @@ from async_wf._futures import (
     TaskFuture,
     _fn_name,
     collect,
+    input_value,
     link_echo,
     replace_in,
 )
@@ -62,16 +63,6 @@ log = logging.getLogger("async_wf")
 
 _OPEN, _CLOSING, _CLOSED, _ABORTED = range(4)
 _CANCEL_GRACE = 2.0  # seconds a cancelling close waits for cancelled work to report
-
-
-def _value(fut: TaskFuture[Any]) -> Any:
-    """The value a dependent task receives for ``fut`` (for a held one: where it is)."""
-    if fut._ignored:
-        return fut._opts.default
-    held = fut._held
-    if held is not None:
-        return held  # even when the application fetched it: workers fetch their own
-    return fut.result()
 
 
 class Scheduler:
@@ -241,6 +232,7 @@ class Scheduler:
         fut._cancelling = False
         fut._refs = None
         fut._held = None
+        fut._next = None
         return fut
 
     def _enqueue(self, fut: TaskFuture[Any], found: list[TaskFuture[Any]]) -> None:
@@ -248,11 +240,13 @@ class Scheduler:
         inputs: list[int] = []
         failed_dep: TaskFuture[Any] | None = None
         cancelled_dep: TaskFuture[Any] | None = None
+        last: TaskFuture[Any] | None = None
         for dep in found:
             if type(dep) is RecordedFuture:
                 dep._read()  # this task runs, so it needs the value
             if not dep.done():
                 inputs.append(dep._handle)
+                last = dep
             elif dep.cancelled():
                 cancelled_dep = dep
             elif not dep._ignored and dep._exception is not None:
@@ -263,10 +257,32 @@ class Scheduler:
             return
         h = self._core.add(inputs, fut._opts.priority)
         fut._handle = h
+        if len(inputs) == 1 and last is not None and last._next is None \
+                and self._transport.send_ahead:
+            self._chain(last, fut, found)
         self._tasks[h] = fut
         if not self._pump_pending:
             self._pump_pending = True
             self._loop.call_soon(self._pump, context=self._ctx)
+
+    @staticmethod
+    def _chain(dep: TaskFuture[Any], fut: TaskFuture[Any], found: list[TaskFuture[Any]]) -> None:
+        """Note ``fut`` as the task that may follow ``dep`` to its worker (send-ahead).
+
+        Only a plain task qualifies: one whose placement or timing the
+        scheduler must decide when it is ready (resources, a deadline, a
+        timeout, MPI ranks) waits for it, as does one taking a held value
+        from another worker (it would have to fetch it first).
+        """
+        opts = fut._opts
+        if (type(fut) is not TaskFuture or type(dep) is not TaskFuture
+                or opts.request is not None or opts.time is not None
+                or opts.timeout is not None or opts.mpi is not None):
+            return
+        for d in found:
+            if d is not dep and d._held is not None:
+                return
+        dep._next = fut
 
     def _read_recorded(self, fut: RecordedFuture[Any]) -> None:
         """Resolve a recorded task from the log; run it if its record is unusable."""
@@ -342,27 +358,38 @@ class Scheduler:
         self._pump_pending = False
         if self._state > _CLOSING:
             return
-        if self._done_buf:
-            self._flush_done()
-        cap = self._transport.capacity()
-        if cap > 0:
+        # a dispatch may report outcomes at once (a task sent ahead that has
+        # ended already): those go on in this same pump, a chain at a time
+        for _ in range(64):
+            if self._done_buf:
+                self._flush_done()
+            cap = self._transport.capacity()
+            if cap <= 0:
+                break
             n = self._batch if cap > self._batch else cap
             handles = self._core.pop(n)
-            if handles:
-                tasks = self._tasks
-                futs = [tasks[h] for h in handles]
-                for f in futs:
-                    if f._subst:
-                        f._args = replace_in(f._args, TaskFuture, _value)
-                        f._kwargs = replace_in(f._kwargs, TaskFuture, _value)
-                        f._subst = False
-                        if self.n_held:
-                            self._find_refs(f)
-                if self._obs is not None:
-                    self._obs.dispatched(futs)
-                self._transport.dispatch(futs)
-                if len(handles) == n:
-                    self._kick()
+            if not handles:
+                break
+            tasks = self._tasks
+            futs = [tasks[h] for h in handles]
+            for f in futs:
+                # (one sent ahead has its arguments there already: they are
+                # put in place here only if it has to run again)
+                if f._subst and f._att is None:
+                    f._args = replace_in(f._args, TaskFuture, input_value)
+                    if f._kwargs:
+                        f._kwargs = replace_in(f._kwargs, TaskFuture, input_value)
+                    f._subst = False
+                    if self.n_held:
+                        self._find_refs(f)
+            if self._obs is not None:
+                self._obs.dispatched(futs)
+            self._transport.dispatch(futs)
+            if len(handles) == n:
+                self._kick()
+                break
+            if not self._done_buf:
+                break
         if not self._tasks and self._idle_waiters:
             self._wake_idle()
 
@@ -399,6 +426,7 @@ class Scheduler:
             fut._args = ()
             fut._kwargs = {}
             fut._att = None
+            fut._next = None
             handles.append(fut._handle)
         if rec:
             assert ck is not None
@@ -612,6 +640,8 @@ class Scheduler:
             return False
         st = self._core.state(fut._handle)
         if st == _corepick.WAITING or st == _corepick.READY:
+            if fut._att is not None:
+                self._transport.cancel_ahead(fut)  # sent ahead to a worker
             self._cancel_in_core(fut, msg)
             return True
         if st == _corepick.RUNNING:

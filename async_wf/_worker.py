@@ -43,7 +43,7 @@ from async_wf import protocol as P
 from async_wf._context import TaskContext, call_on_loop, mark_coroutine, mark_thread
 from async_wf._errors import RemoteError, retyped
 from async_wf._futures import replace_in
-from async_wf._held import HeldRef, count_fetched, data_items, read_data
+from async_wf._held import AheadInput, HeldRef, count_fetched, data_items, read_data
 from async_wf._resources import RESOURCE_THREADS, Allocator, Declared, Grant, Request, pinned
 from async_wf._threads import ERROR, OK, SKIPPED, Outcome, ThreadPool
 
@@ -59,6 +59,9 @@ log = logging.getLogger("async_wf.worker")
 # INLINE_NEVER seconds sends the function to the threads for good: frames
 # that arrive meanwhile still wait for such a call.
 INLINE_BELOW = 200e-6
+# values left for a follower sent ahead that the scheduler never sent (a
+# task cancelled meanwhile): a bound, in case its FREE never comes either
+KEPT_MAX = 1024
 INLINE_BUDGET = 5e-3
 INLINE_NEVER = 5e-3
 GUARD_TICK = 20e-3
@@ -130,6 +133,13 @@ class Worker:
         # to other workers' data ports, by address
         self._store: dict[int, Any] = {}
         self._peers: dict[str, _PeerLink] = {}
+        # send-ahead (RemoteTransport.send_ahead): the tasks whose value a
+        # follower will want, not yet ended; the values they left for a
+        # follower still to come; the followers that came before their input ended
+        self._keep: set[int] = set()
+        self._kept: dict[int, Any] = {}
+        self._after: dict[int, tuple[Any, ...]] = {}
+        self._followers: collections.deque[tuple[tuple[Any, ...], Any]] = collections.deque()
         self._data_sock: socket.socket | None = None
         self._data_server: asyncio.AbstractServer | None = None
         # tasks that asked for resources: the free ones, the waiting tasks
@@ -504,10 +514,27 @@ class Worker:
             self._report(rid, P.R_ERROR, err, None)
             return None
         loaded = rid, fid, kind, fn, args, kw if kw is not None else _NO_KWARGS, extra
+        if extra is not None and kind < P.K_MPI and len(extra) == 5:
+            # (restore, priority, refs, keep, after): send-ahead
+            if extra[3]:
+                self._keep.add(rid)  # a follower will want its value
+            after = extra[4]
+            if after:
+                value = self._kept.pop(after, _MISSING)
+                if value is _MISSING:
+                    if after in self._keep:
+                        self._after[after] = loaded  # started when its input ends
+                    else:
+                        # its input failed here, or was not sent here after all
+                        self._report(rid, P.R_NOINPUT, [after], None)
+                    return None
+                loaded = self._with_ahead(loaded, value)
+            if extra[2] is None:
+                return loaded
         if extra is not None and kind != P.K_MPI and len(extra) in (3, 5):
             # inputs that stayed on workers: this one's own are at hand, the
             # others are fetched first (and the task starts when they are here)
-            refs: list[HeldRef] = extra[-1]
+            refs: list[HeldRef] = extra[2] if kind < P.K_MPI else extra[-1]
             missing = [r for r in refs
                        if not r.inline and not (r.wid == self.worker_id and r.key in self._store)]
             if missing:
@@ -534,6 +561,50 @@ class Worker:
         if kw:
             kw = replace_in(kw, HeldRef, value)
         return rid, fid, kind, fn, args, kw, extra
+
+    @staticmethod
+    def _with_ahead(loaded: tuple[Any, ...], value: Any) -> tuple[Any, ...]:
+        """``loaded`` (a task sent ahead) with its input's value in place of the marker."""
+        rid, fid, kind, fn, args, kw, extra = loaded
+
+        def put(_: AheadInput) -> Any:
+            return value
+
+        args = replace_in(args, AheadInput, put)
+        if kw:
+            kw = replace_in(kw, AheadInput, put)
+        return rid, fid, kind, fn, args, kw, extra
+
+    def _start_followers(self) -> None:
+        """Start the tasks sent ahead whose input ended here, and those that follow them.
+
+        A quick one runs here on the loop; its own follower, if it came,
+        is appended as it ends, and runs in this same call.
+        """
+        todo = self._followers
+        spent = 0.0
+        while todo:
+            if self._stream is None:
+                todo.clear()
+                return
+            if spent >= INLINE_BUDGET:
+                # let frames in (a CANCEL, a SHUTDOWN) before going on
+                loop = self._loop
+                assert loop is not None
+                loop.call_soon(self._start_followers)
+                return
+            loaded, value = todo[0]
+            rid, fid, kind, fn, args, kw, extra = self._with_ahead(loaded, value)
+            if kind == P.K_THREAD:
+                d = self._dur.get(fid)
+                if d is not None and d < INLINE_BELOW and self._guard_can and not self._async:
+                    # popped after: the follower this one's end appends must
+                    # not schedule a second call of this method
+                    spent += self._run_inline(rid, fid, fn, args, kw)
+                    todo.popleft()
+                    continue
+            todo.popleft()
+            self._start_loaded((rid, fid, kind, fn, args, kw, extra))
 
     def _spawn_fetch(self, loaded: tuple[Any, ...], refs: list[HeldRef]) -> None:
         loop = self._loop
@@ -643,6 +714,8 @@ class Worker:
             raise P.ProtocolError(f"FREE wants a list of keys, got {keys!r:.80}")
         for k in keys:
             self._store.pop(k, None)
+            self._kept.pop(k, None)
+            self._keep.discard(k)
 
     def _unloadable(self, rid: int, exc: BaseException) -> None:
         # this task alone: e.g. an argument's module is missing here
@@ -1028,6 +1101,12 @@ class Worker:
         assert pool is not None
         for rid in rids:
             t = self._async.get(rid)
+            if self._after and t is None:
+                after = next((k for k, v in self._after.items() if v[0] == rid), None)
+                if after is not None:
+                    del self._after[after]  # sent ahead, its input not ended yet
+                    self._report(rid, P.R_CANCELLED, None, None)
+                    continue
             if t is not None:
                 t.cancel()
             elif self._waiting and any(item[2] == rid for item in self._waiting):
@@ -1063,6 +1142,27 @@ class Worker:
     def _report(self, rid: int, status: int, value: Any, tb: str | None) -> None:
         if self._ctx_info:
             self._ctx_info.pop(rid, None)
+        if self._keep and rid in self._keep:
+            self._keep.discard(rid)
+            follower = self._after.pop(rid, None)
+            if status == P.R_OK:
+                if follower is not None:
+                    # started before this result is flushed: a chain's quick
+                    # links run back to back and their results share a frame
+                    self._followers.append((follower, value))
+                    if len(self._followers) == 1:
+                        loop = self._loop
+                        assert loop is not None
+                        loop.call_soon(self._start_followers)
+                else:
+                    kept = self._kept
+                    if len(kept) >= KEPT_MAX:
+                        # a follower that was never sent: the oldest goes
+                        del kept[next(iter(kept))]
+                    kept[rid] = value
+            elif follower is not None:
+                # it ended without a value: its follower cannot run (nor its own)
+                self._report(follower[0], P.R_NOINPUT, [rid], None)
         if status == P.R_ERROR:
             # checked one by one (errors are rare): one exception that cannot
             # make the round trip must not break the frame of all the others

@@ -16,7 +16,11 @@ scheduler, the next task back), so 1.0 is the floor.
 Rows:
 
 * ``rtt``: the echo round trip.
-* ``chain same-ok``: default placement; the worker may run link after link.
+* ``chain same-ok``: default placement; the worker may run link after link,
+  and up to ``send_ahead`` links (the transport's default) wait there for
+  their input, so that a link starts when its input ends there.
+* ``chain no-ahead``: the same on the same runtime with ``send_ahead`` set
+  to 0 for the row: each link waits for the scheduler (the "before").
 * ``chain w0 only``: every link asks for ``resources={"w0": 1}``: one
   worker, through the resource-aware path (the control for the next row).
 * ``chain across``: links alternate ``resources={"w0": 1}`` and ``{"w1": 1}``,
@@ -166,13 +170,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             s = r.statistics()
             return int(s["bytes_sent"]) + int(s["bytes_received"])
 
+        tr = rt.transport
+        default_ahead = tr.send_ahead
+
         async def chain(mode: str) -> dict[str, float]:
+            tr.send_ahead = 0 if mode == "no-ahead" else default_ahead
             t0 = time.perf_counter()
             f: Any = (0, 0, 0)
             for i in range(args.n):
-                f = (rt if mode == "any" else on[i % 2 if mode == "across" else 0]).submit(link, f)
+                f = (rt if mode in ("any", "no-ahead")
+                     else on[i % 2 if mode == "across" else 0]).submit(link, f)
             n, _, switches = await f
             dt = time.perf_counter() - t0
+            tr.send_ahead = default_ahead
             if n != args.n:
                 raise AssertionError(f"chain counted {n} links, want {args.n}")
             return {"s_per_link": dt / args.n, "switches": switches}
@@ -200,6 +210,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         rows: dict[str, Callable[[], Awaitable[dict[str, float]]]] = {
             "rtt": rtt,
             "chain same-ok": lambda: chain("any"),
+            "chain no-ahead": lambda: chain("no-ahead"),
             "chain w0 only": lambda: chain("w0"),
             "chain across": lambda: chain("across"),
             "array keep_min=0": lambda: array(before),

@@ -79,6 +79,14 @@ class Transport(abc.ABC):
         the transport has disarmed the attempt's timeout.
         """
 
+    #: how many dependent tasks may follow a task to its worker before it
+    #: finishes (RemoteTransport); 0: none, every dependent waits for the scheduler
+    send_ahead = 0
+
+    def cancel_ahead(self, fut: TaskFuture[Any]) -> None:
+        """``fut``, still waiting for its input, is cancelled: drop it where it was sent ahead."""
+        return  # only transports that send ahead have anything to drop
+
     def broken(self) -> BaseException | None:
         """Why this transport can run nothing any more (a failed thread initializer), or None.
 

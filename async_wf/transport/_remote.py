@@ -57,8 +57,8 @@ from async_wf._errors import (
     WorkerLostError,
     retyped,
 )
-from async_wf._futures import HeldFuture, TaskFuture
-from async_wf._held import HeldRef, fetch_sync, read_data
+from async_wf._futures import HeldFuture, TaskFuture, input_value, replace_in
+from async_wf._held import AHEAD_INPUT, HeldRef, fetch_sync, read_data
 from async_wf._options import ASYNC
 from async_wf._resources import CORES, GPUS, MEMORY, Declared, Ledger, Request
 from async_wf._task import TaskFunction
@@ -128,14 +128,27 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
 
 
 class _Sent(Attempt):
-    """Where the current attempt of a task went (``TaskFuture._att``)."""
+    """Where the current attempt of a task went (``TaskFuture._att``).
 
-    __slots__ = ("rid", "w")
+    A task sent ahead (see ``RemoteTransport.send_ahead``) has one while it
+    still waits, in the core, for its input: ``ahead`` until the core
+    releases it, and its outcome, if it comes before that, waits in ``early``.
+    """
+
+    __slots__ = ("ahead", "chain", "depth", "early", "keep", "prev", "rid", "w")
 
     def __init__(self, w: _Worker, rid: int) -> None:
         self.w = w
         self.rid = rid
         self.timer = None
+        self.ahead = False
+        self.depth = 0  # tasks sent ahead before it in its chain (0: sent when ready)
+        self.keep = False  # its worker keeps its value for the task that follows it
+        self.prev: TaskFuture[Any] | None = None  # ahead: the input it waits for there
+        self.early: tuple[Any, ...] | None = None  # ahead: its outcome, come too soon
+        #: shared by a chain sent ahead on one worker: [its last task, how
+        #: many of its tasks are still ahead]
+        self.chain: list[Any] | None = None
 
 
 class _Worker:
@@ -245,7 +258,11 @@ class RemoteTransport(Transport):
     """Base of the transports whose workers are other processes (see the module docstring)."""
 
     def __init__(self, *, prefetch: int, async_limit: int, compress_min: int,
-                 max_lost: int) -> None:
+                 max_lost: int, send_ahead: int = 0) -> None:
+        if isinstance(send_ahead, bool) or not isinstance(send_ahead, int) or send_ahead < 0:
+            raise ValueError(f"send_ahead must be an int >= 0, got {send_ahead!r}")
+        self.send_ahead = send_ahead
+        self.n_ahead = 0  # tasks sent ahead of their input's end
         self._prefetch = prefetch
         self._async_limit = async_limit
         self._compress_min = compress_min
@@ -397,6 +414,11 @@ class RemoteTransport(Transport):
         n_req = 0
         for fut in futs:
             kind = fut._kind
+            sent = fut._att
+            if type(sent) is _Sent and sent.ahead:
+                # sent ahead, and now released by the core: it is there already
+                self._released(fut, sent)
+                continue
             if fut._opts.request is not None:
                 self._seq += 1
                 bisect.insort(self._rq, (-fut._opts.priority, self._seq, fut, time.monotonic()))
@@ -855,9 +877,18 @@ class RemoteTransport(Transport):
         bufs: list[Any] = []
         budget = P.DEFAULT_MAX_FRAME - P.FRAME_MARGIN
         size = 0
+        ahead_on = self.send_ahead > 0 and part is None
+        if ahead_on:
+            futs = list(futs)  # the tasks sent ahead are appended
         for fut in futs:
             fn = fut._fn
             args = fut._args
+            pre = fut._att
+            ahead = ahead_on and type(pre) is _Sent and pre.ahead
+            if ahead:
+                args, kwargs = self._ahead_args(fut, pre)
+            else:
+                kwargs = fut._kwargs
             if type(fn) is types.MethodType:
                 # the function goes in the cache, the object with the
                 # arguments: cached, obj.method would keep obj alive on the
@@ -885,11 +916,14 @@ class RemoteTransport(Transport):
             try:
                 # each task's arguments in a blob of their own: one that the
                 # worker cannot unpickle fails that task, not the frame
-                args_blob = P.pack((args, fut._kwargs or None), bufs, main_by_value=True)
+                args_blob = P.pack((args, kwargs or None), bufs, main_by_value=True)
             except KeyboardInterrupt:
                 raise
             except BaseException as exc:
                 del bufs[n0:]
+                if ahead:
+                    self._not_ahead(w, fut)  # sent when ready, and fails then
+                    continue
                 self._unsendable(w, fut, "arguments", exc)
                 continue
             fid = entry[1]
@@ -898,6 +932,9 @@ class RemoteTransport(Transport):
                 # the worker would take the frame for an attack and hang up:
                 # fail this task, before anything of it is sent
                 del bufs[n0:]
+                if ahead:
+                    self._not_ahead(w, fut)
+                    continue
                 self._refuse_task(w, fut, ValueError(P.too_large(
                     "arguments", fut.name, n, P.DEFAULT_MAX_FRAME)))
                 continue
@@ -915,7 +952,12 @@ class RemoteTransport(Transport):
             if part is not None:
                 batch.append((rid, fid, part[0], len(bufs) - n0, args_blob, part[1]))
                 continue
-            sent = fut._att = _Sent(w, rid)
+            if ahead:
+                sent = pre
+                sent.rid = rid
+                self.n_ahead += 1
+            else:
+                sent = fut._att = _Sent(w, rid)
             # a checkpointed task with a saved step gets it back from the
             # worker; one with a priority takes its place in the worker's queue
             restore = None
@@ -925,12 +967,25 @@ class RemoteTransport(Transport):
                 if got is not None:
                     restore = (got[0], got[1][0])
             prio = fut._opts.priority
-            refs = fut._refs
-            if refs is not None:
+            refs = None if ahead else fut._refs
+            req = fut._opts.request
+            keep = False
+            if ahead_on and req is None:
+                nxt = fut._next
+                if nxt is not None and self._can_follow(nxt):
+                    # its value stays there for nxt; nxt goes with it now,
+                    # or later when a task before it in the chain is released
+                    keep = sent.keep = True
+                    if sent.depth < self.send_ahead:
+                        self._mark_ahead(w, fut, nxt)
+                        futs.append(nxt)
+            if keep or ahead:
+                after = sent.prev._att.rid if ahead and sent.prev is not None else 0
+                extra = (restore, prio, refs, keep, after)
+            elif refs is not None:
                 extra = (restore, prio, refs)
             elif restore is not None or prio:
                 extra = (restore, prio)
-            req = fut._opts.request
             if req is None:
                 batch.append((rid, fid, fut._kind, len(bufs) - n0, args_blob, extra))
             else:
@@ -944,6 +999,122 @@ class RemoteTransport(Transport):
             return 0
         self._send_frame(w, new_fns, batch, bufs)
         return int(batch[-1][0])
+
+    # -------------------------------------------------------- send-ahead
+    # A chain of dependent tasks on one worker need not wait for the
+    # scheduler per link: a task whose only unfinished input is sent to a
+    # worker may follow it there at once (up to send_ahead links deep), and
+    # the worker starts it when the input ends, with the value it has at
+    # hand. The core still releases it only when the input's outcome is in
+    # (so the log, failure policies and observers see every link in order);
+    # an outcome that comes back before that waits in its _Sent.early.
+
+    @staticmethod
+    def _can_follow(nxt: TaskFuture[Any]) -> bool:
+        """Whether ``nxt`` (a chained task, see ``Scheduler._chain``) may be sent ahead now."""
+        return nxt._att is None and not nxt._lost and not nxt.done()
+
+    def _mark_ahead(self, w: _Worker, prev: TaskFuture[Any], nxt: TaskFuture[Any]) -> None:
+        """``nxt`` goes to ``w`` after ``prev``, before ``prev`` has finished."""
+        s = nxt._att = _Sent(w, 0)
+        s.ahead = True
+        s.prev = prev
+        ps = prev._att
+        s.depth = ps.depth + 1
+        chain = ps.chain
+        if chain is None:
+            chain = ps.chain = [prev, 0]
+        chain[0] = nxt
+        chain[1] += 1
+        s.chain = chain
+        w.count(nxt._kind, 1)
+
+    @staticmethod
+    def _ahead_args(fut: TaskFuture[Any], sent: _Sent) -> tuple[Any, Any]:
+        """``fut``'s arguments with its input's value still to come: the marker in its place."""
+        prev = sent.prev
+
+        def value(d: TaskFuture[Any]) -> Any:
+            return AHEAD_INPUT if d is prev else input_value(d)
+
+        args = replace_in(fut._args, TaskFuture, value)
+        kwargs = replace_in(fut._kwargs, TaskFuture, value) if fut._kwargs else fut._kwargs
+        return args, kwargs
+
+    def _not_ahead(self, w: _Worker, fut: TaskFuture[Any]) -> None:
+        """``fut`` is no longer (or was not after all) sent ahead to ``w``."""
+        sent = fut._att
+        if w.inflight.pop(sent.rid, None) is not None or sent.rid == 0:
+            self._uncount(w, fut)
+        chain = sent.chain
+        if chain is not None:
+            chain[1] -= 1
+            if chain[0] is fut:
+                chain[0] = sent.prev
+        fut._att = None
+
+    def _unahead(self, w: _Worker, fut: TaskFuture[Any]) -> None:
+        """``fut``'s attempt on ``w`` ended without a value: the tasks sent after it are void.
+
+        The worker drops them itself (each is answered R_NOINPUT, then
+        ignored); they wait in the core, and go out again when ready.
+        """
+        cur = fut
+        while True:
+            nxt = cur._next
+            if nxt is None:
+                return
+            s = nxt._att
+            if type(s) is not _Sent or not s.ahead or s.w is not w:
+                return
+            self._not_ahead(w, nxt)
+            cur = nxt
+
+    def cancel_ahead(self, fut: TaskFuture[Any]) -> None:
+        """``fut``, sent ahead, is cancelled before it was ready: its worker drops it."""
+        sent = fut._att
+        if type(sent) is not _Sent or not sent.ahead:
+            return
+        w = sent.w
+        if w.inflight.get(sent.rid) is fut and not self._closing:
+            w.stream.send(P.encode(P.CANCEL, [sent.rid]))
+        self._not_ahead(w, fut)
+
+    def _released(self, fut: TaskFuture[Any], sent: _Sent) -> None:
+        """The core released ``fut``, which was sent ahead: it is now an ordinary attempt."""
+        sent.ahead = False
+        w = sent.w
+        self._advance(w, fut)
+        early = sent.early
+        if early is not None:
+            sent.early = None
+            status, nbufs, blob, tb, bufs = early
+            self._result(w, sent.rid, fut, status, nbufs, blob, tb, bufs, 0, [])
+
+    def _advance(self, w: _Worker, fut: TaskFuture[Any]) -> None:
+        """One task of a chain on ``w`` is released: more may go ahead at the chain's end."""
+        chain = fut._att.chain
+        if chain is None:
+            return
+        chain[1] -= 1
+        k = chain[1]
+        if k > self.send_ahead // 2:
+            # far enough ahead: refilled by half at a time, so that one
+            # frame carries several links and one outcome does not buy one
+            return
+        tail = chain[0]
+        ts = tail._att
+        if type(ts) is not _Sent or not ts.keep or ts.w is not w or w.id not in self._workers:
+            return
+        nxt = tail._next
+        if nxt is not None and self._can_follow(nxt):
+            self._mark_ahead(w, tail, nxt)
+            nxt._att.depth = k + 1
+            self._send_tasks(w, [nxt])
+        else:
+            # nothing will come for the value it keeps there
+            ts.keep = False
+            w.stream.send(P.encode(P.FREE, [ts.rid]))
 
     def _send_frame(self, w: _Worker, new_fns: list[tuple[int, bytes]],
                     batch: list[tuple[Any, ...]], bufs: list[Any]) -> None:
@@ -1123,8 +1294,6 @@ class RemoteTransport(Transport):
 
     def _on_results(self, w: _Worker, results: list[tuple[int, int, int, bytes, Any]],
                     buffers: list[Any]) -> None:
-        sched = self._sched
-        assert sched is not None
         pos = 0
         returned: list[TaskFuture[Any]] = []
         for rid, status, nbufs, blob, tb in results:
@@ -1145,58 +1314,15 @@ class RemoteTransport(Transport):
                         w.n_req -= 1
                 continue
             self._uncount(w, fut)
-            if status == P.R_HELD or status == P.R_NOINPUT:
-                sent = fut._att
-                if sent is not None:
-                    sent.stop_timer()
-                    fut._att = None
-                try:
-                    info = P.unpack(blob, buffers, start, nbufs)
-                    if status == P.R_HELD:
-                        self._on_held(w, rid, fut, info)
-                    else:
-                        self._inputs_lost(fut, info)
-                except (TypeError, ValueError) as exc:
-                    sched.task_error(fut, RemoteError(f"malformed report of a held result: {exc}"))
-                continue
-            if status == P.R_RETURNED:
-                # given back unstarted (STEAL): to the worker that ran dry
-                sent = fut._att
-                if sent is not None:
-                    sent.stop_timer()
-                    fut._att = None
-                self.n_stolen += 1
-                returned.append(fut)
-                continue
-            value: Any = None
-            if status != P.R_CANCELLED:
-                try:
-                    value = P.unpack(blob, buffers, start, nbufs)
-                except KeyboardInterrupt:
-                    raise  # the user's Ctrl-C, not the value's fault
-                except BaseException as exc:
-                    # this result alone is lost, not the connection and the
-                    # others: SystemExit too (a __reduce__ may raise anything),
-                    # which would otherwise end the connection's handler
-                    what = "result" if status == P.R_OK else "exception"
-                    status = P.R_ERROR
-                    value = RemoteError(
-                        f"the {what} of task {fut.name!r} could not be unpickled here: "
-                        f"{type(exc).__name__}: {exc}"
-                    )
-            if status == P.R_ERROR and tb and isinstance(value, BaseException) \
-                    and value.__cause__ is None:
-                value.__cause__ = RemoteTraceback(tb)
-            if self._parts:
-                owner = self._parts.pop(rid, None)
-                if owner is not None:
-                    self._part_outcome(w, owner, status, value)
-                    continue
             sent = fut._att
-            if sent is not None:
-                sent.stop_timer()
-                fut._att = None
-            self._outcome(fut, status, value)
+            if type(sent) is _Sent and sent.ahead:
+                # its input's outcome is not in yet: keep this one until it is
+                if status == P.R_NOINPUT or status == P.R_RETURNED or fut.done():
+                    fut._att = None  # not run there: it goes out again when ready
+                else:
+                    sent.early = (status, nbufs, blob, tb, buffers[start:start + nbufs])
+                continue
+            self._result(w, rid, fut, status, nbufs, blob, tb, buffers, start, returned)
         if returned:
             self._hand_to_thief(w, returned)
         if w.budget == 0 and not w.inflight and not w.zombies:
@@ -1208,6 +1334,71 @@ class RemoteTransport(Transport):
         if not w.n_thread and self._loop is not None and len(self._order) > 1:
             # after the pump that _wake asks for: if it had nothing for w either
             self._loop.call_soon(self._maybe_steal, w)
+
+    def _result(self, w: _Worker, rid: int, fut: TaskFuture[Any], status: int, nbufs: int,
+                blob: bytes, tb: Any, buffers: list[Any], start: int,
+                returned: list[TaskFuture[Any]]) -> None:
+        """Report one outcome from ``w`` for ``fut`` (its credit already given back)."""
+        sched = self._sched
+        assert sched is not None
+        if status == P.R_HELD or status == P.R_NOINPUT:
+            sent = fut._att
+            if sent is not None:
+                sent.stop_timer()
+                fut._att = None
+            try:
+                info = P.unpack(blob, buffers, start, nbufs)
+                if status == P.R_HELD:
+                    self._on_held(w, rid, fut, info)
+                else:
+                    if fut._next is not None:
+                        self._unahead(w, fut)
+                    self._inputs_lost(fut, info)
+            except (TypeError, ValueError) as exc:
+                sched.task_error(fut, RemoteError(f"malformed report of a held result: {exc}"))
+            return
+        if status == P.R_RETURNED:
+            # given back unstarted (STEAL): to the worker that ran dry
+            sent = fut._att
+            if sent is not None:
+                sent.stop_timer()
+                fut._att = None
+            if fut._next is not None:
+                self._unahead(w, fut)
+            self.n_stolen += 1
+            returned.append(fut)
+            return
+        value: Any = None
+        if status != P.R_CANCELLED:
+            try:
+                value = P.unpack(blob, buffers, start, nbufs)
+            except KeyboardInterrupt:
+                raise  # the user's Ctrl-C, not the value's fault
+            except BaseException as exc:
+                # this result alone is lost, not the connection and the
+                # others: SystemExit too (a __reduce__ may raise anything),
+                # which would otherwise end the connection's handler
+                what = "result" if status == P.R_OK else "exception"
+                status = P.R_ERROR
+                value = RemoteError(
+                    f"the {what} of task {fut.name!r} could not be unpickled here: "
+                    f"{type(exc).__name__}: {exc}"
+                )
+        if status == P.R_ERROR and tb and isinstance(value, BaseException) \
+                and value.__cause__ is None:
+            value.__cause__ = RemoteTraceback(tb)
+        if self._parts:
+            owner = self._parts.pop(rid, None)
+            if owner is not None:
+                self._part_outcome(w, owner, status, value)
+                return
+        sent = fut._att
+        if sent is not None:
+            sent.stop_timer()
+            fut._att = None
+        if status != P.R_OK and fut._next is not None:
+            self._unahead(w, fut)
+        self._outcome(fut, status, value)
 
     def _retire(self, w: _Worker) -> None:
         """``w`` ran its ``budget`` of tasks, all over: replace it (subclasses that set one)."""
@@ -1238,6 +1429,8 @@ class RemoteTransport(Transport):
         if w.inflight.get(rid) is not fut or fut._cancelling:
             return
         del w.inflight[rid]
+        if fut._next is not None:
+            self._unahead(w, fut)
         # its slot (or its resources) stay busy until the worker answers
         if fut._opts.request is None:
             w.zombies[rid] = fut._kind
@@ -1320,6 +1513,9 @@ class RemoteTransport(Transport):
         for f in w.inflight.values():
             if f.done():
                 continue
+            s = f._att
+            if type(s) is _Sent and s.ahead:
+                continue  # waiting for its input there: not started
             if f._kind != ASYNC and f._opts.request is None:
                 if blocking >= w.slots:
                     continue
@@ -1365,6 +1561,9 @@ class RemoteTransport(Transport):
         assert sched is not None
         for fut in futs:
             sent = fut._att
+            if type(sent) is _Sent and sent.ahead:
+                fut._att = None  # still waiting for its input: sent again when ready
+                continue
             if sent is not None:
                 sent.stop_timer()
                 fut._att = None

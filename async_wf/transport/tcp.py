@@ -157,6 +157,12 @@ class TcpTransport(RemoteTransport):
             ``resources`` (named amounts, e.g. ``{"licence": 2}``).
         allocator: an ``Allocator`` (Slurm) that starts workers elsewhere;
             the default ``listen`` is then its ``listen_host()``.
+        send_ahead: a chain of dependent tasks may run this many links ahead
+            of the scheduler on one worker: a task whose only unfinished
+            input goes to a worker follows it there at once, and starts when
+            that input ends, without waiting for the scheduler. The
+            scheduler still learns every outcome, in order. 0: every task
+            waits until its inputs are done here.
 
     Raises:
         ValueError: an argument breaks its rule.
@@ -187,6 +193,7 @@ class TcpTransport(RemoteTransport):
         worker_resources: Mapping[str, Any] | None = None,
         keep_min: int = 64 << 10,
         allocator: Allocator | None = None,
+        send_ahead: int = 32,
     ) -> None:
         for name, value, low in (("workers", workers, 0), ("slots", slots, 1),
                                  ("max_handshakes", max_handshakes, 1),
@@ -230,7 +237,7 @@ class TcpTransport(RemoteTransport):
             raise ValueError("workers started with an ssl.SSLContext need tls_ca= to verify "
                              "the scheduler (or use ssl='auto')")
         super().__init__(prefetch=prefetch, async_limit=async_limit,
-                         compress_min=compress_min, max_lost=max_lost)
+                         compress_min=compress_min, max_lost=max_lost, send_ahead=send_ahead)
         self.secret = token if token is not None else P.new_secret()
         self._n_spawn = workers
         self._tls_auto = ssl == "auto"
@@ -642,6 +649,7 @@ class TcpTransport(RemoteTransport):
             "bytes_sent": sent,
             "bytes_received": received,
             "tasks_stolen": self.n_stolen,
+            "tasks_sent_ahead": self.n_ahead,
             "results_held": len(self._held),
             "bytes_held": self.bytes_held,
             "bytes_fetched": self.bytes_fetched,
