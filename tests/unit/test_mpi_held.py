@@ -21,7 +21,7 @@ from tests.unit.test_mpi import mpirun, oks
 pytestmark = pytest.mark.core_independent
 
 HELD = """
-    import asyncio, gc
+    import asyncio, gc, time
     import numpy as np
     import async_wf
     from async_wf import task
@@ -53,6 +53,11 @@ HELD = """
         import time
         time.sleep(0.05)  # long enough that the batch spreads over both ranks
         return make(i), MPI.COMM_WORLD.rank
+
+    def sleepy(a, seconds):
+        import time
+        time.sleep(seconds)
+        return MPI.COMM_WORLD.rank
 
     def first(pair):
         return pair[0]
@@ -129,6 +134,18 @@ HELD = """
             assert np.array_equal(b, make(4))
             print("OK application fetch")
 
+            # the holder's loop serves a fetch while its slot runs a long task
+            h = rt.submit(make, 5)
+            busy = rt.submit(sleepy, h, 2.0)  # runs where h is
+            await asyncio.sleep(0.3)
+            holder = h._held.wid  # the rank that holds it
+            t0 = time.monotonic()
+            assert np.array_equal(await h, make(5))
+            waited = time.monotonic() - t0
+            assert waited < 1.0 and not busy.done(), waited
+            assert await busy == holder
+            print("OK served while busy")
+
             # an MPI task takes a held input on both ranks; its result comes back whole
             h = rt.submit(make, 1)
             red, pieces = zip(*await gang_sum(h))
@@ -164,5 +181,58 @@ def test_results_stay_on_their_rank(tmp_path: Path) -> None:
     got = oks(mpirun(tmp_path, 3, HELD, timeout=180))
     assert {g.split()[0] if g.startswith("rank to rank") else g for g in got} >= {
         "pipeline stays on its rank", "application fetch", "mpi task with a held input",
-        "freed", "keep_min=0"}
+        "freed", "keep_min=0", "served while busy"}
     assert any(g.startswith("rank to rank") for g in got), got
+
+
+DAG = """
+    import asyncio, gc, random
+    import numpy as np
+    import async_wf
+    from async_wf import task
+    from async_wf.mpi import held_keys
+    from async_wf.transport.mpi import MpiTransport
+    from mpi4py import MPI
+
+    def leaf(i):
+        return np.random.default_rng(i).random(20000 + i)  # 160 KB: held
+
+    def comb(*xs):
+        n = min(len(x) for x in xs)
+        return sum(x[:n] for x in xs) / len(xs) + 1
+
+    @task(mpi=3, mpi_gather=True)
+    def holding(comm):
+        return held_keys()
+
+    async def main():
+        rng = random.Random(5)
+        async with async_wf.Runtime(transport=MpiTransport()) as rt:
+            # a random graph over 3 worker ranks: inputs on 1 to 4 ranks each
+            futs, local = [], []
+            for i in range(30):
+                futs.append(rt.submit(leaf, i))
+                local.append(leaf(i))
+            for _ in range(200):
+                idx = [rng.randrange(len(futs)) for _ in range(rng.randint(1, 4))]
+                futs.append(rt.submit(comb, *[futs[i] for i in idx]))
+                local.append(comb(*[local[i] for i in idx]))
+            pick = [rng.randrange(len(futs)) for _ in range(40)]
+            got = await asyncio.gather(*[futs[i] for i in pick])
+            assert all(np.array_equal(g, local[i]) for i, g in zip(pick, got))
+            st = rt.statistics()
+            assert st["results_held"] > 0 and st["bytes_received"] < st["bytes_held"] / 2, st
+            print("OK random graph")
+            del futs, got
+            gc.collect()
+            await asyncio.sleep(0.3)
+            assert rt.statistics()["results_held"] == 0
+            assert await holding() == [[], [], []]
+            print("OK all freed")
+
+    async_wf.run(main())
+"""
+
+
+def test_a_random_graph_over_three_ranks(tmp_path: Path) -> None:
+    assert oks(mpirun(tmp_path, 4, DAG, timeout=180)) == {"random graph", "all freed"}
