@@ -238,7 +238,7 @@ class _RankPeer:
             ConnectionError: the runtime ended before the answer.
         """
         fut: asyncio.Future[dict[int, Any]] = asyncio.get_running_loop().create_future()
-        self.worker._asked.setdefault(self.rank, collections.deque()).append(fut)
+        self.worker._asked.setdefault(self.rank, collections.deque()).append((set(keys), fut))
         self.worker._channel.send(self.rank, P.encode(P.FETCH, keys))
         return await fut
 
@@ -270,7 +270,8 @@ class MpiWorker(Worker):
         self._beats = False
         self._channel = link.channel
         # our FETCHes to other ranks, by rank, answered in order (_RankPeer)
-        self._asked: dict[int, collections.deque[asyncio.Future[dict[int, Any]]]] = {}
+        self._asked: dict[int, collections.deque[
+            tuple[set[int], asyncio.Future[dict[int, Any]]]]] = {}
         # the rids of MPI tasks' parts: their results always go to the root
         self._no_keep: set[int] = set()
         self.forward_logs()
@@ -308,14 +309,16 @@ class MpiWorker(Worker):
         if kind == P.FETCH:
             self.serve_fetch(src, P.loads(payload, buffers))
         elif kind == P.DATA:
+            got = read_data(payload, buffers)
             q = self._asked.get(src)
-            if not q:
-                # the answer to a fetch of a former runtime of this rank: dropped
+            if not q or q[0][0] != set(got):
+                # the answer to a fetch of a former runtime of this rank (keys
+                # are never reused): dropped, or it would answer ours
                 log.debug("rank %d: DATA from rank %d nobody waits for", self.session.rank, src)
                 return
-            fut = q.popleft()
+            fut = q.popleft()[1]
             if not fut.done():
-                fut.set_result(read_data(payload, buffers))
+                fut.set_result(got)
         else:
             raise P.ProtocolError(f"a worker rank takes FETCH and DATA from another, "
                                   f"got {P.KIND_NAMES[kind]}")
@@ -342,7 +345,7 @@ class MpiWorker(Worker):
         self._detached = True
         self._store.clear()
         for q in self._asked.values():
-            for fut in q:
+            for _keys, fut in q:
                 if not fut.done():
                     fut.set_exception(ConnectionError("the runtime was closed"))
         self._asked.clear()

@@ -261,6 +261,10 @@ class MpiTransport(RemoteTransport):
             w = self._workers.get(src)
             if w is None:
                 continue  # a rank dropped for a bad frame, or a runtime's late traffic
+            if kind == P.DATA and not w.fetches:
+                # the answer to a fetch of a former runtime, closed while it
+                # waited (MPI has no connection that would take it along)
+                continue
             try:
                 self._on_worker_frame(w, kind, payload, buffers)
             except P.ProtocolError as exc:
