@@ -50,6 +50,11 @@ log = logging.getLogger("async_wf")
 
 TAG_HEAD = 0x6177  # "aw"
 TAG_BUF = 0x6178
+# the answer to a blocking fetch (``HeldFuture.result()`` on the root): on
+# tags of its own, which the poller never matches, so that the asker can
+# receive it itself while its loop is held up in that call
+TAG_SYNC_HEAD = 0x6179
+TAG_SYNC_BUF = 0x617A
 
 # (idle seconds below which, poll interval in seconds): see the module docstring
 _BACKOFF = ((1e-3, 20e-6), (20e-3, 100e-6), (1.0, 1e-3))
@@ -171,23 +176,61 @@ class MpiChannel:
                                         daemon=True)
         self._thread.start()
 
-    def send(self, dest: int, parts: list[Any]) -> None:
+    def send(self, dest: int, parts: list[Any], sync: bool = False) -> None:
         """Post one frame (``protocol.encode``'s parts) to rank ``dest``; returns at once.
 
-        The parts are kept alive until MPI is done with them.
+        The parts are kept alive until MPI is done with them. ``sync``: on
+        the tags of a blocking fetch's answer (``recv_frame``), not the
+        channel's own.
         """
         comm = self.comm
+        tag_head, tag_buf = (TAG_SYNC_HEAD, TAG_SYNC_BUF) if sync else (TAG_HEAD, TAG_BUF)
         head = b"".join(parts[:3])
-        reqs = [comm.Isend(head, dest, TAG_HEAD)]
+        reqs = [comm.Isend(head, dest, tag_head)]
         n = len(head)
         for buf in parts[3:]:
-            reqs.append(comm.Isend(buf, dest, TAG_BUF))
+            reqs.append(comm.Isend(buf, dest, tag_buf))
             n += buf.nbytes if isinstance(buf, memoryview) else len(buf)
         self.bytes_out += n
         self.last_activity = time.monotonic()
         self._new_sends.append((reqs, parts))
         if not self._in_loop:
             self._kick.set()
+
+    def recv_frame(self, src: int) -> tuple[int, memoryview, list[Any]]:
+        """Receive the answer of rank ``src`` to a blocking fetch: (kind, payload, buffers).
+
+        Blocks, polling with the backoff of an idle channel (a blocking MPI
+        receive would spin on its core). Any thread may call it, one at a
+        time per source (the caller's lock): the poller never matches these
+        tags, so the channel goes on meanwhile if it has a thread of its own.
+
+        Raises:
+            ProtocolError: what arrived is not a valid frame.
+        """
+        MPI = self.MPI
+        comm = self.comm
+        status = MPI.Status()
+        t0 = time.monotonic()
+        while True:
+            msg = comm.Improbe(src, TAG_SYNC_HEAD, status)
+            if msg is not None:
+                break
+            idle = time.monotonic() - t0
+            if idle < 200e-6:
+                os.sched_yield()
+            else:
+                time.sleep(poll_interval(idle))
+        head = bytearray(status.Get_count(MPI.BYTE))
+        msg.Recv(head)
+        kind, payload, table = P.parse_head(memoryview(head), self.max_frame)
+        bufs: list[Any] = []
+        for stored, codec in table:
+            b: Any = np.empty(stored, np.uint8)
+            comm.Recv(b, src, TAG_SYNC_BUF)
+            bufs.append(P.decode_buffer(memoryview(b), codec))
+        self.bytes_in += len(head) + sum(stored for stored, _ in table)
+        return kind, payload, bufs
 
     async def aclose(self, timeout: float = 5.0) -> None:
         """Stop polling once the sends posted so far have left, from the loop's thread."""

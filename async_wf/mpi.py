@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import inspect
 import logging
 import os
@@ -41,6 +42,8 @@ from mpi4py import MPI
 
 from async_wf import protocol as P
 from async_wf._errors import RemoteError
+from async_wf._futures import collect
+from async_wf._held import HeldRef, data_items, read_data
 from async_wf._mpi_channel import MpiChannel, new_event_loop
 from async_wf._mpi_session import Session, current_session, set_current_session
 from async_wf._program import ProgramError, ProgramResult, run_program
@@ -57,6 +60,7 @@ __all__ = [
     "Session",
     "TaskComm",
     "current_session",
+    "held_keys",
     "main",
     "run",
     "run_program",
@@ -213,6 +217,32 @@ class _Link:
         self.channel.send(self.root, parts)
 
 
+class _RankPeer:
+    """Another worker rank as a holder of results: FETCH out, DATA back, in order.
+
+    What ``Worker._fetch_then_start`` asks of a data port's connection; over
+    MPI it is the channel itself (no connection, no handshake).
+    """
+
+    __slots__ = ("lost", "rank", "worker")
+
+    def __init__(self, worker: MpiWorker, rank: int) -> None:
+        self.worker = worker
+        self.rank = rank
+        self.lost = False
+
+    async def fetch(self, keys: list[int]) -> dict[int, Any]:
+        """The values of ``keys`` held on this rank (a ``KeyError`` for each one it lacks).
+
+        Raises:
+            ConnectionError: the runtime ended before the answer.
+        """
+        fut: asyncio.Future[dict[int, Any]] = asyncio.get_running_loop().create_future()
+        self.worker._asked.setdefault(self.rank, collections.deque()).append((set(keys), fut))
+        self.worker._channel.send(self.rank, P.encode(P.FETCH, keys))
+        return await fut
+
+
 class MpiWorker(Worker):
     """A worker rank's service of one runtime: the TCP worker's execution, MPI's frames."""
 
@@ -238,6 +268,12 @@ class MpiWorker(Worker):
         # one's buffers move when the loop's selector progresses again)
         self._guard_can = True
         self._beats = False
+        self._channel = link.channel
+        # our FETCHes to other ranks, by rank, answered in order (_RankPeer)
+        self._asked: dict[int, collections.deque[
+            tuple[set[int], asyncio.Future[dict[int, Any]]]]] = {}
+        # the rids of MPI tasks' parts: their results always go to the root
+        self._no_keep: set[int] = set()
         self.forward_logs()
 
     def on_frame(self, kind: int, payload: memoryview, buffers: list[Any]) -> None:
@@ -253,12 +289,66 @@ class MpiWorker(Worker):
             part = self._parts.get(gang_id)
             if part is not None:
                 part.abort = why
+        elif kind == P.FETCH:
+            self.serve_fetch(self.session.root, P.loads(payload, buffers))
+        elif kind == P.FREE:
+            self._free(P.loads(payload, buffers))
+        elif kind == P.WELCOME:
+            # the runtime's settings (there is no handshake over MPI)
+            settings = P.loads(payload, buffers)
+            if (type(settings) is not tuple or len(settings) != 1
+                    or type(settings[0]) is not int or settings[0] < 0):
+                raise P.ProtocolError(f"malformed settings {settings!r:.80}")
+            self._joining.keep_min = settings[0]
         else:
             raise P.ProtocolError(f"unexpected {P.KIND_NAMES[kind]} frame from the root")
 
+    def on_peer_frame(self, src: int, kind: int, payload: memoryview,
+                      buffers: list[Any]) -> None:
+        """Handle a frame of another worker rank: a FETCH to serve, or the DATA we asked for."""
+        if kind == P.FETCH:
+            self.serve_fetch(src, P.loads(payload, buffers))
+        elif kind == P.DATA:
+            got = read_data(payload, buffers)
+            q = self._asked.get(src)
+            if not q or q[0][0] != set(got):
+                # the answer to a fetch of a former runtime of this rank (keys
+                # are never reused): dropped, or it would answer ours
+                log.debug("rank %d: DATA from rank %d nobody waits for", self.session.rank, src)
+                return
+            fut = q.popleft()[1]
+            if not fut.done():
+                fut.set_result(got)
+        else:
+            raise P.ProtocolError(f"a worker rank takes FETCH and DATA from another, "
+                                  f"got {P.KIND_NAMES[kind]}")
+
+    def serve_fetch(self, src: int, keys: Any) -> None:
+        """Answer a FETCH from rank ``src`` with the values held here (DATA).
+
+        ``keys``: a list, answered through the channel; or the list in a
+        1-tuple, from the root blocked in ``result()``, answered on the
+        tags of a blocking fetch. Buffers are never compressed: MPI moves
+        memory faster than lz4 would shrink it.
+        """
+        sync = type(keys) is tuple and len(keys) == 1
+        bufs: list[Any] = []
+        items = data_items(self._store, keys[0] if sync else keys, bufs)
+        self._channel.send(src, P.encode(P.DATA, items, 0, bufs), sync=sync)
+
+    def _peer(self, addr: str) -> Any:
+        # a holder's address is "mpi:<rank>" (transport.mpi); MPI needs no connection
+        return _RankPeer(self, int(addr.rpartition(":")[2]))
+
     def detach(self) -> None:
-        """The runtime is over: drop queued work, report nothing more."""
+        """The runtime is over: drop queued work and held results, report nothing more."""
         self._detached = True
+        self._store.clear()
+        for q in self._asked.values():
+            for _keys, fut in q:
+                if not fut.done():
+                    fut.set_exception(ConnectionError("the runtime was closed"))
+        self._asked.clear()
         self._guard_stop.set()
         self._guard_wake.set()
         self.stop_forwarding()
@@ -276,7 +366,37 @@ class MpiWorker(Worker):
             self._flush_pending = False
             self._out = []
             return
+        no_keep = self._no_keep
+        if no_keep and any(item[0] in no_keep for item in self._out):
+            # an MPI task's part: its value is one piece of the task's, which
+            # the root puts together. The whole flush sends its values then
+            # (rare: MPI tasks are few and long); the guard's flush never
+            # runs beside the loop's (Worker._rescue)
+            for item in self._out:
+                no_keep.discard(item[0])
+            keep = self._joining.keep_min
+            self._joining.keep_min = 0
+            try:
+                super()._flush()
+            finally:
+                self._joining.keep_min = keep
+            return
         super()._flush()
+
+    def _report(self, rid: int, status: int, value: Any, tb: str | None) -> None:
+        if status == P.R_NOINPUT and rid in self._no_keep:
+            # an MPI task's part cannot be put back alone (its other ranks wait)
+            status = P.R_ERROR
+            value = RemoteError(f"rank {self.session.rank}: inputs {value} of the MPI task "
+                                "are held nowhere any more")
+        super()._report(rid, status, value, tb)
+
+    def _start_loaded(self, loaded: tuple[Any, ...]) -> None:
+        rid, fid, kind, fn, args, kwargs, extra = loaded
+        if kind == P.K_MPI:
+            self._start_part(kind, rid, fid, fn, args, kwargs, extra)  # its inputs are here
+        else:
+            super()._start_loaded(loaded)
 
     def _can_send_now(self) -> bool:
         return not self._detached
@@ -292,6 +412,23 @@ class MpiWorker(Worker):
         if kind != P.K_MPI:
             super()._start_part(kind, rid, fid, fn, args, kwargs, gang)
             return
+        self._no_keep.add(rid)
+        refs: list[HeldRef] = []
+        collect(args, HeldRef, refs)
+        if kwargs:
+            collect(kwargs, HeldRef, refs)
+        if refs:
+            # inputs held on ranks: this one's are at hand, the others come
+            # first (the task's other ranks wait for this one in _enter)
+            loaded = (rid, fid, kind, fn, args, kwargs, gang)
+            missing = [r for r in refs if not r.inline
+                       and not (r.wid == self.worker_id and r.key in self._store)]
+            if missing:
+                loop = self._loop
+                assert loop is not None
+                loop.call_soon_threadsafe(self._spawn_fetch, loaded, missing)
+                return
+            _, _, _, fn, args, kwargs, _ = self._with_inputs(loaded, {})
         part = _Part()
         self._parts[gang[0]] = part
         self._ctx_info[rid] = (gang[2], len(gang[1]), gang[6])
@@ -360,18 +497,33 @@ class MpiWorker(Worker):
         return comm
 
 
+#: the worker of this rank's current runtime (``held_keys``)
+_current: list[MpiWorker] = []
+
+
+def held_keys() -> list[int]:
+    """The keys of the results held on this worker rank now (empty elsewhere).
+
+    Called in a task, it shows what stayed on its rank and what was freed.
+    """
+    return sorted(_current[0]._store) if _current else []
+
+
 async def _serve(session: Session) -> int:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[int] = loop.create_future()
-    holder: list[MpiWorker] = []
+    holder = _current
 
     def on_frames(frames: list[tuple[int, int, memoryview, list[Any]]]) -> None:
         for src, kind, payload, buffers in frames:
             if done.done():
                 return
             if src != session.root:
-                log.error("rank %d: frame from rank %d ignored: only the root sends tasks",
-                          session.rank, src)
+                try:
+                    holder[0].on_peer_frame(src, kind, payload, buffers)
+                except P.ProtocolError as exc:
+                    log.error("rank %d: invalid frame from rank %d dropped: %s",
+                              session.rank, src, exc)
                 continue
             if kind == P.EXIT:
                 done.set_result(0)
@@ -396,6 +548,7 @@ async def _serve(session: Session) -> int:
         return await done
     finally:
         holder[0].detach()
+        holder.clear()
         await channel.aclose()
 
 

@@ -27,9 +27,16 @@ frames of more than about 16 MiB several times slower). Every result is checked.
 random (seeded): async_wf compresses buffers with lz4 when that pays, so
 arrays of zeros would cross any connection almost for free.
 
+``--transport mpi`` runs async_wf alone over the worker ranks of an MPI job
+instead (the script starts itself again under the mpich wheel's ``mpiexec -n
+W+1 python -m async_wf.mpi``): ``MpiTransport(keep_min=0)`` against the
+default, each run on a runtime of its own (one runtime holds the ranks at a
+time; an MPI runtime starts in microseconds), the bytes being those of the
+root rank's channel.
+
 Usage: python bench/large_intermediates.py [--mib 16] [--links 100] [--fan 16]
        [--workers 2] [--seed 0] [--loop uvloop] [--repeat 3]
-       [--systems async_wf,dask,ray] [--quick] [--json]
+       [--systems async_wf,dask,ray] [--transport tcp|mpi] [--quick] [--json]
 """
 
 from __future__ import annotations
@@ -38,7 +45,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -189,6 +198,39 @@ def _ray(workers: int, n: int, links: int, fan: int, seed: int,
     return run, ray.shutdown
 
 
+def _async_wf_mpi(keep_min: int | None, n: int, links: int, fan: int, seed: int,
+                  want: dict[str, np.ndarray]) -> tuple[Runner, Callable[[], None]]:
+    """Like ``_async_wf``, over the worker ranks of this MPI job: a runtime per run."""
+    import async_wf
+    from async_wf._mpi_channel import new_event_loop
+    from async_wf.transport.mpi import MpiTransport
+
+    loop = new_event_loop()  # the loop that polls MPI, as the launcher's
+    kw: dict[str, Any] = {} if keep_min is None else {"keep_min": keep_min}
+
+    async def graph(name: str) -> tuple[np.ndarray, float, int]:
+        async with async_wf.Runtime(transport=MpiTransport(**kw)) as rt:
+            t0 = time.perf_counter()
+            if name == "pipeline":
+                f = rt.submit(rand, n, seed)
+                for _ in range(links - 1):
+                    f = rt.submit(inc, f)
+            else:
+                leaves = [rt.submit(rand, n, seed + 1 + i) for i in range(fan)]
+                f = rt.submit(total, *leaves)
+            value = await f
+            dt = time.perf_counter() - t0
+            s = rt.statistics()
+            return value, dt, int(s["bytes_sent"]) + int(s["bytes_received"])
+
+    def run(name: str) -> tuple[float, int | None]:
+        value, dt, nbytes = loop.run_until_complete(graph(name))
+        check(name, value, n, want)
+        return dt, nbytes
+
+    return run, loop.close
+
+
 def summarise(label: str, samples: dict[str, list[tuple[float, int | None]]]) -> dict[str, Any]:
     """Median, min and max of the wall times and the median bytes, per graph."""
     out: dict[str, Any] = {"system": label, "status": "ok"}
@@ -202,10 +244,13 @@ def summarise(label: str, samples: dict[str, list[tuple[float, int | None]]]) ->
 
 
 def measure_async_wf(workers: int, uv: bool, n: int, links: int, fan: int, seed: int,
-                     want: dict[str, np.ndarray], repeat: int) -> list[dict[str, Any]]:
+                     want: dict[str, np.ndarray], repeat: int,
+                     mpi: bool = False) -> list[dict[str, Any]]:
     """Before (keep_min=0) and after (default) on two runtimes, alternating run by run."""
     sides = {"async_wf keep_min=0": 0, "async_wf default": None}
-    started = {k: _async_wf(workers, v, uv, n, links, fan, seed, want) for k, v in sides.items()}
+    started = {k: _async_wf_mpi(v, n, links, fan, seed, want) if mpi
+               else _async_wf(workers, v, uv, n, links, fan, seed, want)
+               for k, v in sides.items()}
     samples: dict[str, dict[str, list[tuple[float, int | None]]]] = {
         k: {g: [] for g in GRAPHS} for k in sides}
     try:
@@ -260,14 +305,35 @@ def main(argv: list[str] | None = None) -> int:
                    help="the application's loop for async_wf (default uvloop, as async_wf.run)")
     p.add_argument("--repeat", type=int, default=3, help="measured runs after one warm-up")
     p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--transport", default="tcp", choices=["tcp", "mpi"],
+                   help="async_wf's workers: TCP processes (default), or the worker ranks "
+                   "of an MPI job (async_wf only)")
     p.add_argument("--quick", action="store_true", help="1 MiB arrays, 10 links, 4 leaves, "
                    "one run, async_wf only unless --systems says otherwise")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     args = p.parse_args(argv)
+    given = argv if argv is not None else sys.argv[1:]
     if args.quick:
         args.mib, args.links, args.fan, args.repeat = 1.0, 10, 4, 1
-        if "--systems" not in (argv if argv is not None else sys.argv[1:]):
+        if "--systems" not in given:
             args.systems = "async_wf"
+    mpi = args.transport == "mpi"
+    if mpi:
+        if "--systems" in given and args.systems != "async_wf":
+            p.error("--transport mpi measures async_wf alone (--systems async_wf)")
+        args.systems = "async_wf"
+        from async_wf._mpi_session import current_session
+
+        if current_session() is None:
+            # not under the launcher yet: start this script again as an MPI job
+            from async_wf._program import find_mpiexec
+
+            return subprocess.call(
+                [find_mpiexec(), "-n", str(args.workers + 1), sys.executable, "-m",
+                 "async_wf.mpi", os.path.abspath(__file__), *given],
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                    [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     os.environ.get("PYTHONPATH", "")])})
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     bad = [s for s in systems if s not in SYSTEMS]
     if bad or not systems:
@@ -282,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     if "async_wf" in systems:
         results += measure_async_wf(args.workers, args.loop == "uvloop", n, args.links,
-                                    args.fan, args.seed, want, args.repeat)
+                                    args.fan, args.seed, want, args.repeat, mpi)
     for s in systems:
         if s != "async_wf":
             results.append(measure_peer(s, args.workers, n, args.links, args.fan, args.seed,
@@ -297,13 +363,15 @@ def main(argv: list[str] | None = None) -> int:
                          "bytes": ab / bb if bb else float("nan")}
     if args.json:
         print(json.dumps({"mib": args.mib, "seed": args.seed, "loop": args.loop,
+                          "transport": args.transport,
                           "links": args.links, "fan": args.fan,
                           "workers": args.workers, "repeat": args.repeat,
                           "results": results, "after_over_before": ratios}))
         return 0
     print(f"pipeline: {args.links} tasks of {args.mib:g} MiB arrays, each a + 1 of the last; "
           f"fanin: {args.fan} arrays of {args.mib:g} MiB summed by one task; "
-          f"{args.workers} workers, median of {args.repeat}")
+          f"{args.workers} {'worker ranks (MPI)' if mpi else 'TCP workers'}, "
+          f"median of {args.repeat}")
     print(f"{'system':<20} {'graph':<9} {'wall s':>8} {'min-max s':>13} {'MB via sched':>13}")
     for r in results:
         if r["status"] != "ok":

@@ -31,6 +31,21 @@ MPI tasks (``@task(mpi=k)``)
     ``MpiTaskAborted`` (see ``async_wf.mpi.TaskComm``). Their outcomes are
     then dropped; they count as busy until they report, and the aborted
     communicator is never used again. ``retries`` applies as to any task.
+
+Results that stay on their rank (``keep_min``)
+    As with TCP workers (``async_wf._held``): a result of at least
+    ``keep_min`` bytes stays in the memory of the rank that made it, the
+    scheduler keeps its size, type and rank, dependents go to that rank when
+    it has room (``_near``), and otherwise the rank that runs one asks the
+    holder for the value with a FETCH frame and gets a DATA frame back,
+    rank to rank over the same channel: out-of-band pickle buffers travel as
+    MPI messages of their own, from the array's memory into a fresh array.
+    ``await`` of such a future fetches it from its rank the same way;
+    ``result()`` too, through tags of its own (``_mpi_channel.recv_frame``).
+    A value is freed on its rank (FREE) when no future and no pending task
+    needs it. The results of MPI tasks always come to the scheduler (their
+    ranks' parts make one value). A rank that dies takes the MPI job with it,
+    so there is no lineage recompute here to speak of.
 """
 
 from __future__ import annotations
@@ -39,10 +54,12 @@ import asyncio
 import heapq
 import itertools
 import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
 from async_wf import protocol as P
 from async_wf._errors import TaskTimeoutError, WorkerLostError
+from async_wf._held import HeldRef, read_data
 from async_wf._options import THREAD
 from async_wf._resources import rank_resources
 from async_wf.transport import Attempt
@@ -135,6 +152,9 @@ class MpiTransport(RemoteTransport):
         comm_cache: how many sets of ranks keep their communicator.
         ranks: use only the first this many worker ranks (default: all);
             ``Executor(max_workers=N)`` sets it, as ``MPIPoolExecutor`` does.
+        keep_min: a result of at least this many bytes stays on the rank
+            that made it (0: every result comes to the scheduler's rank);
+            with a checkpoint log, every result comes (it is recorded).
 
     Raises:
         RuntimeError: not inside an MPI launch (see above).
@@ -152,10 +172,11 @@ class MpiTransport(RemoteTransport):
         compress_min: int = 0,
         comm_cache: int = 64,
         ranks: int | None = None,
+        keep_min: int = 64 << 10,
     ) -> None:
         for name, value, low in (("prefetch", prefetch, 1), ("async_limit", async_limit, 1),
                                  ("compress_min", compress_min, 0),
-                                 ("comm_cache", comm_cache, 0)):
+                                 ("comm_cache", comm_cache, 0), ("keep_min", keep_min, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         super().__init__(prefetch=prefetch, async_limit=async_limit,
@@ -186,6 +207,9 @@ class MpiTransport(RemoteTransport):
         self._comm_cache = comm_cache
         self.n_mpi_tasks = 0
         self.n_aborted = 0
+        self._keep_min = keep_min
+        # one blocking fetch at a time: its answer comes on tags of its own
+        self._sync_lock = threading.Lock()
 
     async def start(self, sched: Scheduler, loop: asyncio.AbstractEventLoop) -> None:
         """Take the worker ranks of the session.
@@ -201,10 +225,16 @@ class MpiTransport(RemoteTransport):
         ch = MpiChannel(self.session.ctrl, loop, self._on_frames, self._on_error)
         self._channel = ch
         ch.start()
+        # the runtime's settings, before any task (frames from one rank keep
+        # their order); with a checkpoint log every result must come here
+        keep = self._keep_min if sched._ckpt is None else 0
+        settings = P.encode(P.WELCOME, (keep,))
         for rank in self.ranks:
-            self._join(_Worker(_RankLink(ch, rank), rank, self.session.slots, 0,
-                               f"rank {rank}", self._prefetch, self._async_limit,
-                               rank_resources(self.session.slots)))
+            ch.send(rank, settings)
+            w = _Worker(_RankLink(ch, rank), rank, self.session.slots, 0, f"rank {rank}",
+                        self._prefetch, self._async_limit, rank_resources(self.session.slots))
+            w.data_addr = f"mpi:{rank}"  # how ranks name a holder (``async_wf.mpi``)
+            self._join(w)
 
     def check_options(self, fn: Any, mpi: int) -> None:
         """Refuse at submit an MPI task larger than the job's worker ranks.
@@ -231,6 +261,10 @@ class MpiTransport(RemoteTransport):
             w = self._workers.get(src)
             if w is None:
                 continue  # a rank dropped for a bad frame, or a runtime's late traffic
+            if kind == P.DATA and not w.fetches:
+                # the answer to a fetch of a former runtime, closed while it
+                # waited (MPI has no connection that would take it along)
+                continue
             try:
                 self._on_worker_frame(w, kind, payload, buffers)
             except P.ProtocolError as exc:
@@ -397,9 +431,40 @@ class MpiTransport(RemoteTransport):
             return False
         return super().cancel_running(fut, msg)
 
+    # ------------------------------------------------------- held results
+    def fetch_held(self, ref: HeldRef) -> Any:
+        """The value of a result held on a rank, fetched now (blocking): ``result()``.
+
+        The loop of this rank may be the caller's, held up in this call, so
+        the answer cannot come through the channel: the rank sends it on tags
+        of its own, received here (``MpiChannel.recv_frame``).
+
+        Raises:
+            WorkerLostError: the runtime is closed, or the rank no longer holds it.
+        """
+        if ref.inline:
+            return ref.value
+        if ref.fetched:
+            return ref.cached
+        ch = self._channel
+        if ch is None or ref.wid not in self._workers or self._closing:
+            raise WorkerLostError(f"{ref!r}: the runtime that made it is closed")
+        with self._sync_lock:
+            # a 1-tuple: answer on the blocking fetch's tags (async_wf.mpi)
+            ch.send(ref.wid, P.encode(P.FETCH, ([ref.key],)))
+            kind, payload, buffers = ch.recv_frame(ref.wid)
+        if kind != P.DATA:
+            raise P.ProtocolError(f"expected DATA, got {P.KIND_NAMES.get(kind, kind)}")
+        got = read_data(payload, buffers).get(ref.key)
+        if got is None or isinstance(got, KeyError):
+            raise WorkerLostError(f"{ref!r}: its rank no longer holds it")
+        self.bytes_fetched += ref.size
+        ref.cached = got
+        return got
+
     # ----------------------------------------------------------------- close
     def statistics(self) -> dict[str, Any]:
-        """Worker ranks, MPI tasks run and aborted, bytes moved, polls of the channel."""
+        """Worker ranks, MPI tasks run and aborted, bytes moved, results held on ranks."""
         ch = self._channel
         return {
             "workers": len(self._workers),
@@ -408,6 +473,10 @@ class MpiTransport(RemoteTransport):
             "bytes_sent": ch.bytes_out if ch else 0,
             "bytes_received": ch.bytes_in if ch else 0,
             "mpi_polls": ch.polls if ch else 0,
+            "results_held": len(self._held),
+            "bytes_held": self.bytes_held,
+            "bytes_fetched": self.bytes_fetched,
+            "results_recomputed": self.n_recomputed,
         }
 
     async def close(self) -> None:
