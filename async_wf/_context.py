@@ -52,6 +52,15 @@ def mark_coroutine(owner: ContextOwner, token: Any) -> None:
     _var.set([owner, token, None])
 
 
+def start_coroutine(owner: ContextOwner, token: Any, coro: Any) -> Any:
+    """Mark the current context as the task ``token`` of ``owner``; take ``coro``'s first step.
+
+    What it yields is returned; StopIteration (with the value) if it ended.
+    """
+    _var.set([owner, token, None])
+    return coro.send(None)
+
+
 def call_on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` on ``loop``'s thread, from any thread; its value or exception."""
     if asyncio._get_running_loop() is loop:

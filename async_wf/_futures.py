@@ -31,6 +31,7 @@ _LEAVES = frozenset((int, float, str, bytes, bool, type(None), complex))
 
 
 _T = TypeVar("_T")
+_future_result = asyncio.Future.result
 
 
 
@@ -46,7 +47,7 @@ def input_value(fut: TaskFuture[Any]) -> Any:
     held = fut._held
     if held is not None:
         return held
-    return fut.result()
+    return _future_result(fut)  # done: asyncio's own, not the waiting override
 
 class TaskFuture(asyncio.Future[_T]):
     """The awaitable result of a submitted task.

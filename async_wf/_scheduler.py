@@ -62,6 +62,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("async_wf")
 
 _OPEN, _CLOSING, _CLOSED, _ABORTED = range(4)
+# the keywords of every finished task: one shared empty dict, never changed
+_DONE_KWARGS: dict[str, Any] = {}
 _CANCEL_GRACE = 2.0  # seconds a cancelling close waits for cancelled work to report
 
 
@@ -92,6 +94,7 @@ class Scheduler:
         self._tasks: dict[int, TaskFuture[Any]] = {}
         self._done_buf: list[tuple[TaskFuture[Any], Any]] = []
         self._pump_pending = False
+        self._pump_handle: asyncio.Handle | None = None  # the pump scheduled, if any
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._state = _OPEN
         self._abort_exc: BaseException | None = None
@@ -263,7 +266,7 @@ class Scheduler:
         self._tasks[h] = fut
         if not self._pump_pending:
             self._pump_pending = True
-            self._loop.call_soon(self._pump, context=self._ctx)
+            self._pump_handle = self._loop.call_soon(self._pump, context=self._ctx)
 
     @staticmethod
     def _chain(dep: TaskFuture[Any], fut: TaskFuture[Any], found: list[TaskFuture[Any]]) -> None:
@@ -352,7 +355,20 @@ class Scheduler:
     def _kick(self) -> None:
         if not self._pump_pending and self._state <= _CLOSING:
             self._pump_pending = True
-            self._loop.call_soon(self._pump, context=self._ctx)
+            self._pump_handle = self._loop.call_soon(self._pump, context=self._ctx)
+
+    def pump_now(self) -> bool:
+        """Run the pump now if one is pending (a transport with nothing else to do); whether it ran.
+
+        The call already scheduled finds nothing left to do.
+        """
+        if not self._pump_pending:
+            return False
+        handle = self._pump_handle
+        if handle is not None:
+            handle.cancel()  # it would find nothing left to do
+        self._ctx.run(self._pump)
+        return True
 
     def _pump(self) -> None:
         self._pump_pending = False
@@ -414,20 +430,22 @@ class Scheduler:
     def _flush_done(self) -> None:
         buf = self._done_buf
         self._done_buf = []
-        handles = []
+        handles: list[int] = []
         ck = self._ckpt
         rec: list[tuple[TaskFuture[Any], Any]] | None = [] if ck is not None else None
+        append = handles.append
         for fut, value in buf:
             if fut.done():
                 continue  # resolved meanwhile (failed by a transport giving up)
             fut.set_result(value)
             if rec is not None and fut._cparents is not None:
                 rec.append((fut, value))
+            # let go of the arguments (the inputs' values) and the attempt
             fut._args = ()
-            fut._kwargs = {}
+            fut._kwargs = _DONE_KWARGS
             fut._att = None
             fut._next = None
-            handles.append(fut._handle)
+            append(fut._handle)
         if rec:
             assert ck is not None
             ck.record(rec)
@@ -454,7 +472,7 @@ class Scheduler:
         self._done_buf.append((fut, value))
         if not self._pump_pending:
             self._pump_pending = True
-            self._loop.call_soon(self._pump, context=self._ctx)
+            self._pump_handle = self._loop.call_soon(self._pump, context=self._ctx)
 
     def task_error(self, fut: TaskFuture[Any], exc: BaseException) -> None:
         """A transport reports that the current attempt of ``fut`` raised ``exc``."""

@@ -16,19 +16,32 @@ The timeout of a blocking task counts from the moment a thread starts it:
 its timer is armed at dispatch and, when it fires early (the task was still
 queued, or started later), re-armed for the time that is left.
 ``inline`` tasks run right in the dispatching callback.
+
+``async def`` tasks without resources do not get an ``asyncio.Task`` each:
+a *runner* task takes their first steps one after the other, each in a
+context of its own. Most fine-grained coroutines end in that first step,
+and then cost no task, no scheduling and no registration. One that
+suspends keeps the runner it started in as its own task (so
+``current_task()``, ``asyncio.timeout`` and ``TaskGroup`` see the same
+task in every step, and a cancel reaches it), and a new runner takes the
+rest. When its queue is empty the runner runs the scheduler's pending
+pump at once, so a dependent that became ready starts in the same loop
+iteration as its input ended.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextvars
 import heapq
 import inspect
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
-from async_wf._context import TaskContext, mark_coroutine, mark_thread
+from async_wf._context import TaskContext, mark_coroutine, mark_thread, start_coroutine
 from async_wf._errors import ResourceError, TaskTimeoutError
 from async_wf._options import ASYNC, THREAD
 from async_wf._resources import RESOURCE_THREADS, Allocator, Declared, Grant, pinned
@@ -67,6 +80,46 @@ class _Run(Attempt):
 
 
 _INLINE = object()  # the attempt of an inline task: run and over within dispatch
+# the attempt of an async def task with no timeout waiting in the runner's
+# queue (it gets a _Run only if it suspends: most never do)
+_AQUEUED = object()
+# a runner gives the loop a turn after this long (I/O and timers wait meanwhile)
+_RUNNER_SLICE = 2e-3
+
+
+class _Resume:
+    """Awaiting it goes on with a coroutine whose first step yielded ``first``.
+
+    What ``yield from`` does, with each step run in the task's own context:
+    the task that awaits this becomes the coroutine's task.
+    """
+
+    __slots__ = ("coro", "ctx", "first")
+
+    def __init__(self, ctx: contextvars.Context, coro: Any, first: Any) -> None:
+        self.ctx = ctx
+        self.coro = coro
+        self.first = first
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        ctx, coro, y = self.ctx, self.coro, self.first
+        self.first = None
+        while True:
+            try:
+                x = yield y
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:
+                try:
+                    y = ctx.run(coro.throw, exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    y = ctx.run(coro.send, x)
+                except StopIteration as stop:
+                    return stop.value
 
 
 def default_threads() -> int:
@@ -97,6 +150,10 @@ class LocalTransport(Transport):
         self._pool: ThreadPool | None = None
         self._sched: Scheduler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # async def tasks waiting for their first step, and the runner task
+        # taking them (None: none is running)
+        self._runq: collections.deque[TaskFuture[Any]] = collections.deque()
+        self._runner: asyncio.Task[None] | None = None
 
     async def start(self, sched: Scheduler, loop: asyncio.AbstractEventLoop) -> None:
         """Bind to the scheduler and loop; threads start lazily when first needed."""
@@ -132,7 +189,8 @@ class LocalTransport(Transport):
     def started(self, fut: TaskFuture[Any]) -> bool:
         """Whether the current attempt of ``fut`` has begun (a coroutine always has)."""
         run = fut._att
-        return run is not None and (type(run) is not _Run or run.state != _QUEUED)
+        return run is not None and run is not _AQUEUED and (
+            type(run) is not _Run or run.state != _QUEUED)
 
     # --------------------------------------------------------------- dispatch
     def dispatch(self, futs: list[TaskFuture[Any]]) -> None:
@@ -146,14 +204,18 @@ class LocalTransport(Transport):
             if fut._opts.request is not None:
                 self._queue_resource(fut)
             elif kind == ASYNC:
-                run = _Run(fut, _STARTED)
-                fut._att = run
-                # the function is called inside the task, so that a task
+                # the function is called in the runner, so that a task
                 # cancelled before its first step leaves no coroutine unawaited
-                run.task = loop.create_task(self._run_async(run))
                 timeout = fut._opts.timeout
-                if timeout is not None:
+                if timeout is None:
+                    fut._att = _AQUEUED
+                else:
+                    run = _Run(fut, _QUEUED)
+                    fut._att = run
                     run.timer = loop.call_later(timeout, self._on_timeout, run)
+                self._runq.append(fut)
+                if self._runner is None:
+                    self._runner = loop.create_task(self._drive())
             elif kind == THREAD:
                 run = _Run(fut, _QUEUED)
                 fut._att = run
@@ -249,6 +311,98 @@ class LocalTransport(Transport):
             self._alloc.give(grant)
             self._start_resources()
 
+    async def _drive(self) -> None:
+        """The runner: first steps of queued coroutines (see the module docstring)."""
+        sched = self._sched
+        loop = self._loop
+        assert sched is not None and loop is not None
+        q = self._runq
+        end = time.perf_counter() + _RUNNER_SLICE
+        n = 0
+        try:
+            while True:
+                # run dry: the pump may release dependents of what just ended
+                if not q and (not sched.pump_now() or not q):
+                    return
+                fut = q.popleft()
+                run = fut._att
+                if run is _AQUEUED:
+                    fut._att = _INLINE  # started; from now on it cannot be stopped
+                elif type(run) is _Run and run.state == _QUEUED:
+                    run.state = _STARTED
+                else:
+                    continue  # cancelled or timed out before it started
+                ctx = contextvars.copy_context()
+                try:
+                    coro = fut._fn(*fut._args, **fut._kwargs)  # type: ignore[misc]
+                    first = ctx.run(start_coroutine, self, fut, coro)
+                except StopIteration as stop:
+                    if run is not _AQUEUED:
+                        run.stop_timer()
+                    sched.task_ok(fut, stop.value)
+                except asyncio.CancelledError as exc:
+                    if run is not _AQUEUED:
+                        run.stop_timer()
+                    sched.task_cancelled(fut, exc.args[0] if exc.args else None)
+                except BaseException as exc:
+                    if run is not _AQUEUED:
+                        run.stop_timer()
+                    sched.task_error(fut, exc)
+                    if not isinstance(exc, Exception):
+                        raise  # KeyboardInterrupt, SystemExit: let the loop see them
+                else:
+                    # it waits for something: this runner is its task from now
+                    # on; another one takes the rest
+                    self._runner = None
+                    if q:
+                        self._runner = loop.create_task(self._drive())
+                    if run is _AQUEUED:
+                        run = fut._att = _Run(fut, _STARTED)
+                    run.task = asyncio.current_task()
+                    await self._finish_async(run, _Resume(ctx, coro, first))
+                    return
+                n += 1
+                if not n & 63 and time.perf_counter() > end:
+                    await asyncio.sleep(0)  # the loop's turn: I/O, timers
+                    end = time.perf_counter() + _RUNNER_SLICE
+        finally:
+            if self._runner is asyncio.current_task():
+                self._runner = None
+                if q:
+                    self._runner = loop.create_task(self._drive())
+
+    async def _finish_async(self, run: _Run, rest: _Resume) -> None:
+        """Await the rest of a coroutine that suspended in its first step; report its end."""
+        sched = self._sched
+        assert sched is not None
+        fut = run.fut
+        try:
+            value = await rest
+        except asyncio.CancelledError as exc:
+            if fut._att is not run:
+                return  # an earlier attempt, already given up on
+            run.stop_timer()
+            if run.timed_out:
+                sched.task_error(fut, TaskTimeoutError(fut.name, fut._opts.timeout or 0.0))
+            else:
+                sched.task_cancelled(fut, exc.args[0] if exc.args else None)
+        except BaseException as exc:
+            if fut._att is not run:
+                return
+            run.stop_timer()
+            sched.task_error(fut, exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            if run.timer is not None or run.timed_out:
+                if fut._att is not run:
+                    return
+                run.stop_timer()
+                if run.timed_out:  # the coroutine swallowed its timeout cancellation
+                    sched.task_error(fut, TaskTimeoutError(fut.name, fut._opts.timeout or 0.0))
+                    return
+            sched.task_ok(fut, value)
+
     async def _run_async(self, run: _Run) -> None:
         # Reporting from inside the task, rather than from a done callback,
         # saves a loop callback, a partial and a result lookup per task; a
@@ -291,6 +445,12 @@ class LocalTransport(Transport):
             return
         if fut._kind == ASYNC:
             run.timed_out = True
+            if run.state == _QUEUED:
+                run.state = _DROPPED  # still in the runner's queue: it never starts
+                sched = self._sched
+                assert sched is not None
+                sched.task_error(fut, TaskTimeoutError(fut.name, fut._opts.timeout or 0.0))
+                return
             self._cancel_async(run, None)
             return
         pool = self._pool
@@ -347,6 +507,10 @@ class LocalTransport(Transport):
         sched = self._sched
         assert sched is not None
         run = fut._att
+        if run is _AQUEUED:
+            fut._att = None  # the runner skips it
+            sched.task_cancelled(fut, msg)
+            return True
         if type(run) is not _Run:
             return False  # inline: over already
         if fut._kind == ASYNC and run.state != _QUEUED:
