@@ -39,15 +39,44 @@ class Core:
 
 # ckfast.pxi: twins of checkpoint/_keys.py and checkpoint/_format.py
 RECORD_LAYOUT: Final[dict[str, int | bytes]]
+KEY_LAYOUT: Final[dict[str, int | bytes]]
 
 def crc32(data: bytes | bytearray | memoryview) -> int: ...
+def blake2b(
+    data: bytes | bytearray | memoryview, person: bytes = ..., digest_size: int = ...
+) -> bytes: ...
 def quick_key(
     fn_identity: bytes,
     args: tuple[Any, ...],
     leaf: Callable[[Any], bytes | None] | None,
-    hasher: Any,
 ) -> bytes | None: ...
 def result_record(
     key: bytes, when: float, name: bytes, parents: tuple[bytes, ...], payload: bytes
 ) -> bytes: ...
 def mapped_payload(mm: Any, off: int, key: bytes) -> bytes | None: ...
+def scalar_pickle(v: Any) -> bytes | None: ...
+def append_small_results(
+    items: list[tuple[bytes, Any, str, tuple[bytes, ...]]],
+    start: int,
+    now: float,
+    names: dict[str, bytes],
+    pack: Callable[[Any, list[Any]], bytes],
+    pending: bytearray,
+    sizes: bytearray,
+    pkeys: list[bytes],
+    results: dict[bytes, int],
+    end: int,
+    pending_max: int,
+) -> tuple[int, int, int, int, tuple[bytes, list[Any]] | None]: ...
+def fix_results(
+    results: dict[bytes, int], pkeys: list[bytes], data: bytearray, sizes: bytearray,
+    base: int, shift: int,
+) -> None: ...
+def result_items(
+    done: list[tuple[Any, Any]],
+    start: int,
+    live: dict[bytes, int],
+    fn_names: dict[Any, str],
+    items: list[tuple[bytes, Any, str, tuple[bytes, ...]]],
+    big: int,
+) -> int: ...

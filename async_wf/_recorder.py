@@ -25,6 +25,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from async_wf._extension import compiled
 from async_wf._futures import TaskFuture, _fn_name
 from async_wf.checkpoint._config import Checkpoint
 from async_wf.checkpoint._keys import (
@@ -50,6 +51,10 @@ log = logging.getLogger("async_wf")
 #: values smaller than this are not counted toward warn_bytes (cheap to record)
 _BIG_VALUE = 64 << 10
 _FID_CACHE = 10_000  # function identities kept per runtime (lambdas made in a loop)
+
+_ext = compiled()
+#: the compiled loop of ``Recorder.record`` (src_cython/ckfast.pxi); None: the Python one
+_result_items: Callable[..., int] | None = None if _ext is None else _ext.result_items
 
 
 def _leaf(obj: Any) -> bytes | None:
@@ -130,6 +135,11 @@ class Recorder:
         # function object (or (function, version)) -> function_identity
         self._fids: dict[Any, bytes] = {}
         self._names: dict[tuple[Any, str | None], str] = {}
+        # the record name of each function called without name= (the key
+        # the compiled loop of record() looks up; bounded like _names)
+        self._fn_names: dict[Any, str] = {}
+        # the log's index: a key is recorded when it is in here
+        self._live = self.log._results
         self._warned: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -201,6 +211,17 @@ class Recorder:
                 hash and the task is recorded; the message names the
                 argument and the ways out.
         """
+        if not found and not kwargs and opts.key is None and opts.version is None:
+            # the commonest call (plain arguments, no version): one cache
+            # lookup and the quick key, before anything else is looked at
+            try:
+                fid = self._fids.get(fn)
+            except TypeError:
+                fid = None
+            if fid is not None:
+                key = _quick_key(fid, args, None)
+                if key is not None:
+                    return key
         if found:
             for dep in found:
                 if dep._ckey is None:
@@ -236,7 +257,7 @@ class Recorder:
 
     # ------------------------------------------------------------- results
     def __contains__(self, key: bytes) -> bool:
-        return key in self.log
+        return key in self._live
 
     # -------------------------------------------------------------- outputs
     def expect_outputs(self, fut: TaskFuture[Any], outputs: list[FileArg]) -> None:
@@ -309,33 +330,23 @@ class Recorder:
     def record(self, done: list[tuple[TaskFuture[Any], Any]]) -> None:
         """Append the results of tasks that finished; failures only warn."""
         log_ = self.log
-        items = []
-        names = self._names
-        for fut, value in done:
-            key = fut._ckey
-            assert key is not None and fut._cparents is not None
-            if key in log_:
-                continue  # an identical task (same key) finished earlier
-            fn = fut._fn
-            nk = (fn, fut._opts.name)
-            try:
-                name = names.get(nk)
-            except TypeError:  # an unhashable callable object
-                name = None
-            if name is None:
-                name = f"{getattr(fn, '__module__', None) or '?'}:{fut.name}"
-                if len(names) < _FID_CACHE:
-                    names[nk] = name
-            items.append((key, value, name, fut._cparents))
-            nbytes = getattr(value, "nbytes", None)
-            if type(nbytes) is int and nbytes >= _BIG_VALUE:
-                self._count_big(name, nbytes)
-            elif type(value) is bytes and len(value) >= _BIG_VALUE:
-                self._count_big(name, len(value))
-            if self._outputs:
-                outs = self._outputs.pop(fut, None)
-                if outs is not None:
-                    self._add_outputs(items, fut, key, outs)
+        items: list[tuple[bytes, Any, str, tuple[bytes, ...]]] = []
+        fast = _result_items if not self._outputs else None
+        if fast is None:
+            for fut, value in done:
+                self._item(fut, value, items)
+        else:
+            # the common pairs in one compiled loop; it stops at each pair it
+            # leaves to _item (a task with name=, a function not seen yet, a
+            # value whose size counts toward warn_bytes)
+            i, n = 0, len(done)
+            live, fn_names = self._live, self._fn_names
+            while i < n:
+                i = fast(done, i, live, fn_names, items, _BIG_VALUE)
+                if i < n:
+                    fut, value = done[i]
+                    self._item(fut, value, items)
+                    i += 1
         if not items:
             return
         try:
@@ -351,6 +362,39 @@ class Recorder:
                 fut.name, f"task {fut.name!r}: result not recorded, it cannot be pickled "
                 f"({type(err).__name__}: {err}); declare it with checkpoint=False"
             )
+
+    def _item(self, fut: TaskFuture[Any], value: Any,
+              items: list[tuple[bytes, Any, str, tuple[bytes, ...]]]) -> None:
+        """Add the record(s) of one finished task to ``items`` (the loop body of ``record``)."""
+        key = fut._ckey
+        assert key is not None and fut._cparents is not None
+        if key in self._live:
+            return  # an identical task (same key) finished earlier
+        fn = fut._fn
+        opts_name = fut._opts.name
+        names = self._names
+        nk = (fn, opts_name)
+        try:
+            name = names.get(nk)
+            hashable = True
+        except TypeError:  # an unhashable callable object: not cached
+            name, hashable = None, False
+        if name is None:
+            name = f"{getattr(fn, '__module__', None) or '?'}:{fut.name}"
+            if hashable and len(names) < _FID_CACHE:
+                names[nk] = name
+                if opts_name is None and len(self._fn_names) < _FID_CACHE:
+                    self._fn_names[fn] = name
+        items.append((key, value, name, fut._cparents))
+        nbytes = getattr(value, "nbytes", None)
+        if type(nbytes) is int and nbytes >= _BIG_VALUE:
+            self._count_big(name, nbytes)
+        elif type(value) is bytes and len(value) >= _BIG_VALUE:
+            self._count_big(name, len(value))
+        if self._outputs:
+            outs = self._outputs.pop(fut, None)
+            if outs is not None:
+                self._add_outputs(items, fut, key, outs)
 
     def _count_big(self, name: str, nbytes: int) -> None:
         limit = self.config.warn_bytes

@@ -177,7 +177,7 @@ class Scheduler:
             key = ck.key(fn, opts, args, kwargs, found, plan)
             parents: tuple[bytes, ...] | None = None
             if key is not None and opts.checkpoint:
-                parents = tuple([d._ckey for d in found])  # type: ignore[misc]
+                parents = tuple([d._ckey for d in found]) if found else ()  # type: ignore[misc]
                 if key in ck and (plan is None or not plan.outputs
                                   or ck.outputs_match(key, opts.name or _fn_name(fn))):
                     rec: RecordedFuture[Any] = self._new_future(

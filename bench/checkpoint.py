@@ -10,7 +10,12 @@ warm-up, every run with a fresh log file:
   noop      ``--n`` independent tasks ``noop(i)`` (distinct arguments, so
             distinct keys and records), tasks/s without and with the log,
             per transport and per flush policy in ``--policies`` (the
-            default policy and ``interval``), and the loss in percent
+            default policy and ``interval``), the loss in percent, and
+            "scheduler +X us/task": the CPU time the log adds to the
+            scheduler's process per recorded task (median CPU seconds with
+            the log minus without, over n; on the local transport the
+            tasks run inline, so that is all of it, and over TCP the
+            workers are other processes, not counted)
   payload   ``--payload-n`` tasks each returning a fresh 1 MiB NumPy array,
             MB/s of results without and with the log (every array recorded)
   rerun     ``--rerun-n`` noop tasks run once with the log (time T1), then the
@@ -70,8 +75,12 @@ def nap(i: int) -> int:
 
 
 async def _run(fn: Callable[[int], Any], n: int, transport: str, log: Path | None,
-               flush: str | None = None) -> float:
-    """Seconds from the first submit to the last result (start-up excluded)."""
+               flush: str | None = None, cpu: list[float] | None = None) -> float:
+    """Seconds from the first submit to the last result (start-up excluded).
+
+    ``cpu``: the CPU seconds this process (the scheduler; workers are other
+    processes) spent in the same stretch are appended to it.
+    """
     opts: dict[str, Any] = {}
     if log is not None:
         opts["checkpoint"] = log if flush is None else async_wf.Checkpoint(log, flush=flush)
@@ -85,11 +94,14 @@ async def _run(fn: Callable[[int], Any], n: int, transport: str, log: Path | Non
             gc.collect()
             gc.disable()
         try:
+            c0 = time.process_time()
             t0 = time.perf_counter()
             futs = [rt.submit(task, i) for i in range(n)]
             for f in futs:
                 await f
             took = time.perf_counter() - t0
+            if cpu is not None:
+                cpu.append(time.process_time() - c0)
         finally:
             gc.enable()
     return took
@@ -110,13 +122,23 @@ def run_pair(tmp: Path, fn: Callable[[int], Any], n: int, transport: str,
         counter[0] += 1
         return tmp / f"{fn.__name__}-{transport}-{flush}-{counter[0]}.wfck"
 
-    bare, s_bare = _median(lambda: asyncio.run(_run(fn, n, transport, None)), repeat)
-    logged, s_logged = _median(
-        lambda: asyncio.run(_run(fn, n, transport, fresh(), flush)), repeat
+    cpu_bare: list[float] = []
+    cpu_logged: list[float] = []
+    bare, s_bare = _median(
+        lambda: asyncio.run(_run(fn, n, transport, None, cpu=cpu_bare)), repeat
     )
+    logged, s_logged = _median(
+        lambda: asyncio.run(_run(fn, n, transport, fresh(), flush, cpu=cpu_logged)), repeat
+    )
+    # the first sample of each is the warm-up
+    cpu_without = statistics.median(cpu_bare[1:])
+    cpu_with = statistics.median(cpu_logged[1:])
     return {"n": n, "flush": flush or DEFAULT_FLUSH, "without_s": bare, "with_s": logged,
             "samples_without": s_bare, "samples_with": s_logged,
-            "loss_pct": 100 * (1 - bare / logged)}
+            "loss_pct": 100 * (1 - bare / logged),
+            "sched_cpu_without_s": cpu_without, "sched_cpu_with_s": cpu_with,
+            # what the log adds to the scheduler's CPU time per recorded task
+            "sched_us_per_task": 1e6 * (cpu_with - cpu_without) / n}
 
 
 def rerun(tmp: Path, fn: Callable[[int], Any], n: int, transport: str,
@@ -178,6 +200,7 @@ def main() -> int:
                 print(f"noop     {transport:5}  n={r['n']:<7} without "
                       f"{r['n'] / r['without_s']:>9,.0f} tasks/s  with log "
                       f"{r['n'] / r['with_s']:>9,.0f} tasks/s  loss {r['loss_pct']:5.1f} %"
+                      f"  scheduler +{r['sched_us_per_task']:.2f} us/task"
                       f"  flush={flush}{' (default)' if flush == DEFAULT_FLUSH else ''}",
                       flush=True)
             r = run_pair(tmp, make_array, args.payload_n, transport, args.repeat)

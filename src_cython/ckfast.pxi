@@ -17,7 +17,7 @@
 
 import struct as _struct
 
-cdef uint32_t _CRC_TABLE[256]
+cdef uint32_t _CRC_TABLE[8][256]
 cdef uint64_t _NAN_BITS = _struct.unpack("<Q", _struct.pack("<d", float("nan")))[0]
 
 # the record layout of _format.py (see the head of this file)
@@ -49,37 +49,6 @@ RECORD_LAYOUT = {
 }
 
 
-cdef void _init_crc() noexcept:
-    cdef uint32_t c
-    cdef int i, k
-    for i in range(256):
-        c = i
-        for k in range(8):
-            if c & 1:
-                c = (c >> 1) ^ 0xEDB88320u
-            else:
-                c = c >> 1
-        _CRC_TABLE[i] = c
-
-
-_init_crc()
-
-
-cdef inline uint32_t _crc32(const uint8_t* p, Py_ssize_t n) noexcept nogil:
-    # the CRC-32 of zlib (reflected polynomial 0xEDB88320), a byte at a time:
-    # records on this path are a few hundred bytes at most
-    cdef uint32_t c = 0xFFFFFFFFu
-    cdef Py_ssize_t i
-    for i in range(n):
-        c = _CRC_TABLE[(c ^ p[i]) & 0xFF] ^ (c >> 8)
-    return c ^ 0xFFFFFFFFu
-
-
-def crc32(const uint8_t[::1] data):
-    """``zlib.crc32(data)``, for the tests of this module's CRC."""
-    return _crc32(&data[0] if data.shape[0] else NULL, data.shape[0])
-
-
 cdef inline void _le(uint8_t* p, uint64_t v, int n) noexcept nogil:
     cdef int i
     for i in range(n):
@@ -94,11 +63,58 @@ cdef inline uint64_t _rd(const uint8_t* p, int n) noexcept nogil:
     return v
 
 
+cdef void _init_crc() noexcept:
+    # table 0: the CRC of each byte value; table k: of that byte followed by
+    # k zero bytes, so that eight bytes are folded in with eight lookups
+    # that do not depend on each other ("slicing by 8")
+    cdef uint32_t c
+    cdef int i, k
+    for i in range(256):
+        c = i
+        for k in range(8):
+            if c & 1:
+                c = (c >> 1) ^ 0xEDB88320u
+            else:
+                c = c >> 1
+        _CRC_TABLE[0][i] = c
+    for i in range(256):
+        for k in range(1, 8):
+            _CRC_TABLE[k][i] = (_CRC_TABLE[k - 1][i] >> 8) ^ _CRC_TABLE[0][_CRC_TABLE[k - 1][i] & 0xFF]
+
+
+_init_crc()
+
+
+cdef inline uint32_t _crc32(const uint8_t* p, Py_ssize_t n) noexcept nogil:
+    # the CRC-32 of zlib (reflected polynomial 0xEDB88320), eight bytes a step
+    cdef uint32_t c = 0xFFFFFFFFu
+    cdef uint32_t hi
+    cdef Py_ssize_t i = 0
+    while n - i >= 8:
+        c ^= <uint32_t>_rd(p + i, 4)
+        hi = <uint32_t>_rd(p + i + 4, 4)
+        c = (_CRC_TABLE[7][c & 0xFF] ^ _CRC_TABLE[6][(c >> 8) & 0xFF]
+             ^ _CRC_TABLE[5][(c >> 16) & 0xFF] ^ _CRC_TABLE[4][c >> 24]
+             ^ _CRC_TABLE[3][hi & 0xFF] ^ _CRC_TABLE[2][(hi >> 8) & 0xFF]
+             ^ _CRC_TABLE[1][(hi >> 16) & 0xFF] ^ _CRC_TABLE[0][hi >> 24])
+        i += 8
+    while i < n:
+        c = _CRC_TABLE[0][(c ^ p[i]) & 0xFF] ^ (c >> 8)
+        i += 1
+    return c ^ 0xFFFFFFFFu
+
+
+def crc32(const uint8_t[::1] data):
+    """``zlib.crc32(data)``, for the tests of this module's CRC."""
+    return _crc32(&data[0] if data.shape[0] else NULL, data.shape[0])
+
+
 # ------------------------------------------------------------------- keys
 cdef struct Buf:
     uint8_t* p
     Py_ssize_t n
     Py_ssize_t cap
+    bint heap  # p is malloc'ed (else a caller's stack buffer)
 
 
 cdef int _grow(Buf* b, Py_ssize_t extra) except -1:
@@ -106,11 +122,17 @@ cdef int _grow(Buf* b, Py_ssize_t extra) except -1:
     cdef uint8_t* q
     while cap < b.n + extra:
         cap *= 2
-    q = <uint8_t*>realloc(b.p, cap)
+    if b.heap:
+        q = <uint8_t*>realloc(b.p, cap)
+    else:
+        q = <uint8_t*>malloc(cap)
+        if q != NULL:
+            memcpy(q, b.p, b.n)
     if q == NULL:
         raise MemoryError()
     b.p = q
     b.cap = cap
+    b.heap = True
     return 0
 
 
@@ -139,25 +161,313 @@ cdef inline int _put_u64(Buf* b, uint64_t v) except -1:
     return 0
 
 
-def quick_key(bytes fn_identity, tuple args, leaf, hasher):
-    """The bytes ``_keys._quick_key`` hashes, hashed with a copy of ``hasher``; or None.
+# ------------------------------------------------------------------ BLAKE2b
+# BLAKE2b as RFC 7693 defines it (no key, no salt; a digest length and a
+# personalisation), so that a task key costs no hashlib object, copy or
+# method call. hashlib.blake2b is the reference: the tests compare digests
+# of every length class (empty, one block, block boundaries, many blocks).
 
-    None when an argument is not an int (64-bit), str, float, None or a leaf
-    (the general encoder takes those), or when ``leaf`` returns something
-    other than bytes or None (the general path raises the error).
-    """
+cdef uint64_t _B2_IV[8]
+_B2_IV[0] = 0x6a09e667f3bcc908ULL
+_B2_IV[1] = 0xbb67ae8584caa73bULL
+_B2_IV[2] = 0x3c6ef372fe94f82bULL
+_B2_IV[3] = 0xa54ff53a5f1d36f1ULL
+_B2_IV[4] = 0x510e527fade682d1ULL
+_B2_IV[5] = 0x9b05688c2b3e6c1fULL
+_B2_IV[6] = 0x1f83d9abfb41bd6bULL
+_B2_IV[7] = 0x5be0cd19137e2179ULL
+
+cdef inline uint64_t _rotr(uint64_t x, int n) noexcept nogil:
+    return (x >> n) | (x << (64 - n))
+
+
+cdef void _b2_compress(uint64_t* h, const uint8_t* block, uint64_t t, bint last) noexcept nogil:
+    # RFC 7693's F: twelve rounds of eight G mixings, written out (generated
+    # from its SIGMA table; rounds 10 and 11 repeat 0 and 1) on sixteen
+    # local words, so that the compiler keeps the state in registers
+    cdef uint64_t m0 = _rd(block + 0, 8), m1 = _rd(block + 8, 8), m2 = _rd(block + 16, 8), m3 = _rd(block + 24, 8), m4 = _rd(block + 32, 8), m5 = _rd(block + 40, 8), m6 = _rd(block + 48, 8), m7 = _rd(block + 56, 8), m8 = _rd(block + 64, 8), m9 = _rd(block + 72, 8), m10 = _rd(block + 80, 8), m11 = _rd(block + 88, 8), m12 = _rd(block + 96, 8), m13 = _rd(block + 104, 8), m14 = _rd(block + 112, 8), m15 = _rd(block + 120, 8)
+    cdef uint64_t v0 = h[0], v1 = h[1], v2 = h[2], v3 = h[3], v4 = h[4], v5 = h[5], v6 = h[6], v7 = h[7]
+    cdef uint64_t v8 = _B2_IV[0], v9 = _B2_IV[1], v10 = _B2_IV[2], v11 = _B2_IV[3], v12 = _B2_IV[4], v13 = _B2_IV[5], v14 = _B2_IV[6], v15 = _B2_IV[7]
+    v12 ^= t  # the counter's high word stays 0: inputs are < 2**64 bytes
+    if last:
+        v14 = ~v14
+    v0 = v0 + v4 + m0; v12 = _rotr(v12 ^ v0, 32); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 24)
+    v0 = v0 + v4 + m1; v12 = _rotr(v12 ^ v0, 16); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 63)
+    v1 = v1 + v5 + m2; v13 = _rotr(v13 ^ v1, 32); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 24)
+    v1 = v1 + v5 + m3; v13 = _rotr(v13 ^ v1, 16); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 63)
+    v2 = v2 + v6 + m4; v14 = _rotr(v14 ^ v2, 32); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 24)
+    v2 = v2 + v6 + m5; v14 = _rotr(v14 ^ v2, 16); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 63)
+    v3 = v3 + v7 + m6; v15 = _rotr(v15 ^ v3, 32); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 24)
+    v3 = v3 + v7 + m7; v15 = _rotr(v15 ^ v3, 16); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 63)
+    v0 = v0 + v5 + m8; v15 = _rotr(v15 ^ v0, 32); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 24)
+    v0 = v0 + v5 + m9; v15 = _rotr(v15 ^ v0, 16); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 63)
+    v1 = v1 + v6 + m10; v12 = _rotr(v12 ^ v1, 32); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 24)
+    v1 = v1 + v6 + m11; v12 = _rotr(v12 ^ v1, 16); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 63)
+    v2 = v2 + v7 + m12; v13 = _rotr(v13 ^ v2, 32); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 24)
+    v2 = v2 + v7 + m13; v13 = _rotr(v13 ^ v2, 16); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 63)
+    v3 = v3 + v4 + m14; v14 = _rotr(v14 ^ v3, 32); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 24)
+    v3 = v3 + v4 + m15; v14 = _rotr(v14 ^ v3, 16); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 63)
+    v0 = v0 + v4 + m14; v12 = _rotr(v12 ^ v0, 32); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 24)
+    v0 = v0 + v4 + m10; v12 = _rotr(v12 ^ v0, 16); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 63)
+    v1 = v1 + v5 + m4; v13 = _rotr(v13 ^ v1, 32); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 24)
+    v1 = v1 + v5 + m8; v13 = _rotr(v13 ^ v1, 16); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 63)
+    v2 = v2 + v6 + m9; v14 = _rotr(v14 ^ v2, 32); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 24)
+    v2 = v2 + v6 + m15; v14 = _rotr(v14 ^ v2, 16); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 63)
+    v3 = v3 + v7 + m13; v15 = _rotr(v15 ^ v3, 32); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 24)
+    v3 = v3 + v7 + m6; v15 = _rotr(v15 ^ v3, 16); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 63)
+    v0 = v0 + v5 + m1; v15 = _rotr(v15 ^ v0, 32); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 24)
+    v0 = v0 + v5 + m12; v15 = _rotr(v15 ^ v0, 16); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 63)
+    v1 = v1 + v6 + m0; v12 = _rotr(v12 ^ v1, 32); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 24)
+    v1 = v1 + v6 + m2; v12 = _rotr(v12 ^ v1, 16); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 63)
+    v2 = v2 + v7 + m11; v13 = _rotr(v13 ^ v2, 32); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 24)
+    v2 = v2 + v7 + m7; v13 = _rotr(v13 ^ v2, 16); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 63)
+    v3 = v3 + v4 + m5; v14 = _rotr(v14 ^ v3, 32); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 24)
+    v3 = v3 + v4 + m3; v14 = _rotr(v14 ^ v3, 16); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 63)
+    v0 = v0 + v4 + m11; v12 = _rotr(v12 ^ v0, 32); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 24)
+    v0 = v0 + v4 + m8; v12 = _rotr(v12 ^ v0, 16); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 63)
+    v1 = v1 + v5 + m12; v13 = _rotr(v13 ^ v1, 32); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 24)
+    v1 = v1 + v5 + m0; v13 = _rotr(v13 ^ v1, 16); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 63)
+    v2 = v2 + v6 + m5; v14 = _rotr(v14 ^ v2, 32); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 24)
+    v2 = v2 + v6 + m2; v14 = _rotr(v14 ^ v2, 16); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 63)
+    v3 = v3 + v7 + m15; v15 = _rotr(v15 ^ v3, 32); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 24)
+    v3 = v3 + v7 + m13; v15 = _rotr(v15 ^ v3, 16); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 63)
+    v0 = v0 + v5 + m10; v15 = _rotr(v15 ^ v0, 32); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 24)
+    v0 = v0 + v5 + m14; v15 = _rotr(v15 ^ v0, 16); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 63)
+    v1 = v1 + v6 + m3; v12 = _rotr(v12 ^ v1, 32); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 24)
+    v1 = v1 + v6 + m6; v12 = _rotr(v12 ^ v1, 16); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 63)
+    v2 = v2 + v7 + m7; v13 = _rotr(v13 ^ v2, 32); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 24)
+    v2 = v2 + v7 + m1; v13 = _rotr(v13 ^ v2, 16); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 63)
+    v3 = v3 + v4 + m9; v14 = _rotr(v14 ^ v3, 32); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 24)
+    v3 = v3 + v4 + m4; v14 = _rotr(v14 ^ v3, 16); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 63)
+    v0 = v0 + v4 + m7; v12 = _rotr(v12 ^ v0, 32); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 24)
+    v0 = v0 + v4 + m9; v12 = _rotr(v12 ^ v0, 16); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 63)
+    v1 = v1 + v5 + m3; v13 = _rotr(v13 ^ v1, 32); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 24)
+    v1 = v1 + v5 + m1; v13 = _rotr(v13 ^ v1, 16); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 63)
+    v2 = v2 + v6 + m13; v14 = _rotr(v14 ^ v2, 32); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 24)
+    v2 = v2 + v6 + m12; v14 = _rotr(v14 ^ v2, 16); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 63)
+    v3 = v3 + v7 + m11; v15 = _rotr(v15 ^ v3, 32); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 24)
+    v3 = v3 + v7 + m14; v15 = _rotr(v15 ^ v3, 16); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 63)
+    v0 = v0 + v5 + m2; v15 = _rotr(v15 ^ v0, 32); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 24)
+    v0 = v0 + v5 + m6; v15 = _rotr(v15 ^ v0, 16); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 63)
+    v1 = v1 + v6 + m5; v12 = _rotr(v12 ^ v1, 32); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 24)
+    v1 = v1 + v6 + m10; v12 = _rotr(v12 ^ v1, 16); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 63)
+    v2 = v2 + v7 + m4; v13 = _rotr(v13 ^ v2, 32); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 24)
+    v2 = v2 + v7 + m0; v13 = _rotr(v13 ^ v2, 16); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 63)
+    v3 = v3 + v4 + m15; v14 = _rotr(v14 ^ v3, 32); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 24)
+    v3 = v3 + v4 + m8; v14 = _rotr(v14 ^ v3, 16); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 63)
+    v0 = v0 + v4 + m9; v12 = _rotr(v12 ^ v0, 32); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 24)
+    v0 = v0 + v4 + m0; v12 = _rotr(v12 ^ v0, 16); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 63)
+    v1 = v1 + v5 + m5; v13 = _rotr(v13 ^ v1, 32); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 24)
+    v1 = v1 + v5 + m7; v13 = _rotr(v13 ^ v1, 16); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 63)
+    v2 = v2 + v6 + m2; v14 = _rotr(v14 ^ v2, 32); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 24)
+    v2 = v2 + v6 + m4; v14 = _rotr(v14 ^ v2, 16); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 63)
+    v3 = v3 + v7 + m10; v15 = _rotr(v15 ^ v3, 32); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 24)
+    v3 = v3 + v7 + m15; v15 = _rotr(v15 ^ v3, 16); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 63)
+    v0 = v0 + v5 + m14; v15 = _rotr(v15 ^ v0, 32); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 24)
+    v0 = v0 + v5 + m1; v15 = _rotr(v15 ^ v0, 16); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 63)
+    v1 = v1 + v6 + m11; v12 = _rotr(v12 ^ v1, 32); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 24)
+    v1 = v1 + v6 + m12; v12 = _rotr(v12 ^ v1, 16); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 63)
+    v2 = v2 + v7 + m6; v13 = _rotr(v13 ^ v2, 32); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 24)
+    v2 = v2 + v7 + m8; v13 = _rotr(v13 ^ v2, 16); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 63)
+    v3 = v3 + v4 + m3; v14 = _rotr(v14 ^ v3, 32); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 24)
+    v3 = v3 + v4 + m13; v14 = _rotr(v14 ^ v3, 16); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 63)
+    v0 = v0 + v4 + m2; v12 = _rotr(v12 ^ v0, 32); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 24)
+    v0 = v0 + v4 + m12; v12 = _rotr(v12 ^ v0, 16); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 63)
+    v1 = v1 + v5 + m6; v13 = _rotr(v13 ^ v1, 32); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 24)
+    v1 = v1 + v5 + m10; v13 = _rotr(v13 ^ v1, 16); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 63)
+    v2 = v2 + v6 + m0; v14 = _rotr(v14 ^ v2, 32); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 24)
+    v2 = v2 + v6 + m11; v14 = _rotr(v14 ^ v2, 16); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 63)
+    v3 = v3 + v7 + m8; v15 = _rotr(v15 ^ v3, 32); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 24)
+    v3 = v3 + v7 + m3; v15 = _rotr(v15 ^ v3, 16); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 63)
+    v0 = v0 + v5 + m4; v15 = _rotr(v15 ^ v0, 32); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 24)
+    v0 = v0 + v5 + m13; v15 = _rotr(v15 ^ v0, 16); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 63)
+    v1 = v1 + v6 + m7; v12 = _rotr(v12 ^ v1, 32); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 24)
+    v1 = v1 + v6 + m5; v12 = _rotr(v12 ^ v1, 16); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 63)
+    v2 = v2 + v7 + m15; v13 = _rotr(v13 ^ v2, 32); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 24)
+    v2 = v2 + v7 + m14; v13 = _rotr(v13 ^ v2, 16); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 63)
+    v3 = v3 + v4 + m1; v14 = _rotr(v14 ^ v3, 32); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 24)
+    v3 = v3 + v4 + m9; v14 = _rotr(v14 ^ v3, 16); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 63)
+    v0 = v0 + v4 + m12; v12 = _rotr(v12 ^ v0, 32); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 24)
+    v0 = v0 + v4 + m5; v12 = _rotr(v12 ^ v0, 16); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 63)
+    v1 = v1 + v5 + m1; v13 = _rotr(v13 ^ v1, 32); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 24)
+    v1 = v1 + v5 + m15; v13 = _rotr(v13 ^ v1, 16); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 63)
+    v2 = v2 + v6 + m14; v14 = _rotr(v14 ^ v2, 32); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 24)
+    v2 = v2 + v6 + m13; v14 = _rotr(v14 ^ v2, 16); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 63)
+    v3 = v3 + v7 + m4; v15 = _rotr(v15 ^ v3, 32); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 24)
+    v3 = v3 + v7 + m10; v15 = _rotr(v15 ^ v3, 16); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 63)
+    v0 = v0 + v5 + m0; v15 = _rotr(v15 ^ v0, 32); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 24)
+    v0 = v0 + v5 + m7; v15 = _rotr(v15 ^ v0, 16); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 63)
+    v1 = v1 + v6 + m6; v12 = _rotr(v12 ^ v1, 32); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 24)
+    v1 = v1 + v6 + m3; v12 = _rotr(v12 ^ v1, 16); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 63)
+    v2 = v2 + v7 + m9; v13 = _rotr(v13 ^ v2, 32); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 24)
+    v2 = v2 + v7 + m2; v13 = _rotr(v13 ^ v2, 16); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 63)
+    v3 = v3 + v4 + m8; v14 = _rotr(v14 ^ v3, 32); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 24)
+    v3 = v3 + v4 + m11; v14 = _rotr(v14 ^ v3, 16); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 63)
+    v0 = v0 + v4 + m13; v12 = _rotr(v12 ^ v0, 32); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 24)
+    v0 = v0 + v4 + m11; v12 = _rotr(v12 ^ v0, 16); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 63)
+    v1 = v1 + v5 + m7; v13 = _rotr(v13 ^ v1, 32); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 24)
+    v1 = v1 + v5 + m14; v13 = _rotr(v13 ^ v1, 16); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 63)
+    v2 = v2 + v6 + m12; v14 = _rotr(v14 ^ v2, 32); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 24)
+    v2 = v2 + v6 + m1; v14 = _rotr(v14 ^ v2, 16); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 63)
+    v3 = v3 + v7 + m3; v15 = _rotr(v15 ^ v3, 32); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 24)
+    v3 = v3 + v7 + m9; v15 = _rotr(v15 ^ v3, 16); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 63)
+    v0 = v0 + v5 + m5; v15 = _rotr(v15 ^ v0, 32); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 24)
+    v0 = v0 + v5 + m0; v15 = _rotr(v15 ^ v0, 16); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 63)
+    v1 = v1 + v6 + m15; v12 = _rotr(v12 ^ v1, 32); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 24)
+    v1 = v1 + v6 + m4; v12 = _rotr(v12 ^ v1, 16); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 63)
+    v2 = v2 + v7 + m8; v13 = _rotr(v13 ^ v2, 32); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 24)
+    v2 = v2 + v7 + m6; v13 = _rotr(v13 ^ v2, 16); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 63)
+    v3 = v3 + v4 + m2; v14 = _rotr(v14 ^ v3, 32); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 24)
+    v3 = v3 + v4 + m10; v14 = _rotr(v14 ^ v3, 16); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 63)
+    v0 = v0 + v4 + m6; v12 = _rotr(v12 ^ v0, 32); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 24)
+    v0 = v0 + v4 + m15; v12 = _rotr(v12 ^ v0, 16); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 63)
+    v1 = v1 + v5 + m14; v13 = _rotr(v13 ^ v1, 32); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 24)
+    v1 = v1 + v5 + m9; v13 = _rotr(v13 ^ v1, 16); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 63)
+    v2 = v2 + v6 + m11; v14 = _rotr(v14 ^ v2, 32); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 24)
+    v2 = v2 + v6 + m3; v14 = _rotr(v14 ^ v2, 16); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 63)
+    v3 = v3 + v7 + m0; v15 = _rotr(v15 ^ v3, 32); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 24)
+    v3 = v3 + v7 + m8; v15 = _rotr(v15 ^ v3, 16); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 63)
+    v0 = v0 + v5 + m12; v15 = _rotr(v15 ^ v0, 32); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 24)
+    v0 = v0 + v5 + m2; v15 = _rotr(v15 ^ v0, 16); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 63)
+    v1 = v1 + v6 + m13; v12 = _rotr(v12 ^ v1, 32); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 24)
+    v1 = v1 + v6 + m7; v12 = _rotr(v12 ^ v1, 16); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 63)
+    v2 = v2 + v7 + m1; v13 = _rotr(v13 ^ v2, 32); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 24)
+    v2 = v2 + v7 + m4; v13 = _rotr(v13 ^ v2, 16); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 63)
+    v3 = v3 + v4 + m10; v14 = _rotr(v14 ^ v3, 32); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 24)
+    v3 = v3 + v4 + m5; v14 = _rotr(v14 ^ v3, 16); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 63)
+    v0 = v0 + v4 + m10; v12 = _rotr(v12 ^ v0, 32); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 24)
+    v0 = v0 + v4 + m2; v12 = _rotr(v12 ^ v0, 16); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 63)
+    v1 = v1 + v5 + m8; v13 = _rotr(v13 ^ v1, 32); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 24)
+    v1 = v1 + v5 + m4; v13 = _rotr(v13 ^ v1, 16); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 63)
+    v2 = v2 + v6 + m7; v14 = _rotr(v14 ^ v2, 32); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 24)
+    v2 = v2 + v6 + m6; v14 = _rotr(v14 ^ v2, 16); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 63)
+    v3 = v3 + v7 + m1; v15 = _rotr(v15 ^ v3, 32); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 24)
+    v3 = v3 + v7 + m5; v15 = _rotr(v15 ^ v3, 16); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 63)
+    v0 = v0 + v5 + m15; v15 = _rotr(v15 ^ v0, 32); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 24)
+    v0 = v0 + v5 + m11; v15 = _rotr(v15 ^ v0, 16); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 63)
+    v1 = v1 + v6 + m9; v12 = _rotr(v12 ^ v1, 32); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 24)
+    v1 = v1 + v6 + m14; v12 = _rotr(v12 ^ v1, 16); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 63)
+    v2 = v2 + v7 + m3; v13 = _rotr(v13 ^ v2, 32); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 24)
+    v2 = v2 + v7 + m12; v13 = _rotr(v13 ^ v2, 16); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 63)
+    v3 = v3 + v4 + m13; v14 = _rotr(v14 ^ v3, 32); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 24)
+    v3 = v3 + v4 + m0; v14 = _rotr(v14 ^ v3, 16); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 63)
+    v0 = v0 + v4 + m0; v12 = _rotr(v12 ^ v0, 32); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 24)
+    v0 = v0 + v4 + m1; v12 = _rotr(v12 ^ v0, 16); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 63)
+    v1 = v1 + v5 + m2; v13 = _rotr(v13 ^ v1, 32); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 24)
+    v1 = v1 + v5 + m3; v13 = _rotr(v13 ^ v1, 16); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 63)
+    v2 = v2 + v6 + m4; v14 = _rotr(v14 ^ v2, 32); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 24)
+    v2 = v2 + v6 + m5; v14 = _rotr(v14 ^ v2, 16); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 63)
+    v3 = v3 + v7 + m6; v15 = _rotr(v15 ^ v3, 32); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 24)
+    v3 = v3 + v7 + m7; v15 = _rotr(v15 ^ v3, 16); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 63)
+    v0 = v0 + v5 + m8; v15 = _rotr(v15 ^ v0, 32); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 24)
+    v0 = v0 + v5 + m9; v15 = _rotr(v15 ^ v0, 16); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 63)
+    v1 = v1 + v6 + m10; v12 = _rotr(v12 ^ v1, 32); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 24)
+    v1 = v1 + v6 + m11; v12 = _rotr(v12 ^ v1, 16); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 63)
+    v2 = v2 + v7 + m12; v13 = _rotr(v13 ^ v2, 32); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 24)
+    v2 = v2 + v7 + m13; v13 = _rotr(v13 ^ v2, 16); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 63)
+    v3 = v3 + v4 + m14; v14 = _rotr(v14 ^ v3, 32); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 24)
+    v3 = v3 + v4 + m15; v14 = _rotr(v14 ^ v3, 16); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 63)
+    v0 = v0 + v4 + m14; v12 = _rotr(v12 ^ v0, 32); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 24)
+    v0 = v0 + v4 + m10; v12 = _rotr(v12 ^ v0, 16); v8 = v8 + v12; v4 = _rotr(v4 ^ v8, 63)
+    v1 = v1 + v5 + m4; v13 = _rotr(v13 ^ v1, 32); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 24)
+    v1 = v1 + v5 + m8; v13 = _rotr(v13 ^ v1, 16); v9 = v9 + v13; v5 = _rotr(v5 ^ v9, 63)
+    v2 = v2 + v6 + m9; v14 = _rotr(v14 ^ v2, 32); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 24)
+    v2 = v2 + v6 + m15; v14 = _rotr(v14 ^ v2, 16); v10 = v10 + v14; v6 = _rotr(v6 ^ v10, 63)
+    v3 = v3 + v7 + m13; v15 = _rotr(v15 ^ v3, 32); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 24)
+    v3 = v3 + v7 + m6; v15 = _rotr(v15 ^ v3, 16); v11 = v11 + v15; v7 = _rotr(v7 ^ v11, 63)
+    v0 = v0 + v5 + m1; v15 = _rotr(v15 ^ v0, 32); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 24)
+    v0 = v0 + v5 + m12; v15 = _rotr(v15 ^ v0, 16); v10 = v10 + v15; v5 = _rotr(v5 ^ v10, 63)
+    v1 = v1 + v6 + m0; v12 = _rotr(v12 ^ v1, 32); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 24)
+    v1 = v1 + v6 + m2; v12 = _rotr(v12 ^ v1, 16); v11 = v11 + v12; v6 = _rotr(v6 ^ v11, 63)
+    v2 = v2 + v7 + m11; v13 = _rotr(v13 ^ v2, 32); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 24)
+    v2 = v2 + v7 + m7; v13 = _rotr(v13 ^ v2, 16); v8 = v8 + v13; v7 = _rotr(v7 ^ v8, 63)
+    v3 = v3 + v4 + m5; v14 = _rotr(v14 ^ v3, 32); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 24)
+    v3 = v3 + v4 + m3; v14 = _rotr(v14 ^ v3, 16); v9 = v9 + v14; v4 = _rotr(v4 ^ v9, 63)
+    h[0] ^= v0 ^ v8
+    h[1] ^= v1 ^ v9
+    h[2] ^= v2 ^ v10
+    h[3] ^= v3 ^ v11
+    h[4] ^= v4 ^ v12
+    h[5] ^= v5 ^ v13
+    h[6] ^= v6 ^ v14
+    h[7] ^= v7 ^ v15
+
+
+cdef void _b2_init(uint64_t* h, int digest_size, const uint8_t* person, Py_ssize_t plen) noexcept nogil:
+    # the parameter block: digest length, key length 0, fanout 1, depth 1,
+    # no salt, the personalisation (zero-padded to 16 bytes) in words 6 and 7
+    cdef uint8_t p16[16]
+    cdef int i
+    memset(p16, 0, 16)
+    memcpy(p16, person, plen)
+    for i in range(8):
+        h[i] = _B2_IV[i]
+    h[0] ^= 0x01010000ULL ^ <uint64_t>digest_size
+    h[6] ^= _rd(p16, 8)
+    h[7] ^= _rd(p16 + 8, 8)
+
+
+cdef void _b2_digest(const uint64_t* h0, const uint8_t* data, Py_ssize_t n, uint8_t* out,
+                     int digest_size) noexcept nogil:
+    cdef uint64_t h[8]
+    cdef uint8_t last[128]
+    cdef uint8_t full[64]
+    cdef Py_ssize_t done = 0
+    cdef int i
+    memcpy(h, h0, sizeof(h))
+    while n - done > 128:
+        _b2_compress(h, data + done, <uint64_t>(done + 128), False)
+        done += 128
+    memset(last, 0, 128)
+    memcpy(last, data + done, n - done)
+    _b2_compress(h, last, <uint64_t>n, True)
+    for i in range(8):
+        _le(full + 8 * i, h[i], 8)
+    memcpy(out, full, digest_size)
+
+
+def blake2b(data, bytes person=b"", int digest_size=64):
+    """``hashlib.blake2b(data, digest_size=..., person=...).digest()``, for the tests."""
+    cdef const uint8_t[::1] mv = data
+    cdef uint64_t h[8]
+    cdef uint8_t out[64]
+    if not 1 <= digest_size <= 64:
+        raise ValueError(f"digest_size must be 1 to 64, got {digest_size}")
+    if PyBytes_GET_SIZE(person) > 16:
+        raise ValueError(f"person must be at most 16 bytes, got {PyBytes_GET_SIZE(person)}")
+    _b2_init(h, digest_size, <const uint8_t*>PyBytes_AS_STRING(person), PyBytes_GET_SIZE(person))
+    _b2_digest(h, &mv[0] if mv.shape[0] else <const uint8_t*>out, mv.shape[0], out, digest_size)
+    return PyBytes_FromStringAndSize(<char*>out, digest_size)
+
+
+# the task keys' hash (_keys._TASK_HASH): its personalisation and length,
+# exported as KEY_LAYOUT for _keys.py's import-time check, like RECORD_LAYOUT
+cdef bytes _TASK_PERSON = b"awf-task-1"
+cdef enum:
+    KEY_DIGEST = 32
+cdef uint64_t _TASK_H0[8]
+_b2_init(_TASK_H0, KEY_DIGEST, <const uint8_t*>PyBytes_AS_STRING(_TASK_PERSON),
+         PyBytes_GET_SIZE(_TASK_PERSON))
+
+#: the task-key hash this build computes, for _keys.py's import-time check
+KEY_LAYOUT = {"PERSON_TASK": _TASK_PERSON, "DIGEST_SIZE": KEY_DIGEST}
+
+
+cdef object _quick_key(bytes fn_identity, tuple args, object leaf):
+    # the body of quick_key; None: the general encoder takes the call
+    cdef uint8_t stack[512]
     cdef Buf b
-    cdef Py_ssize_t size
-    cdef const char* s
     cdef int overflow
     cdef long long iv
     cdef double dv
     cdef uint64_t bits
-    b.cap = 256
+    cdef uint8_t out[KEY_DIGEST]
+    cdef object sub, enc
+    # a stack buffer for the common call; _grow moves it to the heap
+    b.p = stack
     b.n = 0
-    b.p = <uint8_t*>malloc(b.cap)
-    if b.p == NULL:
-        raise MemoryError()
+    b.cap = 512
+    b.heap = False
     try:
         _put_u64(&b, PyBytes_GET_SIZE(fn_identity))
         _put(&b, PyBytes_AS_STRING(fn_identity), PyBytes_GET_SIZE(fn_identity))
@@ -196,11 +506,23 @@ def quick_key(bytes fn_identity, tuple args, leaf, hasher):
             else:
                 return None
         _put_u64(&b, 0)  # no keyword arguments
-        h = hasher.copy()
-        h.update(PyBytes_FromStringAndSize(<char*>b.p, b.n))
-        return h.digest()
+        _b2_digest(_TASK_H0, b.p, b.n, out, KEY_DIGEST)
+        return PyBytes_FromStringAndSize(<char*>out, KEY_DIGEST)
     finally:
-        free(b.p)
+        if b.heap:
+            free(b.p)
+
+
+def quick_key(bytes fn_identity, tuple args, leaf):
+    """The task key ``_keys._quick_key_py`` makes, or None.
+
+    The same bytes hashed with the same BLAKE2b (``_keys._TASK_HASH``:
+    32 bytes, person ``KEY_LAYOUT["PERSON_TASK"]``), computed here.
+    None when an argument is not an int (64-bit), str, float, None or a leaf
+    (the general encoder takes those), or when ``leaf`` returns something
+    other than bytes or None (the general path raises the error).
+    """
+    return _quick_key(fn_identity, args, leaf)
 
 
 # ----------------------------------------------------------------- records
@@ -317,3 +639,273 @@ def mapped_payload(mm, Py_ssize_t off, bytes key):
         return PyBytes_FromStringAndSize(<const char*>p + start, size - start)
     finally:
         PyBuffer_Release(&view)
+
+
+# ------------------------------------------------------------ bulk appends
+# CheckpointLog.put_results and Recorder.record per batch: what their Python
+# loops do per item, for the common items, in one call per batch. An item
+# this code does not take (a large or unpicklable value, a name not yet
+# cached, anything to report) stops the loop at that item; the Python code
+# handles it the general way and calls again after it, so records are
+# appended in the order of the items whichever code made them.
+
+cdef extern from "Python.h":
+    int PyByteArray_Resize(object ba, Py_ssize_t size) except -1
+    char* PyByteArray_AS_STRING(object ba)
+    Py_ssize_t PyByteArray_GET_SIZE(object ba)
+
+cdef enum:
+    COMPRESS_MIN = 1 << 16
+    # why append_small_results returned
+    STOP_DONE = 0
+    STOP_FULL = 1
+    STOP_ITEM = 2
+
+RECORD_LAYOUT["COMPRESS_MIN"] = COMPRESS_MIN
+
+
+cdef Py_ssize_t _scalar_pickle(object v, uint8_t* out) noexcept:
+    # pickle.dumps(v, protocol=5) of None, a bool, an int in [-2**31, 2**31)
+    # or a float, written into out (>= 32 bytes); -1 for anything else. The
+    # pickler frames what it writes after the protocol header once that is
+    # 4 bytes or more (PROTO 5 | FRAME u64 | body | STOP); shorter bodies
+    # go unframed. The tests compare these bytes with pickle.dumps.
+    cdef uint8_t body[16]
+    cdef Py_ssize_t n = 0
+    cdef long long iv
+    cdef int overflow
+    cdef double dv
+    cdef uint64_t bits
+    cdef int i
+    t = type(v)
+    if v is None:
+        body[0] = b"N"
+        n = 1
+    elif t is bool:
+        body[0] = 0x88 if v is True else 0x89
+        n = 1
+    elif t is int:
+        iv = PyLong_AsLongLongAndOverflow(v, &overflow)
+        if overflow or iv < -2147483648LL or iv > 2147483647LL:
+            return -1
+        if 0 <= iv < 256:
+            body[0] = b"K"
+            body[1] = <uint8_t>iv
+            n = 2
+        elif 0 <= iv < 65536:
+            body[0] = b"M"
+            _le(body + 1, <uint64_t>iv, 2)
+            n = 3
+        else:
+            body[0] = b"J"
+            _le(body + 1, <uint64_t>(<uint32_t>(<int32_t>iv)), 4)
+            n = 5
+    elif t is float:
+        dv = v
+        memcpy(&bits, &dv, 8)
+        body[0] = b"G"
+        for i in range(8):  # big-endian, as pickle writes a BINFLOAT
+            body[1 + i] = <uint8_t>(bits >> (8 * (7 - i)))
+        n = 9
+    else:
+        return -1
+    body[n] = b"."
+    n += 1
+    out[0] = 0x80
+    out[1] = 5
+    if n < 4:
+        memcpy(out + 2, body, n)
+        return 2 + n
+    out[2] = 0x95
+    _le(out + 3, <uint64_t>n, 8)
+    memcpy(out + 11, body, n)
+    return 11 + n
+
+
+def scalar_pickle(v):
+    """``pickle.dumps(v, protocol=5)`` when the bulk append writes it itself, else None."""
+    cdef uint8_t out[32]
+    cdef Py_ssize_t n = _scalar_pickle(v, out)
+    if n < 0:
+        return None
+    return PyBytes_FromStringAndSize(<char*>out, n)
+
+
+def append_small_results(list items, Py_ssize_t start, double now, dict names, pack,
+                         bytearray pending, bytearray sizes, list pkeys, dict results,
+                         Py_ssize_t end, Py_ssize_t pending_max):
+    """Append the small RESULT records of ``items[start:]`` to a log's write buffer.
+
+    ``items``: ``(key, value, function, parents)`` as ``put_results`` takes
+    them. Each record is the one ``_format._py_result_record`` makes with
+    ``now``, appended to ``pending`` (its size to ``sizes``, a u32 each,
+    little-endian; its key to ``pkeys``) and indexed in ``results`` at its
+    offset (``end`` is the offset of the end of ``pending``). ``names``:
+    the log's cache of encoded function names; ``pack``: ``_codec.pack``.
+
+    Returns ``(i, end, appended, why, packed)``: the loop stopped before
+    item ``i`` (``why`` is STOP_ITEM: the item is the caller's, ``packed``
+    its ``(payload, bufs)`` when it was pickled), after item ``i - 1``
+    (STOP_FULL: ``pending`` reached ``pending_max``, a flush is due), or
+    at the end (STOP_DONE).
+    """
+    cdef Py_ssize_t i = start, n = len(items), appended = 0
+    cdef Py_ssize_t klen, nlen, plen, npar, pblen, used, pad, blen, size, pos, at
+    cdef uint8_t sbuf[32]
+    cdef uint8_t* r
+    cdef const char* pay
+    cdef uint64_t bits
+    cdef object item, key, value, function, parents, name, payload, bufs, p
+    while i < n:
+        item = items[i]
+        if type(item) is not tuple or len(<tuple>item) != 4:
+            return i, end, appended, STOP_ITEM, None
+        key, value, function, parents = <tuple>item
+        if type(key) is not bytes or type(parents) is not tuple:
+            return i, end, appended, STOP_ITEM, None
+        klen = PyBytes_GET_SIZE(key)
+        if not 0 < klen <= MAX_KEY:
+            return i, end, appended, STOP_ITEM, None
+        name = names.get(function)
+        if name is None:
+            return i, end, appended, STOP_ITEM, None
+        npar = len(<tuple>parents)
+        pblen = 0
+        for p in <tuple>parents:
+            if type(p) is not bytes or not 0 < PyBytes_GET_SIZE(p) <= MAX_KEY:
+                return i, end, appended, STOP_ITEM, None
+            pblen += 2 + PyBytes_GET_SIZE(p)
+        if npar > 0xFFFF:
+            return i, end, appended, STOP_ITEM, None
+        plen = _scalar_pickle(value, sbuf)
+        if plen >= 0:
+            pay = <const char*>sbuf
+        else:
+            bufs = []
+            try:
+                payload = pack(value, bufs)
+            except Exception:
+                return i, end, appended, STOP_ITEM, None  # the caller reports it
+            if bufs or type(payload) is not bytes or PyBytes_GET_SIZE(payload) >= COMPRESS_MIN:
+                return i, end, appended, STOP_ITEM, (payload, bufs)
+            pay = PyBytes_AS_STRING(payload)
+            plen = PyBytes_GET_SIZE(payload)
+        nlen = PyBytes_GET_SIZE(name)
+        used = HEADER_SIZE + klen + RESULT_META_SIZE + nlen + pblen
+        pad = (ALIGN - used % ALIGN) % ALIGN
+        blen = (used + pad - HEADER_SIZE - klen) + VALUE_HEAD_SIZE + plen
+        size = HEADER_SIZE + klen + blen
+        if size >= MAX_SMALL:  # DIRECT_MIN: written at once by the caller
+            if plen >= 0 and pay == <const char*>sbuf:
+                payload = PyBytes_FromStringAndSize(pay, plen)
+                bufs = []
+            return i, end, appended, STOP_ITEM, (payload, bufs)
+        at = PyByteArray_GET_SIZE(pending)
+        PyByteArray_Resize(pending, at + size)
+        r = <uint8_t*>PyByteArray_AS_STRING(pending) + at
+        memcpy(r, PyBytes_AS_STRING(_RECORD_MAGIC), 4)
+        r[8] = T_RESULT
+        r[9] = 0
+        _le(r + 10, klen, 2)
+        _le(r + 12, blen, 8)
+        pos = HEADER_SIZE
+        memcpy(r + pos, PyBytes_AS_STRING(key), klen)
+        pos += klen
+        memcpy(&bits, &now, 8)
+        _le(r + pos, bits, 8)
+        _le(r + pos + 8, used + pad, 4)
+        _le(r + pos + 12, nlen, 2)
+        _le(r + pos + 14, npar, 2)
+        pos += RESULT_META_SIZE
+        memcpy(r + pos, PyBytes_AS_STRING(name), nlen)
+        pos += nlen
+        for p in <tuple>parents:
+            _le(r + pos, PyBytes_GET_SIZE(p), 2)
+            memcpy(r + pos + 2, PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p))
+            pos += 2 + PyBytes_GET_SIZE(p)
+        memset(r + pos, 0, pad)
+        pos += pad
+        memset(r + pos, 0, VALUE_HEAD_SIZE)  # no buffers, raw codec, padding
+        _le(r + pos + 8, plen, 8)
+        pos += VALUE_HEAD_SIZE
+        memcpy(r + pos, pay, plen)
+        _le(r + 4, _crc32(r + CRC_FROM, size - CRC_FROM), 4)
+        at = PyByteArray_GET_SIZE(sizes)
+        PyByteArray_Resize(sizes, at + 4)
+        _le(<uint8_t*>PyByteArray_AS_STRING(sizes) + at, size, 4)
+        pkeys.append(key)
+        results[key] = end
+        end += size
+        appended += 1
+        i += 1
+        if PyByteArray_GET_SIZE(pending) >= pending_max:
+            return i, end, appended, STOP_FULL, None
+    return i, end, appended, STOP_DONE, None
+
+
+def fix_results(dict results, list pkeys, bytearray data, bytearray sizes,
+                Py_ssize_t base, Py_ssize_t shift):
+    """Move the index entries of the buffered RESULT records by ``shift`` bytes.
+
+    ``data``: the buffered records, the first at offset ``base``; ``sizes``:
+    their sizes (u32 little-endian each); ``pkeys``: the keys of the RESULT
+    records among them, in order. An entry is moved only if it still points
+    at its record (a later record of the same key has replaced it otherwise).
+    """
+    cdef const uint8_t* d = <const uint8_t*>PyByteArray_AS_STRING(data)
+    cdef const uint8_t* s = <const uint8_t*>PyByteArray_AS_STRING(sizes)
+    cdef Py_ssize_t count = PyByteArray_GET_SIZE(sizes) // 4
+    cdef Py_ssize_t k, j = 0, pos = 0, nkeys = len(pkeys)
+    cdef object key, cur
+    for k in range(count):
+        if d[pos + 8] == T_RESULT and j < nkeys:
+            key = pkeys[j]
+            j += 1
+            cur = results.get(key)
+            if cur is not None and <Py_ssize_t>cur == base + pos:
+                results[key] = base + pos + shift
+        pos += <Py_ssize_t>_rd(s + 4 * k, 4)
+
+
+def result_items(list done, Py_ssize_t start, dict live, dict fn_names, list items,
+                 Py_ssize_t big):
+    """``Recorder.record``'s loop over ``done[start:]``: ``(key, value, name, parents)`` items.
+
+    ``done``: ``(future, value)`` pairs; a future whose key is in ``live``
+    (the log's index) is skipped, as is an identical task that finished
+    earlier. ``fn_names``: the record name of each function (tasks without
+    ``name=``). Stops before the first pair it does not take (returns its
+    index; ``len(done)`` when it took all): a task with ``name=``, a
+    function not in ``fn_names``, a value whose size must be counted toward
+    ``warn_bytes`` (anything but a few built-in types, or bytes of ``big``
+    bytes or more).
+    """
+    cdef Py_ssize_t i = start, n = len(done)
+    cdef object pair, fut, value, key, name, fn, opts, t
+    while i < n:
+        pair = done[i]
+        if type(pair) is not tuple or len(<tuple>pair) != 2:
+            return i
+        fut, value = <tuple>pair
+        key = fut._ckey
+        if key in live:
+            i += 1
+            continue
+        t = type(value)
+        if not (value is None or t is int or t is float or t is bool or t is str
+                or t is tuple or t is list or t is dict or t is complex):
+            if t is not bytes or PyBytes_GET_SIZE(value) >= big:
+                return i
+        opts = fut._opts
+        if opts.name is not None:
+            return i
+        fn = fut._fn
+        try:
+            name = fn_names.get(fn)
+        except TypeError:  # an unhashable callable object
+            return i
+        if name is None:
+            return i
+        items.append((key, value, name, fut._cparents))
+        i += 1
+    return n

@@ -49,9 +49,7 @@ from __future__ import annotations
 
 import pickle
 import struct
-import sys
 import zlib
-from array import array
 from collections.abc import Callable
 from typing import Any
 
@@ -309,7 +307,7 @@ def _check_compiled_layout(layout: dict[str, Any]) -> None:
         "HEADER_SIZE": HEADER_SIZE, "CRC_FROM": _CRC_FROM,
         "RESULT_META_SIZE": _RESULT_META.size, "VALUE_HEAD_SIZE": _VALUE_HEAD.size,
         "ALIGN": _ALIGN, "RESULT": RESULT, "CODEC_RAW": CODEC_RAW, "MAX_KEY": MAX_KEY,
-        "DIRECT_MIN": DIRECT_MIN, "RECORD_MAGIC": RECORD_MAGIC,
+        "DIRECT_MIN": DIRECT_MIN, "RECORD_MAGIC": RECORD_MAGIC, "COMPRESS_MIN": COMPRESS_MIN,
     }
     wrong = [f"{name}: compiled {layout.get(name)!r}, _format.py {value!r}"
              for name, value in ours.items() if layout.get(name) != value]
@@ -330,6 +328,11 @@ _result_record: Callable[[bytes, float, bytes, tuple[bytes, ...], bytes], bytes]
 )
 _mapped_payload: Callable[[Any, int, bytes], bytes | None] = (
     _py_mapped_payload if _ext is None else _ext.mapped_payload
+)
+#: the compiled bulk append of small RESULT records (``CheckpointLog.put_results``);
+#: None without the extension, where the log's own loop appends each record
+_append_small: Callable[..., tuple[int, int, int, int, Any]] | None = (
+    None if _ext is None else _ext.append_small_results
 )
 
 
@@ -380,22 +383,41 @@ def _check_count(name: str, value: Any, lo: int, hi: int) -> None:
         raise ValueError(f"{name} must be an int in [{lo}, {hi}), got {value!r}")
 
 
-def _sizes_bytes(sizes: array[int]) -> bytes:
-    if sizes.itemsize != 4:  # pragma: no cover - 'I' is 4 bytes on every platform we run on
-        return struct.pack(f"<{len(sizes)}I", *sizes)
-    if sys.byteorder == "big":  # pragma: no cover
-        swapped = array("I", sizes)
-        swapped.byteswap()
-        return swapped.tobytes()
-    return sizes.tobytes()
+_U32 = struct.Struct("<I")
 
 
-def _flush_parts(data: bytearray, sizes: array[int]) -> list[Any]:
-    """What a flush of the buffered records ``data`` writes: a BLOCK index first if it pays."""
-    if len(sizes) < MIN_BLOCK:
+def _flush_parts(data: bytearray, sizes: bytearray) -> list[Any]:
+    """What a flush of the buffered records ``data`` writes: a BLOCK index first if it pays.
+
+    ``sizes``: the size of each buffered record, a u32 little-endian each
+    (the BLOCK's own table, as it is written).
+    """
+    count = len(sizes) // 4
+    if count < MIN_BLOCK:
         return [data]
-    index = _BLOCK.pack(len(sizes), zlib.crc32(data), len(data)) + _sizes_bytes(sizes)
+    index = _BLOCK.pack(count, zlib.crc32(data), len(data)) + sizes
     return [_frame(BLOCK, b"", index), data]
+
+
+def _py_fix_results(results: dict[bytes, int], pkeys: list[bytes], data: bytearray,
+                    sizes: bytearray, base: int, shift: int) -> None:
+    """Move the index entries of buffered RESULT records by ``shift`` bytes.
+
+    ``async_wf._core.fix_results`` is the compiled twin; see it for the arguments.
+    """
+    keys = iter(pkeys)
+    pos = 0
+    for (size,) in _U32.iter_unpack(sizes):
+        if data[pos + 8] == RESULT:
+            key = next(keys, None)
+            if key is not None and results.get(key) == base + pos:
+                results[key] = base + pos + shift
+        pos += size
+
+
+_fix_results: Callable[[dict[bytes, int], list[bytes], bytearray, bytearray, int, int], None] = (
+    _py_fix_results if _ext is None else _ext.fix_results
+)
 
 
 class _Invalid(Exception):

@@ -1380,10 +1380,34 @@ def _quick_key_py(fn_identity: bytes, args: tuple[Any, ...], leaf: Leaf | None) 
     return _digest(_TASK_HASH, b"".join(parts))
 
 
+def _check_compiled_key_hash(layout: dict[str, Any]) -> None:
+    """Refuse a compiled extension that hashes task keys otherwise than this module.
+
+    The compiled ``quick_key`` computes BLAKE2b itself, with its own copy of
+    the personalisation and digest size of ``_TASK_HASH``; an extension built
+    before a change of ``KEY_SCHEME`` would make keys no run of this code
+    finds (every task would run again, silently).
+
+    Raises:
+        ImportError: a parameter differs or is missing; the message names each one.
+    """
+    ours = {"PERSON_TASK": _PERSON_TASK, "DIGEST_SIZE": DIGEST_SIZE}
+    wrong = [f"{name}: compiled {layout.get(name)!r}, _keys.py {value!r}"
+             for name, value in ours.items() if layout.get(name) != value]
+    if wrong:
+        raise ImportError(
+            "async_wf._core was built for another task-key hash (" + "; ".join(wrong)
+            + "); rebuild it (python setup.py build_ext --inplace, or reinstall async_wf)"
+        )
+
+
 _ext = compiled()
-#: the compiled twin hashes the same bytes with a copy of the same hasher
+if _ext is not None:
+    # an extension built before the hash was exported has none: it is refused too
+    _check_compiled_key_hash(getattr(_ext, "KEY_LAYOUT", {}))
+#: the compiled twin hashes the same bytes with its own BLAKE2b (same parameters)
 _quick_key: Callable[[bytes, tuple[Any, ...], Leaf | None], bytes | None] = (
-    _quick_key_py if _ext is None else functools.partial(_ext.quick_key, hasher=_TASK_HASH)
+    _quick_key_py if _ext is None else _ext.quick_key
 )
 
 

@@ -21,7 +21,6 @@ import struct
 import time
 import weakref
 import zlib
-from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -53,9 +52,11 @@ from async_wf.checkpoint._format import (
     CheckpointCorruptError,
     CheckpointFormatError,
     _align,
+    _append_small,
     _check_count,
     _check_key,
     _decode_value,
+    _fix_results,
     _flush_parts,
     _frame,
     _frame_parts,
@@ -76,6 +77,12 @@ from async_wf.checkpoint._scan import (
 
 #: buffered bytes that force a flush whatever the policy
 PENDING_MAX = 1 << 20
+_U32 = struct.Struct("<I").pack
+# why append_small_results returned (src_cython/ckfast.pxi)
+_STOP_FULL = 1
+_STOP_ITEM = 2
+#: the time put in records (a module attribute, so that the tests can fix it)
+_clock = time.time
 #: first read of a record: most records fit, and then one pread is enough
 _READ_GUESS = 4096
 
@@ -326,9 +333,14 @@ class CheckpointLog:
         self._written = 0  # bytes in the file
         self._end = 0  # bytes in the file plus buffered
         self._pending = bytearray()
-        self._psizes: array[int] = array("I")
-        # buffered records whose index entries move if a BLOCK is written before them
-        self._pfix: list[tuple[int, bytes, int, tuple[int, int] | None]] = []
+        # the size of each buffered record, a u32 little-endian each: the
+        # table of the BLOCK that a flush writes before them
+        self._psizes = bytearray()
+        # buffered records whose index entries move if a BLOCK is written
+        # before them: the keys of the RESULT records, in order (their
+        # offsets follow from _psizes), and the STATE records
+        self._pkeys: list[bytes] = []
+        self._pstates: list[tuple[bytes, int, tuple[int, int]]] = []
         self._names: dict[str, bytes] = {}
         self._last_flush = time.monotonic()
         self._broken: BaseException | None = None
@@ -530,13 +542,16 @@ class CheckpointLog:
         """
         off = self._end
         self._index(typ, key, rank_step, off)
-        if typ in (RESULT, STATE):
-            self._pfix.append((typ, key, off, rank_step))
+        if typ == RESULT:
+            self._pkeys.append(key)
+        elif typ == STATE:
+            assert rank_step is not None
+            self._pstates.append((key, off, rank_step))
         self._pending += rec
-        self._psizes.append(len(rec))
+        self._psizes += _U32(len(rec))
         self._end = off + len(rec)
         if len(self._pending) >= PENDING_MAX or (by_policy and (
-            len(self._psizes) >= self._every
+            len(self._psizes) >= 4 * self._every
             or time.monotonic() - self._last_flush >= self._interval
         )):
             self._flush_pending()
@@ -584,21 +599,20 @@ class CheckpointLog:
         except OSError as exc:
             self._fail(exc)
         if shift:
-            results, states = self._results, self._states
-            for typ, key, off, rank_step in self._pfix:
-                if typ == RESULT:
-                    if results.get(key) == off:
-                        results[key] = off + shift
-                else:
-                    per_task = states.get(key)
-                    assert rank_step is not None
-                    if per_task is not None and per_task.get(rank_step) == off:
-                        per_task[rank_step] = off + shift
+            if self._pkeys:
+                _fix_results(self._results, self._pkeys, data, self._psizes, self._written,
+                             shift)
+            states = self._states
+            for key, off, rank_step in self._pstates:
+                per_task = states.get(key)
+                if per_task is not None and per_task.get(rank_step) == off:
+                    per_task[rank_step] = off + shift
         self._written += shift + len(data)
         self._end = self._written
         self._pending = bytearray()
-        self._psizes = array("I")
-        self._pfix = []
+        self._psizes = bytearray()
+        self._pkeys = []
+        self._pstates = []
         self._last_flush = time.monotonic()
 
     def _direct(self, parts: list[Any]) -> int:
@@ -667,38 +681,65 @@ class CheckpointLog:
         if self._closed or self.readonly or self._broken is not None:
             self._writable()
         failed: list[tuple[bytes, Exception]] = []
-        now = time.time()
-        names = self._names
-        record = _result_record
-        for key, value, function, parents in items:
-            if type(key) is not bytes or not 0 < len(key) <= MAX_KEY:
-                _check_key(key)
-                key = bytes(key)  # a subclass of bytes: the compiled builder takes bytes
-            name = names.get(function)
-            if name is None:
-                name = self._name(function)
-            if type(parents) is not tuple:
-                parents = tuple(parents)
+        now = _clock()
+        fast = _append_small
+        if fast is None:
+            for key, value, function, parents in items:
+                self._put_result_item(key, value, function, parents, now, failed, None)
+        else:
+            # the common small records in bulk, in the compiled code; each
+            # item it leaves (see append_small_results) goes the general way
+            i, n = 0, len(items)
+            while i < n:
+                i, self._end, appended, why, packed = fast(
+                    items, i, now, self._names, pack, self._pending, self._psizes,
+                    self._pkeys, self._results, self._end, PENDING_MAX,
+                )
+                self._counts[RESULT] += appended
+                if why == _STOP_FULL:
+                    self._flush_pending()
+                elif why == _STOP_ITEM:
+                    key, value, function, parents = items[i]
+                    self._put_result_item(key, value, function, parents, now, failed, packed)
+                    i += 1
+        if self._psizes and (
+            len(self._psizes) >= 4 * self._every
+            or time.monotonic() - self._last_flush >= self._interval
+        ):
+            self._flush_pending()
+        return failed
+
+    def _put_result_item(
+        self, key: bytes, value: Any, function: str, parents: tuple[bytes, ...], now: float,
+        failed: list[tuple[bytes, Exception]],
+        packed: tuple[bytes, list[pickle.PickleBuffer]] | None,
+    ) -> None:
+        """One item of ``put_results``; ``packed``: its value, already pickled."""
+        if type(key) is not bytes or not 0 < len(key) <= MAX_KEY:
+            _check_key(key)
+            key = bytes(key)  # a subclass of bytes: the compiled builder takes bytes
+        name = self._names.get(function)
+        if name is None:
+            name = self._name(function)
+        if type(parents) is not tuple:
+            parents = tuple(parents)
+        if packed is None:
             bufs: list[pickle.PickleBuffer] = []
             try:
                 payload = pack(value, bufs)
             except Exception as exc:  # pickling: only this result is lost
                 failed.append((key, exc))
-                continue
-            if not bufs and len(payload) < COMPRESS_MIN:
-                # the common small record, built in one go
-                rec = record(key, now, name, parents, payload)
-                if len(rec) < DIRECT_MIN:
-                    self._buffer(rec, RESULT, key, None, False)
-                    continue
-            meta = _result_meta(key, now, name, parents)
-            self._put_packed(RESULT, key, meta, payload, bufs, None, False)
-        if self._psizes and (
-            len(self._psizes) >= self._every
-            or time.monotonic() - self._last_flush >= self._interval
-        ):
-            self._flush_pending()
-        return failed
+                return
+        else:
+            payload, bufs = packed
+        if not bufs and len(payload) < COMPRESS_MIN:
+            # the common small record, built in one go
+            rec = _result_record(key, now, name, parents, payload)
+            if len(rec) < DIRECT_MIN:
+                self._buffer(rec, RESULT, key, None, False)
+                return
+        meta = _result_meta(key, now, name, parents)
+        self._put_packed(RESULT, key, meta, payload, bufs, None, False)
 
     def _name(self, function: str) -> bytes:
         if not isinstance(function, str):

@@ -13,7 +13,6 @@ import mmap
 import os
 import stat
 import tempfile
-from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,7 +238,7 @@ class _Appender:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.data = bytearray()
-        self.sizes: array[int] = array("I")
+        self.sizes = bytearray()  # a u32 little-endian per record, as the BLOCK holds them
 
     def raw(self, data: bytes) -> None:
         """Write ``data`` as it is (the file header)."""
@@ -253,7 +252,7 @@ class _Appender:
             _write_all(self.fd, [rec])
             return
         self.data += rec
-        self.sizes.append(n)
+        self.sizes += n.to_bytes(4, "little")
         if len(self.data) >= PENDING_MAX:
             self.flush()
 
@@ -262,7 +261,7 @@ class _Appender:
         if self.data:
             _write_all(self.fd, _flush_parts(self.data, self.sizes))
             self.data = bytearray()
-            self.sizes = array("I")
+            self.sizes = bytearray()
 
 
 def forget_function(path: str | os.PathLike[str], name: str) -> int:

@@ -137,6 +137,8 @@ def test_checkpoint_script_reports_every_figure() -> None:
     out = json.loads(proc.stdout.splitlines()[-1])
     for name in ("noop_local", "payload_local", "noop_tcp", "payload_tcp"):
         assert out[name]["with_s"] > 0 and out[name]["without_s"] > 0
+    for name in ("noop_local", "noop_tcp"):  # the scheduler's CPU per recorded task
+        assert out[name]["sched_cpu_with_s"] > 0 and "sched_us_per_task" in out[name]
     assert out["rerun_noop"]["speedup"] > 0 and out["rerun_sleep1ms"]["n"] == 20
     assert out["index"]["n"] == 2000 and out["index"]["records_per_s"] > 0
 

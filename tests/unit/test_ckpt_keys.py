@@ -574,7 +574,7 @@ def _quick_twins() -> list[object]:
         from async_wf import _core
     except ImportError:  # not built: the Python twin is all there is
         return twins
-    return [*twins, functools.partial(_core.quick_key, hasher=_keys._TASK_HASH)]
+    return [*twins, _core.quick_key]
 
 
 def _general_key(fid: bytes, args: tuple[object, ...], leaf: Any = None) -> bytes:

@@ -42,7 +42,7 @@ def test_one_extension_serves_the_core_and_the_checkpoint_log() -> None:
     assert async_wf.core.Core is _core.Core
     assert _format._result_record is _core.result_record
     assert _format._mapped_payload is _core.mapped_payload
-    assert _keys._quick_key.func is _core.quick_key  # type: ignore[attr-defined]
+    assert _keys._quick_key is _core.quick_key
 
 
 def test_a_missing_extension_warns_once_for_every_twin(tmp_path: Path) -> None:
@@ -76,3 +76,15 @@ def test_the_compiled_record_layout_is_checked_against_the_format() -> None:
     missing = {k: v for k, v in _core.RECORD_LAYOUT.items() if k != "RECORD_MAGIC"}
     with pytest.raises(ImportError, match=r"RECORD_MAGIC: compiled None"):
         _format._check_compiled_layout(missing)
+
+
+@pytest.mark.skipif(_NO_EXT, reason="ASYNC_WF_NO_EXTENSIONS is set")
+def test_the_compiled_key_hash_is_checked_against_the_key_scheme() -> None:
+    from async_wf import _core
+
+    _keys._check_compiled_key_hash(_core.KEY_LAYOUT)  # the build agrees
+    stale = dict(_core.KEY_LAYOUT, PERSON_TASK=b"awf-task-0")
+    with pytest.raises(ImportError, match=r"PERSON_TASK: compiled b'awf-task-0'.*rebuild"):
+        _keys._check_compiled_key_hash(stale)
+    with pytest.raises(ImportError, match=r"DIGEST_SIZE: compiled None"):
+        _keys._check_compiled_key_hash({"PERSON_TASK": _keys._PERSON_TASK})
