@@ -59,12 +59,12 @@ log = logging.getLogger("async_wf.worker")
 # INLINE_NEVER seconds sends the function to the threads for good: frames
 # that arrive meanwhile still wait for such a call.
 INLINE_BELOW = 200e-6
-# values left for a follower sent ahead that the scheduler never sent (a
-# task cancelled meanwhile): a bound, in case its FREE never comes either
-KEPT_MAX = 1024
 INLINE_BUDGET = 5e-3
 INLINE_NEVER = 5e-3
 GUARD_TICK = 20e-3
+# values left for a follower sent ahead that the scheduler never sent (a
+# task cancelled meanwhile): a bound, in case its FREE never comes either
+KEPT_MAX = 1024
 #: log records kept while the connection is not ready yet
 _LOG_KEEP = 1000
 #: seconds a connection attempt may take (TimeoutError, an OSError, after it)

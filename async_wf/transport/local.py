@@ -27,6 +27,14 @@ task in every step, and a cancel reaches it), and a new runner takes the
 rest. When its queue is empty the runner runs the scheduler's pending
 pump at once, so a dependent that became ready starts in the same loop
 iteration as its input ended.
+
+A blocking function learnt to be quick (its calls in threads averaged less
+than ``QUICK_BELOW``) is not handed to a thread call by call: the calls of
+one dispatch go to a thread in batches (about a millisecond of work each),
+so that a burst of tiny calls costs one hand-off per batch. They still run
+in threads, never on the loop: a call that turns out slow, or one that
+waits for the loop (an ``Executor`` call back into the runtime), holds a
+thread, not the loop.
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ import heapq
 import inspect
 import os
 import time
+import traceback
+import types
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +95,20 @@ _INLINE = object()  # the attempt of an inline task: run and over within dispatc
 _AQUEUED = object()
 # a runner gives the loop a turn after this long (I/O and timers wait meanwhile)
 _RUNNER_SLICE = 2e-3
+# a blocking function whose calls average less than this many seconds is
+# quick: its calls go to the threads in batches of about _QUICK_BATCH_S
+QUICK_BELOW = 200e-6
+_QUICK_BATCH_S = 1e-3
+_QUICK_BATCH_MAX = 256
+
+
+class _Batch:
+    """A pool item: quick calls run one after the other by one thread."""
+
+    __slots__ = ("runs",)
+
+    def __init__(self, runs: list[_Run]) -> None:
+        self.runs = runs
 
 
 class _Resume:
@@ -154,6 +178,8 @@ class LocalTransport(Transport):
         # taking them (None: none is running)
         self._runq: collections.deque[TaskFuture[Any]] = collections.deque()
         self._runner: asyncio.Task[None] | None = None
+        #: blocking functions -> their calls' average seconds in a thread
+        self._dur: dict[Any, float] = {}
 
     async def start(self, sched: Scheduler, loop: asyncio.AbstractEventLoop) -> None:
         """Bind to the scheduler and loop; threads start lazily when first needed."""
@@ -199,6 +225,8 @@ class LocalTransport(Transport):
         loop = self._loop
         pool = self._pool
         assert sched is not None and loop is not None and pool is not None
+        dur = self._dur
+        quick: list[_Run] | None = None
         for fut in futs:
             kind = fut._kind
             if fut._opts.request is not None:
@@ -221,8 +249,13 @@ class LocalTransport(Transport):
                 fut._att = run
                 fn = fut._fn
                 assert fn is not None
-                pool.put(run, fn, fut._args, fut._kwargs, fut._opts.priority)
                 timeout = fut._opts.timeout
+                if timeout is None and dur and dur.get(fn, 1.0) < QUICK_BELOW:
+                    if quick is None:
+                        quick = []
+                    quick.append(run)
+                    continue
+                pool.put(run, fn, fut._args, fut._kwargs, fut._opts.priority)
                 if timeout is not None:
                     run.timer = loop.call_later(timeout, self._on_timeout, run)
             else:
@@ -236,6 +269,49 @@ class LocalTransport(Transport):
                     sched.task_ok(fut, value)
                 finally:
                     mark_thread(None, None)
+        if quick is not None:
+            self._put_quick(quick)
+
+    def _put_quick(self, runs: list[_Run]) -> None:
+        """Hand quick calls to the threads in batches of about a millisecond of work."""
+        pool = self._pool
+        assert pool is not None
+        dur = self._dur
+        i, n = 0, len(runs)
+        while i < n:
+            first = runs[i].fut
+            # spread over the threads too: no batch bigger than a share of the lot
+            per = max(dur.get(first._fn, QUICK_BELOW), 1e-6)
+            k = min(_QUICK_BATCH_MAX, max(1, int(_QUICK_BATCH_S / per)),
+                    max(1, -(-n // pool.nthreads)))
+            chunk = runs[i:i + k]
+            i += k
+            pool.put(_Batch(chunk), self._run_batch, (chunk,), {}, first._opts.priority)
+
+    def _run_batch(self, runs: list[_Run]) -> list[Outcome]:
+        """In a thread: the calls of a batch, one after the other; their outcomes."""
+        pool = self._pool
+        assert pool is not None
+        out: list[Outcome] = []
+        claim = self._claim
+        lock = pool.lock
+        for run in runs:
+            with lock:
+                go = claim(run)
+            if not go:
+                out.append((run, SKIPPED, None, 0.0, 0.0))
+                continue
+            fut = run.fut
+            mark_thread(self, run)
+            t0 = time.perf_counter()
+            try:
+                out.append((run, OK, fut._fn(*fut._args, **fut._kwargs),  # type: ignore[misc]
+                            time.perf_counter() - t0, t0))
+            except BaseException as exc:  # a thread has nowhere to propagate to
+                out.append((run, ERROR, (exc, traceback.format_exc()),
+                            time.perf_counter() - t0, t0))
+        mark_thread(None, None)
+        return out
 
     # ---------------------------------------------------------- resource tasks
     def _queue_resource(self, fut: TaskFuture[Any]) -> None:
@@ -472,8 +548,10 @@ class LocalTransport(Transport):
 
     # ----------------------------------------------------------------- threads
     @staticmethod
-    def _claim(run: _Run) -> bool:
+    def _claim(run: Any) -> bool:
         # runs under the pool's lock, as a thread takes the task
+        if type(run) is _Batch:
+            return True  # each of its calls is claimed as the thread comes to it
         fut = run.fut
         if run.state != _QUEUED or fut._att is not run or fut.done():
             return False
@@ -484,6 +562,24 @@ class LocalTransport(Transport):
     def _deliver(self, items: list[Outcome]) -> None:
         sched = self._sched
         assert sched is not None
+        if any(type(item[0]) is _Batch for item in items):
+            flat: list[Outcome] = []
+            for item in items:
+                if type(item[0]) is _Batch:
+                    if item[1] == OK:
+                        flat += item[2]
+                    else:  # the batch itself failed (a broken pool): each of its calls
+                        flat += [(r, item[1], item[2], 0.0, item[4]) for r in item[0].runs]
+                else:
+                    flat.append(item)
+            items = flat
+        dur = self._dur
+        for run, status, _value, took, _t0 in items:
+            if status != SKIPPED:
+                fn = run.fut._fn
+                if type(fn) is types.FunctionType:
+                    d = dur.get(fn)
+                    dur[fn] = took if d is None else 0.8 * d + 0.2 * took
         obs = self._obs
         if obs is not None:
             for run, status, _value, took, t0 in items:

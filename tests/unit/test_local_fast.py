@@ -1,0 +1,158 @@
+"""The in-process transport's fast paths (issue 23), with real coroutines and threads.
+
+``async def`` tasks take their first step in a shared runner task and keep
+it as their own if they suspend; quick blocking functions go to the
+threads in batches. These tests check that what users rely on still holds:
+each task's own context, ``current_task()``, ``asyncio.timeout`` and
+``TaskGroup`` across suspensions, cancellation before and after the first
+step, that blocking calls never run on the loop, and that a call that
+turns slow does not hold the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+import time
+
+import pytest
+
+import async_wf
+
+VAR: contextvars.ContextVar[str] = contextvars.ContextVar("VAR", default="unset")
+
+
+async def set_and_read(tag: str) -> str:
+    before = VAR.get()
+    VAR.set(tag)
+    return before
+
+
+async def same_task_across_awaits() -> bool:
+    first = asyncio.current_task()
+    await asyncio.sleep(0.001)
+    return asyncio.current_task() is first and first is not None
+
+
+async def with_timeout_and_group() -> int:
+    async with asyncio.timeout(5):
+        async with asyncio.TaskGroup() as tg:
+            a = tg.create_task(asyncio.sleep(0.001, result=2))
+            b = tg.create_task(asyncio.sleep(0.002, result=3))
+    return a.result() + b.result()
+
+
+async def times_out() -> None:
+    async with asyncio.timeout(0.01):
+        await asyncio.sleep(10)
+
+
+async def context_kept_across_awaits(tag: str) -> str:
+    VAR.set(tag)
+    await asyncio.sleep(0.001)
+    return VAR.get()
+
+
+async def sleeper(seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return "slept"
+
+
+def quick(x: int) -> tuple[int, bool]:
+    return x * 2, threading.current_thread() is threading.main_thread()
+
+
+def sometimes_slow(x: int, slow: bool) -> int:
+    if slow:
+        time.sleep(0.5)
+    return x
+
+
+async def test_each_coroutine_task_has_its_own_context() -> None:
+    async with async_wf.Runtime() as rt:
+        befores = await asyncio.gather(*[rt.submit(set_and_read, f"t{i}") for i in range(200)])
+        assert set(befores) == {"unset"}
+        assert VAR.get() == "unset"  # nothing leaked into the application either
+        got = await asyncio.gather(*[rt.submit(context_kept_across_awaits, f"k{i}")
+                                     for i in range(50)])
+        assert got == [f"k{i}" for i in range(50)]
+
+
+async def test_a_suspended_coroutine_keeps_one_task_and_asyncio_helpers_work() -> None:
+    async with async_wf.Runtime() as rt:
+        assert all(await asyncio.gather(*[rt.submit(same_task_across_awaits)
+                                          for _ in range(20)]))
+        assert await asyncio.gather(*[rt.submit(with_timeout_and_group)
+                                      for _ in range(10)]) == [5] * 10
+        with pytest.raises(TimeoutError):
+            await rt.submit(times_out)
+
+
+async def test_cancelling_coroutines_before_and_after_their_first_step() -> None:
+    async with async_wf.Runtime() as rt:
+        started = rt.submit(sleeper, 10)
+        await asyncio.sleep(0.05)  # it suspended in its first step
+        queued = [rt.submit(sleeper, 0) for _ in range(5)]
+        queued[2].cancel()  # before the runner got to it
+        started.cancel()
+        for f in (started, queued[2]):
+            with pytest.raises(asyncio.CancelledError):
+                await f
+        assert [await f for i, f in enumerate(queued) if i != 2] == ["slept"] * 4
+        assert rt.statistics()["cancelled"] == 2
+
+
+async def test_quick_blocking_calls_run_in_threads_in_batches() -> None:
+    async with async_wf.Runtime() as rt:
+        for _ in range(3):  # learnt quick
+            await asyncio.gather(*[rt.submit(quick, i) for i in range(50)])
+        got = await asyncio.gather(*[rt.submit(quick, i) for i in range(3000)])
+        assert [g[0] for g in got] == [2 * i for i in range(3000)]
+        assert not any(g[1] for g in got), "a blocking call ran on the loop's thread"
+        assert rt._sched._transport._dur[quick] < 200e-6
+
+
+async def test_a_quick_function_that_turns_slow_does_not_hold_the_loop() -> None:
+    async with async_wf.Runtime() as rt:
+        for _ in range(3):
+            await asyncio.gather(*[rt.submit(sometimes_slow, i, False) for i in range(50)])
+        gaps: list[float] = []
+        stop = False
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while not stop:
+                await asyncio.sleep(0.005)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        tick = asyncio.create_task(ticker())
+        futs = [rt.submit(sometimes_slow, i, i in (10, 200)) for i in range(400)]
+        assert await asyncio.gather(*futs) == list(range(400))
+        stop = True
+        await tick
+        # the two slow calls took 0.5 s each, in threads: the loop went on
+        assert max(gaps) < 0.25, max(gaps)
+
+
+async def test_cancelling_a_queued_quick_call_skips_it() -> None:
+    ran: list[int] = []
+
+    def record(i: int) -> int:
+        ran.append(i)
+        return i
+
+    async with async_wf.Runtime(threads=1) as rt:
+        for _ in range(3):
+            await asyncio.gather(*[rt.submit(record, -1) for _ in range(20)])
+        ran.clear()
+        block = rt.submit(sometimes_slow, 0, True)  # the only thread is busy
+        futs = [rt.submit(record, i) for i in range(100)]
+        await asyncio.sleep(0.05)
+        for f in futs[::2]:
+            f.cancel()
+        await block
+        assert [await f for f in futs[1::2]] == list(range(1, 100, 2))
+        assert sorted(ran) == list(range(1, 100, 2))
