@@ -53,13 +53,13 @@ from typing import TYPE_CHECKING, Any
 
 from async_wf._context import TaskContext, mark_coroutine, mark_thread, start_coroutine
 from async_wf._errors import ResourceError, TaskTimeoutError
+from async_wf._futures import TaskFuture, input_value, replace_in
 from async_wf._options import ASYNC, THREAD
 from async_wf._resources import RESOURCE_THREADS, Allocator, Declared, Grant, pinned
 from async_wf._threads import ERROR, OK, SKIPPED, Outcome, ThreadPool
 from async_wf.transport import Attempt, Transport
 
 if TYPE_CHECKING:
-    from async_wf._futures import TaskFuture
     from async_wf._scheduler import Scheduler
 
 __all__ = ["LocalTransport"]
@@ -77,7 +77,7 @@ class _Run(Attempt):
     outcome of an earlier attempt is told apart by ``fut._att is not run``.
     """
 
-    __slots__ = ("attempt", "fut", "state", "t0", "task", "timed_out")
+    __slots__ = ("attempt", "early", "fut", "prev", "state", "t0", "task", "timed_out")
 
     def __init__(self, fut: TaskFuture[Any], state: int) -> None:
         self.fut = fut
@@ -87,6 +87,11 @@ class _Run(Attempt):
         self.timer: asyncio.TimerHandle | None = None
         self.timed_out = False
         self.t0 = 0.0
+        #: a quick call queued after its input in the same batch, before the
+        #: core released it: that input's attempt (None once released)
+        self.prev: _Run | None = None
+        #: its outcome, if it came before the core released it
+        self.early: tuple[int, Any, float, float] | None = None
 
 
 _INLINE = object()  # the attempt of an inline task: run and over within dispatch
@@ -153,6 +158,10 @@ def default_threads() -> int:
 
 class LocalTransport(Transport):
     """Runs tasks in this process: see the module docstring."""
+
+    #: a chain of quick blocking calls goes to a thread in one batch, up to
+    #: this many links (and about a millisecond of work)
+    send_ahead = _QUICK_BATCH_MAX
 
     def __init__(self, threads: int | None = None,
                  initializer: Callable[[], Any] | None = None,
@@ -226,9 +235,13 @@ class LocalTransport(Transport):
         pool = self._pool
         assert sched is not None and loop is not None and pool is not None
         dur = self._dur
-        quick: list[_Run] | None = None
+        quick: list[list[_Run]] | None = None
         for fut in futs:
             kind = fut._kind
+            att = fut._att
+            if type(att) is _Run and att.prev is not None:
+                self._released(fut, att)  # queued already, after its input
+                continue
             if fut._opts.request is not None:
                 self._queue_resource(fut)
             elif kind == ASYNC:
@@ -253,7 +266,7 @@ class LocalTransport(Transport):
                 if timeout is None and dur and dur.get(fn, 1.0) < QUICK_BELOW:
                     if quick is None:
                         quick = []
-                    quick.append(run)
+                    quick.append(self._with_followers(run))
                     continue
                 pool.put(run, fn, fut._args, fut._kwargs, fut._opts.priority)
                 if timeout is not None:
@@ -272,21 +285,85 @@ class LocalTransport(Transport):
         if quick is not None:
             self._put_quick(quick)
 
-    def _put_quick(self, runs: list[_Run]) -> None:
-        """Hand quick calls to the threads in batches of about a millisecond of work."""
+    def _with_followers(self, run: _Run) -> list[_Run]:
+        """``run`` and the chain of quick calls that wait only for it (see ``send_ahead``).
+
+        They go to the same thread in the same batch, each after its input:
+        a chain of quick calls costs one hand-off, not one per link. The
+        core still releases each only when its input's outcome is in.
+        """
+        unit = [run]
+        dur = self._dur
+        spent = dur.get(run.fut._fn, QUICK_BELOW)
+        cur = run.fut
+        while len(unit) < _QUICK_BATCH_MAX and spent < _QUICK_BATCH_S:
+            nxt = cur._next
+            if (nxt is None or nxt._att is not None or nxt._kind != THREAD or nxt._lost
+                    or nxt.done()):
+                break
+            d = dur.get(nxt._fn, 1.0)
+            if d >= QUICK_BELOW:
+                break
+            follower = _Run(nxt, _QUEUED)
+            follower.prev = unit[-1]
+            nxt._att = follower
+            unit.append(follower)
+            spent += d
+            cur = nxt
+        return unit
+
+    def _released(self, fut: TaskFuture[Any], run: _Run) -> None:
+        """The core released ``fut``, queued after its input: report its outcome if it came."""
+        run.prev = None
+        early = run.early
+        if early is None:
+            return  # it comes through _deliver as any other
+        run.early = None
+        status, value, took, t0 = early
+        if self._obs is not None:
+            self._obs.thread_ran(fut, t0, took)
+        sched = self._sched
+        assert sched is not None
+        if status == OK:
+            sched.task_ok(fut, value)
+        else:
+            sched.task_error(fut, value[0])
+
+    def cancel_ahead(self, fut: TaskFuture[Any]) -> None:
+        """``fut``, queued after its input, is cancelled before it was released: skip it."""
+        run = fut._att
+        if type(run) is not _Run or run.prev is None:
+            return
+        pool = self._pool
+        assert pool is not None
+        with pool.lock:
+            if run.state == _QUEUED:
+                run.state = _DROPPED
+        fut._att = None
+
+    def _put_quick(self, units: list[list[_Run]]) -> None:
+        """Hand quick calls to the threads in batches of about a millisecond of work.
+
+        A chain (a unit) is never split: each link runs after its input.
+        """
         pool = self._pool
         assert pool is not None
         dur = self._dur
-        i, n = 0, len(runs)
-        while i < n:
-            first = runs[i].fut
-            # spread over the threads too: no batch bigger than a share of the lot
-            per = max(dur.get(first._fn, QUICK_BELOW), 1e-6)
-            k = min(_QUICK_BATCH_MAX, max(1, int(_QUICK_BATCH_S / per)),
-                    max(1, -(-n // pool.nthreads)))
-            chunk = runs[i:i + k]
-            i += k
-            pool.put(_Batch(chunk), self._run_batch, (chunk,), {}, first._opts.priority)
+        n = sum(len(u) for u in units)
+        share = max(1, -(-n // pool.nthreads))  # spread over the threads too
+        batch: list[_Run] = []
+        spent = 0.0
+        for unit in units:
+            per = max(dur.get(unit[0].fut._fn, QUICK_BELOW), 1e-6)
+            if batch and (spent + per * len(unit) > _QUICK_BATCH_S
+                          or len(batch) + len(unit) > min(_QUICK_BATCH_MAX, share)):
+                pool.put(_Batch(batch), self._run_batch, (batch,), {},
+                         batch[0].fut._opts.priority)
+                batch, spent = [], 0.0
+            batch += unit
+            spent += per * len(unit)
+        if batch:
+            pool.put(_Batch(batch), self._run_batch, (batch,), {}, batch[0].fut._opts.priority)
 
     def _run_batch(self, runs: list[_Run]) -> list[Outcome]:
         """In a thread: the calls of a batch, one after the other; their outcomes."""
@@ -295,21 +372,38 @@ class LocalTransport(Transport):
         out: list[Outcome] = []
         claim = self._claim
         lock = pool.lock
+        last: Outcome | None = None
         for run in runs:
+            prev = run.prev
+            if prev is not None and (last is None or last[0] is not prev or last[1] != OK):
+                # its input did not end well here: it waits in the core instead
+                last = (run, SKIPPED, None, 0.0, 0.0)
+                out.append(last)
+                continue
             with lock:
                 go = claim(run)
             if not go:
-                out.append((run, SKIPPED, None, 0.0, 0.0))
+                last = (run, SKIPPED, None, 0.0, 0.0)
+                out.append(last)
                 continue
             fut = run.fut
+            args, kwargs = fut._args, fut._kwargs
+            if prev is not None and last is not None:
+                def put(d: TaskFuture[Any], value: Any = last[2],
+                        pfut: TaskFuture[Any] = prev.fut) -> Any:
+                    return value if d is pfut else input_value(d)
+
+                args = replace_in(args, TaskFuture, put)
+                if kwargs:
+                    kwargs = replace_in(kwargs, TaskFuture, put)
             mark_thread(self, run)
             t0 = time.perf_counter()
             try:
-                out.append((run, OK, fut._fn(*fut._args, **fut._kwargs),  # type: ignore[misc]
-                            time.perf_counter() - t0, t0))
+                last = (run, OK, fut._fn(*args, **kwargs),  # type: ignore[misc]
+                        time.perf_counter() - t0, t0)
             except BaseException as exc:  # a thread has nowhere to propagate to
-                out.append((run, ERROR, (exc, traceback.format_exc()),
-                            time.perf_counter() - t0, t0))
+                last = (run, ERROR, (exc, traceback.format_exc()), time.perf_counter() - t0, t0)
+            out.append(last)
         mark_thread(None, None)
         return out
 
@@ -584,12 +678,20 @@ class LocalTransport(Transport):
         if obs is not None:
             for run, status, _value, took, t0 in items:
                 fut = run.fut
-                if status != SKIPPED and fut._att is run and not fut.done():
+                if (status != SKIPPED and fut._att is run and not fut.done()
+                        and run.prev is None):
                     obs.thread_ran(fut, t0, took)
-        for run, status, value, _took, _t0 in items:
+        for run, status, value, took, t0 in items:
             fut = run.fut
             if fut.done() or fut._att is not run:
                 continue  # skipped, or an attempt already given up on
+            if run.prev is not None:
+                # queued after its input, not released by the core yet
+                if status == SKIPPED:
+                    fut._att = None  # it goes out again when ready
+                else:
+                    run.early = (status, value, took, t0)
+                continue
             if status == OK:
                 run.stop_timer()
                 sched.task_ok(fut, value)

@@ -156,3 +156,70 @@ async def test_cancelling_a_queued_quick_call_skips_it() -> None:
         await block
         assert [await f for f in futs[1::2]] == list(range(1, 100, 2))
         assert sorted(ran) == list(range(1, 100, 2))
+
+
+def link(x: int) -> int:
+    return x + 1
+
+
+def link_boom(x: int, at: int) -> int:
+    if x == at:
+        raise ValueError(f"link {x} fails")
+    return x + 1
+
+
+async def _learn(rt: async_wf.Runtime, fn: object, *args: object) -> None:
+    for _ in range(3):
+        await asyncio.gather(*[rt.submit(fn, *args) for _ in range(20)])
+
+
+async def test_a_chain_of_quick_calls_goes_to_a_thread_in_one_batch() -> None:
+    async with async_wf.Runtime() as rt:
+        await _learn(rt, link, 0)
+        order: list[int] = []
+        futs = [rt.submit(link, 0)]
+        for _ in range(500):
+            futs.append(rt.submit(link, futs[-1]))
+        for i, f in enumerate(futs):
+            f.add_done_callback(lambda _f, i=i: order.append(i))
+        assert await futs[-1] == 501
+        assert [f.result() for f in futs] == list(range(1, 502))
+        assert order == sorted(order)  # every link resolved after its input
+
+
+async def test_a_failing_link_of_a_quick_chain_fails_the_rest() -> None:
+    async with async_wf.Runtime() as rt:
+        await _learn(rt, link_boom, 0, -1)
+        futs = [rt.submit(link_boom, 0, 30)]
+        for _ in range(60):
+            futs.append(rt.submit(link_boom, futs[-1], 30))
+        with pytest.raises(async_wf.DependencyError):
+            await futs[-1]
+        assert futs[29].result() == 30
+        with pytest.raises(ValueError, match="link 30 fails"):
+            futs[30].result()
+        assert all(isinstance(f.exception(), async_wf.DependencyError) for f in futs[31:])
+
+
+async def test_cancelling_a_link_queued_after_its_input_skips_it_and_the_rest() -> None:
+    ran: list[int] = []
+
+    def step(x: int) -> int:
+        ran.append(x)
+        return x + 1
+
+    async with async_wf.Runtime(threads=1) as rt:
+        await _learn(rt, step, -100)
+        ran.clear()
+        block = rt.submit(sometimes_slow, 0, True)  # the only thread is busy
+        futs = [rt.submit(step, 0)]
+        for _ in range(20):
+            futs.append(rt.submit(step, futs[-1]))
+        await asyncio.sleep(0.05)  # queued, in one batch, behind the slow call
+        futs[10].cancel()
+        await block
+        assert await futs[9] == 10
+        for f in futs[10:]:
+            with pytest.raises(asyncio.CancelledError):
+                await f
+        assert ran == list(range(10))
