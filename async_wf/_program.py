@@ -14,6 +14,15 @@ child watcher or SIGCHLD handler per child. asyncio's subprocess path
 (uvloop's forks a full copy of the process, and its stock twin adds a
 thread per child) is kept for what ``posix_spawn`` cannot do: ``cpus=``
 (pinning before exec), ``cwd=``, and systems without pidfds.
+
+At most ``ASYNC_WF_PROGRAMS_AT_ONCE`` programs run at once per event loop
+(default: 4 per CPU this process may use, at least 8); more wait for a turn.
+A worker is handed every program task it gets at once, and each running
+child holds descriptors that every later child's exec must close, so
+without a bound 4 000 ``true`` tasks on two workers cost seconds of
+blocked loop per worker (it lost its heartbeats) and ran at 66/s in-process;
+with it they run at the spawn rate, and a default descriptor limit of 1 024
+is not reached.
 With ``mpi=k`` it is started as ``mpiexec -n k program ...`` with the
 ``mpiexec`` of the ``mpich`` package installed beside Python (or
 ``ASYNC_WF_MPIEXEC``, or the first on ``PATH``).
@@ -126,6 +135,43 @@ _SIGDEF = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP} \
     if hasattr(signal, "valid_signals") else frozenset()
 _fast: bool | None = None
 _devnull_fd = -1
+#: descriptors this module holds (all close-on-exec): the scan for inheritable
+#: ones skips them without a system call
+_ours: set[int] = set()
+_at_once: int | None = None
+_gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = \
+    weakref.WeakKeyDictionary()
+
+
+def programs_at_once() -> int:
+    """How many programs one event loop runs at once (``ASYNC_WF_PROGRAMS_AT_ONCE``).
+
+    Raises:
+        ValueError: the variable is not an int >= 1.
+    """
+    global _at_once
+    if _at_once is None:
+        text = os.environ.get("ASYNC_WF_PROGRAMS_AT_ONCE", "").strip()
+        if text:
+            try:
+                n = int(text)
+            except ValueError:
+                n = 0
+            if n < 1:
+                raise ValueError(f"ASYNC_WF_PROGRAMS_AT_ONCE must be an int >= 1, got {text!r}")
+        else:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+                else os.cpu_count() or 1
+            n = max(8, 4 * cpus)
+        _at_once = n
+    return _at_once
+
+
+def _gate(loop: asyncio.AbstractEventLoop) -> asyncio.Semaphore:
+    gate = _gates.get(loop)
+    if gate is None:
+        gate = _gates[loop] = asyncio.Semaphore(programs_at_once())
+    return gate
 #: the loop classes that took a pidfd reader (checked once per class)
 _loop_ok: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
@@ -169,6 +215,7 @@ def _devnull() -> int:
     global _devnull_fd
     if _devnull_fd < 0:
         _devnull_fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        _ours.add(_devnull_fd)
     return _devnull_fd
 
 
@@ -179,12 +226,15 @@ def _inheritable() -> list[int]:
     (an MPI library's process-manager socket) or an explicit set_inheritable.
     """
     out = []
+    ours = _ours
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd > 2:
-            with contextlib.suppress(OSError):  # the listing's own, closed by now
+        if fd > 2 and fd not in ours:
+            try:
                 if os.get_inheritable(fd):
                     out.append(fd)
+            except OSError:  # the listing's own, closed by now
+                pass
     return out
 
 
@@ -204,6 +254,8 @@ class _Child:
         self.finished: asyncio.Future[None] = loop.create_future()
         self.chunks: list[list[bytes]] = [[] for _ in pipes]
         self.open = len(pipes)
+        _ours.add(pidfd)
+        _ours.update(pipes)
         loop.add_reader(pidfd, self._on_exit)
         for i, fd in enumerate(pipes):
             loop.add_reader(fd, self._on_pipe, fd, i)
@@ -223,6 +275,7 @@ class _Child:
 
     def _close_pipe(self, fd: int) -> None:
         self.loop.remove_reader(fd)
+        _ours.discard(fd)
         os.close(fd)
         self.open -= 1
 
@@ -237,6 +290,7 @@ class _Child:
         if not pid:
             return  # not yet: the reader fires again
         self.loop.remove_reader(self.pidfd)
+        _ours.discard(self.pidfd)
         os.close(self.pidfd)
         self.code = code
         if not self.exited.done():
@@ -257,6 +311,7 @@ class _Child:
         for fd in pipes:
             # remove_reader says whether fd was still watched, so still ours to close
             if self.open and self.loop.remove_reader(fd):
+                _ours.discard(fd)
                 os.close(fd)
                 self.open -= 1
 
@@ -299,6 +354,7 @@ def _spawn(loop: asyncio.AbstractEventLoop, cmd: list[str], env: dict[bytes, byt
     finally:
         for fd in writes:
             os.close(fd)
+    pidfd = -1
     try:
         pidfd = os.pidfd_open(pid)
         return _Child(loop, pid, pidfd, reads), reads
@@ -308,9 +364,10 @@ def _spawn(loop: asyncio.AbstractEventLoop, cmd: list[str], env: dict[bytes, byt
             os.killpg(pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
             os.waitpid(pid, 0)
-        for fd in reads:
+        for fd in [*reads, pidfd] if pidfd >= 0 else reads:
             with contextlib.suppress(OSError, ValueError):
                 loop.remove_reader(fd)
+            _ours.discard(fd)
             os.close(fd)
         raise
 
@@ -375,6 +432,18 @@ async def run_program(
     if not isinstance(output, bool):
         raise TypeError(f"output must be True or False, got {output!r}")
     loop = asyncio.get_running_loop()
+    async with _gate(loop):
+        code, out, err = await _run(loop, program, cmd, cwd, env, cpus, output)
+    result = ProgramResult(tuple(cmd), code, out, err)
+    if check and code != 0:
+        raise ProgramError(result)
+    return result
+
+
+async def _run(loop: asyncio.AbstractEventLoop, program: str | os.PathLike[str], cmd: list[str],
+               cwd: str | os.PathLike[str] | None, env: Mapping[str, str] | None,
+               cpus: Sequence[int] | None, output: bool) -> tuple[int, str, str]:
+    """Start ``cmd`` on the fast path where it can, else asyncio's; wait for it."""
     if not cpus and cwd is None and _fast_path(loop):
         envb = _child_envb(env)
         try:
@@ -385,12 +454,8 @@ async def run_program(
             if error is None:
                 raise
             raise error from None
-    else:
-        code, out, err = await _run_asyncio(program, cmd, cwd, _child_env(env), cpus, output)
-    result = ProgramResult(tuple(cmd), code, out, err)
-    if check and code != 0:
-        raise ProgramError(result)
-    return result
+        return code, out, err
+    return await _run_asyncio(program, cmd, cwd, _child_env(env), cpus, output)
 
 
 async def _run_asyncio(program: str | os.PathLike[str], cmd: list[str],

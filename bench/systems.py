@@ -75,9 +75,15 @@ def _true() -> None:
 
 
 def wf_program_task() -> Any:
-    """``@task(binary="true")``: the programs workload's task for async_wf."""
-    import async_wf
+    """``@task(binary="true", output=False)``: the programs workload's task for async_wf.
 
+    Before ``output=`` existed, the same task with its output kept.
+    """
+    import async_wf
+    from async_wf._options import TaskOptionArgs
+
+    if "output" in TaskOptionArgs.__annotations__:
+        return async_wf.task(_true, binary=PROGRAM, output=False)
     return async_wf.task(_true, binary=PROGRAM)
 
 
@@ -482,9 +488,13 @@ async def _async_child(system: str, plan: list[tuple[str, int]], workers: int, r
         if system == "async_wf-local":
             rt = await async_wf.Runtime().start()
             kind, config = "async", "Runtime() in-process, async def tasks"
+            if any(w == "programs" for w, _ in plan):
+                config += "; programs: @task(binary='true', output=False)"
         elif system == "async_wf-tcp":
             rt = await async_wf.Runtime(workers=workers).start()
             kind, config = "thread", f"Runtime(workers={workers}): worker processes over TCP"
+            if any(w == "programs" for w, _ in plan):
+                config += "; programs: @task(binary='true', output=False)"
         else:
             rt = await async_wf.Runtime(transport="mpi").start()
             kind, config = "thread", f"async_wf.mpi.run, {workers} worker ranks"

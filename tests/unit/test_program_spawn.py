@@ -255,3 +255,37 @@ def test_output_is_an_option_of_program_tasks_only() -> None:
         async_wf.task(lambda: None, output=False)
     with pytest.raises(TypeError, match="output must be True or False, got 0"):
         async_wf.task(lambda: None, binary="true", output=0)  # type: ignore[call-overload]
+
+
+SPAN = "import time; t = time.monotonic(); time.sleep(0.3); print(t, time.monotonic())"
+
+
+async def test_at_most_the_set_number_of_programs_run_at_once(
+        path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASYNC_WF_PROGRAMS_AT_ONCE", "3")
+    monkeypatch.setattr(P, "_at_once", None)
+    assert P.programs_at_once() == 3
+    results = await asyncio.gather(*[run_program(sys.executable, ["-c", SPAN])
+                                     for _ in range(9)])
+    spans = [tuple(map(float, r.stdout.split())) for r in results]
+    most = max(sum(1 for a, b in spans if a <= t < b) for t, _ in spans)
+    assert 1 <= most <= 3, spans
+
+
+def test_a_bad_number_of_programs_at_once_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(P, "_at_once", None)
+    monkeypatch.setenv("ASYNC_WF_PROGRAMS_AT_ONCE", "0")
+    with pytest.raises(ValueError, match="ASYNC_WF_PROGRAMS_AT_ONCE must be an int >= 1, got '0'"):
+        P.programs_at_once()
+    monkeypatch.delenv("ASYNC_WF_PROGRAMS_AT_ONCE")
+    assert P.programs_at_once() >= 8
+
+
+async def test_thousands_submitted_at_once_all_run_and_are_reaped(tmp_path: Path) -> None:
+    @async_wf.task(binary="true", output=False)
+    def true() -> None: ...
+
+    async with async_wf.Runtime(workers=1) as rt:
+        results = await asyncio.gather(*[rt.submit(true) for _ in range(1500)])
+    assert {r.returncode for r in results} == {0}
+    assert [c for c in _children() if c[1] == "Z"] == []
