@@ -524,6 +524,7 @@ class ProgramTask:
                 "resourced": self.resourced, "pin": self.pin, "output": self.output}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self.output = True  # pickled before output= existed
         self.__dict__.update(state)
         self.__qualname__ = getattr(self.fn, "__qualname__", type(self.fn).__qualname__)
         self._sig = inspect.signature(self.fn)

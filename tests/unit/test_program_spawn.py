@@ -289,3 +289,20 @@ async def test_thousands_submitted_at_once_all_run_and_are_reaped(tmp_path: Path
         results = await asyncio.gather(*[rt.submit(true) for _ in range(1500)])
     assert {r.returncode for r in results} == {0}
     assert [c for c in _children() if c[1] == "Z"] == []
+
+
+def test_a_checkpoint_key_tells_a_program_without_output_apart() -> None:
+    from async_wf._recorder import _program_identity
+    from async_wf.checkpoint._keys import function_identity, stable_hash
+
+    @async_wf.task(binary="sh", args=["-c", "echo {x}"])
+    def echo(x: int) -> None: ...
+
+    kept = _program_identity(echo._fn, None, True)
+    dropped = _program_identity(echo.options(output=False)._fn, None, True)
+    assert kept is not None and dropped is not None and kept != dropped
+    # the keys of tasks that keep their output are those recorded before output= existed
+    prog = echo._fn
+    assert isinstance(prog, P.ProgramTask)
+    assert kept == stable_hash((function_identity(prog.fn, None, True), "sh",
+                                ("-c", "echo {x}"), None))
