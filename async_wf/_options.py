@@ -47,6 +47,7 @@ class TaskOptionArgs(TypedDict, total=False):
     mpi_gather: bool
     binary: str | None
     args: Sequence[str] | None
+    output: bool
     checkpoint: bool
     version: str | None
     key: Callable[..., Any] | None
@@ -76,6 +77,7 @@ class TaskOptions:
     mpi_gather: bool = False
     binary: str | None = None
     args: tuple[str, ...] | None = None
+    output: bool = True
     checkpoint: bool = True
     version: str | None = None
     key: Callable[..., Any] | None = None
@@ -127,6 +129,11 @@ class TaskOptions:
                 raise ValueError(f"binary must be a program path or name, got {self.binary!r}")
             if self.inline:
                 raise ValueError("a binary= task runs a process; it cannot be inline")
+        if not isinstance(self.output, bool):
+            raise TypeError(f"output must be True or False, got {self.output!r}")
+        if not self.output and self.binary is None:
+            raise ValueError("output=False throws away a program's output; it applies to a "
+                             "binary= task")
         if self.args is not None:
             if self.binary is None:
                 raise ValueError("args= are the command line of a binary= task; give binary=")

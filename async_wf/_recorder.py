@@ -99,9 +99,12 @@ def _program_identity(fn: Any, version: str | None, strict: bool) -> bytes | Non
 
     if not isinstance(fn, ProgramTask):
         return None
-    return stable_hash(
-        (function_identity(fn.fn, version, strict), str(fn.binary), tuple(fn.args), fn.nprocs)
-    )
+    parts: tuple[Any, ...] = (function_identity(fn.fn, version, strict), str(fn.binary),
+                               tuple(fn.args), fn.nprocs)
+    if not getattr(fn, "output", True):
+        # its results carry no output: not those of the same program with output kept
+        parts += ("output", False)
+    return stable_hash(parts)
 
 
 class Recorder:

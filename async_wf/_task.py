@@ -242,6 +242,10 @@ def task(
             the task and its parameters fill ``args``.
         args: the program's command line; ``{name}`` is replaced by the
             argument ``name`` the task is called with.
+        output: with ``binary``: keep the program's stdout and stderr in its
+            ``ProgramResult`` (default). False sends them to /dev/null, for
+            many short programs whose output nobody reads: it costs no pipes,
+            and the result (and a ``ProgramError``) carries no output.
         checkpoint: with ``Runtime(checkpoint=...)``: record this task's
             results in the log (default). False for results too large to
             store or cheaper to recompute; the task still gets a key, so its

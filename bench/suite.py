@@ -11,6 +11,11 @@ ProcessPoolExecutor); and two physical references: asyncio (bare asyncio
 tasks in one process) and socket (a loopback TCP round trip of batched
 pickled calls to echo processes, no scheduler at all).
 
+The ``programs`` workload (on request: ``--workloads programs``) runs n
+independent external programs (``true``) as tasks, no output kept; it adds
+hyperqueue (HyperQueue's ``LocalCluster``, which runs programs only) to
+the systems. The references cannot run programs and skip it.
+
 Each system runs in a subprocess of its own (bench/systems.py), started
 once for all the workloads, with a time limit; see bench/README.md for the
 fairness rules. The terminal gets a table (median tasks/s per system and
@@ -39,25 +44,34 @@ from bench.systems import version_of
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = ("async_wf-local", "async_wf-tcp", "async_wf-mpi", "dask", "ray", "parsl", "mpi4py",
-           "procpool")
+           "procpool", "hyperqueue")
 REFERENCES = ("asyncio", "socket")
 ALL = SYSTEMS + REFERENCES
-WORKLOADS = ("noop", "chain", "fanin", "payload")
-DEFAULT_N = {"noop": 10000, "chain": 1000, "fanin": 5000, "payload": 100}
-QUICK_N = {"noop": 1000, "chain": 100, "fanin": 500, "payload": 20}
+WORKLOADS = ("noop", "chain", "fanin", "payload", "programs")
+#: what runs without --workloads: programs is asked for by name (it spawns
+#: thousands of processes, and adds a peer of its own)
+DEFAULT_WORKLOADS = ("noop", "chain", "fanin", "payload")
+DEFAULT_N = {"noop": 10000, "chain": 1000, "fanin": 5000, "payload": 100, "programs": 4000}
+QUICK_N = {"noop": 1000, "chain": 100, "fanin": 500, "payload": 20, "programs": 200}
+#: the workloads a system cannot run, and why: reported as "n/a", never started
+CANNOT = {
+    "asyncio": ({"programs"}, "a reference of Python calls: it runs no programs"),
+    "socket": ({"programs"}, "a reference of Python calls: it runs no programs"),
+    "hyperqueue": (set(DEFAULT_WORKLOADS), "HyperQueue runs programs here, not Python functions"),
+}
 #: the async_wf system each other system is compared with: the one that runs
 #: tasks the same way (worker processes, MPI ranks, or in-process)
 COMPARED_WITH = {
     "dask": "async_wf-tcp", "ray": "async_wf-tcp", "parsl": "async_wf-tcp",
     "procpool": "async_wf-tcp", "socket": "async_wf-tcp", "mpi4py": "async_wf-mpi",
-    "asyncio": "async_wf-local",
+    "asyncio": "async_wf-local", "hyperqueue": "async_wf-tcp",
 }
 MPI_SYSTEMS = ("async_wf-mpi", "mpi4py")
 #: the package a system needs beyond the standard library, and how to get it
 NEEDS = {"dask": "distributed", "ray": "ray", "parsl": "parsl", "mpi4py": "mpi4py",
-         "async_wf-mpi": "mpi4py"}
+         "async_wf-mpi": "mpi4py", "hyperqueue": "hyperqueue"}
 VERSIONS = ("async_wf", "numpy", "cloudpickle", "lz4", "uvloop", "dask", "distributed", "ray",
-            "parsl", "mpi4py", "mpich", "matplotlib", "psutil")
+            "parsl", "mpi4py", "mpich", "hyperqueue", "matplotlib", "psutil")
 _MARK = "ASYNC_WF_BENCH_RUN"
 
 
@@ -86,12 +100,20 @@ def _sweep(mark: str) -> int:
 def run_system(system: str, plan: list[tuple[str, int]], args: argparse.Namespace
                ) -> list[dict[str, Any]]:
     """Measure ``plan`` on one system in its own subprocess; a result per item, in order."""
+    cannot, why_not = CANNOT.get(system, (set(), ""))
+    skipped = {(w, n): {"workload": w, "n": n, "status": "n/a", "reason": why_not}
+               for w, n in plan if w in cannot}
+    runs = [item for item in plan if tuple(item) not in skipped]
+    if not runs:
+        return [skipped[w, n] for w, n in plan]
     need = NEEDS.get(system)
     if need is not None and version_of(need) is None:
-        how = 'pip install -e ".[peers]"' if system in ("dask", "ray", "parsl") else \
-            'pip install -e ".[mpi]"'
-        return [{"workload": w, "n": n, "status": "not installed",
-                 "reason": f"needs {need}: {how}"} for w, n in plan]
+        how = 'pip install -e ".[mpi]"' if system in MPI_SYSTEMS else \
+            'pip install -e ".[peers]"'
+        return [skipped.get((w, n)) or {"workload": w, "n": n, "status": "not installed",
+                                        "reason": f"needs {need}: {how}"} for w, n in plan]
+    plan_in = plan
+    plan = runs
     cmd = [sys.executable, "-m", "bench", "--_child", system, "--_plan", json.dumps(plan),
            "--workers", str(args.workers), "--repeat", str(args.repeat),
            "--seed", str(args.seed), "--gc", args.gc]
@@ -119,9 +141,9 @@ def run_system(system: str, plan: list[tuple[str, int]], args: argparse.Namespac
         tail = " | ".join(err.strip().splitlines()[-3:])
         why = f"exit code {code}: {tail}"[:500]
     results = []
-    for w, n in plan:
-        r = got.get((w, n)) or {"workload": w, "n": n, "status": "failed",
-                                "reason": why or "no result (see stderr)"}
+    for w, n in plan_in:
+        r = skipped.get((w, n)) or got.get((w, n)) or {
+            "workload": w, "n": n, "status": "failed", "reason": why or "no result (see stderr)"}
         _summarise(r)
         results.append(r)
     return results
@@ -284,11 +306,14 @@ def _ns(text: str) -> list[int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    p.add_argument("--systems", type=_list("--systems", ALL), default=list(ALL))
-    p.add_argument("--workloads", type=_list("--workloads", WORKLOADS), default=list(WORKLOADS))
+    p.add_argument("--systems", type=_list("--systems", ALL), default=None,
+                   help="default: every system that runs one of the workloads")
+    p.add_argument("--workloads", type=_list("--workloads", WORKLOADS),
+                   default=list(DEFAULT_WORKLOADS),
+                   help="default: noop,chain,fanin,payload (programs on request)")
     p.add_argument("--n", type=int, default=None,
                    help="tasks per workload (default: noop 10000, chain 1000, fanin 5000 "
-                        "leaves, payload 100)")
+                        "leaves, payload 100, programs 4000)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--timeout", type=float, default=600,
@@ -312,6 +337,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 f"repeat={args.repeat}, workers={args.workers}")
     if args.quick:
         args.repeat = 1
+    if args.systems is None:
+        wanted = set(args.workloads if not args.scaling else [args.scaling_workload])
+        args.systems = [s for s in ALL if wanted - CANNOT.get(s, (set(), ""))[0]]
     return args
 
 

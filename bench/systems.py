@@ -9,7 +9,10 @@ a parent that kills it on its time limit still gets what finished.
 The work per task is the same everywhere: ``noop()``, ``inc(x)``,
 ``add(a, b)`` and ``a.sum()`` of bench/throughput.py, as plain functions
 (``async def`` twins for the in-process systems: async_wf-local and raw
-asyncio).
+asyncio). The ``programs`` workload runs the program ``true`` with its
+output thrown away: as a program task where the system has them (async_wf's
+``@task(binary=...)``, HyperQueue's ``Job.program``), else as a function
+that runs it with ``subprocess.run``.
 """
 
 from __future__ import annotations
@@ -58,6 +61,32 @@ def _failed(workload: str, n: int, exc: BaseException) -> dict[str, Any]:
             "reason": f"{type(exc).__name__}: {exc}"[:500]}
 
 
+PROGRAM = "true"
+
+
+def s_program() -> None:
+    """The programs workload on a system without program tasks: one ``subprocess.run``."""
+    subprocess.run([PROGRAM], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True)
+
+
+def _true() -> None:
+    """The programs workload's async_wf task: names the task; the work is the program."""
+
+
+def wf_program_task() -> Any:
+    """``@task(binary="true", output=False)``: the programs workload's task for async_wf.
+
+    Before ``output=`` existed, the same task with its output kept.
+    """
+    import async_wf
+    from async_wf._options import TaskOptionArgs
+
+    if "output" in TaskOptionArgs.__annotations__:
+        return async_wf.task(_true, binary=PROGRAM, output=False)
+    return async_wf.task(_true, binary=PROGRAM)
+
+
 # ------------------------------------------------------------ sync drivers
 class SyncDriver:
     """A system driven by blocking calls: start, run one workload, stop."""
@@ -90,7 +119,11 @@ class ExecutorDriver(SyncDriver):
             f.result()
 
     def run(self, workload: str, n: int, data: list[Any] | None) -> Any:
-        """One workload through ``throughput._procpool_run``."""
+        """One workload through ``throughput._procpool_run``; programs as s_program calls."""
+        if workload == "programs":
+            for f in [self.ex.submit(s_program) for _ in range(n)]:
+                f.result()
+            return n
         return T._procpool_run(self.ex, workload, n, data)
 
     def stop(self) -> None:
@@ -121,7 +154,10 @@ class DaskDriver(SyncDriver):
                        "pure=False) per task, futures as arguments")
 
     def run(self, workload: str, n: int, data: list[Any] | None) -> Any:
-        """One workload through ``throughput._dask_run``."""
+        """One workload through ``throughput._dask_run``; programs as s_program calls."""
+        if workload == "programs":
+            self.client.gather([self.client.submit(s_program, pure=False) for _ in range(n)])
+            return n
         return T._dask_run(self.client, workload, n, data)
 
     def stop(self) -> None:
@@ -146,6 +182,7 @@ class RayDriver(SyncDriver):
         self.inc = ray.remote(T.s_inc)
         self.add = ray.remote(T.s_add)
         self.sum = ray.remote(T.s_sum)
+        self.program = ray.remote(s_program)
         ray.get([self.noop.remote() for _ in range(4 * workers)])
         self.config = (f"ray.init(num_cpus={workers}, include_dashboard=False); one "
                        ".remote() per task (num_cpus=1 each), ObjectRefs as arguments, "
@@ -154,6 +191,9 @@ class RayDriver(SyncDriver):
     def run(self, workload: str, n: int, data: list[Any] | None) -> Any:
         """The workload as remote calls; dependencies travel as ObjectRefs."""
         get = self.ray.get
+        if workload == "programs":
+            get([self.program.remote() for _ in range(n)])
+            return n
         if workload == "noop":
             get([self.noop.remote() for _ in range(n)])
             return n
@@ -202,6 +242,7 @@ class ParslDriver(SyncDriver):
         self.inc = parsl.python_app(T.s_inc)
         self.add = parsl.python_app(T.s_add)
         self.sum = parsl.python_app(T.s_sum)
+        self.program = parsl.python_app(s_program)
         for f in [self.noop() for _ in range(4 * workers)]:
             f.result()
         self.config = (f"HighThroughputExecutor(max_workers_per_node={workers}, "
@@ -210,6 +251,10 @@ class ParslDriver(SyncDriver):
 
     def run(self, workload: str, n: int, data: list[Any] | None) -> Any:
         """The workload as app calls; dependencies travel as AppFutures."""
+        if workload == "programs":
+            for f in [self.program() for _ in range(n)]:
+                f.result()
+            return n
         if workload == "noop":
             for f in [self.noop() for _ in range(n)]:
                 f.result()
@@ -234,6 +279,44 @@ class ParslDriver(SyncDriver):
         """Clean the DataFlowKernel up (stops the interchange and the workers)."""
         self.dfk.cleanup()
         self.parsl.clear()
+        self.tmp.cleanup()
+
+
+class HyperQueueDriver(SyncDriver):
+    """HyperQueue: a ``LocalCluster`` of W one-core workers; one job of n program tasks."""
+
+    version = version_of("hyperqueue")
+
+    def start(self, workers: int) -> None:
+        """Start the server and W workers of one core each; a warm-up job reaches them all."""
+        from hyperqueue.cluster import LocalCluster, WorkerConfig
+
+        self.tmp = tempfile.TemporaryDirectory(prefix="awf-bench-hq-")
+        where: Any = self.tmp.name  # its annotation says Path; its Rust side takes str only
+        self.cluster = LocalCluster(server_dir=where)
+        for _ in range(workers):
+            self.cluster.start_worker(WorkerConfig(cores=1))
+        self.client = self.cluster.client()
+        self.run("programs", 4 * workers, None)
+        self.config = (f"LocalCluster with {workers} workers of WorkerConfig(cores=1); one Job "
+                       f"of n job.program([{PROGRAM!r}], stdout=None, stderr=None), "
+                       "client.submit + wait_for_jobs (whose client polls once a second)")
+
+    def run(self, workload: str, n: int, data: list[Any] | None) -> Any:
+        """n program tasks in one job, submitted and waited for."""
+        from hyperqueue import Job
+
+        if workload != "programs":
+            raise ValueError(f"hyperqueue runs the programs workload only, got {workload!r}")
+        job = Job()
+        for _ in range(n):
+            job.program([PROGRAM], stdout=None, stderr=None)
+        self.client.wait_for_jobs([self.client.submit(job)])
+        return n
+
+    def stop(self) -> None:
+        """Stop the server and its workers."""
+        self.cluster.stop()
         self.tmp.cleanup()
 
 
@@ -405,15 +488,27 @@ async def _async_child(system: str, plan: list[tuple[str, int]], workers: int, r
         if system == "async_wf-local":
             rt = await async_wf.Runtime().start()
             kind, config = "async", "Runtime() in-process, async def tasks"
+            if any(w == "programs" for w, _ in plan):
+                config += "; programs: @task(binary='true', output=False)"
         elif system == "async_wf-tcp":
             rt = await async_wf.Runtime(workers=workers).start()
             kind, config = "thread", f"Runtime(workers={workers}): worker processes over TCP"
+            if any(w == "programs" for w, _ in plan):
+                config += "; programs: @task(binary='true', output=False)"
         else:
             rt = await async_wf.Runtime(transport="mpi").start()
             kind, config = "thread", f"async_wf.mpi.run, {workers} worker ranks"
         version = version_of("async_wf")
 
+        prog = wf_program_task()
+
+        async def programs(n: int) -> int:
+            await asyncio.gather(*[rt.submit(prog) for _ in range(n)])
+            return n
+
         def run(w: str, n: int, d: list[Any] | None) -> Awaitable[Any]:
+            if w == "programs":
+                return programs(n)
             return T.wf_workload(rt, w, n, kind, d)
     startup = time.perf_counter() - t0
     try:
@@ -478,6 +573,8 @@ def child(system: str, plan: list[tuple[str, int]], workers: int, repeat: int,
         _sync_child(RayDriver(), plan, workers, repeat, seed)
     elif system == "parsl":
         _sync_child(ParslDriver(), plan, workers, repeat, seed)
+    elif system == "hyperqueue":
+        _sync_child(HyperQueueDriver(), plan, workers, repeat, seed)
     else:
         raise SystemExit(f"unknown system {system!r}")
 

@@ -536,7 +536,7 @@ def test_the_declared_options_are_the_stored_ones() -> None:
         "name": "n", "retries": 1, "timeout": 2.0, "on_failure": "ignore", "default": 5,
         "priority": 3, "mpi": None, "mpi_gather": False, "version": "v",
         "checkpoint": False, "key": ident, "inline": False, "binary": "prog",
-        "args": ["a", "{x}"], "cores": 2, "memory": "1GiB", "gpus": 1,
+        "args": ["a", "{x}"], "output": False, "cores": 2, "memory": "1GiB", "gpus": 1,
         "resources": {"licence": 1}, "pin": True, "time": 5.0}
     assert set(opts) == declared
     for t in (task(ident, **opts), task(**opts)(ident), task(ident).options(**opts)):
