@@ -673,6 +673,15 @@ def _capacity(n: int) -> int:
     return -(-n // step) * step
 
 
+def _anonymous(n: int) -> mmap.mmap:
+    """``n`` bytes of private anonymous memory, page-aligned, zero until written."""
+    if hasattr(mmap, "MAP_PRIVATE"):
+        # private: mmap(-1, n) alone is MAP_SHARED, whose pages a forked child
+        # (a task that forks) would share with this process, writes included
+        return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return mmap.mmap(-1, n)
+
+
 def _refs(bufs: list[mmap.mmap], i: int) -> int:
     return sys.getrefcount(bufs[i])
 
@@ -680,7 +689,7 @@ def _refs(bufs: list[mmap.mmap], i: int) -> int:
 # what _refs gives for a pooled buffer that nothing else refers to: measured
 # for one list (its reference and the call's), plus one for the pool's second
 # list (the age order)
-_FREE_REFS = _refs([mmap.mmap(-1, mmap.PAGESIZE)], 0) + 1
+_FREE_REFS = _refs([_anonymous(mmap.PAGESIZE)], 0) + 1
 
 
 class BufferPool:
@@ -720,7 +729,7 @@ class BufferPool:
                     if _refs(bufs, i) == _FREE_REFS:
                         self.reused += 1
                         return memoryview(bufs[i])[:n]
-            buf = mmap.mmap(-1, cap)
+            buf = _anonymous(cap)
             self.mapped += 1
             if cap <= self.max_bytes:
                 self._by_cap.setdefault(cap, []).append(buf)

@@ -201,6 +201,23 @@ def test_pool_reuses_memory_only_when_its_arrays_are_gone() -> None:
     assert view[0] == arr[10]
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_received_memory_is_private_to_the_process() -> None:
+    """A task that forks: the child's writes to a received array stay in the child."""
+    arr = np.random.default_rng(7).random(100_000)
+    (frame,) = P.FrameDecoder(P.DEFAULT_MAX_FRAME).feed(
+        wire(P.encode(P.RESULTS, arr, compress_min=0)))
+    back = load(frame)
+    assert back.nbytes >= P.OWN_MIN
+    pid = os.fork()
+    if pid == 0:  # the child: write, then leave without running the parent's cleanup
+        back[:] = -1.0
+        os._exit(0 if back[0] == -1.0 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    np.testing.assert_array_equal(back, arr)
+
+
 def test_pool_forgets_the_oldest_beyond_its_size() -> None:
     pool = P.BufferPool(max_bytes=3 << 20)
     held = [pool.take(1 << 20) for _ in range(5)]
