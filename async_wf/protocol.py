@@ -34,12 +34,13 @@ Serialisation
     cloudpickle for what it refuses, lz4 for buffers of at least
     ``compress_min`` bytes when a trial shows it pays): a NumPy array's
     data goes into the frame as a buffer of its own, written with
-    ``writelines`` straight from the array's memory and received into one
-    bytearray whose slices become the arrays on the other side. The payload
-    is zero-padded so that the first buffer starts 16-byte aligned; later
-    buffers are aligned when the ones before them have sizes that are
-    multiples of 16 (as arrays of float64 of even length do), otherwise
-    NumPy sees them as unaligned (correct, but slower).
+    ``writelines`` straight from the array's memory. On the other side a
+    large frame is received in parts (``FrameDecoder``): a buffer of at
+    least ``OWN_MIN`` bytes goes from the socket straight into page-aligned
+    memory of its own, reused from ``POOL`` once the arrays on it are gone,
+    and becomes the array without another copy. Smaller buffers and those
+    of small frames are slices of one bytearray; for them the payload is
+    zero-padded so that the first buffer starts 16-byte aligned.
 """
 
 from __future__ import annotations
@@ -50,10 +51,13 @@ import hashlib
 import hmac
 import json
 import logging
+import mmap
 import os
 import pickle
 import socket
 import struct
+import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -650,30 +654,147 @@ def decode_buffer(chunk: memoryview, codec: int) -> Any:
     raise ProtocolError(f"unknown buffer codec {codec}")
 
 
+#: a buffer at least this large is received into memory of its own (from the
+#: pool), straight from the socket; smaller ones share one bytearray with the
+#: payload and their neighbours (a receive call each would cost more than the copy)
+OWN_MIN = 1 << 16
+#: alignment of the buffers received into memory of their own (a cache line;
+#: the pool's memory is page-aligned, so this always holds)
+RECV_ALIGN = 64
+
+
+def _capacity(n: int) -> int:
+    """Size of the pool buffer for ``n`` bytes: rounded up by at most 1/16, to whole pages.
+
+    Close sizes share a class, so that a stream of arrays of about the same
+    size reuses the same buffers.
+    """
+    step = max(mmap.PAGESIZE, 1 << max(n.bit_length() - 4, 0))
+    return -(-n // step) * step
+
+
+def _anonymous(n: int) -> mmap.mmap:
+    """``n`` bytes of private anonymous memory, page-aligned, zero until written."""
+    if hasattr(mmap, "MAP_PRIVATE"):
+        # private: mmap(-1, n) alone is MAP_SHARED, whose pages a forked child
+        # (a task that forks) would share with this process, writes included
+        return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return mmap.mmap(-1, n)
+
+
+def _refs(bufs: list[mmap.mmap], i: int) -> int:
+    return sys.getrefcount(bufs[i])
+
+
+# what _refs gives for a pooled buffer that nothing else refers to: measured
+# for one list (its reference and the call's), plus one for the pool's second
+# list (the age order)
+_FREE_REFS = _refs([_anonymous(mmap.PAGESIZE)], 0) + 1
+
+
+class BufferPool:
+    """Page-aligned receive buffers, reused once nothing refers to them any more.
+
+    A large out-of-band buffer is received into one of these straight from
+    the socket, and the arrays unpickled on it use that memory as it is.
+    Fresh memory costs a page fault per page (the kernel zeroes each page
+    before the copy into it); a buffer whose arrays are all gone is taken
+    again instead, which costs neither. Whether a buffer is still in use is
+    read from its reference count: every view of it (a memoryview, the
+    arrays on it) holds a reference through the buffer protocol.
+
+    At most ``max_bytes`` of buffers are tracked; beyond that the oldest
+    are forgotten (freed when their last array goes, like any memory).
+    """
+
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._by_cap: dict[int, list[mmap.mmap]] = {}
+        self._order: list[mmap.mmap] = []  # oldest first, for forgetting
+        self._bytes = 0
+        self._lock = threading.Lock()  # fetch_sync may receive in another thread
+        #: buffers taken again, and buffers mapped fresh (for benchmarks and tests)
+        self.reused = 0
+        self.mapped = 0
+
+    def take(self, n: int) -> memoryview:
+        """A writable, page-aligned memoryview of exactly ``n`` bytes (n >= 1)."""
+        cap = _capacity(n)
+        with self._lock:
+            bufs = self._by_cap.get(cap)
+            if bufs is not None:
+                for i in range(len(bufs) - 1, -1, -1):
+                    if _refs(bufs, i) == _FREE_REFS:
+                        self.reused += 1
+                        return memoryview(bufs[i])[:n]
+            buf = _anonymous(cap)
+            self.mapped += 1
+            if cap <= self.max_bytes:
+                self._by_cap.setdefault(cap, []).append(buf)
+                self._order.append(buf)
+                self._bytes += cap
+                while self._bytes > self.max_bytes:
+                    old = self._order.pop(0)
+                    self._bytes -= len(old)
+                    same = self._by_cap[len(old)]
+                    same.remove(old)
+                    if not same:
+                        del self._by_cap[len(old)]
+            return memoryview(buf)[:n]
+
+    def clear(self) -> None:
+        """Forget every buffer (those still in use live on with their arrays)."""
+        with self._lock:
+            self._by_cap.clear()
+            self._order.clear()
+            self._bytes = 0
+
+
+#: the process's receive pool, shared by its connections
+POOL = BufferPool()
+
+
 class FrameDecoder:
     """Incremental frame decoder: give it bytes, get complete frames back.
 
-    Small frames are read through a staging buffer, many per ``recv``; a
-    frame too large for it gets a body buffer of its own, and the rest of
-    it is received straight into that buffer, so large payloads are not
-    copied after the kernel delivers them. A frame is returned as
-    ``(kind, payload, buffers)``: a memoryview and a list of memoryviews
-    (or bytes, for decompressed buffers).
+    Small frames are read through a staging buffer, many per ``recv``. A
+    frame too large for it is received in parts, each straight into the
+    memory it ends in: the buffer table, then the payload together with the
+    small buffers, then each buffer of at least ``OWN_MIN`` bytes into a
+    page-aligned buffer of its own from ``POOL`` (so the arrays unpickled on
+    it are aligned, whatever the sizes of the buffers before it). Only what
+    a read brought in beyond a frame's header is copied out of the staging
+    buffer; after a large frame the next read stops at the size of that
+    frame's head, so that the next large frame's buffers are not read
+    through staging either. A frame is returned as ``(kind, payload,
+    buffers)``: a memoryview and a list of memoryviews (or bytearrays, for
+    decompressed buffers).
     """
 
     STAGING = 1 << 16
 
-    def __init__(self, max_frame: int = PREAUTH_MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = PREAUTH_MAX_FRAME, pool: BufferPool | None = None) -> None:
         self._max_frame = max_frame
+        self._pool = POOL if pool is None else pool
         # before authentication a frame is at most PREAUTH_MAX_FRAME: a
         # stranger's connection costs a few kilobytes, not the full staging
         self._stage = bytearray(min(self.STAGING, HEADER.size + max_frame))
         self._start = 0
         self._end = 0
-        self._body: bytearray | None = None  # a large frame being received directly
-        self._body_got = 0
+        # a large frame being received in parts: the parts to fill, in order
+        # (the table first, then the rest as the table lays it out)
+        self._parts: list[memoryview] = []
+        self._part = 0  # index of the part being filled
+        self._got = 0  # bytes of it filled
         self._kind = 0
         self._nbufs = 0
+        self._body_len = 0
+        # where payload and buffers lie in the parts: (part, offset, length, codec),
+        # codec -1 for the payload
+        self._layout: list[tuple[int, int, int, int]] = []
+        self._hint = 0  # bytes to read when idle after a large frame (0: all staging)
 
     @property
     def max_frame(self) -> int:
@@ -692,12 +813,16 @@ class FrameDecoder:
 
     def get_buffer(self) -> memoryview:
         """Where the next received bytes must be written."""
-        if self._body is not None:
-            return memoryview(self._body)[self._body_got :]
+        if self._parts:
+            return self._parts[self._part][self._got :]
         if self._start and self._end == len(self._stage):
             n = self._end - self._start
             self._stage[:n] = self._stage[self._start : self._end]
             self._start, self._end = 0, n
+        if self._hint and self._start == self._end:
+            # the last frame was large: the next one probably is too, and
+            # its buffers should land in their own memory, not here
+            return memoryview(self._stage)[self._end : self._end + self._hint]
         return memoryview(self._stage)[self._end :]
 
     def _header(self, mv: memoryview | bytearray, at: int) -> tuple[int, int, int]:
@@ -711,13 +836,10 @@ class FrameDecoder:
                 is then unusable, as is the connection.
         """
         out: list[tuple[int, memoryview, list[Any]]] = []
-        if self._body is not None:
-            self._body_got += n
-            if self._body_got < len(self._body):
-                return out
-            body = self._body
-            self._body = None
-            out.append(self._split(self._kind, self._nbufs, body))
+        if self._parts:
+            self._got += n
+            if self._fill_done():
+                out.append(self._finish())
             return out
         self._end += n
         stage = self._stage
@@ -729,6 +851,7 @@ class FrameDecoder:
             if avail >= body_len:
                 body = stage[begin : begin + body_len]
                 self._start = begin + body_len
+                self._hint = 0
                 out.append(self._split(kind, nbufs, body))
                 if kind <= WELCOME:
                     # a handshake frame changes the limits (max_frame) that
@@ -737,19 +860,99 @@ class FrameDecoder:
                     break
                 continue
             if hsize + body_len > len(stage):
-                # too large for staging: receive the rest straight into its own buffer
-                body = bytearray(body_len)
-                body[:avail] = stage[begin : self._end]
-                self._body = body
-                self._body_got = avail
-                self._kind = kind
-                self._nbufs = nbufs
+                # too large for staging: receive the rest in parts
                 self._start = self._end = 0
+                self._begin_large(kind, nbufs, body_len)
+                done = self._feed_parts(memoryview(stage)[begin : begin + avail])
+                if done:
+                    out.append(self._finish())
                 return out
             break
         if self._start == self._end:
             self._start = self._end = 0
         return out
+
+    def _begin_large(self, kind: int, nbufs: int, body_len: int) -> None:
+        self._kind, self._nbufs, self._body_len = kind, nbufs, body_len
+        tlen = nbufs * TABLE_ENTRY.size
+        self._parts = [memoryview(bytearray(tlen))]
+        self._part = self._got = 0
+        self._layout = []
+        if not tlen:
+            self._plan(memoryview(b""))
+
+    def _plan(self, table: memoryview) -> None:
+        """Lay out the rest of a large frame after its table (in ``table``)."""
+        tlen = len(table)
+        entries = [TABLE_ENTRY.unpack_from(table, i * TABLE_ENTRY.size)
+                   for i in range(self._nbufs)]
+        total = sum(e[0] for e in entries)
+        plen = self._body_len - tlen - total
+        if plen < 0:
+            raise ProtocolError(
+                f"buffer table declares {total} bytes but the body holds {self._body_len - tlen}"
+            )
+        parts = self._parts
+        layout = self._layout
+        # runs of small pieces share one bytearray; each large buffer has its own
+        run: list[tuple[int, int]] = [(plen, -1)]
+        run_len = plen
+
+        def close_run() -> None:
+            shared = memoryview(bytearray(run_len))
+            at = 0
+            for length, codec in run:
+                layout.append((len(parts), at, length, codec))
+                at += length
+            parts.append(shared)
+
+        for stored, codec in entries:
+            if stored < OWN_MIN:
+                run.append((stored, codec))
+                run_len += stored
+                continue
+            close_run()
+            run, run_len = [], 0
+            layout.append((len(parts), 0, stored, codec))
+            parts.append(self._pool.take(stored))
+        if run:
+            close_run()
+
+    def _fill_done(self) -> bool:
+        """Move past filled parts; True when the frame is complete."""
+        parts = self._parts
+        while self._got >= len(parts[self._part]):
+            if self._part == 0 and not self._layout:
+                self._plan(parts[0])
+            self._part += 1
+            self._got = 0
+            if self._part == len(parts):
+                return True
+        return False
+
+    def _feed_parts(self, data: memoryview) -> bool:
+        """Copy bytes a read brought in with a large frame's header into its parts."""
+        while True:
+            if self._fill_done():
+                return True
+            if not data:
+                return False
+            dst = self._parts[self._part][self._got :]
+            k = min(len(dst), len(data))
+            dst[:k] = data[:k]
+            data = data[k:]
+            self._got += k
+
+    def _finish(self) -> tuple[int, memoryview, list[Any]]:
+        parts, layout = self._parts, self._layout
+        self._parts, self._layout = [], []
+        # header, table, and the payload's run (what precedes the first large buffer)
+        self._hint = HEADER.size + len(parts[0]) + len(parts[1])
+        p, at, plen, _ = layout[0]
+        payload = parts[p][at : at + plen]
+        buffers = [decode_buffer(parts[p][at : at + length], codec)
+                   for p, at, length, codec in layout[1:]]
+        return self._kind, payload, buffers
 
     @staticmethod
     def _split(kind: int, nbufs: int, body: bytearray) -> tuple[int, memoryview, list[Any]]:

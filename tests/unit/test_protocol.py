@@ -1,5 +1,6 @@
 """The wire protocol: frame encoding and the incremental FrameDecoder, the
-HMAC handshake functions, token files. No sockets here (test_tcp has them)."""
+HMAC handshake functions, token files. One loopback test of FrameStream
+(a bad large frame); the rest of the socket tests are test_tcp's."""
 
 from __future__ import annotations
 
@@ -133,6 +134,181 @@ def test_large_frame_in_chunks(chunk: int) -> None:
         back = load(f)
         np.testing.assert_array_equal(back["a"], msg["a"])
         np.testing.assert_array_equal(back["b"], msg["b"])
+
+
+# a frame with large buffers between small ones, and one whose first part is small
+BIG_MIX = {
+    "a": np.random.default_rng(2).random(P.OWN_MIN // 8 + 3),  # > OWN_MIN, not a page multiple
+    "tiny": np.arange(7, dtype=np.int8),  # leaves the next buffer at an odd offset on the wire
+    "b": np.random.default_rng(3).integers(0, 1 << 30, 40_000, dtype=np.int32),
+    "c": np.random.default_rng(4).random(131072),  # 1 MiB
+    "small": np.ones(100, dtype=np.float32),
+}
+
+
+@pytest.mark.parametrize("chunk", [1000, 4096, 65537, 1 << 20, 1 << 24])
+def test_large_buffers_land_aligned_in_their_own_memory(chunk: int) -> None:
+    """Several frames with several large buffers, cut anywhere: each large
+    buffer becomes an aligned, writable array on memory of its own."""
+    one = wire(P.encode(P.TASKS, BIG_MIX, compress_min=0))
+    small = wire(P.encode(P.CANCEL, [1, 2]))
+    data = one + small + one + one
+    frames = decode_in_chunks(data, chunk)
+    assert [f[0] for f in frames] == [P.TASKS, P.CANCEL, P.TASKS, P.TASKS]
+    assert load(frames[1]) == [1, 2]
+    bases = set()
+    for f in (frames[0], frames[2], frames[3]):
+        back = load(f)
+        for name, arr in BIG_MIX.items():
+            assert back[name].dtype == arr.dtype
+            np.testing.assert_array_equal(back[name], arr)
+            assert back[name].flags.writeable, name
+            if arr.nbytes >= P.OWN_MIN:
+                assert back[name].ctypes.data % P.RECV_ALIGN == 0, (name, chunk)
+                bases.add(back[name].ctypes.data)
+    # every large array of the three frames is alive, so none shares memory
+    assert len(bases) == 3 * 3
+
+
+def test_pool_reuses_memory_only_when_its_arrays_are_gone() -> None:
+    pool = P.BufferPool()
+    arr = np.random.default_rng(5).random(100_000)
+    other = arr[::-1].copy()
+
+    def recv(a: Any) -> Any:
+        dec = P.FrameDecoder(P.DEFAULT_MAX_FRAME, pool=pool)
+        (frame,) = dec.feed(wire(P.encode(P.RESULTS, a, compress_min=0)))
+        return load(frame)
+
+    kept = recv(arr)
+    assert (pool.mapped, pool.reused) == (1, 0)
+    got = recv(other)  # `kept` still lives on its buffer: a second one is mapped
+    assert (pool.mapped, pool.reused) == (2, 0)
+    np.testing.assert_array_equal(kept, arr)
+    np.testing.assert_array_equal(got, other)
+    addr = got.ctypes.data
+    del got
+    again = recv(arr)  # `got`'s buffer is free now: taken again, nothing mapped
+    assert (pool.mapped, pool.reused) == (2, 1)
+    assert again.ctypes.data == addr
+    np.testing.assert_array_equal(again, arr)
+    np.testing.assert_array_equal(kept, arr)  # untouched by the receive into the other buffer
+    # a view of a view still holds the buffer
+    view = again[10:20]
+    del again
+    recv(other)
+    assert pool.mapped == 3
+    assert view[0] == arr[10]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_received_memory_is_private_to_the_process() -> None:
+    """A task that forks: the child's writes to a received array stay in the child."""
+    arr = np.random.default_rng(7).random(100_000)
+    (frame,) = P.FrameDecoder(P.DEFAULT_MAX_FRAME).feed(
+        wire(P.encode(P.RESULTS, arr, compress_min=0)))
+    back = load(frame)
+    assert back.nbytes >= P.OWN_MIN
+    pid = os.fork()
+    if pid == 0:  # the child: write, then leave without running the parent's cleanup
+        back[:] = -1.0
+        os._exit(0 if back[0] == -1.0 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    np.testing.assert_array_equal(back, arr)
+
+
+def test_pool_forgets_the_oldest_beyond_its_size() -> None:
+    pool = P.BufferPool(max_bytes=3 << 20)
+    held = [pool.take(1 << 20) for _ in range(5)]
+    assert pool.mapped == 5
+    del held
+    for _ in range(5):
+        pool.take(1 << 20)  # three are still tracked, free: taken again and again
+    assert pool.reused == 5 and pool.mapped == 5
+    with pytest.raises(ValueError, match="max_bytes must be >= 0"):
+        P.BufferPool(max_bytes=-1)
+
+
+def test_large_frame_reads_stop_at_the_next_frames_head() -> None:
+    """After a large frame the decoder offers only as much staging as its
+    head took, so the next large frame's buffer is read into its own memory."""
+    one = wire(P.encode(P.TASKS, [np.ones(200_000)], compress_min=0))
+    dec = P.FrameDecoder(P.DEFAULT_MAX_FRAME)
+    assert len(dec.feed(one)) == 1
+    head = dec.get_buffer().nbytes
+    assert head < 1024
+    # the next read takes exactly the next frame's head; its array is not in staging
+    buf = dec.get_buffer()
+    buf[:] = one[:head]
+    assert dec.received(head) == []
+    rest = dec.get_buffer()
+    assert rest.nbytes == len(one) - head
+    rest[:] = one[head:]
+    (frame,) = dec.received(len(one) - head)
+    np.testing.assert_array_equal(load(frame)[0], np.ones(200_000))
+    # a small frame afterwards still decodes, in as many reads as it takes
+    assert [f[0] for f in decode_in_chunks(wire(P.raw_frame(P.HEARTBEAT)) * 3, 5)] == [
+        P.HEARTBEAT] * 3
+
+
+def test_malformed_large_frames() -> None:
+    """The checks of small frames hold on the large-frame path too."""
+    big = P.FrameDecoder.STAGING * 2
+    # the table declares more than the body holds
+    body = P.TABLE_ENTRY.pack(big * 2, P.CODEC_RAW) + b"x" * big
+    with pytest.raises(P.ProtocolError, match="buffer table declares"):
+        P.FrameDecoder(P.DEFAULT_MAX_FRAME).feed(header(nbufs=1, body_len=len(body)) + body)
+    # an unknown codec on a large buffer
+    body = P.TABLE_ENTRY.pack(big, 9) + b"x" * big
+    with pytest.raises(P.ProtocolError, match="unknown buffer codec"):
+        P.FrameDecoder(P.DEFAULT_MAX_FRAME).feed(header(nbufs=1, body_len=len(body)) + body)
+    # a corrupt lz4 block declaring far more than it could hold
+    blob = struct.pack("<I", 1 << 30) + b"\xff" * big
+    body = P.TABLE_ENTRY.pack(len(blob), P.CODEC_LZ4) + blob
+    with pytest.raises(P.ProtocolError, match="corrupt lz4"):
+        P.FrameDecoder(P.DEFAULT_MAX_FRAME).feed(header(nbufs=1, body_len=len(body)) + body)
+
+
+async def test_a_bad_large_frame_closes_only_its_connection() -> None:
+    """Over real loopback sockets: one peer sends a large frame whose table
+    lies, another a good large frame; the first is closed, the second decoded."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    got: list[Any] = []
+    lost: list[Any] = []
+
+    def make() -> P.FrameStream:
+        return P.FrameStream(lambda k, p, b: got.append((k, P.loads(p, b))),
+                             lambda s, exc: lost.append(exc), P.DEFAULT_MAX_FRAME)
+
+    server = await loop.create_server(make, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        _, bad = await asyncio.open_connection("127.0.0.1", port)
+        _, good = await asyncio.open_connection("127.0.0.1", port)
+        big = P.FrameDecoder.STAGING * 4
+        body = P.TABLE_ENTRY.pack(big * 2, P.CODEC_RAW) + b"x" * big
+        bad.write(header(nbufs=1, body_len=len(body)) + body)
+        arr = np.random.default_rng(6).random(300_000)
+        good.writelines(P.encode(P.RESULTS, [arr, arr[::2].copy()], compress_min=0))
+        for _ in range(500):
+            if got and lost:
+                break
+            await asyncio.sleep(0.01)
+        assert len(lost) == 1 and isinstance(lost[0], P.ProtocolError)
+        assert "buffer table declares" in str(lost[0])
+        assert [k for k, _ in got] == [P.RESULTS]
+        back = got[0][1]
+        np.testing.assert_array_equal(back[0], arr)
+        np.testing.assert_array_equal(back[1], arr[::2])
+        assert back[0].ctypes.data % P.RECV_ALIGN == 0
+        for w in (bad, good):
+            w.close()
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 def test_cloudpickle_takes_over_for_lambdas() -> None:
