@@ -390,14 +390,9 @@ class Scheduler:
             futs = [tasks[h] for h in handles]
             for f in futs:
                 # (one sent ahead has its arguments there already: they are
-                # put in place here only if it has to run again)
+                # put in place only if it is sent again, see substitute)
                 if f._subst and f._att is None:
-                    f._args = replace_in(f._args, TaskFuture, input_value)
-                    if f._kwargs:
-                        f._kwargs = replace_in(f._kwargs, TaskFuture, input_value)
-                    f._subst = False
-                    if self.n_held:
-                        self._find_refs(f)
+                    self.substitute(f)
             if self._obs is not None:
                 self._obs.dispatched(futs)
             self._transport.dispatch(futs)
@@ -408,6 +403,15 @@ class Scheduler:
                 break
         if not self._tasks and self._idle_waiters:
             self._wake_idle()
+
+    def substitute(self, fut: TaskFuture[Any]) -> None:
+        """Put the values of ``fut``'s finished inputs in its arguments (before it is sent)."""
+        fut._args = replace_in(fut._args, TaskFuture, input_value)
+        if fut._kwargs:
+            fut._kwargs = replace_in(fut._kwargs, TaskFuture, input_value)
+        fut._subst = False
+        if self.n_held:
+            self._find_refs(fut)
 
     def _find_refs(self, fut: TaskFuture[Any]) -> None:
         """Note the held results among ``fut``'s inputs; they stay held until it is over."""

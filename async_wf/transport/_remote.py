@@ -888,6 +888,11 @@ class RemoteTransport(Transport):
             if ahead:
                 args, kwargs = self._ahead_args(fut, pre)
             else:
+                if fut._subst:
+                    # released after it was sent ahead, and now sent again
+                    # (stolen, given back): its inputs' values go with it
+                    sched.substitute(fut)
+                    args = fut._args
                 kwargs = fut._kwargs
             if type(fn) is types.MethodType:
                 # the function goes in the cache, the object with the

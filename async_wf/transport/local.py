@@ -541,48 +541,17 @@ class LocalTransport(Transport):
                 if q:
                     self._runner = loop.create_task(self._drive())
 
-    async def _finish_async(self, run: _Run, rest: _Resume) -> None:
-        """Await the rest of a coroutine that suspended in its first step; report its end."""
+    async def _finish_async(self, run: _Run, rest: _Resume | None) -> None:
+        """Await ``rest`` (the rest of a coroutine that suspended in its first step, or
+        with None the whole call) and report its end."""
         sched = self._sched
         assert sched is not None
         fut = run.fut
         try:
-            value = await rest
-        except asyncio.CancelledError as exc:
-            if fut._att is not run:
-                return  # an earlier attempt, already given up on
-            run.stop_timer()
-            if run.timed_out:
-                sched.task_error(fut, TaskTimeoutError(fut.name, fut._opts.timeout or 0.0))
+            if rest is None:
+                value = await fut._fn(*fut._args, **fut._kwargs)  # type: ignore[misc]
             else:
-                sched.task_cancelled(fut, exc.args[0] if exc.args else None)
-        except BaseException as exc:
-            if fut._att is not run:
-                return
-            run.stop_timer()
-            sched.task_error(fut, exc)
-            if not isinstance(exc, Exception):
-                raise
-        else:
-            if run.timer is not None or run.timed_out:
-                if fut._att is not run:
-                    return
-                run.stop_timer()
-                if run.timed_out:  # the coroutine swallowed its timeout cancellation
-                    sched.task_error(fut, TaskTimeoutError(fut.name, fut._opts.timeout or 0.0))
-                    return
-            sched.task_ok(fut, value)
-
-    async def _run_async(self, run: _Run) -> None:
-        # Reporting from inside the task, rather than from a done callback,
-        # saves a loop callback, a partial and a result lookup per task; a
-        # task cancelled before it ever ran is reported by _cancel_async.
-        sched = self._sched
-        assert sched is not None
-        fut = run.fut
-        mark_coroutine(self, fut)
-        try:
-            value = await fut._fn(*fut._args, **fut._kwargs)  # type: ignore[misc]
+                value = await rest
         except asyncio.CancelledError as exc:
             if fut._att is not run:
                 return  # an earlier attempt, already given up on
@@ -607,6 +576,13 @@ class LocalTransport(Transport):
                     sched.task_error(fut, TaskTimeoutError(fut.name, fut._opts.timeout or 0.0))
                     return
             sched.task_ok(fut, value)
+
+    async def _run_async(self, run: _Run) -> None:
+        # Reporting from inside the task, rather than from a done callback,
+        # saves a loop callback, a partial and a result lookup per task; a
+        # task cancelled before it ever ran is reported by _cancel_async.
+        mark_coroutine(self, run.fut)
+        await self._finish_async(run, None)
 
     def _on_timeout(self, run: _Run) -> None:
         run.timer = None

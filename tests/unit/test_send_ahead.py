@@ -208,3 +208,4 @@ async def test_a_dependent_with_other_inputs_done_goes_ahead_with_their_values()
             x = rt.submit(lambda v, d, k=0: v + d - 11 + k, x, done1, k=1)
         assert await x == 1 + 20
         assert rt.statistics()["tasks_sent_ahead"] >= 15
+
