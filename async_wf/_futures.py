@@ -49,6 +49,18 @@ def input_value(fut: TaskFuture[Any]) -> Any:
         return held
     return _future_result(fut)  # done: asyncio's own, not the waiting override
 
+def with_input(fut: TaskFuture[Any], dep: Any, value: Any) -> tuple[Any, Any]:
+    """``fut``'s arguments and keywords with ``value`` for its input ``dep``, still unfinished
+    here (a task sent ahead of it), and the values of its other, finished inputs."""
+
+    def put(d: TaskFuture[Any]) -> Any:
+        return value if d is dep else input_value(d)
+
+    args = replace_in(fut._args, TaskFuture, put)
+    kwargs = replace_in(fut._kwargs, TaskFuture, put) if fut._kwargs else fut._kwargs
+    return args, kwargs
+
+
 class TaskFuture(asyncio.Future[_T]):
     """The awaitable result of a submitted task.
 

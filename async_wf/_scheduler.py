@@ -360,7 +360,7 @@ class Scheduler:
     def pump_now(self) -> bool:
         """Run the pump now if one is pending (a transport with nothing else to do); whether it ran.
 
-        The call already scheduled finds nothing left to do.
+        The call that was scheduled is cancelled: it would find nothing left to do.
         """
         if not self._pump_pending:
             return False

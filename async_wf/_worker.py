@@ -439,10 +439,6 @@ class Worker:
         loop = self._loop
         pool = self._pool
         assert loop is not None and pool is not None
-        dur = self._dur
-        # learnt-quick functions run on the loop only where a guard can
-        # stand in for it (not over TLS)
-        guarded = self._guard_can
         spent = 0.0
         pos = 0
         i = 0
@@ -459,9 +455,7 @@ class Worker:
             if kind == P.K_ASYNC:
                 self._async[rid] = loop.create_task(self._run_async(rid, fn, args, kwargs))
             elif kind == P.K_THREAD:
-                d = dur.get(fid)
-                if (d is not None and d < INLINE_BELOW and spent < INLINE_BUDGET and guarded
-                        and not self._async):
+                if spent < INLINE_BUDGET and self._learnt_quick(fid):
                     self._batch_i = i
                     self._batch_pos = pos
                     spent += self._run_inline(rid, fid, fn, args, kwargs)
@@ -595,14 +589,12 @@ class Worker:
                 return
             loaded, value = todo[0]
             rid, fid, kind, fn, args, kw, extra = self._with_ahead(loaded, value)
-            if kind == P.K_THREAD:
-                d = self._dur.get(fid)
-                if d is not None and d < INLINE_BELOW and self._guard_can and not self._async:
-                    # popped after: the follower this one's end appends must
-                    # not schedule a second call of this method
-                    spent += self._run_inline(rid, fid, fn, args, kw)
-                    todo.popleft()
-                    continue
+            if kind == P.K_THREAD and self._learnt_quick(fid):
+                # popped after: the follower this one's end appends must not
+                # schedule a second call of this method
+                spent += self._run_inline(rid, fid, fn, args, kw)
+                todo.popleft()
+                continue
             todo.popleft()
             self._start_loaded((rid, fid, kind, fn, args, kw, extra))
 
@@ -1044,6 +1036,12 @@ class Worker:
                     self._raw_broken = True
                     return
                 select.select([], [fd], [], left)
+
+    def _learnt_quick(self, fid: int) -> bool:
+        """Whether function ``fid`` may run on the loop now: learnt quick, a guard can
+        stand in for the loop (not over TLS), and no coroutine runs here."""
+        d = self._dur.get(fid)
+        return d is not None and d < INLINE_BELOW and self._guard_can and not self._async
 
     def _learn(self, fid: int, took: float) -> None:
         d = self._dur.get(fid)

@@ -57,7 +57,7 @@ from async_wf._errors import (
     WorkerLostError,
     retyped,
 )
-from async_wf._futures import HeldFuture, TaskFuture, input_value, replace_in
+from async_wf._futures import HeldFuture, TaskFuture, with_input
 from async_wf._held import AHEAD_INPUT, HeldRef, fetch_sync, read_data
 from async_wf._options import ASYNC
 from async_wf._resources import CORES, GPUS, MEMORY, Declared, Ledger, Request
@@ -1037,14 +1037,7 @@ class RemoteTransport(Transport):
     @staticmethod
     def _ahead_args(fut: TaskFuture[Any], sent: _Sent) -> tuple[Any, Any]:
         """``fut``'s arguments with its input's value still to come: the marker in its place."""
-        prev = sent.prev
-
-        def value(d: TaskFuture[Any]) -> Any:
-            return AHEAD_INPUT if d is prev else input_value(d)
-
-        args = replace_in(fut._args, TaskFuture, value)
-        kwargs = replace_in(fut._kwargs, TaskFuture, value) if fut._kwargs else fut._kwargs
-        return args, kwargs
+        return with_input(fut, sent.prev, AHEAD_INPUT)
 
     def _not_ahead(self, w: _Worker, fut: TaskFuture[Any]) -> None:
         """``fut`` is no longer (or was not after all) sent ahead to ``w``."""
@@ -1323,7 +1316,7 @@ class RemoteTransport(Transport):
             if type(sent) is _Sent and sent.ahead:
                 # its input's outcome is not in yet: keep this one until it is
                 if status == P.R_NOINPUT or status == P.R_RETURNED or fut.done():
-                    fut._att = None  # not run there: it goes out again when ready
+                    self._not_ahead(w, fut)  # not run there: it goes out again when ready
                 else:
                     sent.early = (status, nbufs, blob, tb, buffers[start:start + nbufs])
                 continue

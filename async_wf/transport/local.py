@@ -53,13 +53,14 @@ from typing import TYPE_CHECKING, Any
 
 from async_wf._context import TaskContext, mark_coroutine, mark_thread, start_coroutine
 from async_wf._errors import ResourceError, TaskTimeoutError
-from async_wf._futures import TaskFuture, input_value, replace_in
+from async_wf._futures import with_input
 from async_wf._options import ASYNC, THREAD
 from async_wf._resources import RESOURCE_THREADS, Allocator, Declared, Grant, pinned
 from async_wf._threads import ERROR, OK, SKIPPED, Outcome, ThreadPool
 from async_wf.transport import Attempt, Transport
 
 if TYPE_CHECKING:
+    from async_wf._futures import TaskFuture
     from async_wf._scheduler import Scheduler
 
 __all__ = ["LocalTransport"]
@@ -387,15 +388,10 @@ class LocalTransport(Transport):
                 out.append(last)
                 continue
             fut = run.fut
-            args, kwargs = fut._args, fut._kwargs
             if prev is not None and last is not None:
-                def put(d: TaskFuture[Any], value: Any = last[2],
-                        pfut: TaskFuture[Any] = prev.fut) -> Any:
-                    return value if d is pfut else input_value(d)
-
-                args = replace_in(args, TaskFuture, put)
-                if kwargs:
-                    kwargs = replace_in(kwargs, TaskFuture, put)
+                args, kwargs = with_input(fut, prev.fut, last[2])
+            else:
+                args, kwargs = fut._args, fut._kwargs
             mark_thread(self, run)
             t0 = time.perf_counter()
             try:
