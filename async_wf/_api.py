@@ -68,6 +68,9 @@ class RuntimeStatistics(_SchedulerStatistics, total=False):
     connections_in_handshake: int
     tasks_stolen: int  # given back unstarted by a busy worker, to run elsewhere
     tasks_sent_ahead: int  # sent to a worker before their input ended there (send_ahead)
+    # plain tasks and scalar results that travelled in columns (see protocol.TASKS)
+    tasks_in_columns: int
+    results_in_columns: int
     # tasks that asked for resources and wait for a worker where they fit
     resource_tasks_waiting: int
     worker_resources: dict[str, str]  # "#id name" -> what it declared

@@ -91,6 +91,11 @@ class TaskOptions:
     #: cores, memory, gpus and resources as one ``Request``; None when the
     #: task asks for nothing (the fast path: one slot, no accounting)
     request: Request | None = field(default=None, init=False, repr=False, compare=False)
+    #: none of the options that change how a worker runs it or when it is
+    #: given up (resources, a timeout, a priority, ``time=``, MPI, a program,
+    #: inline): such tasks of one function travel as one column (see
+    #: ``protocol.TASKS``)
+    plain: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.name is not None and not isinstance(self.name, str):
@@ -151,6 +156,10 @@ class TaskOptions:
         if self.key is not None and not callable(self.key):
             raise TypeError(f"key must be a function of the task's arguments, got {self.key!r}")
         self._check_request()
+        object.__setattr__(self, "plain", (
+            self.request is None and self.timeout is None and self.priority == 0
+            and self.time is None and self.mpi is None and self.binary is None
+            and not self.inline))
         if self._has_default and self.on_failure != "ignore":
             raise ValueError(
                 "default= only applies with on_failure='ignore', "

@@ -478,6 +478,13 @@ class Scheduler:
             self._pump_pending = True
             self._pump_handle = self._loop.call_soon(self._pump, context=self._ctx)
 
+    def task_ok_many(self, outcomes: list[tuple[TaskFuture[Any], Any]]) -> None:
+        """``task_ok`` for each (future, value) of ``outcomes``, in order."""
+        self._done_buf.extend(outcomes)
+        if not self._pump_pending:
+            self._pump_pending = True
+            self._pump_handle = self._loop.call_soon(self._pump, context=self._ctx)
+
     def task_error(self, fut: TaskFuture[Any], exc: BaseException) -> None:
         """A transport reports that the current attempt of ``fut`` raised ``exc``."""
         if fut.done() or self._state > _CLOSING:

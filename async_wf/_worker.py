@@ -185,6 +185,10 @@ class Worker:
         self._batch_bufs: list[Any] | None = None
         self._batch_i = 0
         self._batch_pos = 0
+        # the column of the batch being started (see _run_column), and the
+        # place in it of the next task not started
+        self._col: tuple[Any, ...] | None = None
+        self._col_j = 0
         # a call on the loop (inline) that runs long: the guard thread does
         # the loop's work meanwhile, under the gate (see _rescue)
         self._gate = threading.Lock()
@@ -446,6 +450,11 @@ class Worker:
         while i < n:
             item = batch[i]
             i += 1
+            if len(item) == 4:
+                spent = self._run_column(item, i, pos, spent)
+                i = self._batch_i  # the guard may have taken some
+                pos = self._batch_pos
+                continue
             start = pos
             pos += item[3]
             loaded = self._load(item, buffers, start)
@@ -482,6 +491,56 @@ class Worker:
             for table in (self._fns, self._fn_errors, self._dur):
                 for fid in [f for f in table if f < floor]:
                     del table[fid]
+
+    def _run_column(self, item: tuple[Any, ...], i: int, pos: int, spent: float) -> float:
+        """Start the tasks of one column (see ``protocol.TASKS``); return ``spent`` plus
+        the seconds its calls took on the loop.
+
+        ``i`` and ``pos`` are where the batch goes on after it: the guard
+        reads them (and the column's own place, ``_col_j``) if a call here
+        runs long, and moves them past what it takes.
+
+        Raises:
+            ProtocolError: the item is not (rid, function id, kind, [args, ...]).
+        """
+        rid0, fid, kind, col = item
+        if type(rid0) is not int or type(fid) is not int or type(col) is not list:
+            raise P.ProtocolError(f"malformed column of tasks: {item!r:.200}")
+        if kind != P.K_THREAD and kind != P.K_ASYNC:
+            raise P.ProtocolError(f"a column of tasks of wire kind {kind!r}")
+        self._batch_i = i
+        self._batch_pos = pos
+        n = len(col)
+        fn = self._fns.get(fid)
+        if fn is None:
+            err = self._fn_errors.get(fid) or RemoteError(f"unknown function id {fid}")
+            for j in range(n):
+                self._report(rid0 + j, P.R_ERROR, err, None)
+            return spent
+        if kind == P.K_ASYNC:
+            loop = self._loop
+            assert loop is not None
+            tasks = self._async
+            for j in range(n):
+                rid = rid0 + j
+                tasks[rid] = loop.create_task(self._run_async(rid, fn, col[j], _NO_KWARGS))
+            return spent
+        pool = self._pool
+        assert pool is not None
+        self._col = item
+        j = 0
+        while j < n:
+            rid = rid0 + j
+            j += 1
+            if spent < INLINE_BUDGET and self._learnt_quick(fid):
+                self._col_j = j
+                spent += self._run_inline(rid, fid, fn, col[j - 1], _NO_KWARGS)
+                j = self._col_j  # the guard may have taken the rest
+                continue
+            self._in_pool.add(rid)
+            pool.put((rid, fid), fn, col[j - 1], _NO_KWARGS, 0)
+        self._col = None
+        return spent
 
     def _load(self, item: tuple[Any, ...], buffers: list[Any],
               start: int) -> tuple[int, int, int, Any, Any, Any, Any] | None:
@@ -727,8 +786,19 @@ class Worker:
         pool = self._pool
         if batch is None or buffers is None or pool is None:
             return
+        col = self._col
+        if col is not None:
+            # the rest of the column whose call runs long
+            rid0, fid, _kind, args = col
+            fn = self._fns[fid]
+            for j in range(self._col_j, len(args)):
+                self._in_pool.add(rid0 + j)
+                pool.put((rid0 + j, fid), fn, args[j], _NO_KWARGS, 0)
+            self._col_j = len(args)
         while self._batch_i < len(batch) and batch[self._batch_i][2] == P.K_THREAD:
             item = batch[self._batch_i]
+            if len(item) == 4:
+                return  # a column: the loop's, after the long call
             self._batch_i += 1
             start = self._batch_pos
             self._batch_pos = start + item[3]
@@ -1183,7 +1253,28 @@ class Worker:
         bufs: list[Any] = []
         items: list[tuple[Any, ...]] = []
         size = 0
+        # small scalar values go in columns, in the frame's own pickle (see
+        # protocol.TASKS); not where keep_min is so small that they would stay here
+        keep = self._joining.keep_min
+        columns = not keep or keep > 1024
+        crids: list[int] | None = None
+        cvals: list[Any] = []
+        scalar_cost = P.scalar_cost
         for rid, status, value, tb in out:
+            if status == P.R_OK and columns:
+                n = scalar_cost(value)
+                if n:
+                    if items and size + n > budget:
+                        self._send_results(stream, items, bufs, last=False)
+                        bufs, items, size, crids = [], [], 0, None
+                    if crids is None:
+                        crids, cvals = [], []
+                        items.append((crids, cvals))
+                    crids.append(rid)
+                    cvals.append(value)
+                    size += n + 10
+                    continue
+            crids = None
             n0 = len(bufs)
             try:
                 # each result in a blob of its own, so that one the scheduler
@@ -1205,7 +1296,6 @@ class Worker:
                     del bufs[n0:]
                     blob = P.pack(RemoteError(msg), bufs)
             n = P.packed_size(blob, bufs, n0)
-            keep = self._joining.keep_min
             if keep and status == P.R_OK and keep <= n <= budget:
                 # large: it stays here, the scheduler learns its size and type
                 del bufs[n0:]

@@ -74,7 +74,8 @@ log = logging.getLogger("async_wf")
 
 # 2: AUTH carries the worker's resources; resource tasks (K_RTHREAD, K_RASYNC);
 # STEAL and R_RETURNED
-PROTOCOL_VERSION = 2
+# 3: columns of plain tasks in TASKS and of scalar results in RESULTS
+PROTOCOL_VERSION = 3
 MAGIC = b"aw"
 
 # frame kinds
@@ -133,6 +134,13 @@ K_MPI = max(ASYNC, THREAD, INLINE) + 1
 # starts it once its own resources are free (async_wf._worker)
 K_RTHREAD = K_MPI + 1
 K_RASYNC = K_MPI + 2
+# A TASKS item is (rid, fid, kind, nbufs, args blob, extra), or a column:
+# (first rid, fid, kind, [args, ...]), tasks with rids first, first + 1, ...
+# of one function and kind (K_THREAD or K_ASYNC), no keyword arguments, no
+# extra, and arguments of small exact scalar types only (scalar_cost), which
+# travel in the frame's own pickle: they cannot fail to load, so no blob of
+# their own is needed. A RESULTS item is (rid, status, nbufs, blob, traceback),
+# or a column of R_OK results with scalar values: ([rid, ...], [value, ...]).
 # result statuses in a RESULTS item; R_RETURNED: given back unstarted (STEAL)
 R_OK, R_ERROR, R_CANCELLED, R_RETURNED = 0, 1, 2, 3
 # R_HELD: the value stays on the worker, the item carries (size, type name);
@@ -190,6 +198,42 @@ def _max_frame_from_env() -> int:
 DEFAULT_MAX_FRAME = _max_frame_from_env()
 #: room left in a frame for its header, table and the tuples around the blobs
 FRAME_MARGIN = 1 << 15
+
+
+# what goes in a column (TASKS, RESULTS): exact scalar types, small
+_COLUMN_INT = 1 << 62
+_COLUMN_STR = 256
+
+
+def scalar_cost(value: Any) -> int:
+    """An upper bound of the bytes ``value`` takes in a column; 0 if it cannot go in one.
+
+    Only exact scalar types go (a subclass could pickle into anything, and
+    fail on the other side): one bad value in a column would fail the
+    whole frame, where a blob of its own fails only its task.
+    """
+    t = type(value)
+    if t is int:
+        return 10 if -_COLUMN_INT < value < _COLUMN_INT else 0
+    if t is float:
+        return 9
+    if t is str or t is bytes:
+        return 10 + 4 * len(value) if len(value) <= _COLUMN_STR else 0
+    if value is None or t is bool:
+        return 1
+    return 0
+
+
+def column_cost(args: tuple[Any, ...]) -> int:
+    """An upper bound of the bytes the argument tuple ``args`` takes in a TASKS column;
+    0 if one of them cannot go in one (see ``scalar_cost``)."""
+    n = 8
+    for a in args:
+        c = scalar_cost(a)
+        if not c:
+            return 0
+        n += c
+    return n
 
 
 def packed_size(blob: bytes, bufs: list[Any], start: int) -> int:

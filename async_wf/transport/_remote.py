@@ -74,6 +74,8 @@ log = logging.getLogger("async_wf")
 wlog = logging.getLogger("async_wf.worker")
 _FN_CACHE_MAX = 10_000
 _FN_CACHE_BYTES = 64 << 20
+# tasks in one column of a TASKS frame at most (see protocol.TASKS)
+_COLUMN_MAX = 4096
 
 
 class Link(Protocol):
@@ -263,6 +265,8 @@ class RemoteTransport(Transport):
             raise ValueError(f"send_ahead must be an int >= 0, got {send_ahead!r}")
         self.send_ahead = send_ahead
         self.n_ahead = 0  # tasks sent ahead of their input's end
+        self.n_col_tasks = 0  # tasks sent in columns (protocol.TASKS)
+        self.n_col_results = 0  # results received in columns
         self._prefetch = prefetch
         self._async_limit = async_limit
         self._compress_min = compress_min
@@ -860,6 +864,31 @@ class RemoteTransport(Transport):
         if batch and thief is not None:
             self._send_tasks(thief, batch)
 
+    def _fn_entry(self, w: _Worker, fut: TaskFuture[Any], fn: Any) -> Any:
+        """``fn``'s cache entry (function, id, cloudpickled blob); None if it cannot be pickled.
+
+        A function that cannot be pickled fails ``fut`` (its credit on ``w``
+        given back), and only it.
+        """
+        key = _fn_key(fn)
+        entry = self._fn_blobs.get(key)
+        if entry is None or not _same_fn(entry[0], fn):
+            try:
+                blob = cloudpickle.dumps(fn, protocol=5)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # SystemExit from a __reduce__: this task
+                self._unsendable(w, fut, "function", exc)
+                return None
+            if (len(self._fn_blobs) >= _FN_CACHE_MAX
+                    or self._fn_bytes + len(blob) > _FN_CACHE_BYTES):
+                self._forget_functions()
+            self._next_fid += 1
+            entry = (fn, self._next_fid, blob)
+            self._fn_blobs[key] = entry
+            self._fn_bytes += len(blob)
+        return entry
+
     def _send_tasks(self, w: _Worker, futs: list[TaskFuture[Any]],
                     part: tuple[int, Any] | None = None) -> int:
         """Send ``futs`` to ``w`` in one frame; their credits on ``w`` are already taken.
@@ -880,10 +909,61 @@ class RemoteTransport(Transport):
         ahead_on = self.send_ahead > 0 and part is None
         if ahead_on:
             futs = list(futs)  # the tasks sent ahead are appended
+        inflight = w.inflight
+        rids = self._rids
+        # the column being built (see protocol.TASKS): plain tasks of one
+        # function and kind with scalar arguments, sent as one item
+        col: list[Any] | None = None
+        col_fid = col_kind = col_rid = 0
+        last_fn: Any = None
+        last_entry: Any = None
         for fut in futs:
             fn = fut._fn
             args = fut._args
             pre = fut._att
+            if (pre is None and part is None and fut._opts.plain and fut._refs is None
+                    and fut._cparents is None and not fut._kwargs and not fut._subst
+                    and (fut._next is None or not ahead_on)
+                    and type(fn) is not types.MethodType):
+                cost = P.column_cost(args) if args else 8
+                if cost > 0:
+                    if fn is last_fn:
+                        entry = last_entry
+                    else:
+                        entry = self._fn_entry(w, fut, fn)
+                        if entry is None:
+                            continue
+                        last_fn, last_entry = fn, entry
+                    fid = entry[1]
+                    kind = fut._kind
+                    if fid not in w.fids:
+                        w.fids.add(fid)
+                        new_fns.append((fid, entry[2]))
+                        cost += len(entry[2])
+                    if (batch or col is not None) and size + cost > budget:
+                        if col is not None:
+                            self.n_col_tasks += len(col)
+                            batch.append((col_rid, col_fid, col_kind, col))
+                            col = None
+                        self._send_frame(w, new_fns, batch, bufs)
+                        new_fns, batch, bufs, size = [], [], [], 0
+                    size += cost
+                    rid = next(rids)
+                    if col is None or fid != col_fid or kind != col_kind \
+                            or len(col) >= _COLUMN_MAX:
+                        if col is not None:
+                            self.n_col_tasks += len(col)
+                            batch.append((col_rid, col_fid, col_kind, col))
+                        col = []
+                        col_fid, col_kind, col_rid = fid, kind, rid
+                    col.append(args)
+                    inflight[rid] = fut
+                    fut._att = _Sent(w, rid)
+                    continue
+            if col is not None:
+                self.n_col_tasks += len(col)
+                batch.append((col_rid, col_fid, col_kind, col))
+                col = None
             ahead = ahead_on and type(pre) is _Sent and pre.ahead
             if ahead:
                 args, kwargs = self._ahead_args(fut, pre)
@@ -900,23 +980,9 @@ class RemoteTransport(Transport):
                 # worker (and here) for as long as the runtime runs
                 args = (fn.__self__, *args)
                 fn = fn.__func__
-            key = _fn_key(fn)
-            entry = self._fn_blobs.get(key)
-            if entry is None or not _same_fn(entry[0], fn):
-                try:
-                    blob = cloudpickle.dumps(fn, protocol=5)
-                except KeyboardInterrupt:
-                    raise
-                except BaseException as exc:  # SystemExit from a __reduce__: this task
-                    self._unsendable(w, fut, "function", exc)
-                    continue
-                if (len(self._fn_blobs) >= _FN_CACHE_MAX
-                        or self._fn_bytes + len(blob) > _FN_CACHE_BYTES):
-                    self._forget_functions()
-                self._next_fid += 1
-                entry = (fn, self._next_fid, blob)
-                self._fn_blobs[key] = entry
-                self._fn_bytes += len(blob)
+            entry = self._fn_entry(w, fut, fn)
+            if entry is None:
+                continue
             n0 = len(bufs)
             try:
                 # each task's arguments in a blob of their own: one that the
@@ -1000,6 +1066,11 @@ class RemoteTransport(Transport):
             timeout = fut._opts.timeout
             if timeout is not None:
                 sent.timer = loop.call_later(timeout, self._on_timeout, fut, sent)
+        if col is not None:
+            self.n_col_tasks += len(col)
+            batch.append((col_rid, col_fid, col_kind, col))
+            self._send_frame(w, new_fns, batch, bufs)
+            return col_rid + len(col) - 1
         if not batch:
             return 0
         self._send_frame(w, new_fns, batch, bufs)
@@ -1290,37 +1361,17 @@ class RemoteTransport(Transport):
         index, n = (0, 1) if owner is None else self._part_index(w, owner)
         sched.task_save(fut, index, n, step, blob)
 
-    def _on_results(self, w: _Worker, results: list[tuple[int, int, int, bytes, Any]],
-                    buffers: list[Any]) -> None:
+    def _on_results(self, w: _Worker, results: list[Any], buffers: list[Any]) -> None:
         pos = 0
         returned: list[TaskFuture[Any]] = []
-        for rid, status, nbufs, blob, tb in results:
+        for item in results:
+            if len(item) == 2:
+                self._ok_column(w, item[0], item[1], returned)
+                continue
+            rid, status, nbufs, blob, tb = item
             start = pos
             pos += nbufs
-            if rid == w.quarantine:
-                w.quarantine = 0
-            fut = w.inflight.pop(rid, None)
-            w.cancelling.discard(rid)
-            if fut is None:
-                zkind = w.zombies.pop(rid, None)
-                if zkind is not None:
-                    w.count(zkind, -1)
-                elif w.req_zombies:
-                    zreq = w.req_zombies.pop(rid, None)
-                    if zreq is not None:
-                        w.ledger.give(zreq)
-                        w.n_req -= 1
-                continue
-            self._uncount(w, fut)
-            sent = fut._att
-            if type(sent) is _Sent and sent.ahead:
-                # its input's outcome is not in yet: keep this one until it is
-                if status == P.R_NOINPUT or status == P.R_RETURNED or fut.done():
-                    self._not_ahead(w, fut)  # not run there: it goes out again when ready
-                else:
-                    sent.early = (status, nbufs, blob, tb, buffers[start:start + nbufs])
-                continue
-            self._result(w, rid, fut, status, nbufs, blob, tb, buffers, start, returned)
+            self._one_result(w, rid, status, nbufs, blob, tb, buffers, start, returned)
         if returned:
             self._hand_to_thief(w, returned)
         if w.budget == 0 and not w.inflight and not w.zombies:
@@ -1332,6 +1383,84 @@ class RemoteTransport(Transport):
         if not w.n_thread and self._loop is not None and len(self._order) > 1:
             # after the pump that _wake asks for: if it had nothing for w either
             self._loop.call_soon(self._maybe_steal, w)
+
+    def _ok_column(self, w: _Worker, rids: list[int], values: list[Any],
+                   returned: list[TaskFuture[Any]]) -> None:
+        """A column of results (see ``protocol.TASKS``): R_OK, each with its value.
+
+        The common case (a plain task sent when ready: no timer, no
+        resources, not sent ahead, not a part, not being cancelled) is
+        reported in bulk; any other goes through ``_one_result``.
+
+        Raises:
+            TypeError: not two lists of the same length.
+        """
+        if type(rids) is not list or type(values) is not list or len(rids) != len(values):
+            raise TypeError(f"a column of results must be two lists of one length, got "
+                            f"{type(rids).__name__} and {type(values).__name__}")
+        sched = self._sched
+        assert sched is not None
+        inflight = w.inflight
+        pop = inflight.pop
+        special = w.quarantine or w.cancelling or self._parts
+        self.n_col_results += len(rids)
+        ok: list[tuple[TaskFuture[Any], Any]] = []
+        n_thread = n_async = 0
+        for rid, value in zip(rids, values, strict=True):
+            fut = pop(rid, None)
+            if fut is not None and not special:
+                sent = fut._att
+                if type(sent) is _Sent and not sent.ahead and sent.timer is None \
+                        and fut._opts.request is None:
+                    fut._att = None
+                    if fut._kind == ASYNC:
+                        n_async += 1
+                    else:
+                        n_thread += 1
+                    ok.append((fut, value))
+                    continue
+            if ok:
+                sched.task_ok_many(ok)
+                ok = []
+            if fut is not None:
+                inflight[rid] = fut
+            self._one_result(w, rid, P.R_OK, -1, value, None, [], 0, returned)
+        if n_thread:
+            w.count(P.K_THREAD, -n_thread)
+        if n_async:
+            w.count(ASYNC, -n_async)
+        if ok:
+            sched.task_ok_many(ok)
+
+    def _one_result(self, w: _Worker, rid: int, status: int, nbufs: int, blob: Any, tb: Any,
+                    buffers: list[Any], start: int, returned: list[TaskFuture[Any]]) -> None:
+        """One outcome from ``w``, as a RESULTS item carries it (``nbufs`` -1: ``blob``
+        is the value itself, from a column)."""
+        if rid == w.quarantine:
+            w.quarantine = 0
+        fut = w.inflight.pop(rid, None)
+        w.cancelling.discard(rid)
+        if fut is None:
+            zkind = w.zombies.pop(rid, None)
+            if zkind is not None:
+                w.count(zkind, -1)
+            elif w.req_zombies:
+                zreq = w.req_zombies.pop(rid, None)
+                if zreq is not None:
+                    w.ledger.give(zreq)
+                    w.n_req -= 1
+            return
+        self._uncount(w, fut)
+        sent = fut._att
+        if type(sent) is _Sent and sent.ahead:
+            # its input's outcome is not in yet: keep this one until it is
+            if status == P.R_NOINPUT or status == P.R_RETURNED or fut.done():
+                self._not_ahead(w, fut)  # not run there: it goes out again when ready
+            else:
+                sent.early = (status, nbufs, blob, tb,
+                              buffers[start:start + nbufs] if nbufs > 0 else [])
+            return
+        self._result(w, rid, fut, status, nbufs, blob, tb, buffers, start, returned)
 
     def _result(self, w: _Worker, rid: int, fut: TaskFuture[Any], status: int, nbufs: int,
                 blob: bytes, tb: Any, buffers: list[Any], start: int,
@@ -1367,7 +1496,9 @@ class RemoteTransport(Transport):
             returned.append(fut)
             return
         value: Any = None
-        if status != P.R_CANCELLED:
+        if nbufs < 0:
+            value = blob  # from a column: unpickled with the frame
+        elif status != P.R_CANCELLED:
             try:
                 value = P.unpack(blob, buffers, start, nbufs)
             except KeyboardInterrupt:

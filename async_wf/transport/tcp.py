@@ -650,6 +650,8 @@ class TcpTransport(RemoteTransport):
             "bytes_received": received,
             "tasks_stolen": self.n_stolen,
             "tasks_sent_ahead": self.n_ahead,
+            "tasks_in_columns": self.n_col_tasks,
+            "results_in_columns": self.n_col_results,
             "results_held": len(self._held),
             "bytes_held": self.bytes_held,
             "bytes_fetched": self.bytes_fetched,
