@@ -158,7 +158,10 @@ class Runtime:
             (submits worker jobs while tasks wait). The scheduler listens on
             the allocator's ``listen_host()`` unless ``listen`` is given.
         **tcp_options: further options of ``TcpTransport`` (``slots``,
-            ``prefetch``, ``heartbeat``, ``no_worker_timeout``, ...).
+            ``prefetch``, ``heartbeat``, ``no_worker_timeout``, ...);
+            ``keep_min``, ``prefetch``, ``async_limit`` and ``compress_min``
+            apply to ``transport="mpi"`` too (and keep an MPI launch's
+            default), the others are refused there.
 
     All observability options are off by default, and then cost nothing
     but one ``is None`` test per batch of tasks (see ``async_wf.observe``).

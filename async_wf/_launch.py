@@ -35,6 +35,8 @@ _DEFAULT_TYPES: dict[str, type] = {
     "progress": bool, "metrics": str, "trace": str, "report": str, "cluster": str,
 }
 _TRANSPORT_DEFAULTS = ("workers", "threads", "listen", "token_file", "cluster")
+#: the options of ``Runtime(**tcp_options)`` that ``MpiTransport`` takes too
+MPI_OPTIONS = ("keep_min", "prefetch", "async_limit", "compress_min")
 
 
 def launch_defaults() -> dict[str, Any]:
@@ -204,22 +206,29 @@ def choose_transport(args: LaunchArgs, runtime: Callable[..., Any]) -> Transport
     if name is not None and name not in ("local", "tcp", "mpi"):
         raise ValueError(f"transport must be 'local', 'tcp', 'mpi' or a Transport, "
                          f"got {name!r}")
+    tcp_only = [k for k in tcp_options if k not in MPI_OPTIONS]
     if name is None and transport is None:
-        # the default: the options say which, else the launch does
-        name = "tcp" if tcp or tcp_options else (
-            "mpi" if threads is None and mpi_launched() else "local")
+        # the default: the options say which, else the launch does; an
+        # option the MPI transport has too leaves an MPI launch's choice be
+        name = "tcp" if tcp or tcp_only else (
+            "mpi" if threads is None and mpi_launched() else "tcp" if tcp_options else "local")
     if initializer is not None and not callable(initializer):
         raise TypeError(f"initializer must be callable, got "
                         f"{type(initializer).__name__}: {initializer!r}")
     if name == "mpi":
         if initializer is not None:
             raise ValueError("initializer= is not supported with transport='mpi' yet")
-        if tcp or tcp_options or threads is not None:
-            raise ValueError("transport='mpi' takes no options of the local or TCP "
-                             "transports (worker slots are set at launch: --slots)")
+        refused = [k for k, v in (("threads", threads), ("workers", args.workers),
+                                  ("listen", args.listen), ("token_file", args.token_file),
+                                  ("ssl", args.ssl), ("cluster", args.cluster))
+                   if v is not None] + tcp_only
+        if refused:
+            raise ValueError(f"transport='mpi' takes, of the other transports' options, "
+                             f"only {', '.join(MPI_OPTIONS)} (worker slots are set at "
+                             f"launch: --slots), got {', '.join(refused)}")
         from async_wf.transport.mpi import MpiTransport
 
-        return MpiTransport()
+        return MpiTransport(**tcp_options)
     if name == "tcp":
         if threads is not None:
             raise ValueError(

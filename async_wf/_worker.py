@@ -55,12 +55,21 @@ log = logging.getLogger("async_wf.worker")
 # of such calls run per batch, and none while a coroutine runs here. A call
 # that runs GUARD_TICK seconds is rescued by the guard thread (Worker._rescue):
 # it sends the results that wait, hands the rest of the batch to the threads,
-# and sends the heartbeats. One call on the loop that takes more than
-# INLINE_NEVER seconds sends the function to the threads for good: frames
-# that arrive meanwhile still wait for such a call.
+# and sends the heartbeats. A call on the loop that takes more than
+# INLINE_NEVER seconds is a strike; a second strike within the function's next
+# INLINE_STRIKE_WINDOW calls on the loop sends it to the threads for good
+# (frames that arrive meanwhile still wait for such a call). One long call
+# alone may be the machine's doing: the worker preempted on a loaded host,
+# stopped, or waiting for the GIL. Its CPU time would not tell that from a
+# function that sleeps (both are long on the clock and short on the CPU,
+# and reading a thread's CPU clock costs a system call, ~1 us, per call);
+# that it does not happen again soon does. So one strike is left out of the
+# average too, and a function that is slow itself (every call, or often)
+# leaves the loop at its second long call.
 INLINE_BELOW = 200e-6
 INLINE_BUDGET = 5e-3
 INLINE_NEVER = 5e-3
+INLINE_STRIKE_WINDOW = 8
 GUARD_TICK = 20e-3
 # values left for a follower sent ahead that the scheduler never sent (a
 # task cancelled meanwhile): a bound, in case its FREE never comes either
@@ -154,6 +163,7 @@ class Worker:
         self._fns: dict[int, Any] = {}
         self._fn_errors: dict[int, BaseException] = {}
         self._dur: dict[int, float] = {}  # function id -> moving average of one call, s
+        self._strikes: dict[int, int] = {}  # function id -> its calls on the loop since a long one
         self._fid_floor = 0
         self._async: dict[int, asyncio.Task[Any]] = {}
         self._cancelled: set[int] = set()  # cancelled while in the pool (under its lock)
@@ -972,12 +982,25 @@ class Worker:
         if self._timing:
             self._times.extend((rid, t0, t0 + took))
         if fid >= 0:
+            strikes = self._strikes
             if took > INLINE_NEVER:
-                # never on the loop again (inf stays inf in the average):
-                # frames that arrive meanwhile wait for such a call. Calls in
-                # a thread only feed the average: theirs include GIL waits.
-                self._dur[fid] = math.inf
+                if fid in strikes:
+                    # twice within a few calls: the function, not the machine.
+                    # Never on the loop again (inf stays inf in the average);
+                    # calls in a thread only feed the average: theirs include
+                    # GIL waits.
+                    del strikes[fid]
+                    self._dur[fid] = math.inf
+                else:
+                    strikes[fid] = 0  # once: maybe a preemption (see INLINE_STRIKE_WINDOW)
             else:
+                if strikes:
+                    n = strikes.get(fid)
+                    if n is not None:
+                        if n + 1 >= INLINE_STRIKE_WINDOW:
+                            del strikes[fid]  # forgotten
+                        else:
+                            strikes[fid] = n + 1
                 self._learn(fid, took)
         if took > self._heartbeat:
             # frames from the scheduler wait unread behind the call: that

@@ -236,3 +236,60 @@ DAG = """
 
 def test_a_random_graph_over_three_ranks(tmp_path: Path) -> None:
     assert oks(mpirun(tmp_path, 4, DAG, timeout=180)) == {"random graph", "all freed"}
+
+
+OPTIONS = """
+    import asyncio
+    import numpy as np
+    import async_wf
+    from async_wf.transport.mpi import MpiTransport
+
+    KIB = 1 << 10
+
+    def make(i, kib):
+        return np.random.default_rng(i).random(kib * KIB // 8)
+
+    def sizes(*arrs):
+        return [a.nbytes for a in arrs]
+
+    async def main():
+        # keep_min=0 through Runtime: every result comes to the root
+        async with async_wf.Runtime(transport="mpi", keep_min=0) as rt:
+            assert isinstance(rt._transport, MpiTransport)
+            a = rt.submit(make, 0, 2048)
+            assert await rt.submit(sizes, a) == [2048 * KIB]
+            st = rt.statistics()
+            assert st["results_held"] == 0 and st["bytes_received"] > 2048 * KIB, st
+            print("OK keep_min=0")
+
+        # a threshold above the default: 512 KiB comes back, 2 MiB stays
+        async with async_wf.Runtime(transport="mpi", keep_min=1 << 20) as rt:
+            small, big = rt.submit(make, 1, 512), rt.submit(make, 2, 2048)
+            assert await rt.submit(sizes, small, big) == [512 * KIB, 2048 * KIB]
+            st = rt.statistics()
+            assert st["results_held"] == 1, st
+            assert 512 * KIB <= st["bytes_received"] < 1024 * KIB, st
+            print("OK keep_min=1 MiB")
+
+        # no transport named: an option both transports have keeps the launch's
+        async with async_wf.Runtime(keep_min=0) as rt:
+            assert isinstance(rt._transport, MpiTransport), rt._transport
+            assert np.array_equal(await rt.submit(make, 3, 256), make(3, 256))
+            assert rt.statistics()["results_held"] == 0
+            print("OK launch default")
+
+        # an option only TCP workers have is still refused, by name
+        try:
+            async_wf.Runtime(transport="mpi", keep_min=0, slots=2)
+        except ValueError as e:
+            assert "slots" in str(e) and "keep_min" in str(e), e
+            print("OK tcp-only refused")
+
+    async_wf.run(main())
+"""
+
+
+def test_runtime_options_reach_the_mpi_transport(tmp_path: Path) -> None:
+    # Runtime(transport="mpi", keep_min=...) was refused as a TCP option (issue 19)
+    assert oks(mpirun(tmp_path, 2, OPTIONS, timeout=120)) == {
+        "keep_min=0", "keep_min=1 MiB", "launch default", "tcp-only refused"}

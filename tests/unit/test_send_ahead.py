@@ -13,6 +13,7 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,32 @@ def big_inc(a: np.ndarray) -> np.ndarray:
 def sleep_then_inc(x: int, seconds: float) -> int:
     time.sleep(seconds)
     return x + 1
+
+
+def wait_for(path: str, x: int) -> int:
+    """Block this worker's slot until ``path`` exists (the test says when).
+
+    Returns ``x``, or this worker's pid when ``x`` is 0.
+    """
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.005)
+    return x or os.getpid()
+
+
+def inc_where(x: int) -> tuple[int, int]:
+    # only the stolen link calls it: never learnt quick, so it waits in the pool
+    return x + 1, os.getpid()
+
+
+async def _until(what: str, cond: Callable[[], bool]) -> None:
+    for _ in range(600):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never: {what}")
 
 
 async def _idle_credit(rt: async_wf.Runtime) -> None:
@@ -209,3 +236,50 @@ async def test_a_dependent_with_other_inputs_done_goes_ahead_with_their_values()
         assert await x == 1 + 20
         assert rt.statistics()["tasks_sent_ahead"] >= 15
 
+
+
+async def test_a_link_released_after_send_ahead_then_stolen_goes_with_its_values(
+        tmp_path: Path) -> None:
+    # Every step waits for a file the test writes, so the order is fixed:
+    # 1. one batch: link0 (blocked) to worker A, link1 ahead with it; x to B,
+    #    y to A (round robin passes over a busy worker), queued behind link0
+    # 2. link0 ends: link1 goes into A's thread queue behind y, which now
+    #    runs; the core releases link1, its arguments still holding link0's
+    #    future (they were sent ahead without it)
+    # 3. x ends: B is idle, steals from A the one task it has not started,
+    #    link1, which must reach B with link0's value in its arguments
+    go0, go_x, go_y = (str(tmp_path / n) for n in ("go0", "go_x", "go_y"))
+    async with async_wf.Runtime(workers=2) as rt:
+        tr = rt._sched._transport
+        await asyncio.gather(*[rt.submit(start, i) for i in range(4)])
+        await _until("both workers idle", lambda: all(not w.n_thread for w in tr._order)
+                     and len(tr._order) == 2)
+        # a STEAL of the warm-up that found nothing to give back blocks the
+        # next one to the same worker until it lapses
+        await asyncio.sleep(2 * tr.STEAL_LAPSE)
+        try:
+            st0 = rt.statistics()
+            link0 = rt.submit(wait_for, go0, 41)
+            link1 = rt.submit(inc_where, link0)
+            x = rt.submit(wait_for, go_x, 0)
+            y = rt.submit(wait_for, go_y, 0)
+            await _until("all sent", lambda: all(f._att is not None for f in (link0, link1, x, y)))
+            a, b = link0._att.w, x._att.w
+            assert a is not b and y._att.w is a and link1._att.w is a and link1._att.ahead
+            Path(go0).touch()
+            assert await link0 == 41
+            await _until("link1 released", lambda: not link1._att.ahead)
+            assert link1._subst, "link1's arguments still hold link0's future"
+            Path(go_x).touch()
+            b_pid = await x
+            assert await link1 == (42, b_pid)  # ran on B while y still holds A's slot
+            assert not y.done()
+            st = rt.statistics()
+            assert st["tasks_stolen"] - st0["tasks_stolen"] == 1, (st0, st)
+            assert st["tasks_sent_ahead"] - st0["tasks_sent_ahead"] == 1, (st0, st)
+            Path(go_y).touch()
+            assert await y != b_pid
+        finally:
+            for go in (go0, go_x, go_y):  # a failed step leaves no slot blocked
+                Path(go).touch()
+        await _idle_credit(rt)
