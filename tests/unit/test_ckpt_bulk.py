@@ -330,3 +330,32 @@ def test_a_rerun_finds_every_record_made_in_bulk(tmp_path: Path) -> None:
     again, recorded = asyncio.run(run())
     assert again == first and recorded == 0
     assert os.path.getsize(path) > 0
+
+
+def test_the_recorders_compiled_key_and_in_are_its_python_twins(tmp_path: Path) -> None:
+    # on whichever twin this process runs, against the Python one on the same
+    # recorder: the same key for every kind of call, the same answer for `in`
+    loop = asyncio.new_event_loop()
+    try:
+        rec = _recorder.Recorder(async_wf.Checkpoint(tmp_path / "k.wfck"), loop)
+        versioned = async_wf.task(plain, version="2")._opts
+        keyed = async_wf.task(plain, key=lambda x: x % 2)._opts
+        calls: list[tuple[Any, Any, tuple[Any, ...], dict[str, Any]]] = [
+            (plain, _PLAIN_OPTS, (1,), {}), (plain, _PLAIN_OPTS, ("s", 2.5, None), {}),
+            (plain, _PLAIN_OPTS, (2**70,), {}), (plain, _PLAIN_OPTS, ((1, 2),), {}),
+            (plain, _PLAIN_OPTS, (), {"x": 3}), (plain, versioned, (1,), {}),
+            (plain, keyed, (5,), {}), (named, _PLAIN_OPTS, (1,), {}),
+        ]
+        for fn, opts, args, kwargs in calls * 2:  # the second time, identities are cached
+            got = rec.key(fn, opts, args, kwargs, [], None)
+            want = _recorder._RecorderFastPy.key(rec, fn, opts, args, kwargs, [], None)
+            assert got == want and type(got) is bytes, (fn, args, kwargs)
+        assert rec.key(plain, _PLAIN_OPTS, (1,), {}, [], None) != \
+            rec.key(plain, versioned, (1,), {}, [], None)
+        key = rec.key(plain, _PLAIN_OPTS, (1,), {}, [], None)
+        assert key is not None and key not in rec
+        rec.log.put_result(key, 2, function="m:plain")
+        assert key in rec and _recorder._RecorderFastPy.__contains__(rec, key)
+        rec.close()
+    finally:
+        loop.close()
