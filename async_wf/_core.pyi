@@ -72,11 +72,32 @@ def fix_results(
     results: dict[bytes, int], pkeys: list[bytes], data: bytearray, sizes: bytearray,
     base: int, shift: int,
 ) -> None: ...
-def result_items(
+def append_done(
     done: list[tuple[Any, Any]],
     start: int,
-    live: dict[bytes, int],
     fn_names: dict[Any, str],
-    items: list[tuple[bytes, Any, str, tuple[bytes, ...]]],
     big: int,
-) -> int: ...
+    now: float,
+    names: dict[str, bytes],
+    pack: Callable[[Any, list[Any]], bytes],
+    pending: bytearray,
+    sizes: bytearray,
+    pkeys: list[bytes],
+    results: dict[bytes, int],
+    end: int,
+    pending_max: int,
+) -> tuple[int, int, int, int, tuple[bytes, list[Any]] | None]: ...
+
+class RecorderFast:
+    _fids: dict[Any, bytes]
+    _live: dict[bytes, int]
+    def key(
+        self,
+        fn: Callable[..., Any],
+        opts: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        found: list[Any],
+        plan: Any = ...,
+    ) -> bytes | None: ...
+    def __contains__(self, key: object) -> bool: ...

@@ -53,8 +53,6 @@ _BIG_VALUE = 64 << 10
 _FID_CACHE = 10_000  # function identities kept per runtime (lambdas made in a loop)
 
 _ext = compiled()
-#: the compiled loop of ``Recorder.record`` (src_cython/ckfast.pxi); None: the Python one
-_result_items: Callable[..., int] | None = None if _ext is None else _ext.result_items
 
 
 def _leaf(obj: Any) -> bytes | None:
@@ -107,7 +105,67 @@ def _program_identity(fn: Any, version: str | None, strict: bool) -> bytes | Non
     return stable_hash(parts)
 
 
-class Recorder:
+class _RecorderFastPy:
+    """The pure-Python twin of ``_core.RecorderFast``: ``Recorder.key``'s commonest call, ``in``.
+
+    ``key`` takes a call with no futures, no keyword arguments, no ``key=``
+    or ``version=`` option, whose function's identity is cached, and whose
+    arguments ``_quick_key`` encodes; anything else goes to ``_key``.
+    """
+
+    _fids: dict[Any, bytes]
+    _live: dict[bytes, int]
+
+    def key(
+        self,
+        fn: Callable[..., Any],
+        opts: TaskOptions,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        found: list[TaskFuture[Any]],
+        plan: FilePlan | None = None,
+    ) -> bytes | None:
+        """The task's key, or None when it cannot have one (``Recorder._key`` says when).
+
+        Raises:
+            CheckpointKeyError: see ``Recorder._key``.
+        """
+        if (not found and not kwargs and type(args) is tuple and opts.key is None
+                and opts.version is None):
+            try:
+                fid = self._fids.get(fn)
+            except TypeError:  # an unhashable callable object
+                fid = None
+            if type(fid) is bytes:
+                key = _quick_key(fid, args, None)
+                if key is not None:
+                    return key
+        return self._key(fn, opts, args, kwargs, found, plan)
+
+    def _key(
+        self,
+        fn: Callable[..., Any],
+        opts: TaskOptions,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        found: list[TaskFuture[Any]],
+        plan: FilePlan | None = None,
+    ) -> bytes | None:
+        raise NotImplementedError
+
+    def __contains__(self, key: bytes) -> bool:
+        """Whether the log has a result for ``key``."""
+        return key in self._live
+
+
+if TYPE_CHECKING:
+    _RecorderFast = _RecorderFastPy
+else:
+    # the scheduler's per-task calls (key, in) without a Python frame
+    _RecorderFast = _RecorderFastPy if _ext is None else _ext.RecorderFast
+
+
+class Recorder(_RecorderFast):
     """The scheduler's side of a checkpoint log (see the module docstring).
 
     Args:
@@ -143,6 +201,10 @@ class Recorder:
         self._fn_names: dict[Any, str] = {}
         # the log's index: a key is recorded when it is in here
         self._live = self.log._results
+        #: the log's last committed step of each task that saved steps, key ->
+        #: (step, ranks): while it is empty no task has a step to restore, and a
+        #: transport asks ``restore`` nothing (the same dict all along)
+        self.commits = self.log._commits
         self._warned: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -195,7 +257,7 @@ class Recorder:
                 self._fids[ck] = fid
         return fid
 
-    def key(
+    def _key(
         self,
         fn: Callable[..., Any],
         opts: TaskOptions,
@@ -204,7 +266,7 @@ class Recorder:
         found: list[TaskFuture[Any]],
         plan: FilePlan | None = None,
     ) -> bytes | None:
-        """The task's key, or None when it cannot have one.
+        """The task's key, or None when it cannot have one (``key`` but for its commonest call).
 
         A task has no key when one of its inputs has none, or when it is
         declared ``checkpoint=False`` and its arguments have no stable hash.
@@ -214,17 +276,6 @@ class Recorder:
                 hash and the task is recorded; the message names the
                 argument and the ways out.
         """
-        if not found and not kwargs and opts.key is None and opts.version is None:
-            # the commonest call (plain arguments, no version): one cache
-            # lookup and the quick key, before anything else is looked at
-            try:
-                fid = self._fids.get(fn)
-            except TypeError:
-                fid = None
-            if fid is not None:
-                key = _quick_key(fid, args, None)
-                if key is not None:
-                    return key
         if found:
             for dep in found:
                 if dep._ckey is None:
@@ -257,10 +308,6 @@ class Recorder:
             if not opts.checkpoint:
                 return None
             raise CheckpointKeyError(f"task {opts.name or _fn_name(fn)!r}: {exc}") from None
-
-    # ------------------------------------------------------------- results
-    def __contains__(self, key: bytes) -> bool:
-        return key in self._live
 
     # -------------------------------------------------------------- outputs
     def expect_outputs(self, fut: TaskFuture[Any], outputs: list[FileArg]) -> None:
@@ -333,32 +380,18 @@ class Recorder:
     def record(self, done: list[tuple[TaskFuture[Any], Any]]) -> None:
         """Append the results of tasks that finished; failures only warn."""
         log_ = self.log
-        items: list[tuple[bytes, Any, str, tuple[bytes, ...]]] = []
-        fast = _result_items if not self._outputs else None
-        if fast is None:
-            for fut, value in done:
-                self._item(fut, value, items)
-        else:
-            # the common pairs in one compiled loop; it stops at each pair it
-            # leaves to _item (a task with name=, a function not seen yet, a
-            # value whose size counts toward warn_bytes)
-            i, n = 0, len(done)
-            live, fn_names = self._live, self._fn_names
-            while i < n:
-                i = fast(done, i, live, fn_names, items, _BIG_VALUE)
-                if i < n:
-                    fut, value = done[i]
-                    self._item(fut, value, items)
-                    i += 1
-        if not items:
-            return
         try:
-            failed = log_.put_results(items)
+            # the common pairs in one compiled loop (CheckpointLog.put_done),
+            # unless tasks with file outputs wait for their records; _item
+            # makes the records of the others (a task with name=, a function
+            # not seen yet, a value whose size counts toward warn_bytes)
+            tried, failed = log_.put_done(done, self._item,
+                                          None if self._outputs else self._fn_names, _BIG_VALUE)
         except CheckpointError as exc:
             # a failed write (disk full): the log refuses further records
             self._warn_once("", f"checkpoint log {log_.path}: no more records: {exc}")
             return
-        self.n_recorded += len(items) - len(failed)
+        self.n_recorded += tried - len(failed)
         for key, err in failed:
             fut = next(f for f, _ in done if f._ckey == key)
             self._warn_once(
@@ -368,7 +401,7 @@ class Recorder:
 
     def _item(self, fut: TaskFuture[Any], value: Any,
               items: list[tuple[bytes, Any, str, tuple[bytes, ...]]]) -> None:
-        """Add the record(s) of one finished task to ``items`` (the loop body of ``record``)."""
+        """Add the record(s) of one finished task to ``items`` (``put_done``'s general way)."""
         key = fut._ckey
         assert key is not None and fut._cparents is not None
         if key in self._live:

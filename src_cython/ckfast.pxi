@@ -642,14 +642,16 @@ def mapped_payload(mm, Py_ssize_t off, bytes key):
 
 
 # ------------------------------------------------------------ bulk appends
-# CheckpointLog.put_results and Recorder.record per batch: what their Python
-# loops do per item, for the common items, in one call per batch. An item
+# CheckpointLog.put_results and put_done (the scheduler's finished tasks, via
+# Recorder.record) per batch: what their Python loops do per item, for the
+# common items, in one call per batch. An item
 # this code does not take (a large or unpicklable value, a name not yet
 # cached, anything to report) stops the loop at that item; the Python code
 # handles it the general way and calls again after it, so records are
 # appended in the order of the items whichever code made them.
 
 cdef extern from "Python.h":
+    Py_ssize_t PyTuple_GET_SIZE(object t)
     int PyByteArray_Resize(object ba, Py_ssize_t size) except -1
     char* PyByteArray_AS_STRING(object ba)
     Py_ssize_t PyByteArray_GET_SIZE(object ba)
@@ -731,6 +733,76 @@ def scalar_pickle(v):
     return PyBytes_FromStringAndSize(<char*>out, n)
 
 
+cdef inline Py_ssize_t _parents_len(tuple parents) noexcept:
+    # the bytes of a RESULT record's parents section; -1: a parent is not a
+    # bytes key of 1 to MAX_KEY bytes, or there are too many (the caller's
+    # general path reports it)
+    cdef Py_ssize_t pblen = 0
+    if PyTuple_GET_SIZE(parents) > 0xFFFF:
+        return -1
+    for p in parents:
+        if type(p) is not bytes or not 0 < PyBytes_GET_SIZE(p) <= MAX_KEY:
+            return -1
+        pblen += 2 + PyBytes_GET_SIZE(p)
+    return pblen
+
+
+cdef Py_ssize_t _small_size(Py_ssize_t klen, Py_ssize_t nlen, Py_ssize_t pblen,
+                            Py_ssize_t plen) noexcept:
+    # the size of the small RESULT record _emit_small writes
+    cdef Py_ssize_t used = HEADER_SIZE + klen + RESULT_META_SIZE + nlen + pblen
+    cdef Py_ssize_t pad = (ALIGN - used % ALIGN) % ALIGN
+    return used + pad + VALUE_HEAD_SIZE + plen
+
+
+cdef int _emit_small(bytearray pending, bytearray sizes, bytes key, double now, bytes name,
+                     tuple parents, Py_ssize_t pblen, const char* pay,
+                     Py_ssize_t plen) except -1:
+    # append the record _format._py_result_record makes to pending, its
+    # size (u32) to sizes
+    cdef Py_ssize_t klen = PyBytes_GET_SIZE(key), nlen = PyBytes_GET_SIZE(name)
+    cdef Py_ssize_t used = HEADER_SIZE + klen + RESULT_META_SIZE + nlen + pblen
+    cdef Py_ssize_t pad = (ALIGN - used % ALIGN) % ALIGN
+    cdef Py_ssize_t blen = (used + pad - HEADER_SIZE - klen) + VALUE_HEAD_SIZE + plen
+    cdef Py_ssize_t size = HEADER_SIZE + klen + blen
+    cdef Py_ssize_t at = PyByteArray_GET_SIZE(pending), pos
+    cdef uint64_t bits
+    cdef uint8_t* r
+    PyByteArray_Resize(pending, at + size)
+    r = <uint8_t*>PyByteArray_AS_STRING(pending) + at
+    memcpy(r, PyBytes_AS_STRING(_RECORD_MAGIC), 4)
+    r[8] = T_RESULT
+    r[9] = 0
+    _le(r + 10, klen, 2)
+    _le(r + 12, blen, 8)
+    pos = HEADER_SIZE
+    memcpy(r + pos, PyBytes_AS_STRING(key), klen)
+    pos += klen
+    memcpy(&bits, &now, 8)
+    _le(r + pos, bits, 8)
+    _le(r + pos + 8, used + pad, 4)
+    _le(r + pos + 12, nlen, 2)
+    _le(r + pos + 14, PyTuple_GET_SIZE(parents), 2)
+    pos += RESULT_META_SIZE
+    memcpy(r + pos, PyBytes_AS_STRING(name), nlen)
+    pos += nlen
+    for p in parents:
+        _le(r + pos, PyBytes_GET_SIZE(p), 2)
+        memcpy(r + pos + 2, PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p))
+        pos += 2 + PyBytes_GET_SIZE(p)
+    memset(r + pos, 0, pad)
+    pos += pad
+    memset(r + pos, 0, VALUE_HEAD_SIZE)  # no buffers, raw codec, padding
+    _le(r + pos + 8, plen, 8)
+    pos += VALUE_HEAD_SIZE
+    memcpy(r + pos, pay, plen)
+    _le(r + 4, _crc32(r + CRC_FROM, size - CRC_FROM), 4)
+    at = PyByteArray_GET_SIZE(sizes)
+    PyByteArray_Resize(sizes, at + 4)
+    _le(<uint8_t*>PyByteArray_AS_STRING(sizes) + at, size, 4)
+    return 0
+
+
 def append_small_results(list items, Py_ssize_t start, double now, dict names, pack,
                          bytearray pending, bytearray sizes, list pkeys, dict results,
                          Py_ssize_t end, Py_ssize_t pending_max):
@@ -750,12 +822,10 @@ def append_small_results(list items, Py_ssize_t start, double now, dict names, p
     at the end (STOP_DONE).
     """
     cdef Py_ssize_t i = start, n = len(items), appended = 0
-    cdef Py_ssize_t klen, nlen, plen, npar, pblen, used, pad, blen, size, pos, at
+    cdef Py_ssize_t klen, plen, pblen, size
     cdef uint8_t sbuf[32]
-    cdef uint8_t* r
     cdef const char* pay
-    cdef uint64_t bits
-    cdef object item, key, value, function, parents, name, payload, bufs, p
+    cdef object item, key, value, function, parents, name, payload, bufs
     while i < n:
         item = items[i]
         if type(item) is not tuple or len(<tuple>item) != 4:
@@ -769,13 +839,8 @@ def append_small_results(list items, Py_ssize_t start, double now, dict names, p
         name = names.get(function)
         if name is None:
             return i, end, appended, STOP_ITEM, None
-        npar = len(<tuple>parents)
-        pblen = 0
-        for p in <tuple>parents:
-            if type(p) is not bytes or not 0 < PyBytes_GET_SIZE(p) <= MAX_KEY:
-                return i, end, appended, STOP_ITEM, None
-            pblen += 2 + PyBytes_GET_SIZE(p)
-        if npar > 0xFFFF:
+        pblen = _parents_len(<tuple>parents)
+        if pblen < 0:
             return i, end, appended, STOP_ITEM, None
         plen = _scalar_pickle(value, sbuf)
         if plen >= 0:
@@ -790,49 +855,14 @@ def append_small_results(list items, Py_ssize_t start, double now, dict names, p
                 return i, end, appended, STOP_ITEM, (payload, bufs)
             pay = PyBytes_AS_STRING(payload)
             plen = PyBytes_GET_SIZE(payload)
-        nlen = PyBytes_GET_SIZE(name)
-        used = HEADER_SIZE + klen + RESULT_META_SIZE + nlen + pblen
-        pad = (ALIGN - used % ALIGN) % ALIGN
-        blen = (used + pad - HEADER_SIZE - klen) + VALUE_HEAD_SIZE + plen
-        size = HEADER_SIZE + klen + blen
+        size = _small_size(klen, PyBytes_GET_SIZE(name), pblen, plen)
         if size >= MAX_SMALL:  # DIRECT_MIN: written at once by the caller
-            if plen >= 0 and pay == <const char*>sbuf:
+            if pay == <const char*>sbuf:
                 payload = PyBytes_FromStringAndSize(pay, plen)
                 bufs = []
             return i, end, appended, STOP_ITEM, (payload, bufs)
-        at = PyByteArray_GET_SIZE(pending)
-        PyByteArray_Resize(pending, at + size)
-        r = <uint8_t*>PyByteArray_AS_STRING(pending) + at
-        memcpy(r, PyBytes_AS_STRING(_RECORD_MAGIC), 4)
-        r[8] = T_RESULT
-        r[9] = 0
-        _le(r + 10, klen, 2)
-        _le(r + 12, blen, 8)
-        pos = HEADER_SIZE
-        memcpy(r + pos, PyBytes_AS_STRING(key), klen)
-        pos += klen
-        memcpy(&bits, &now, 8)
-        _le(r + pos, bits, 8)
-        _le(r + pos + 8, used + pad, 4)
-        _le(r + pos + 12, nlen, 2)
-        _le(r + pos + 14, npar, 2)
-        pos += RESULT_META_SIZE
-        memcpy(r + pos, PyBytes_AS_STRING(name), nlen)
-        pos += nlen
-        for p in <tuple>parents:
-            _le(r + pos, PyBytes_GET_SIZE(p), 2)
-            memcpy(r + pos + 2, PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p))
-            pos += 2 + PyBytes_GET_SIZE(p)
-        memset(r + pos, 0, pad)
-        pos += pad
-        memset(r + pos, 0, VALUE_HEAD_SIZE)  # no buffers, raw codec, padding
-        _le(r + pos + 8, plen, 8)
-        pos += VALUE_HEAD_SIZE
-        memcpy(r + pos, pay, plen)
-        _le(r + 4, _crc32(r + CRC_FROM, size - CRC_FROM), 4)
-        at = PyByteArray_GET_SIZE(sizes)
-        PyByteArray_Resize(sizes, at + 4)
-        _le(<uint8_t*>PyByteArray_AS_STRING(sizes) + at, size, 4)
+        _emit_small(pending, sizes, <bytes>key, now, <bytes>name, <tuple>parents, pblen, pay,
+                    plen)
         pkeys.append(key)
         results[key] = end
         end += size
@@ -867,45 +897,124 @@ def fix_results(dict results, list pkeys, bytearray data, bytearray sizes,
         pos += <Py_ssize_t>_rd(s + 4 * k, 4)
 
 
-def result_items(list done, Py_ssize_t start, dict live, dict fn_names, list items,
-                 Py_ssize_t big):
-    """``Recorder.record``'s loop over ``done[start:]``: ``(key, value, name, parents)`` items.
+def append_done(list done, Py_ssize_t start, dict fn_names, Py_ssize_t big, double now,
+                dict names, pack, bytearray pending, bytearray sizes, list pkeys,
+                dict results, Py_ssize_t end, Py_ssize_t pending_max):
+    """``CheckpointLog.put_done``'s loop: records of finished tasks straight from ``done``.
 
-    ``done``: ``(future, value)`` pairs; a future whose key is in ``live``
-    (the log's index) is skipped, as is an identical task that finished
-    earlier. ``fn_names``: the record name of each function (tasks without
-    ``name=``). Stops before the first pair it does not take (returns its
-    index; ``len(done)`` when it took all): a task with ``name=``, a
-    function not in ``fn_names``, a value whose size must be counted toward
-    ``warn_bytes`` (anything but a few built-in types, or bytes of ``big``
-    bytes or more).
+    ``done``: ``(future, value)`` pairs, as the scheduler hands them to its
+    recorder. A future whose key (``_ckey``) is in ``results`` (the log's
+    index, with the records this call appended) is skipped: an identical
+    task finished earlier. For the others, the record ``append_small_results``
+    makes of ``(_ckey, value, fn_names[_fn], _cparents)`` is appended the
+    same way (the same arguments and result).
+
+    Stops before the first pair it does not take (``why`` STOP_ITEM, with
+    ``packed`` as there): a task with ``name=``, a function not in
+    ``fn_names`` or whose name is not in ``names``, a value whose size
+    counts toward ``warn_bytes`` (anything but a few built-in types, or
+    bytes of ``big`` bytes or more), a value that is not small once pickled,
+    or anything odd about the key or the parents.
     """
-    cdef Py_ssize_t i = start, n = len(done)
-    cdef object pair, fut, value, key, name, fn, opts, t
+    cdef Py_ssize_t i = start, n = len(done), appended = 0
+    cdef Py_ssize_t klen, plen, pblen, size
+    cdef uint8_t sbuf[32]
+    cdef const char* pay
+    cdef object pair, fut, value, key, fn, name, bname, parents, payload, bufs, t
     while i < n:
         pair = done[i]
         if type(pair) is not tuple or len(<tuple>pair) != 2:
-            return i
+            return i, end, appended, STOP_ITEM, None
         fut, value = <tuple>pair
         key = fut._ckey
-        if key in live:
+        if key in results:
             i += 1
             continue
         t = type(value)
         if not (value is None or t is int or t is float or t is bool or t is str
                 or t is tuple or t is list or t is dict or t is complex):
             if t is not bytes or PyBytes_GET_SIZE(value) >= big:
-                return i
-        opts = fut._opts
-        if opts.name is not None:
-            return i
+                return i, end, appended, STOP_ITEM, None
+        if fut._opts.name is not None:
+            return i, end, appended, STOP_ITEM, None
         fn = fut._fn
         try:
             name = fn_names.get(fn)
         except TypeError:  # an unhashable callable object
-            return i
+            return i, end, appended, STOP_ITEM, None
         if name is None:
-            return i
-        items.append((key, value, name, fut._cparents))
+            return i, end, appended, STOP_ITEM, None
+        bname = names.get(name)
+        parents = fut._cparents
+        if (bname is None or type(bname) is not bytes or type(key) is not bytes
+                or type(parents) is not tuple):
+            return i, end, appended, STOP_ITEM, None
+        klen = PyBytes_GET_SIZE(key)
+        if not 0 < klen <= MAX_KEY:
+            return i, end, appended, STOP_ITEM, None
+        pblen = _parents_len(<tuple>parents)
+        if pblen < 0:
+            return i, end, appended, STOP_ITEM, None
+        plen = _scalar_pickle(value, sbuf)
+        if plen >= 0:
+            pay = <const char*>sbuf
+        else:
+            bufs = []
+            try:
+                payload = pack(value, bufs)
+            except Exception:
+                return i, end, appended, STOP_ITEM, None  # the caller reports it
+            if bufs or type(payload) is not bytes or PyBytes_GET_SIZE(payload) >= COMPRESS_MIN:
+                return i, end, appended, STOP_ITEM, (payload, bufs)
+            pay = PyBytes_AS_STRING(payload)
+            plen = PyBytes_GET_SIZE(payload)
+        size = _small_size(klen, PyBytes_GET_SIZE(bname), pblen, plen)
+        if size >= MAX_SMALL:  # DIRECT_MIN: written at once by the caller
+            if pay == <const char*>sbuf:
+                payload = PyBytes_FromStringAndSize(pay, plen)
+                bufs = []
+            return i, end, appended, STOP_ITEM, (payload, bufs)
+        _emit_small(pending, sizes, <bytes>key, now, <bytes>bname, <tuple>parents, pblen, pay,
+                    plen)
+        pkeys.append(key)
+        results[key] = end
+        end += size
+        appended += 1
         i += 1
-    return n
+        if PyByteArray_GET_SIZE(pending) >= pending_max:
+            return i, end, appended, STOP_FULL, None
+    return i, end, appended, STOP_DONE, None
+
+
+# ------------------------------------------------------- the recorder's calls
+cdef class RecorderFast:
+    """What the scheduler calls on its checkpoint recorder per task, without a Python frame.
+
+    ``async_wf._recorder.Recorder`` derives from this class (from its twin
+    ``_recorder._RecorderFastPy`` without the extension). ``key`` takes the
+    commonest call here: no futures, no keyword arguments, no ``key=`` or
+    ``version=`` option, a function whose identity is cached in ``_fids``,
+    and arguments ``quick_key`` encodes; anything else is the subclass's
+    ``_key``. ``in`` looks a key up in ``_live``, the log's index.
+    """
+
+    cdef public dict _fids
+    cdef public dict _live
+
+    def key(self, fn, opts, args, kwargs, found, plan=None):
+        """The task's key, or None when it cannot have one (``Recorder._key`` says when)."""
+        cdef object fid, key
+        if (not found and not kwargs and type(args) is tuple and opts.key is None
+                and opts.version is None):
+            try:
+                fid = self._fids.get(fn)
+            except TypeError:  # an unhashable callable object
+                fid = None
+            if type(fid) is bytes:
+                key = _quick_key(<bytes>fid, <tuple>args, None)
+                if key is not None:
+                    return key
+        return self._key(fn, opts, args, kwargs, found, plan)
+
+    def __contains__(self, key):
+        return key in self._live

@@ -334,6 +334,11 @@ _mapped_payload: Callable[[Any, int, bytes], bytes | None] = (
 _append_small: Callable[..., tuple[int, int, int, int, Any]] | None = (
     None if _ext is None else _ext.append_small_results
 )
+#: the compiled loop of ``CheckpointLog.put_done`` (finished tasks straight to
+#: records); None without the extension, where each pair goes the general way
+_append_done: Callable[..., tuple[int, int, int, int, Any]] | None = (
+    None if _ext is None else _ext.append_done
+)
 
 
 def _parse_result_meta(

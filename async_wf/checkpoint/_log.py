@@ -52,6 +52,7 @@ from async_wf.checkpoint._format import (
     CheckpointCorruptError,
     CheckpointFormatError,
     _align,
+    _append_done,
     _append_small,
     _check_count,
     _check_key,
@@ -702,12 +703,84 @@ class CheckpointLog:
                     key, value, function, parents = items[i]
                     self._put_result_item(key, value, function, parents, now, failed, packed)
                     i += 1
+        self._flush_by_policy()
+        return failed
+
+    def put_done(
+        self,
+        done: list[tuple[Any, Any]],
+        general: Callable[[Any, Any, list[tuple[bytes, Any, str, tuple[bytes, ...]]]], None],
+        fn_names: dict[Any, str] | None = None,
+        big: int = COMPRESS_MIN,
+    ) -> tuple[int, list[tuple[bytes, Exception]]]:
+        """Append the results of a batch of finished tasks, as the runtime hands them over.
+
+        ``done``: ``(task, value)`` pairs. ``general(task, value, items)``
+        appends to ``items`` the ``(key, value, function, parents)`` records
+        of one pair (none if it is not to be recorded); they are appended as
+        ``put_results`` appends them, pair after pair, and the flush policy
+        is checked once at the end. With the compiled extension and
+        ``fn_names`` (function -> record name), the common pairs skip
+        ``general``: ``async_wf._core.append_done`` writes their records
+        from the task's ``_ckey``, ``_fn``, ``_opts.name`` and ``_cparents``
+        (the runtime's futures) and leaves every other pair, and any value
+        whose size counts toward ``big``, to ``general``. Either way the file
+        gets the same bytes, provided ``general`` makes the same records.
+
+        Returns the number of records tried and those whose value could not
+        be pickled (skipped, with the exception).
+
+        Raises:
+            CheckpointError: the log is closed, read-only, or broken by a failed write.
+        """
+        if self._closed or self.readonly or self._broken is not None:
+            self._writable()
+        failed: list[tuple[bytes, Exception]] = []
+        now = _clock()
+        count = 0
+        fast = _append_done if fn_names is not None else None
+        if fast is None:
+            for task, value in done:
+                count += self._put_general(task, value, general, now, failed, None)
+        else:
+            i, n = 0, len(done)
+            while i < n:
+                i, self._end, appended, why, packed = fast(
+                    done, i, fn_names, big, now, self._names, pack, self._pending,
+                    self._psizes, self._pkeys, self._results, self._end, PENDING_MAX,
+                )
+                self._counts[RESULT] += appended
+                count += appended
+                if why == _STOP_FULL:
+                    self._flush_pending()
+                elif why == _STOP_ITEM:
+                    task, value = done[i]
+                    count += self._put_general(task, value, general, now, failed, packed)
+                    i += 1
+        self._flush_by_policy()
+        return count, failed
+
+    def _put_general(
+        self, task: Any, value: Any,
+        general: Callable[[Any, Any, list[tuple[bytes, Any, str, tuple[bytes, ...]]]], None],
+        now: float, failed: list[tuple[bytes, Exception]],
+        packed: tuple[bytes, list[pickle.PickleBuffer]] | None,
+    ) -> int:
+        """One pair of ``put_done`` the general way; ``packed``: its value, already pickled."""
+        items: list[tuple[bytes, Any, str, tuple[bytes, ...]]] = []
+        general(task, value, items)
+        for j, (key, v, function, parents) in enumerate(items):
+            self._put_result_item(key, v, function, parents, now, failed,
+                                  packed if j == 0 and v is value else None)
+        return len(items)
+
+    def _flush_by_policy(self) -> None:
+        """Flush what is buffered if the policy says so (once per batch of records)."""
         if self._psizes and (
             len(self._psizes) >= 4 * self._every
             or time.monotonic() - self._last_flush >= self._interval
         ):
             self._flush_pending()
-        return failed
 
     def _put_result_item(
         self, key: bytes, value: Any, function: str, parents: tuple[bytes, ...], now: float,

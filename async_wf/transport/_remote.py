@@ -901,6 +901,8 @@ class RemoteTransport(Transport):
         loop = self._loop
         sched = self._sched
         assert loop is not None and sched is not None
+        # the checkpoint log's committed steps: none, no task has one to restore
+        commits = sched._ckpt.commits if sched._ckpt is not None else None
         new_fns: list[tuple[int, bytes]] = []
         batch: list[tuple[Any, ...]] = []
         bufs: list[Any] = []
@@ -1033,7 +1035,7 @@ class RemoteTransport(Transport):
             # worker; one with a priority takes its place in the worker's queue
             restore = None
             extra: tuple[Any, ...] | None = None
-            if fut._cparents is not None:
+            if commits and fut._cparents is not None:
                 got = sched.restore_blobs(fut, 1)
                 if got is not None:
                     restore = (got[0], got[1][0])

@@ -2,8 +2,9 @@
 
 ``CheckpointLog.put_results`` appends the common small records of a batch
 in one compiled call (``_core.append_small_results``), and
-``Recorder.record`` gathers a batch's records in another
-(``_core.result_items``); without the extension (or with
+``CheckpointLog.put_done`` (what ``Recorder.record`` calls with the
+scheduler's finished tasks) writes them straight from the futures in
+another (``_core.append_done``); without the extension (or with
 ``ASYNC_WF_NO_EXTENSIONS``) the Python loops do it. These tests run both
 on the same items, on real files, and compare the bytes and the index;
 the compiled BLAKE2b, CRC-32 and pickles of scalars are compared with
@@ -213,7 +214,8 @@ class CallableObject:
         return -x
 
 
-def _record_run(path: Path, fast: bool, monkeypatch: pytest.MonkeyPatch) -> dict[bytes, Any]:
+def _record_run(path: Path, fast: bool,
+                monkeypatch: pytest.MonkeyPatch) -> tuple[dict[bytes, Any], bytes]:
     async def main() -> None:
         async with async_wf.Runtime(checkpoint=path) as rt:
             futs = []
@@ -225,8 +227,9 @@ def _record_run(path: Path, fast: bool, monkeypatch: pytest.MonkeyPatch) -> dict
             await asyncio.gather(*futs)
 
     with monkeypatch.context() as m:
+        m.setattr(L, "_clock", lambda: 1234.5)
         if not fast:
-            m.setattr(_recorder, "_result_items", None)
+            m.setattr(L, "_append_done", None)
         asyncio.run(main())
     out = {}
     with CheckpointLog(path, readonly=True) as log:
@@ -234,15 +237,75 @@ def _record_run(path: Path, fast: bool, monkeypatch: pytest.MonkeyPatch) -> dict
             v = log.get(key)
             out[key] = (log.info(key).function, log.info(key).parents,
                         v.tolist() if isinstance(v, np.ndarray) else v)
-    return out
+    return out, path.read_bytes()
+
+
+class _Done:
+    """A finished task as the scheduler hands it to ``Recorder.record``: what the log reads."""
+
+    def __init__(self, fn: Any, i: int, name: str | None, parents: tuple[bytes, ...]) -> None:
+        self._fn = fn
+        self._opts = async_wf.task(fn, name=name)._opts if name else _PLAIN_OPTS
+        self._ckey = k(i)
+        self._cparents = parents
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+
+
+_PLAIN_OPTS = async_wf.task(plain)._opts
+
+
+def _record_batches(path: Path, fast: bool, monkeypatch: pytest.MonkeyPatch,
+                    flush: str) -> tuple[bytes, dict[bytes, int], int]:
+    values: list[Any] = [None, 7, 2**40, 1.5, "s", (1, 2), [3], {"a": 1}, b"b" * 10,
+                         b"c" * (70 << 10), np.arange(5), 1 + 2j, _Unpicklable(),
+                         list(range(3000))]
+    pairs = []
+    for i in range(200):
+        fn = [plain, named, CallableObject()][i % 3]
+        name = "named-inc" if fn is named else None
+        parents = tuple(k(5000 + j) for j in range(i % 4))
+        # keys repeat, within a batch and across batches: one record each
+        pairs.append((_Done(fn, i % 150, name, parents), values[i % len(values)]))
+    with monkeypatch.context() as m:
+        m.setattr(L, "_clock", lambda: 1234.5)
+        m.setattr(L, "PENDING_MAX", 4096)  # full buffers inside batches
+        if not fast:
+            m.setattr(L, "_append_done", None)
+        loop = asyncio.new_event_loop()
+        try:
+            rec = _recorder.Recorder(async_wf.Checkpoint(path, flush=flush), loop)
+            for lo, hi in [(0, 3), (3, 80), (80, 81), (81, 200)]:
+                rec.record(pairs[lo:hi])  # type: ignore[arg-type]
+            index = dict(rec.log._results)
+            rec.close()
+        finally:
+            loop.close()
+    return path.read_bytes(), index, rec.n_recorded
+
+
+@compiled_only
+@pytest.mark.parametrize("flush", ["record", "interval"])
+def test_put_done_writes_the_bytes_of_the_python_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flush: str
+) -> None:
+    fast = _record_batches(tmp_path / "fast.wfck", True, monkeypatch, flush)
+    slow = _record_batches(tmp_path / "slow.wfck", False, monkeypatch, flush)
+    assert fast[0] == slow[0]
+    assert fast[1] == slow[1]
+    assert fast[2] == slow[2]
+    # one record per key but for the unpicklable values
+    assert fast[2] == len(fast[1]) > 100
+    with CheckpointLog(tmp_path / "fast.wfck", readonly=True) as log:
+        assert not log.problems and len(log) == fast[2]
+        assert log.get(k(1)) == 7 and log.info(k(1)).parents == (k(5000),)
 
 
 @compiled_only
 def test_the_recorders_compiled_loop_records_what_its_python_loop_does(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fast = _record_run(tmp_path / "fast.wfck", True, monkeypatch)
-    slow = _record_run(tmp_path / "slow.wfck", False, monkeypatch)
+    fast, _ = _record_run(tmp_path / "fast.wfck", True, monkeypatch)
+    slow, _ = _record_run(tmp_path / "slow.wfck", False, monkeypatch)
     assert fast == slow
     names = {f for f, _, _ in fast.values()}
     assert names == {f"{__name__}:plain", f"{__name__}:named-inc",
@@ -267,3 +330,32 @@ def test_a_rerun_finds_every_record_made_in_bulk(tmp_path: Path) -> None:
     again, recorded = asyncio.run(run())
     assert again == first and recorded == 0
     assert os.path.getsize(path) > 0
+
+
+def test_the_recorders_compiled_key_and_in_are_its_python_twins(tmp_path: Path) -> None:
+    # on whichever twin this process runs, against the Python one on the same
+    # recorder: the same key for every kind of call, the same answer for `in`
+    loop = asyncio.new_event_loop()
+    try:
+        rec = _recorder.Recorder(async_wf.Checkpoint(tmp_path / "k.wfck"), loop)
+        versioned = async_wf.task(plain, version="2")._opts
+        keyed = async_wf.task(plain, key=lambda x: x % 2)._opts
+        calls: list[tuple[Any, Any, tuple[Any, ...], dict[str, Any]]] = [
+            (plain, _PLAIN_OPTS, (1,), {}), (plain, _PLAIN_OPTS, ("s", 2.5, None), {}),
+            (plain, _PLAIN_OPTS, (2**70,), {}), (plain, _PLAIN_OPTS, ((1, 2),), {}),
+            (plain, _PLAIN_OPTS, (), {"x": 3}), (plain, versioned, (1,), {}),
+            (plain, keyed, (5,), {}), (named, _PLAIN_OPTS, (1,), {}),
+        ]
+        for fn, opts, args, kwargs in calls * 2:  # the second time, identities are cached
+            got = rec.key(fn, opts, args, kwargs, [], None)
+            want = _recorder._RecorderFastPy.key(rec, fn, opts, args, kwargs, [], None)
+            assert got == want and type(got) is bytes, (fn, args, kwargs)
+        assert rec.key(plain, _PLAIN_OPTS, (1,), {}, [], None) != \
+            rec.key(plain, versioned, (1,), {}, [], None)
+        key = rec.key(plain, _PLAIN_OPTS, (1,), {}, [], None)
+        assert key is not None and key not in rec
+        rec.log.put_result(key, 2, function="m:plain")
+        assert key in rec and _recorder._RecorderFastPy.__contains__(rec, key)
+        rec.close()
+    finally:
+        loop.close()
