@@ -163,6 +163,8 @@ class LocalTransport(Transport):
     #: a chain of quick blocking calls goes to a thread in one batch, up to
     #: this many links (and about a millisecond of work)
     send_ahead = _QUICK_BATCH_MAX
+    #: capacity() never runs out: the scheduler's pump need not ask
+    unbounded = True
 
     def __init__(self, threads: int | None = None,
                  initializer: Callable[[], Any] | None = None,
@@ -237,13 +239,20 @@ class LocalTransport(Transport):
         assert sched is not None and loop is not None and pool is not None
         dur = self._dur
         quick: list[list[_Run]] | None = None
+        runq_append = self._runq.append
         for fut in futs:
             kind = fut._kind
             att = fut._att
+            opts = fut._opts
+            if kind == ASYNC and att is None and opts.timeout is None and opts.request is None:
+                # the common case first: it waits for the runner
+                fut._att = _AQUEUED
+                runq_append(fut)
+                continue
             if type(att) is _Run and att.prev is not None:
                 self._released(fut, att)  # queued already, after its input
                 continue
-            if fut._opts.request is not None:
+            if opts.request is not None:
                 self._queue_resource(fut)
             elif kind == ASYNC:
                 # the function is called in the runner, so that a task
@@ -255,9 +264,7 @@ class LocalTransport(Transport):
                     run = _Run(fut, _QUEUED)
                     fut._att = run
                     run.timer = loop.call_later(timeout, self._on_timeout, run)
-                self._runq.append(fut)
-                if self._runner is None:
-                    self._runner = loop.create_task(self._drive())
+                runq_append(fut)
             elif kind == THREAD:
                 run = _Run(fut, _QUEUED)
                 fut._att = run
@@ -285,6 +292,8 @@ class LocalTransport(Transport):
                     mark_thread(None, None)
         if quick is not None:
             self._put_quick(quick)
+        if self._runq and self._runner is None:
+            self._runner = loop.create_task(self._drive())
 
     def _with_followers(self, run: _Run) -> list[_Run]:
         """``run`` and the chain of quick calls that wait only for it (see ``send_ahead``).
@@ -483,37 +492,64 @@ class LocalTransport(Transport):
         loop = self._loop
         assert sched is not None and loop is not None
         q = self._runq
+        popleft = q.popleft
+        copy_context = contextvars.copy_context
         end = time.perf_counter() + _RUNNER_SLICE
         n = 0
+        fut: Any = None  # the task to start next, when it did not come from the queue
+        # outcomes go to the scheduler without a pump scheduled for each: this
+        # runner pumps when its queue runs dry, and schedules the pump before
+        # the loop gets a turn (in the finally clause at the latest)
+        sched.defer_pump()
         try:
             while True:
-                # run dry: the pump may release dependents of what just ended
-                if not q and (not sched.pump_now() or not q):
-                    return
-                fut = q.popleft()
-                run = fut._att
-                if run is _AQUEUED:
-                    fut._att = _INLINE  # started; from now on it cannot be stopped
-                elif type(run) is _Run and run.state == _QUEUED:
-                    run.state = _STARTED
+                if fut is None:
+                    if not q:
+                        # run dry: the pump may release dependents of what just ended
+                        sched.pump_now()
+                        if not q:
+                            return
+                        sched.defer_pump()
+                    fut = popleft()
+                    run = fut._att
+                    if run is _AQUEUED:
+                        fut._att = _INLINE  # started; from now on it cannot be stopped
+                    elif type(run) is _Run and run.state == _QUEUED:
+                        run.state = _STARTED
+                    else:
+                        fut = None
+                        continue  # cancelled or timed out before it started
                 else:
-                    continue  # cancelled or timed out before it started
-                ctx = contextvars.copy_context()
+                    run = _AQUEUED
+                    fut._att = _INLINE
+                ctx = copy_context()
                 try:
-                    coro = fut._fn(*fut._args, **fut._kwargs)  # type: ignore[misc]
+                    kw = fut._kwargs
+                    coro = fut._fn(*fut._args, **kw) if kw else fut._fn(*fut._args)
                     first = ctx.run(start_coroutine, self, fut, coro)
                 except StopIteration as stop:
                     if run is not _AQUEUED:
                         run.stop_timer()
-                    sched.task_ok(fut, stop.value)
+                    nxt = fut._next
+                    if (nxt is not None and not q and nxt._kind == ASYNC and nxt._att is None
+                            and sched.take_next(fut, stop.value, nxt)):
+                        # its successor was waiting for it alone: it starts
+                        # now, in this same loop iteration, without a dispatch
+                        fut = nxt
+                    else:
+                        # task_ok without its test: this runner defers the pump
+                        sched._done_buf.append((fut, stop.value))
+                        fut = None
                 except asyncio.CancelledError as exc:
                     if run is not _AQUEUED:
                         run.stop_timer()
                     sched.task_cancelled(fut, exc.args[0] if exc.args else None)
+                    fut = None
                 except BaseException as exc:
                     if run is not _AQUEUED:
                         run.stop_timer()
                     sched.task_error(fut, exc)
+                    fut = None
                     if not isinstance(exc, Exception):
                         raise  # KeyboardInterrupt, SystemExit: let the loop see them
                 else:
@@ -522,6 +558,7 @@ class LocalTransport(Transport):
                     self._runner = None
                     if q:
                         self._runner = loop.create_task(self._drive())
+                    sched.pump_soon()
                     if run is _AQUEUED:
                         run = fut._att = _Run(fut, _STARTED)
                     run.task = asyncio.current_task()
@@ -529,9 +566,23 @@ class LocalTransport(Transport):
                     return
                 n += 1
                 if not n & 63 and time.perf_counter() > end:
+                    if fut is not None:
+                        # started (running in the core) but not begun: it
+                        # goes first when the runner goes on
+                        fut._att = _AQUEUED
+                        q.appendleft(fut)
+                        fut = None
+                    sched.pump_soon()
                     await asyncio.sleep(0)  # the loop's turn: I/O, timers
+                    sched.defer_pump()
                     end = time.perf_counter() + _RUNNER_SLICE
         finally:
+            if fut is not None and fut._att is None and not fut.done():
+                # handed over by take_next (running in the core) but never
+                # begun: it goes back to the queue
+                fut._att = _AQUEUED
+                q.appendleft(fut)
+            sched.pump_soon()
             if self._runner is asyncio.current_task():
                 self._runner = None
                 if q:
