@@ -72,6 +72,23 @@ def with_input(fut: TaskFuture[Any], dep: Any, value: Any) -> tuple[Any, Any]:
     """``fut``'s arguments and keywords with ``value`` for its input ``dep``, still unfinished
     here (a task sent ahead of it), and the values of its other, finished inputs."""
 
+    args = fut._args
+    if type(args) is tuple and not fut._kwargs:
+        # flat arguments (the common call): no walk, no call per item
+        out = []
+        for x in args:
+            t = type(x)
+            if x is dep:
+                out.append(value)
+            elif t is TaskFuture:
+                out.append(x._result if not x._ignored and x._held is None else input_value(x))
+            elif t in _LEAVES:
+                out.append(x)
+            else:
+                break
+        else:
+            return tuple(out), fut._kwargs
+
     def put(d: TaskFuture[Any]) -> Any:
         return value if d is dep else input_value(d)
 

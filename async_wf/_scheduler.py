@@ -536,7 +536,7 @@ class Scheduler:
             self.n_finished += 1
         handles = self._core.pop(self._batch)
         if len(handles) == 1 and handles[0] == nxt._handle:
-            if nxt._subst:
+            if nxt._subst and nxt._att is None:  # (one that ran ahead has its values)
                 args = nxt._args
                 new = (flat_values(args) if type(args) is tuple and not nxt._kwargs
                        and not self.n_held else None)

@@ -52,6 +52,7 @@ from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from async_wf._context import TaskContext, mark_coroutine, mark_thread, start_coroutine
+from async_wf._context import _tls as _thread_mark
 from async_wf._errors import ResourceError, TaskTimeoutError
 from async_wf._futures import with_input
 from async_wf._options import ASYNC, THREAD
@@ -274,7 +275,7 @@ class LocalTransport(Transport):
                 if timeout is None and dur and dur.get(fn, 1.0) < QUICK_BELOW:
                     if quick is None:
                         quick = []
-                    quick.append(self._with_followers(run))
+                    quick.append([run] if fut._next is None else self._with_followers(run))
                     continue
                 pool.put(run, fn, fut._args, fut._kwargs, fut._opts.priority)
                 if timeout is not None:
@@ -380,8 +381,10 @@ class LocalTransport(Transport):
         pool = self._pool
         assert pool is not None
         out: list[Outcome] = []
-        claim = self._claim
         lock = pool.lock
+        tls = _thread_mark
+        perf_counter = time.perf_counter
+        monotonic = time.monotonic
         last: Outcome | None = None
         for run in runs:
             prev = run.prev
@@ -390,24 +393,27 @@ class LocalTransport(Transport):
                 last = (run, SKIPPED, None, 0.0, 0.0)
                 out.append(last)
                 continue
-            with lock:
-                go = claim(run)
+            fut = run.fut
+            with lock:  # _claim, written out
+                go = run.state == _QUEUED and fut._att is run and not fut.done()
+                if go:
+                    run.state = _STARTED
+                    run.t0 = monotonic()
             if not go:
                 last = (run, SKIPPED, None, 0.0, 0.0)
                 out.append(last)
                 continue
-            fut = run.fut
             if prev is not None and last is not None:
                 args, kwargs = with_input(fut, prev.fut, last[2])
             else:
                 args, kwargs = fut._args, fut._kwargs
-            mark_thread(self, run)
-            t0 = time.perf_counter()
+            tls.cur = [self, run, None]  # mark_thread, written out
+            t0 = perf_counter()
             try:
                 last = (run, OK, fut._fn(*args, **kwargs),  # type: ignore[misc]
-                        time.perf_counter() - t0, t0)
+                        perf_counter() - t0, t0)
             except BaseException as exc:  # a thread has nowhere to propagate to
-                last = (run, ERROR, (exc, traceback.format_exc()), time.perf_counter() - t0, t0)
+                last = (run, ERROR, (exc, traceback.format_exc()), perf_counter() - t0, t0)
             out.append(last)
         mark_thread(None, None)
         return out
@@ -704,23 +710,60 @@ class LocalTransport(Transport):
                 if (status != SKIPPED and fut._att is run and not fut.done()
                         and run.prev is None):
                     obs.thread_ran(fut, t0, took)
-        for run, status, value, took, t0 in items:
+        released: list[Outcome] = []
+        for item in items:
+            run = item[0]
             fut = run.fut
             if fut.done() or fut._att is not run:
                 continue  # skipped, or an attempt already given up on
             if run.prev is not None:
                 # queued after its input, not released by the core yet
-                if status == SKIPPED:
+                if item[1] == SKIPPED:
                     fut._att = None  # it goes out again when ready
                 else:
-                    run.early = (status, value, took, t0)
+                    run.early = (item[1], item[2], item[3], item[4])
                 continue
+            released.append(item)
+        # (the outcomes of links queued after their inputs are in place first,
+        # so that a chain is reported at once: _report_ok)
+        for run, status, value, _took, _t0 in released:
+            if run.timer is not None:
+                run.stop_timer()
             if status == OK:
-                run.stop_timer()
-                sched.task_ok(fut, value)
+                if run.fut._next is None or obs is not None:
+                    sched.task_ok(run.fut, value)
+                else:
+                    self._report_ok(run, value)
             elif status == ERROR:
-                run.stop_timer()
-                sched.task_error(fut, value[0])
+                sched.task_error(run.fut, value[0])
+
+    def _report_ok(self, run: _Run, value: Any) -> None:
+        """``run`` (released) returned ``value``: report it, and the links queued after it.
+
+        When the next link of its chain has its outcome already (it ran in
+        the same batch), the core releases that link now and its outcome
+        follows at once (``Scheduler.take_next``), link after link, rather
+        than a pump and a dispatch each.
+        """
+        sched = self._sched
+        assert sched is not None
+        fut = run.fut
+        while True:
+            nxt = fut._next
+            nrun = nxt._att if nxt is not None else None
+            if type(nrun) is not _Run or nrun.prev is not run or nrun.early is None:
+                sched.task_ok(fut, value)
+                return
+            assert nxt is not None
+            if not sched.take_next(fut, value, nxt):
+                return  # dispatched as usual: _released reports it
+            nrun.prev = None
+            status, nvalue, _took, _t0 = nrun.early
+            nrun.early = None
+            if status != OK:
+                sched.task_error(nxt, nvalue[0])
+                return
+            run, fut, value = nrun, nxt, nvalue
 
     # -------------------------------------------------------------- cancelling
     def cancel_running(self, fut: TaskFuture[Any], msg: Any) -> bool:
