@@ -538,8 +538,11 @@ class Scheduler:
         if len(handles) == 1 and handles[0] == nxt._handle:
             if nxt._subst and nxt._att is None:  # (one that ran ahead has its values)
                 args = nxt._args
-                new = (flat_values(args) if type(args) is tuple and not nxt._kwargs
-                       and not self.n_held else None)
+                if len(args) == 1 and args[0] is fut and not nxt._kwargs and not self.n_held:
+                    new: tuple[Any, ...] | None = (value,)  # a link of a chain
+                else:
+                    new = (flat_values(args) if type(args) is tuple and not nxt._kwargs
+                           and not self.n_held else None)
                 if new is None:
                     self.substitute(nxt)
                 else:
