@@ -49,9 +49,45 @@ def input_value(fut: TaskFuture[Any]) -> Any:
         return held
     return _future_result(fut)  # done: asyncio's own, not the waiting override
 
+def flat_values(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """``args`` with each finished input replaced by ``input_value``, when it is flat.
+
+    Flat: every item is a plain ``TaskFuture`` or a scalar (the common
+    call). None for anything else, which ``replace_in`` walks instead.
+    """
+    out = []
+    for x in args:
+        t = type(x)
+        if t is TaskFuture:
+            # input_value written out: asyncio's own _result of a done future
+            out.append(x._result if not x._ignored and x._held is None else input_value(x))
+        elif t in _LEAVES:
+            out.append(x)
+        else:
+            return None
+    return tuple(out)
+
+
 def with_input(fut: TaskFuture[Any], dep: Any, value: Any) -> tuple[Any, Any]:
     """``fut``'s arguments and keywords with ``value`` for its input ``dep``, still unfinished
     here (a task sent ahead of it), and the values of its other, finished inputs."""
+
+    args = fut._args
+    if type(args) is tuple and not fut._kwargs:
+        # flat arguments (the common call): no walk, no call per item
+        out = []
+        for x in args:
+            t = type(x)
+            if x is dep:
+                out.append(value)
+            elif t is TaskFuture:
+                out.append(x._result if not x._ignored and x._held is None else input_value(x))
+            elif t in _LEAVES:
+                out.append(x)
+            else:
+                break
+        else:
+            return tuple(out), fut._kwargs
 
     def put(d: TaskFuture[Any]) -> Any:
         return value if d is dep else input_value(d)
@@ -195,9 +231,14 @@ class TaskFuture(asyncio.Future[_T]):
             asyncio.CancelledError: the task was cancelled.
             Exception: what the task raised.
         """
-        if not self.done():
-            self._wait_outside_loop()
-        return super().result()
+        # asyncio's own first: gather calls this for every future it waits for
+        try:
+            return _future_result(self)
+        except asyncio.InvalidStateError:
+            if self.done():
+                raise  # what the task itself raised
+        self._wait_outside_loop()
+        return _future_result(self)
 
     def _wait_outside_loop(self) -> None:
         loop = self.get_loop()

@@ -34,6 +34,8 @@ import contextvars
 import logging
 import time
 from collections.abc import Callable
+from inspect import CO_COROUTINE as _CO_COROUTINE
+from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
 from async_wf import core as _corepick
@@ -41,16 +43,18 @@ from async_wf._context import TaskContext, call_on_loop
 from async_wf._errors import DependencyError, RuntimeClosedError, WorkflowAborted
 from async_wf._files import FileOrder
 from async_wf._futures import (
+    _LEAVES,
     RecordedFuture,
     TaskFuture,
     _fn_name,
     collect,
+    flat_values,
     input_value,
     link_echo,
     replace_in,
 )
 from async_wf._held import HeldRef
-from async_wf._options import DEFAULT_OPTIONS, TaskOptions, kind_of
+from async_wf._options import ASYNC, DEFAULT_OPTIONS, THREAD, TaskOptions, kind_of
 from async_wf._task import TaskFunction
 from async_wf.checkpoint._keys import FileArg, files_in_use
 
@@ -64,6 +68,8 @@ log = logging.getLogger("async_wf")
 _OPEN, _CLOSING, _CLOSED, _ABORTED = range(4)
 # the keywords of every finished task: one shared empty dict, never changed
 _DONE_KWARGS: dict[str, Any] = {}
+_NO_INPUTS: tuple[int, ...] = ()
+_get_running_loop = asyncio._get_running_loop
 _CANCEL_GRACE = 2.0  # seconds a cancelling close waits for cancelled work to report
 
 
@@ -85,6 +91,8 @@ class Scheduler:
     ) -> None:
         self._loop = loop
         self._transport = transport
+        #: its capacity never runs out: the pump does not ask
+        self._unbounded = bool(getattr(transport, "unbounded", False))
         self._ckpt = checkpoint
         # None unless an observability option is on: every hook is behind one test
         self._obs = observer
@@ -125,17 +133,25 @@ class Scheduler:
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> TaskFuture[Any]:
         """Create a task for ``fn(*args, **kwargs)``; return its future at once."""
+        # The common case (a plain function, flat arguments, no checkpoint
+        # log, no observer) is written out here rather than split into
+        # helpers: at a few microseconds per task, each call counts.
         if self._state != _OPEN:
             self._raise_not_open()
-        if asyncio._get_running_loop() is not self._loop:
+        if _get_running_loop() is not self._loop:
             raise RuntimeError(
                 "submit must be called from the runtime's event loop thread; "
                 "from other threads use async_wf.Executor"
             )
-        if type(fn) is TaskFunction:
-            opts = fn._opts
-            kind = fn._kind
-            fn = fn._fn
+        tfn = type(fn)
+        if tfn is FunctionType:
+            # what kind_of says for a plain function with the default options
+            opts = DEFAULT_OPTIONS
+            kind = ASYNC if fn.__code__.co_flags & _CO_COROUTINE else THREAD
+        elif tfn is TaskFunction:
+            opts = fn._opts  # type: ignore[attr-defined]
+            kind = fn._kind  # type: ignore[attr-defined]
+            fn = fn._fn  # type: ignore[attr-defined]
             if opts.mpi is not None and opts.binary is None:
                 self._transport.check_options(fn, opts.mpi)
         else:
@@ -145,8 +161,15 @@ class Scheduler:
             kind = kind_of(fn, opts)
         found: list[TaskFuture[Any]] = []
         subst = False
-        if args and collect(args, TaskFuture, found):
-            subst = True
+        if args:
+            # flat arguments without a call per item (collect's depth 1)
+            for x in args:
+                tx = type(x)
+                if tx is TaskFuture:
+                    found.append(x)
+                    subst = True
+                elif tx not in _LEAVES and collect(x, TaskFuture, found, 1):
+                    subst = True
         if kwargs and collect(kwargs, TaskFuture, found):
             subst = True
         for dep in found:
@@ -155,6 +178,67 @@ class Scheduler:
                     f"argument {dep!r} is a future of another runtime; "
                     "futures can only be passed within the runtime that made them"
                 )
+        if files_in_use[0] or self._ckpt is not None or self._obs is not None:
+            return self._submit_slow(fn, args, kwargs, opts, kind, subst, found)
+        self._next_id += 1
+        self.n_submitted += 1
+        fut: TaskFuture[Any] = TaskFuture(loop=self._loop)
+        fut._sched = self
+        fut._fn = fn
+        fut._args = args
+        fut._kwargs = kwargs
+        fut._opts = opts
+        fut._kind = kind
+        fut._subst = subst
+        fut._id = self._next_id
+        fut._attempt = 1
+        fut._att = None
+        fut._ignored = False
+        fut._unrun = False
+        fut._lost = 0
+        fut._cancelling = False
+        fut._refs = None
+        fut._held = None
+        fut._next = None
+        fut._ckey = None
+        fut._cparents = None
+        if found:
+            dep = found[0]
+            if len(found) > 1 or type(dep) is not TaskFuture or dep.done():
+                self._enqueue(fut, found)
+                return fut
+            # one unfinished input: _enqueue written out, send-ahead rule included
+            h = self._core.add((dep._handle,), opts.priority)
+            fut._handle = h
+            if (dep._next is None and self._transport.send_ahead
+                    and (opts is DEFAULT_OPTIONS
+                         or (opts.request is None and opts.time is None
+                             and opts.timeout is None and opts.mpi is None))):
+                dep._next = fut
+            self._tasks[h] = fut
+            if not self._pump_pending:
+                self._pump_pending = True
+                self._pump_handle = self._loop.call_soon(self._pump, context=self._ctx)
+            return fut
+        h = self._core.add(_NO_INPUTS, opts.priority)
+        fut._handle = h
+        self._tasks[h] = fut
+        if not self._pump_pending:
+            self._pump_pending = True
+            self._pump_handle = self._loop.call_soon(self._pump, context=self._ctx)
+        return fut
+
+    def _submit_slow(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        opts: TaskOptions,
+        kind: int,
+        subst: bool,
+        found: list[TaskFuture[Any]],
+    ) -> TaskFuture[Any]:
+        """``submit`` with file arguments, a checkpoint log or an observer."""
         plan = None
         if files_in_use[0]:
             fargs: list[FileArg] = []
@@ -216,6 +300,7 @@ class Scheduler:
         kind: int,
         subst: bool,
     ) -> Any:
+        # the fields submit's common path sets too: a change goes to both
         self._next_id += 1
         self.n_submitted += 1
         fut = cls(loop=self._loop)
@@ -243,7 +328,7 @@ class Scheduler:
         inputs: list[int] = []
         failed_dep: TaskFuture[Any] | None = None
         cancelled_dep: TaskFuture[Any] | None = None
-        last: TaskFuture[Any] | None = None
+        last: Any = None
         for dep in found:
             if type(dep) is RecordedFuture:
                 dep._read()  # this task runs, so it needs the value
@@ -258,34 +343,26 @@ class Scheduler:
             fut._handle = -1
             self._resolve_unrun(fut, failed_dep, cancelled_dep)
             return
-        h = self._core.add(inputs, fut._opts.priority)
+        opts = fut._opts
+        h = self._core.add(inputs, opts.priority)
         fut._handle = h
-        if len(inputs) == 1 and last is not None and last._next is None \
-                and self._transport.send_ahead:
-            self._chain(last, fut, found)
+        # send-ahead: a plain task whose one unfinished input is ``last`` may
+        # follow it to where it runs. One whose placement or timing the
+        # scheduler must decide when it is ready (resources, a deadline, a
+        # timeout, MPI ranks) waits for it, as does one taking a held value
+        # from another worker (it would have to fetch it first).
+        if (len(inputs) == 1 and last._next is None and self._transport.send_ahead
+                and type(fut) is TaskFuture and type(last) is TaskFuture
+                and (opts is DEFAULT_OPTIONS
+                     or (opts.request is None and opts.time is None
+                         and opts.timeout is None and opts.mpi is None))
+                and (len(found) == 1
+                     or all(d is last or d._held is None for d in found))):
+            last._next = fut
         self._tasks[h] = fut
         if not self._pump_pending:
             self._pump_pending = True
             self._pump_handle = self._loop.call_soon(self._pump, context=self._ctx)
-
-    @staticmethod
-    def _chain(dep: TaskFuture[Any], fut: TaskFuture[Any], found: list[TaskFuture[Any]]) -> None:
-        """Note ``fut`` as the task that may follow ``dep`` to its worker (send-ahead).
-
-        Only a plain task qualifies: one whose placement or timing the
-        scheduler must decide when it is ready (resources, a deadline, a
-        timeout, MPI ranks) waits for it, as does one taking a held value
-        from another worker (it would have to fetch it first).
-        """
-        opts = fut._opts
-        if (type(fut) is not TaskFuture or type(dep) is not TaskFuture
-                or opts.request is not None or opts.time is not None
-                or opts.timeout is not None or opts.mpi is not None):
-            return
-        for d in found:
-            if d is not dep and d._held is not None:
-                return
-        dep._next = fut
 
     def _read_recorded(self, fut: RecordedFuture[Any]) -> None:
         """Resolve a recorded task from the log; run it if its record is unusable."""
@@ -357,6 +434,24 @@ class Scheduler:
             self._pump_pending = True
             self._pump_handle = self._loop.call_soon(self._pump, context=self._ctx)
 
+    def defer_pump(self) -> None:
+        """Outcomes reported from now on schedule no pump: the caller runs it.
+
+        For a transport that runs tasks in a loop of its own on the
+        scheduler's loop (the local runner): it calls ``pump_now`` when it
+        has nothing else to do, and ``pump_soon`` before it lets the loop
+        have a turn, so that a pump scheduled for each outcome and then
+        cancelled is not paid for.
+        """
+        if not self._pump_pending:
+            self._pump_pending = True
+            self._pump_handle = None
+
+    def pump_soon(self) -> None:
+        """Schedule the pump that ``defer_pump`` left to its caller, if it is still due."""
+        if self._pump_pending and self._pump_handle is None:
+            self._pump_handle = self._loop.call_soon(self._pump, context=self._ctx)
+
     def pump_now(self) -> bool:
         """Run the pump now if one is pending (a transport with nothing else to do); whether it ran.
 
@@ -374,20 +469,24 @@ class Scheduler:
         self._pump_pending = False
         if self._state > _CLOSING:
             return
+        transport = self._transport
+        batch = self._batch
         # a dispatch may report outcomes at once (a task sent ahead that has
         # ended already): those go on in this same pump, a chain at a time
         for _ in range(64):
             if self._done_buf:
                 self._flush_done()
-            cap = self._transport.capacity()
-            if cap <= 0:
-                break
-            n = self._batch if cap > self._batch else cap
+            if self._unbounded:
+                n = batch
+            else:
+                cap = transport.capacity()
+                if cap <= 0:
+                    break
+                n = batch if cap > batch else cap
             handles = self._core.pop(n)
             if not handles:
                 break
-            tasks = self._tasks
-            futs = [tasks[h] for h in handles]
+            futs = list(map(self._tasks.__getitem__, handles))
             for f in futs:
                 # (one sent ahead has its arguments there already: they are
                 # put in place only if it is sent again, see substitute)
@@ -395,18 +494,76 @@ class Scheduler:
                     self.substitute(f)
             if self._obs is not None:
                 self._obs.dispatched(futs)
-            self._transport.dispatch(futs)
+            transport.dispatch(futs)
             if len(handles) == n:
                 self._kick()
                 break
             if not self._done_buf:
                 break
-        if not self._tasks and self._idle_waiters:
+        if self._idle_waiters and not self._tasks:
             self._wake_idle()
+
+    def take_next(self, fut: TaskFuture[Any], value: Any, nxt: TaskFuture[Any]) -> bool:
+        """``fut`` returned ``value``: finish it now; whether its successor ``nxt`` is the caller's.
+
+        For a transport that can start ``nxt`` (``fut._next``) itself, at
+        once, when nothing else is waiting: if finishing ``fut`` left ``nxt``
+        the only ready task, ``nxt`` is marked running with its arguments in
+        place and True is returned, without a dispatch. Otherwise what is
+        ready is dispatched as the pump would (False). Either way ``fut`` is
+        resolved.
+        """
+        if (self._done_buf or self._state > _CLOSING or self._obs is not None
+                or self._ckpt is not None):
+            self._done_buf.append((fut, value))
+            if self._state > _CLOSING or self._obs is not None:
+                self._kick()
+                return False
+            self._flush_done()
+        elif not fut.done():
+            # _flush_done of this one outcome, written out
+            fut.set_result(value)
+            fut._args = ()
+            fut._kwargs = _DONE_KWARGS
+            fut._att = None
+            fut._next = None
+            h = fut._handle
+            one = (h,)
+            core = self._core
+            core.finish_many(one)
+            core.forget(one)
+            del self._tasks[h]
+            self.n_finished += 1
+        handles = self._core.pop(self._batch)
+        if len(handles) == 1 and handles[0] == nxt._handle:
+            if nxt._subst and nxt._att is None:  # (one that ran ahead has its values)
+                args = nxt._args
+                if len(args) == 1 and args[0] is fut and not nxt._kwargs and not self.n_held:
+                    new: tuple[Any, ...] | None = (value,)  # a link of a chain
+                else:
+                    new = (flat_values(args) if type(args) is tuple and not nxt._kwargs
+                           and not self.n_held else None)
+                if new is None:
+                    self.substitute(nxt)
+                else:
+                    nxt._args = new
+                    nxt._subst = False
+            return True
+        if handles:
+            futs = list(map(self._tasks.__getitem__, handles))
+            for f in futs:
+                if f._subst and f._att is None:
+                    self.substitute(f)
+            self._transport.dispatch(futs)
+            if len(handles) == self._batch:
+                self._kick()
+        return False
 
     def substitute(self, fut: TaskFuture[Any]) -> None:
         """Put the values of ``fut``'s finished inputs in its arguments (before it is sent)."""
-        fut._args = replace_in(fut._args, TaskFuture, input_value)
+        args = fut._args
+        new = flat_values(args) if type(args) is tuple else None
+        fut._args = replace_in(args, TaskFuture, input_value) if new is None else new
         if fut._kwargs:
             fut._kwargs = replace_in(fut._kwargs, TaskFuture, input_value)
         fut._subst = False
@@ -434,6 +591,48 @@ class Scheduler:
     def _flush_done(self) -> None:
         buf = self._done_buf
         self._done_buf = []
+        if self._ckpt is not None or self._obs is not None:
+            self._flush_done_recorded(buf)
+            return
+        tasks = self._tasks
+        core = self._core
+        if len(buf) == 1:
+            # one at a time: a chain of tasks
+            fut, value = buf[0]
+            if fut.done():
+                return  # resolved meanwhile (failed by a transport giving up)
+            fut.set_result(value)
+            fut._args = ()
+            fut._kwargs = _DONE_KWARGS
+            fut._att = None
+            fut._next = None
+            h = fut._handle
+            one = (h,)
+            core.finish_many(one)
+            core.forget(one)
+            del tasks[h]
+            self.n_finished += 1
+            return
+        handles: list[int] = []
+        append = handles.append
+        for fut, value in buf:
+            if fut.done():
+                continue  # resolved meanwhile (failed by a transport giving up)
+            fut.set_result(value)
+            # let go of the arguments (the inputs' values) and the attempt
+            fut._args = ()
+            fut._kwargs = _DONE_KWARGS
+            fut._att = None
+            fut._next = None
+            append(fut._handle)
+        core.finish_many(handles)
+        core.forget(handles)
+        for h in handles:
+            del tasks[h]
+        self.n_finished += len(handles)
+
+    def _flush_done_recorded(self, buf: list[tuple[TaskFuture[Any], Any]]) -> None:
+        """``_flush_done`` with a checkpoint log or an observer."""
         handles: list[int] = []
         ck = self._ckpt
         rec: list[tuple[TaskFuture[Any], Any]] | None = [] if ck is not None else None

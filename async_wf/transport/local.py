@@ -52,6 +52,7 @@ from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from async_wf._context import TaskContext, mark_coroutine, mark_thread, start_coroutine
+from async_wf._context import _tls as _thread_mark
 from async_wf._errors import ResourceError, TaskTimeoutError
 from async_wf._futures import with_input
 from async_wf._options import ASYNC, THREAD
@@ -163,6 +164,8 @@ class LocalTransport(Transport):
     #: a chain of quick blocking calls goes to a thread in one batch, up to
     #: this many links (and about a millisecond of work)
     send_ahead = _QUICK_BATCH_MAX
+    #: capacity() never runs out: the scheduler's pump need not ask
+    unbounded = True
 
     def __init__(self, threads: int | None = None,
                  initializer: Callable[[], Any] | None = None,
@@ -237,13 +240,20 @@ class LocalTransport(Transport):
         assert sched is not None and loop is not None and pool is not None
         dur = self._dur
         quick: list[list[_Run]] | None = None
+        runq_append = self._runq.append
         for fut in futs:
             kind = fut._kind
             att = fut._att
+            opts = fut._opts
+            if kind == ASYNC and att is None and opts.timeout is None and opts.request is None:
+                # the common case first: it waits for the runner
+                fut._att = _AQUEUED
+                runq_append(fut)
+                continue
             if type(att) is _Run and att.prev is not None:
                 self._released(fut, att)  # queued already, after its input
                 continue
-            if fut._opts.request is not None:
+            if opts.request is not None:
                 self._queue_resource(fut)
             elif kind == ASYNC:
                 # the function is called in the runner, so that a task
@@ -255,9 +265,7 @@ class LocalTransport(Transport):
                     run = _Run(fut, _QUEUED)
                     fut._att = run
                     run.timer = loop.call_later(timeout, self._on_timeout, run)
-                self._runq.append(fut)
-                if self._runner is None:
-                    self._runner = loop.create_task(self._drive())
+                runq_append(fut)
             elif kind == THREAD:
                 run = _Run(fut, _QUEUED)
                 fut._att = run
@@ -267,7 +275,7 @@ class LocalTransport(Transport):
                 if timeout is None and dur and dur.get(fn, 1.0) < QUICK_BELOW:
                     if quick is None:
                         quick = []
-                    quick.append(self._with_followers(run))
+                    quick.append([run] if fut._next is None else self._with_followers(run))
                     continue
                 pool.put(run, fn, fut._args, fut._kwargs, fut._opts.priority)
                 if timeout is not None:
@@ -285,6 +293,8 @@ class LocalTransport(Transport):
                     mark_thread(None, None)
         if quick is not None:
             self._put_quick(quick)
+        if self._runq and self._runner is None:
+            self._runner = loop.create_task(self._drive())
 
     def _with_followers(self, run: _Run) -> list[_Run]:
         """``run`` and the chain of quick calls that wait only for it (see ``send_ahead``).
@@ -371,8 +381,10 @@ class LocalTransport(Transport):
         pool = self._pool
         assert pool is not None
         out: list[Outcome] = []
-        claim = self._claim
         lock = pool.lock
+        tls = _thread_mark
+        perf_counter = time.perf_counter
+        monotonic = time.monotonic
         last: Outcome | None = None
         for run in runs:
             prev = run.prev
@@ -381,24 +393,27 @@ class LocalTransport(Transport):
                 last = (run, SKIPPED, None, 0.0, 0.0)
                 out.append(last)
                 continue
-            with lock:
-                go = claim(run)
+            fut = run.fut
+            with lock:  # _claim, written out
+                go = run.state == _QUEUED and fut._att is run and not fut.done()
+                if go:
+                    run.state = _STARTED
+                    run.t0 = monotonic()
             if not go:
                 last = (run, SKIPPED, None, 0.0, 0.0)
                 out.append(last)
                 continue
-            fut = run.fut
             if prev is not None and last is not None:
                 args, kwargs = with_input(fut, prev.fut, last[2])
             else:
                 args, kwargs = fut._args, fut._kwargs
-            mark_thread(self, run)
-            t0 = time.perf_counter()
+            tls.cur = [self, run, None]  # mark_thread, written out
+            t0 = perf_counter()
             try:
                 last = (run, OK, fut._fn(*args, **kwargs),  # type: ignore[misc]
-                        time.perf_counter() - t0, t0)
+                        perf_counter() - t0, t0)
             except BaseException as exc:  # a thread has nowhere to propagate to
-                last = (run, ERROR, (exc, traceback.format_exc()), time.perf_counter() - t0, t0)
+                last = (run, ERROR, (exc, traceback.format_exc()), perf_counter() - t0, t0)
             out.append(last)
         mark_thread(None, None)
         return out
@@ -483,37 +498,64 @@ class LocalTransport(Transport):
         loop = self._loop
         assert sched is not None and loop is not None
         q = self._runq
+        popleft = q.popleft
+        copy_context = contextvars.copy_context
         end = time.perf_counter() + _RUNNER_SLICE
         n = 0
+        fut: Any = None  # the task to start next, when it did not come from the queue
+        # outcomes go to the scheduler without a pump scheduled for each: this
+        # runner pumps when its queue runs dry, and schedules the pump before
+        # the loop gets a turn (in the finally clause at the latest)
+        sched.defer_pump()
         try:
             while True:
-                # run dry: the pump may release dependents of what just ended
-                if not q and (not sched.pump_now() or not q):
-                    return
-                fut = q.popleft()
-                run = fut._att
-                if run is _AQUEUED:
-                    fut._att = _INLINE  # started; from now on it cannot be stopped
-                elif type(run) is _Run and run.state == _QUEUED:
-                    run.state = _STARTED
+                if fut is None:
+                    if not q:
+                        # run dry: the pump may release dependents of what just ended
+                        sched.pump_now()
+                        if not q:
+                            return
+                        sched.defer_pump()
+                    fut = popleft()
+                    run = fut._att
+                    if run is _AQUEUED:
+                        fut._att = _INLINE  # started; from now on it cannot be stopped
+                    elif type(run) is _Run and run.state == _QUEUED:
+                        run.state = _STARTED
+                    else:
+                        fut = None
+                        continue  # cancelled or timed out before it started
                 else:
-                    continue  # cancelled or timed out before it started
-                ctx = contextvars.copy_context()
+                    run = _AQUEUED
+                    fut._att = _INLINE
+                ctx = copy_context()
                 try:
-                    coro = fut._fn(*fut._args, **fut._kwargs)  # type: ignore[misc]
+                    kw = fut._kwargs
+                    coro = fut._fn(*fut._args, **kw) if kw else fut._fn(*fut._args)
                     first = ctx.run(start_coroutine, self, fut, coro)
                 except StopIteration as stop:
                     if run is not _AQUEUED:
                         run.stop_timer()
-                    sched.task_ok(fut, stop.value)
+                    nxt = fut._next
+                    if (nxt is not None and not q and nxt._kind == ASYNC and nxt._att is None
+                            and sched.take_next(fut, stop.value, nxt)):
+                        # its successor was waiting for it alone: it starts
+                        # now, in this same loop iteration, without a dispatch
+                        fut = nxt
+                    else:
+                        # task_ok without its test: this runner defers the pump
+                        sched._done_buf.append((fut, stop.value))
+                        fut = None
                 except asyncio.CancelledError as exc:
                     if run is not _AQUEUED:
                         run.stop_timer()
                     sched.task_cancelled(fut, exc.args[0] if exc.args else None)
+                    fut = None
                 except BaseException as exc:
                     if run is not _AQUEUED:
                         run.stop_timer()
                     sched.task_error(fut, exc)
+                    fut = None
                     if not isinstance(exc, Exception):
                         raise  # KeyboardInterrupt, SystemExit: let the loop see them
                 else:
@@ -522,6 +564,7 @@ class LocalTransport(Transport):
                     self._runner = None
                     if q:
                         self._runner = loop.create_task(self._drive())
+                    sched.pump_soon()
                     if run is _AQUEUED:
                         run = fut._att = _Run(fut, _STARTED)
                     run.task = asyncio.current_task()
@@ -529,9 +572,23 @@ class LocalTransport(Transport):
                     return
                 n += 1
                 if not n & 63 and time.perf_counter() > end:
+                    if fut is not None:
+                        # started (running in the core) but not begun: it
+                        # goes first when the runner goes on
+                        fut._att = _AQUEUED
+                        q.appendleft(fut)
+                        fut = None
+                    sched.pump_soon()
                     await asyncio.sleep(0)  # the loop's turn: I/O, timers
+                    sched.defer_pump()
                     end = time.perf_counter() + _RUNNER_SLICE
         finally:
+            if fut is not None and fut._att is None and not fut.done():
+                # handed over by take_next (running in the core) but never
+                # begun: it goes back to the queue
+                fut._att = _AQUEUED
+                q.appendleft(fut)
+            sched.pump_soon()
             if self._runner is asyncio.current_task():
                 self._runner = None
                 if q:
@@ -653,23 +710,60 @@ class LocalTransport(Transport):
                 if (status != SKIPPED and fut._att is run and not fut.done()
                         and run.prev is None):
                     obs.thread_ran(fut, t0, took)
-        for run, status, value, took, t0 in items:
+        released: list[Outcome] = []
+        for item in items:
+            run = item[0]
             fut = run.fut
             if fut.done() or fut._att is not run:
                 continue  # skipped, or an attempt already given up on
             if run.prev is not None:
                 # queued after its input, not released by the core yet
-                if status == SKIPPED:
+                if item[1] == SKIPPED:
                     fut._att = None  # it goes out again when ready
                 else:
-                    run.early = (status, value, took, t0)
+                    run.early = (item[1], item[2], item[3], item[4])
                 continue
+            released.append(item)
+        # (the outcomes of links queued after their inputs are in place first,
+        # so that a chain is reported at once: _report_ok)
+        for run, status, value, _took, _t0 in released:
+            if run.timer is not None:
+                run.stop_timer()
             if status == OK:
-                run.stop_timer()
-                sched.task_ok(fut, value)
+                if run.fut._next is None or obs is not None:
+                    sched.task_ok(run.fut, value)
+                else:
+                    self._report_ok(run, value)
             elif status == ERROR:
-                run.stop_timer()
-                sched.task_error(fut, value[0])
+                sched.task_error(run.fut, value[0])
+
+    def _report_ok(self, run: _Run, value: Any) -> None:
+        """``run`` (released) returned ``value``: report it, and the links queued after it.
+
+        When the next link of its chain has its outcome already (it ran in
+        the same batch), the core releases that link now and its outcome
+        follows at once (``Scheduler.take_next``), link after link, rather
+        than a pump and a dispatch each.
+        """
+        sched = self._sched
+        assert sched is not None
+        fut = run.fut
+        while True:
+            nxt = fut._next
+            nrun = nxt._att if nxt is not None else None
+            if type(nrun) is not _Run or nrun.prev is not run or nrun.early is None:
+                sched.task_ok(fut, value)
+                return
+            assert nxt is not None
+            if not sched.take_next(fut, value, nxt):
+                return  # dispatched as usual: _released reports it
+            nrun.prev = None
+            status, nvalue, _took, _t0 = nrun.early
+            nrun.early = None
+            if status != OK:
+                sched.task_error(nxt, nvalue[0])
+                return
+            run, fut, value = nrun, nxt, nvalue
 
     # -------------------------------------------------------------- cancelling
     def cancel_running(self, fut: TaskFuture[Any], msg: Any) -> bool:

@@ -223,3 +223,72 @@ async def test_cancelling_a_link_queued_after_its_input_skips_it_and_the_rest() 
             with pytest.raises(asyncio.CancelledError):
                 await f
         assert ran == list(range(10))
+
+
+async def a_link(x: int) -> int:
+    return x + 1
+
+
+async def test_a_chain_of_coroutines_runs_in_a_few_loop_iterations() -> None:
+    # each link starts as its input ends (take_next), not one loop turn later
+    turns = 0
+
+    def tick() -> None:
+        nonlocal turns
+        turns += 1
+        loop.call_soon(tick)
+
+    loop = asyncio.get_running_loop()
+    async with async_wf.Runtime() as rt:
+        futs = [rt.submit(a_link, 0)]
+        for _ in range(999):
+            futs.append(rt.submit(a_link, futs[-1]))
+        loop.call_soon(tick)
+        assert await futs[-1] == 1000
+        assert turns < 20, f"{turns} loop iterations for 1000 links"
+        assert [f.result() for f in futs] == list(range(1, 1001))
+        stats = rt.statistics()
+        assert stats["finished"] == 1000 and stats["running"] == 0
+
+
+async def test_a_coroutine_chain_keeps_contexts_suspensions_and_failures() -> None:
+    async def link(x: int) -> int:
+        before = VAR.get()
+        VAR.set(f"link{x}")  # seen by no other link
+        if x % 7 == 3:
+            await asyncio.sleep(0)  # a link that suspends becomes a task of its own
+            assert VAR.get() == f"link{x}"
+        if x == 40:
+            raise ValueError("link 40 fails")
+        assert before == "unset"
+        return x + 1
+
+    async with async_wf.Runtime() as rt:
+        futs = [rt.submit(link, 0)]
+        for _ in range(60):
+            futs.append(rt.submit(link, futs[-1]))
+        with pytest.raises(async_wf.DependencyError):
+            await futs[-1]
+        assert [f.result() for f in futs[:40]] == list(range(1, 41))
+        with pytest.raises(ValueError, match="link 40 fails"):
+            futs[40].result()
+        assert VAR.get() == "unset"
+
+
+async def test_a_link_that_cancels_the_next_one_cancels_the_rest() -> None:
+    futs: list[async_wf.TaskFuture[int]] = []
+
+    async def link(x: int) -> int:
+        if x == 5:
+            futs[6].cancel()  # its successor, waiting for it alone
+        return x + 1
+
+    async with async_wf.Runtime() as rt:
+        futs.append(rt.submit(link, 0))
+        for _ in range(10):
+            futs.append(rt.submit(link, futs[-1]))
+        assert await futs[5] == 6
+        for f in futs[6:]:
+            with pytest.raises(asyncio.CancelledError):
+                await f
+        assert rt.statistics()["cancelled"] == 5
