@@ -1089,7 +1089,7 @@ class RemoteTransport(Transport):
 
     @staticmethod
     def _can_follow(nxt: TaskFuture[Any]) -> bool:
-        """Whether ``nxt`` (a chained task, see ``Scheduler._chain``) may be sent ahead now."""
+        """Whether ``nxt`` (a chained task, see ``Scheduler.submit``) may be sent ahead now."""
         return nxt._att is None and not nxt._lost and not nxt.done()
 
     def _mark_ahead(self, w: _Worker, prev: TaskFuture[Any], nxt: TaskFuture[Any]) -> None:
