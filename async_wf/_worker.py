@@ -799,17 +799,20 @@ class Worker:
         col = self._col
         if col is not None:
             # the rest of the column whose call runs long
-            rid0, fid, _kind, args = col
-            fn = self._fns[fid]
-            for j in range(self._col_j, len(args)):
-                self._in_pool.add(rid0 + j)
-                pool.put((rid0 + j, fid), fn, args[j], _NO_KWARGS, 0)
-            self._col_j = len(args)
+            self._pool_column(col, self._col_j)
+            self._col_j = len(col[3])
         while self._batch_i < len(batch) and batch[self._batch_i][2] == P.K_THREAD:
             item = batch[self._batch_i]
-            if len(item) == 4:
-                return  # a column: the loop's, after the long call
             self._batch_i += 1
+            if len(item) == 4:
+                rid0, fid, _kind, args = item
+                if type(rid0) is not int or type(args) is not list or fid not in self._fns:
+                    # malformed, or its function failed to load: the loop
+                    # reports it (or drops the connection) after the long call
+                    self._batch_i -= 1
+                    return
+                self._pool_column(item, 0)
+                continue
             start = self._batch_pos
             self._batch_pos = start + item[3]
             loaded = self._load(item, buffers, start)
@@ -818,6 +821,16 @@ class Worker:
             rid, fid, _kind, fn, args, kwargs, extra = loaded
             self._in_pool.add(rid)
             pool.put((rid, fid), fn, args, kwargs, 0 if extra is None else extra[1])
+
+    def _pool_column(self, col: tuple[Any, ...], j: int) -> None:
+        """Put the tasks of column ``col`` from its ``j``-th on in the pool (the guard)."""
+        pool = self._pool
+        assert pool is not None
+        rid0, fid, _kind, args = col
+        fn = self._fns[fid]
+        for k in range(j, len(args)):
+            self._in_pool.add(rid0 + k)
+            pool.put((rid0 + k, fid), fn, args[k], _NO_KWARGS, 0)
 
     # ------------------------------------------------------ resource tasks
     def _queue_resource(self, rid: int, kind: int, fn: Any, args: Any, kwargs: Any,
