@@ -74,7 +74,7 @@ log = logging.getLogger("async_wf")
 
 # 2: AUTH carries the worker's resources; resource tasks (K_RTHREAD, K_RASYNC);
 # STEAL and R_RETURNED
-# 3: columns of plain tasks in TASKS and of scalar results in RESULTS
+# 3: columns of plain tasks in TASKS and of scalar results in RESULTS; QUICK
 PROTOCOL_VERSION = 3
 MAGIC = b"aw"
 
@@ -102,6 +102,11 @@ STEAL = 14
 FETCH = 15
 DATA = 16
 FREE = 17
+# worker -> scheduler: True once every blocking task it was sent ran on its
+# loop (learnt quick), False once one went to its threads again: a quick
+# worker gets QUICK_CREDIT times the credit (async_wf.transport._remote)
+QUICK = 18
+QUICK_CREDIT = 8
 KIND_NAMES = {
     HELLO: "HELLO",
     AUTH: "AUTH",
@@ -120,6 +125,7 @@ KIND_NAMES = {
     FETCH: "FETCH",
     DATA: "DATA",
     FREE: "FREE",
+    QUICK: "QUICK",
 }
 
 # task kinds in a TASKS item: how the worker runs the function. The first

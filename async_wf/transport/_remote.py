@@ -1304,6 +1304,12 @@ class RemoteTransport(Transport):
             except (TypeError, ValueError) as exc:
                 raise P.ProtocolError(f"malformed LOG frame: {exc}") from exc
             self._on_log(w, records)
+        elif kind == P.QUICK:
+            quick = P.loads(payload, buffers)
+            if type(quick) is not bool:
+                raise P.ProtocolError(f"malformed QUICK frame: True or False expected, "
+                                      f"got {quick!r:.100}")
+            self._set_quick(w, quick)
         elif kind == P.SAVE:
             try:
                 rid, step, blob = P.loads(payload, buffers)
@@ -1314,6 +1320,25 @@ class RemoteTransport(Transport):
             self._on_save(w, rid, step, blob)
         else:
             raise P.ProtocolError(f"unexpected {P.KIND_NAMES[kind]} frame from a worker")
+
+    def _set_quick(self, w: _Worker, quick: bool) -> None:
+        """``w`` runs every blocking task on its loop now (or no longer): its credit.
+
+        Such tasks take no thread there, and each frame has a fixed cost on
+        both ends, so a quick worker gets ``QUICK_CREDIT`` times the credit:
+        frames of hundreds of tasks instead of dozens. It goes back to the
+        normal credit as soon as one of its tasks needs a thread; what was
+        sent meanwhile drains first (the hysteresis of ``count``).
+        """
+        limit = w.slots * self._prefetch * (P.QUICK_CREDIT if quick else 1)
+        w.thread_limit = limit
+        w.thread_refill = int(limit * self.refill)
+        if w.n_thread >= limit:
+            w.thread_open = False
+        elif w.n_thread <= w.thread_refill:
+            w.thread_open = True
+        if quick:
+            self._wake()
 
     def _on_log(self, w: _Worker, records: list[tuple[str, int, str, float]]) -> None:
         """Log the records a worker forwarded, under ``async_wf.worker``, naming it."""

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -143,19 +144,46 @@ def test_columns_split_frames_under_a_small_frame_limit(tmp_path: Path) -> None:
     assert proc.stdout.startswith("ok"), proc.stdout
 
 
+def noop() -> None:
+    return None
+
+
+def nap() -> None:
+    time.sleep(0.01)
+
+
+@UV
+async def test_a_worker_that_runs_everything_on_its_loop_gets_a_larger_credit() -> None:
+    async with async_wf.Runtime(workers=1) as rt:
+        t: Any = rt.transport
+        (w,) = t._order
+        base = w.thread_limit
+        for _ in range(5):
+            await async_wf.gather(*[rt.submit(noop) for _ in range(2000)])
+        await until(lambda: w.thread_limit == base * P.QUICK_CREDIT, "the quick credit")
+        # one that needs a thread: back to the normal credit
+        await async_wf.gather(*[rt.submit(nap) for _ in range(3)])
+        await until(lambda: w.thread_limit == base, "the normal credit")
+        assert w.n_thread == 0
+
+
 @UV
 @pytest.mark.parametrize("item", [
     ([1, 2], [3]),  # lengths differ
     ((1, 2), (3, 4)),  # not lists
+    "quick",  # a QUICK frame that is not a bool
 ])
-async def test_a_malformed_result_column_closes_that_connection_only(item: Any) -> None:
+async def test_a_malformed_column_or_quick_frame_closes_that_connection_only(item: Any) -> None:
     async with async_wf.Runtime(workers=1) as rt:
         t = rt.transport
         peer = await RawPeer.connect(t.address)  # type: ignore[attr-defined]
         try:
             await peer.handshake(t.secret)  # type: ignore[attr-defined]
             await until(lambda: rt.statistics()["workers"] == 2, "the raw peer to join")
-            peer.send(P.encode(P.RESULTS, [item]))
+            if item == "quick":
+                peer.send(P.encode(P.QUICK, 1))
+            else:
+                peer.send(P.encode(P.RESULTS, [item]))
             assert await peer.closed_by_peer()
         finally:
             peer.close()
