@@ -169,6 +169,7 @@ class Worker:
         self._cancelled: set[int] = set()  # cancelled while in the pool (under its lock)
         self._in_pool: set[int] = set()  # blocking tasks put in the pool, not yet reported
         self._quick = False  # what the scheduler was last told (P.QUICK)
+        self._quick_n = 0  # how many functions it had learnt then
         self._out: list[tuple[int, int, Any, str | None]] = []
         # rid -> (rank, ranks, (step, state) to restore or None), for the tasks
         # that are an MPI task's part or have a saved step to resume from
@@ -496,13 +497,16 @@ class Worker:
                 self._start_part(kind, rid, fid, fn, args, kwargs, extra)
         self._batch = None
         self._batch_bufs = None
-        # ran some on the loop and none waits in a thread: quick (see P.QUICK)
+        # ran some on the loop and none waits in a thread: quick (see P.QUICK);
+        # told again when it has learnt another function since
         quick = not self._in_pool if spent > 0 else (False if self._in_pool else self._quick)
-        if quick != self._quick:
+        if quick != self._quick or (quick and len(self._dur) != self._quick_n):
             self._quick = quick
+            self._quick_n = len(self._dur)
+            fids = [f for f, d in self._dur.items() if d < INLINE_BELOW] if quick else []
             stream = self._stream
             if stream is not None:
-                stream.send(P.encode(P.QUICK, quick))
+                stream.send(P.encode(P.QUICK, fids))
         if floor > self._fid_floor:
             # the scheduler dropped its cache: ids below floor are never sent again
             self._fid_floor = floor

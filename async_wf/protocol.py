@@ -102,9 +102,10 @@ STEAL = 14
 FETCH = 15
 DATA = 16
 FREE = 17
-# worker -> scheduler: True once every blocking task it was sent ran on its
-# loop (learnt quick), False once one went to its threads again: a quick
-# worker gets QUICK_CREDIT times the credit (async_wf.transport._remote)
+# worker -> scheduler: [function ids learnt quick] once every blocking task it
+# was sent ran on its loop, [] once one went to its threads again: a quick
+# worker gets QUICK_CREDIT times the credit for those functions
+# (async_wf.transport._remote)
 QUICK = 18
 QUICK_CREDIT = 8
 KIND_NAMES = {

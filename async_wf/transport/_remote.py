@@ -175,6 +175,7 @@ class _Worker:
         "name",
         "pid",
         "quarantine",
+        "quick_fids",
         "req_zombies",
         "reserved",
         "slots",
@@ -220,6 +221,9 @@ class _Worker:
         # (see RemoteTransport.refill)
         self.thread_refill = self.thread_limit
         self.thread_open = True
+        #: functions learnt quick there while it runs every blocking task on
+        #: its loop (P.QUICK); not empty: it has the quick credit
+        self.quick_fids: set[int] = set()
         self.async_limit = async_limit
         self.last_heard = time.monotonic()
         #: a task that holds this worker whole (an MPI task: transport.mpi);
@@ -454,6 +458,8 @@ class RemoteTransport(Transport):
                     continue
             else:
                 w = self._pick(kind)
+                if w is not None and w.quick_fids:
+                    w = self._pick_quick(fut, w)
             if w is None:
                 self._seq += 1
                 heapq.heappush(self._backlog[kind != ASYNC],
@@ -1259,6 +1265,8 @@ class RemoteTransport(Transport):
                     continue
                 w = self._pick(fut._kind) if fut._opts.time is None else \
                     self._pick_in_time(fut)
+                if w is not None and w.quick_fids and fut._kind != ASYNC:
+                    w = self._pick_quick(fut, w)
                 if w is None:
                     break
                 heapq.heappop(heap)
@@ -1305,11 +1313,11 @@ class RemoteTransport(Transport):
                 raise P.ProtocolError(f"malformed LOG frame: {exc}") from exc
             self._on_log(w, records)
         elif kind == P.QUICK:
-            quick = P.loads(payload, buffers)
-            if type(quick) is not bool:
-                raise P.ProtocolError(f"malformed QUICK frame: True or False expected, "
-                                      f"got {quick!r:.100}")
-            self._set_quick(w, quick)
+            fids = P.loads(payload, buffers)
+            if type(fids) is not list or not all(type(f) is int for f in fids):
+                raise P.ProtocolError(f"malformed QUICK frame: a list of function ids "
+                                      f"expected, got {fids!r:.100}")
+            self._set_quick(w, set(fids))
         elif kind == P.SAVE:
             try:
                 rid, step, blob = P.loads(payload, buffers)
@@ -1321,24 +1329,46 @@ class RemoteTransport(Transport):
         else:
             raise P.ProtocolError(f"unexpected {P.KIND_NAMES[kind]} frame from a worker")
 
-    def _set_quick(self, w: _Worker, quick: bool) -> None:
-        """``w`` runs every blocking task on its loop now (or no longer): its credit.
+    def _set_quick(self, w: _Worker, fids: set[int]) -> None:
+        """``w`` runs every blocking task on its loop now, functions ``fids`` learnt
+        quick there (or, empty, no longer): its credit.
 
         Such tasks take no thread there, and each frame has a fixed cost on
         both ends, so a quick worker gets ``QUICK_CREDIT`` times the credit:
         frames of hundreds of tasks instead of dozens. It goes back to the
         normal credit as soon as one of its tasks needs a thread; what was
-        sent meanwhile drains first (the hysteresis of ``count``).
+        sent meanwhile drains first (the hysteresis of ``count``). Functions
+        not in ``fids`` get only the normal credit (``_pick_quick``).
         """
-        limit = w.slots * self._prefetch * (P.QUICK_CREDIT if quick else 1)
+        w.quick_fids = fids
+        limit = w.slots * self._prefetch * (P.QUICK_CREDIT if fids else 1)
         w.thread_limit = limit
         w.thread_refill = int(limit * self.refill)
         if w.n_thread >= limit:
             w.thread_open = False
         elif w.n_thread <= w.thread_refill:
             w.thread_open = True
-        if quick:
+        if fids:
             self._wake()
+
+    def _pick_quick(self, fut: TaskFuture[Any], w: _Worker) -> _Worker | None:
+        """``w``, picked for blocking ``fut`` while it has the quick credit, if
+        ``fut``'s function is one it learnt quick or ``w`` is within its normal
+        credit; else a worker within its normal credit, or None.
+
+        A new or slow function must not fill the deep queue that quick calls
+        earn: it waits (the backlog) rather than queue behind them.
+        """
+        entry = self._fn_blobs.get(_fn_key(fut._fn))
+        if entry is not None and entry[0] is fut._fn and entry[1] in w.quick_fids:
+            return w
+        per_slot = self._prefetch
+        if w.n_thread < w.slots * per_slot:
+            return w
+        for o in self._order:
+            if o.n_thread < o.slots * per_slot and o.free(fut._kind) > 0:
+                return o
+        return None
 
     def _on_log(self, w: _Worker, records: list[tuple[str, int, str, float]]) -> None:
         """Log the records a worker forwarded, under ``async_wf.worker``, naming it."""

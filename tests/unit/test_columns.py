@@ -161,10 +161,18 @@ async def test_a_worker_that_runs_everything_on_its_loop_gets_a_larger_credit() 
         for _ in range(5):
             await async_wf.gather(*[rt.submit(noop) for _ in range(2000)])
         await until(lambda: w.thread_limit == base * P.QUICK_CREDIT, "the quick credit")
-        # one that needs a thread: back to the normal credit
-        await async_wf.gather(*[rt.submit(nap) for _ in range(3)])
+        # a function it has not learnt quick gets the normal credit at once:
+        # 300 of them do not all go to its queue
+        naps = [rt.submit(nap) for _ in range(300)]
+        await asyncio.sleep(0.05)
+        assert w.n_thread <= base, (w.thread_limit, w.n_thread)
+        # and once one of them has needed a thread, the worker says so
         await until(lambda: w.thread_limit == base, "the normal credit")
-        assert w.n_thread == 0
+        for f in naps:
+            f.cancel()
+        await asyncio.gather(*naps, return_exceptions=True)
+        await until(lambda: w.n_thread == 0, "the credit back")
+        assert sum(f.cancelled() for f in naps) >= 300 - base - 1
 
 
 @UV
@@ -181,7 +189,7 @@ async def test_a_malformed_column_or_quick_frame_closes_that_connection_only(ite
             await peer.handshake(t.secret)  # type: ignore[attr-defined]
             await until(lambda: rt.statistics()["workers"] == 2, "the raw peer to join")
             if item == "quick":
-                peer.send(P.encode(P.QUICK, 1))
+                peer.send(P.encode(P.QUICK, True))
             else:
                 peer.send(P.encode(P.RESULTS, [item]))
             assert await peer.closed_by_peer()
