@@ -180,28 +180,7 @@ class Scheduler:
                 )
         if files_in_use[0] or self._ckpt is not None or self._obs is not None:
             return self._submit_slow(fn, args, kwargs, opts, kind, subst, found)
-        self._next_id += 1
-        self.n_submitted += 1
-        fut: TaskFuture[Any] = TaskFuture(loop=self._loop)
-        fut._sched = self
-        fut._fn = fn
-        fut._args = args
-        fut._kwargs = kwargs
-        fut._opts = opts
-        fut._kind = kind
-        fut._subst = subst
-        fut._id = self._next_id
-        fut._attempt = 1
-        fut._att = None
-        fut._ignored = False
-        fut._unrun = False
-        fut._lost = 0
-        fut._cancelling = False
-        fut._refs = None
-        fut._held = None
-        fut._next = None
-        fut._ckey = None
-        fut._cparents = None
+        fut: TaskFuture[Any] = self._new_future(TaskFuture, fn, args, kwargs, opts, kind, subst)
         if found:
             dep = found[0]
             if len(found) > 1 or type(dep) is not TaskFuture or dep.done():
@@ -255,8 +234,6 @@ class Scheduler:
         fut: TaskFuture[Any]
         if ck is None:
             fut = self._new_future(TaskFuture, fn, args, kwargs, opts, kind, subst)
-            fut._ckey = None
-            fut._cparents = None
         else:
             key = ck.key(fn, opts, args, kwargs, found, plan)
             parents: tuple[bytes, ...] | None = None
@@ -300,7 +277,8 @@ class Scheduler:
         kind: int,
         subst: bool,
     ) -> Any:
-        # the fields submit's common path sets too: a change goes to both
+        # one place for every field: a task recorded in the checkpoint log
+        # sets its key and its inputs' keys after
         self._next_id += 1
         self.n_submitted += 1
         fut = cls(loop=self._loop)
@@ -321,6 +299,8 @@ class Scheduler:
         fut._refs = None
         fut._held = None
         fut._next = None
+        fut._ckey = None
+        fut._cparents = None
         return fut
 
     def _enqueue(self, fut: TaskFuture[Any], found: list[TaskFuture[Any]]) -> None:
