@@ -131,6 +131,9 @@ class _Service:
         self.stop: asyncio.Event | None = None
         self.start_error: BaseException | None = None
         self.cancel_on_close = False
+        # set on the loop once shutdown(cancel_futures=True) has cancelled
+        # what had not started: the caller waits for it (see shutdown)
+        self.cancel_done = threading.Event()
         self.thread = threading.Thread(target=self.main, name="async_wf-executor", daemon=True)
 
     def start(self) -> None:
@@ -172,6 +175,7 @@ class _Service:
                     self.drain()
                     await asyncio.sleep(_TAKE_MOMENT)
                     _cancel_unstarted(sched)
+                    self.cancel_done.set()
                 else:
                     self.drain()
                 await self.rt.close()
@@ -205,6 +209,27 @@ class _Service:
             cfut._task = tf
             tf.add_done_callback(_Relay(cfut))
 
+    def cancel_late(self, sched: Any) -> None:
+        """On the loop: a second shutdown asked to cancel what has not started."""
+        _cancel_unstarted(sched)
+        self.cancel_done.set()
+
+    def wait_cancelled(self) -> None:
+        """Return once the loop has cancelled the calls not started.
+
+        As ``concurrent.futures`` does, ``shutdown(cancel_futures=True)``
+        returns with them cancelled: a caller that then lets a running call
+        end must not see the freed thread start queued ones because the
+        loop thread was slow to take the request (a loaded machine). Not
+        from the loop's own thread (a call run inline there), which would
+        wait for itself, nor once that thread has ended.
+        """
+        if self.thread is threading.current_thread():
+            return
+        while not self.cancel_done.wait(0.05):
+            if not self.thread.is_alive():
+                return
+
     def submit(self, fn: Callable[..., Any], args: Any, kwargs: Any) -> ExecutorFuture:
         """Queue one call for the loop; its future at once."""
         fut = ExecutorFuture()
@@ -235,7 +260,8 @@ class _Service:
                 loop, sched = self.loop, self.rt._sched
                 if loop is not None and sched is not None and not loop.is_closed():
                     with contextlib.suppress(RuntimeError):  # the loop has stopped
-                        loop.call_soon_threadsafe(_cancel_unstarted, sched)
+                        loop.call_soon_threadsafe(self.cancel_late, sched)
+                        self.wait_cancelled()
             # joined outside the lock: the loop thread takes it to drain the inbox
             if wait and self.thread.ident is not None \
                     and self.thread is not threading.current_thread():
@@ -247,6 +273,8 @@ class _Service:
         if loop is not None and stop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop has already stopped
                 loop.call_soon_threadsafe(stop.set)
+                if cancel_futures:
+                    self.wait_cancelled()
         if wait and self.thread.ident is not None \
                 and self.thread is not threading.current_thread():
             self.thread.join()

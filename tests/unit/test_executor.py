@@ -209,6 +209,36 @@ def test_shutdown_cancel_futures_leaves_them_cancelled_not_failed() -> None:
     assert len(cancelled) == 50, f"{len(cancelled)} of 50 cancelled"
 
 
+def test_shutdown_cancel_futures_cancels_before_it_returns_even_with_a_busy_loop() -> None:
+    # The caller may release the running call the moment shutdown returns (as
+    # concurrent.futures allows: the queued calls are cancelled by then). A
+    # loop thread slow to react (a loaded machine) must not let the freed
+    # thread start the queued calls in between: CI saw 35 of 50 run.
+    import time as _time
+
+    started = threading.Event()
+    release = threading.Event()
+
+    def blocker() -> None:
+        started.set()
+        release.wait(10)
+
+    ex = Executor(max_workers=1)
+    ex.submit(blocker)
+    assert started.wait(10)
+    queued = [ex.submit(square, i) for i in range(50)]
+    assert ex.submit(square, 3) is not None  # the inbox is handed over before the loop sleeps
+    _time.sleep(0.05)
+    loop = ex._svc.loop
+    assert loop is not None
+    loop.call_soon_threadsafe(_time.sleep, 0.3)  # the loop thread, busy elsewhere
+    ex.shutdown(wait=False, cancel_futures=True)
+    release.set()
+    ex.shutdown(wait=True)
+    cancelled = [f for f in queued if f.cancelled()]
+    assert len(cancelled) == 50, f"{len(cancelled)} of 50 cancelled"
+
+
 def test_cancel_succeeds_for_a_task_waiting_for_its_inputs() -> None:
     release = threading.Event()
     ran: list[int] = []
