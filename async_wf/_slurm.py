@@ -399,8 +399,13 @@ class SlurmAllocator(Allocator):
             " ".join(_quote(a) for a in srun + worker) + "\n"
 
     def sbatch_command(self) -> list[str]:
-        """The ``sbatch`` command line of one worker job (the script comes on stdin)."""
-        cmd = [_command("sbatch"), "--parsable", f"--job-name={self.job_name}",
+        """The ``sbatch`` command line of one worker job (the script comes on stdin).
+
+        It names ``sbatch`` as it is typed; submitting looks it up on PATH
+        (and fails with ``AllocationError`` there), so the line can be shown
+        or checked on a machine without Slurm.
+        """
+        cmd = ["sbatch", "--parsable", f"--job-name={self.job_name}",
                f"--time={self.time}", f"--nodes={self.nodes_per_job}",
                "--ntasks-per-node=1", f"--output={self.output}", "--export=ALL"]
         if self.partition:
@@ -455,7 +460,9 @@ class SlurmAllocator(Allocator):
     async def _sbatch(self) -> None:
         assert self._address is not None
         self.n_sbatch += 1
-        code, out, err = await self._run(self.sbatch_command(),
+        cmd = self.sbatch_command()
+        cmd[0] = _command(cmd[0])
+        code, out, err = await self._run(cmd,
                                          self.script(self._address, self._args))
         if code != 0:
             msg = " ".join(err.replace("sbatch: error: ", "").split()) \
