@@ -929,8 +929,11 @@ class RemoteTransport(Transport):
             fn = fut._fn
             args = fut._args
             pre = fut._att
+            # a checkpointed task goes in a column too unless the log holds
+            # committed steps, one of which might be its to restore
             if (pre is None and part is None and fut._opts.plain and fut._refs is None
-                    and fut._cparents is None and not fut._kwargs and not fut._subst
+                    and (fut._cparents is None or not commits)
+                    and not fut._kwargs and not fut._subst
                     and (fut._next is None or not ahead_on)
                     and type(fn) is not types.MethodType):
                 cost = P.column_cost(args) if args else 8

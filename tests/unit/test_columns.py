@@ -242,3 +242,21 @@ async def test_a_malformed_task_column_ends_the_worker_with_the_rule(
         stop(proc)
         server.close()
         await server.wait_closed()
+
+
+@UV
+async def test_checkpointed_tasks_go_in_columns_and_a_rerun_finds_them(tmp_path: Path) -> None:
+    # the log needs nothing from the worker for a task without a committed
+    # step: such tasks take the bulk path too, and their records are whole
+    log = tmp_path / "run.wfck"
+    async with async_wf.Runtime(workers=2, checkpoint=log) as rt:
+        got = await async_wf.gather(*[rt.submit(square, i) for i in range(600)])
+        stats = rt.statistics()
+    assert got == [i * i for i in range(600)]
+    assert stats["tasks_in_columns"] >= 500, stats["tasks_in_columns"]
+    assert stats["checkpoint_recorded"] == 600
+    async with async_wf.Runtime(workers=2, checkpoint=log) as rt:
+        again = await async_wf.gather(*[rt.submit(square, i) for i in range(600)])
+        stats = rt.statistics()
+    assert again == got
+    assert stats["reused"] == 600 and stats["tasks_in_columns"] == 0
