@@ -1,6 +1,6 @@
 """Build script: the one compiled extension, async_wf._core, from src_cython/_core.pyx
 (the task core, readyq.pxi and deptrack.pxi, and the checkpoint log's hot paths,
-ckfast.pxi, in one compilation unit).
+ckfast.pxi, and the in-process runner's loop, runner.pxi, in one compilation unit).
 
 Set ASYNC_WF_DEBUG_BUILD=1 to compile with line tracing and assertions on.
 

@@ -61,6 +61,58 @@ def start_coroutine(owner: ContextOwner, token: Any, coro: Any) -> Any:
     return coro.send(None)
 
 
+def run_firsts(q: Any, owner: ContextOwner, var: contextvars.ContextVar[Any],
+               done: list[tuple[Any, Any]], queued: Any, started: Any,
+               limit: int) -> tuple[int, Any, Any, Any] | None:
+    """First steps of the coroutine tasks queued in ``q``, in order, while each ends there.
+
+    The local transport's runner loop (the twin of the compiled
+    ``async_wf._core.run_firsts``). Takes futures from the left of the deque
+    ``q``; a future whose ``_att`` is ``queued`` (and without keyword
+    arguments) is marked ``started``, and its coroutine ``_fn(*_args)`` is
+    made and taken one step in a copy of the current context with ``var``
+    set to ``[owner, fut, None]`` (``task_context()``'s mark). A coroutine
+    that returns in that step without a ``_next`` goes to ``done`` as
+    ``(fut, value)`` and the loop goes on.
+
+    Returns None once ``limit`` tasks have started or ``q`` is empty; else,
+    for the task that the caller must carry on with:
+
+    - ``(0, fut, value, None)``: it returned ``value`` and has a ``_next``;
+    - ``(1, fut, ctx, (coro, first))``: it waits for ``first``, in ``ctx``;
+    - ``(2, fut, exc, None)``: making or stepping the coroutine raised ``exc``;
+    - ``(3, fut, None, None)``: not such a task (taken from ``q``, not started).
+    """
+    n = 0
+    popleft = q.popleft
+    copy_context = contextvars.copy_context
+    while n < limit and q:
+        fut = popleft()
+        if fut._att is not queued or fut._kwargs:
+            return (3, fut, None, None)
+        fut._att = started
+        n += 1
+        ctx = copy_context()
+        try:
+            coro, first = ctx.run(_first_step, owner, var, fut)
+        except StopIteration as stop:
+            if fut._next is not None:
+                return (0, fut, stop.value, None)
+            done.append((fut, stop.value))
+            continue
+        except BaseException as exc:
+            return (2, fut, exc, None)
+        return (1, fut, ctx, (coro, first))
+    return None
+
+
+def _first_step(owner: ContextOwner, var: contextvars.ContextVar[Any], fut: Any) -> Any:
+    # in the task's own context: its mark, its coroutine, the first step
+    var.set([owner, fut, None])
+    coro = fut._fn(*fut._args)
+    return coro, coro.send(None)
+
+
 def call_on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` on ``loop``'s thread, from any thread; its value or exception."""
     if asyncio._get_running_loop() is loop:

@@ -101,3 +101,13 @@ class RecorderFast:
         plan: Any = ...,
     ) -> bytes | None: ...
     def __contains__(self, key: object) -> bool: ...
+
+def run_firsts(
+    q: Any,
+    owner: Any,
+    var: Any,
+    done: list[tuple[Any, Any]],
+    queued: Any,
+    started: Any,
+    limit: int,
+) -> tuple[int, Any, Any, Any] | None: ...

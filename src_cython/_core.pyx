@@ -1,8 +1,9 @@
 """The compiled extension: the task core, and the checkpoint log's hot paths.
 
 The one compilation unit of async_wf: this file includes readyq.pxi and
-deptrack.pxi (the core) and ckfast.pxi (the checkpoint log's per-task hot
-paths, see its head). ``async_wf._extension.compiled()`` loads it for both.
+deptrack.pxi (the core), ckfast.pxi (the checkpoint log's per-task hot
+paths, see its head) and runner.pxi (the in-process runner's per-task
+loop). ``async_wf._extension.compiled()`` loads it for all three.
 
 The core is a dependency tracker and ready queue over integer task handles.
 
@@ -65,6 +66,7 @@ cdef long long _INT32_MAX = 2147483647
 include "readyq.pxi"
 include "deptrack.pxi"
 include "ckfast.pxi"
+include "runner.pxi"
 
 
 cdef int _get_int64_buffer(str name, object obj, Py_buffer* view) except -1:

@@ -51,9 +51,11 @@ import types
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
-from async_wf._context import TaskContext, mark_coroutine, mark_thread, start_coroutine
+from async_wf._context import TaskContext, mark_coroutine, mark_thread, run_firsts, start_coroutine
 from async_wf._context import _tls as _thread_mark
+from async_wf._context import _var as _task_var
 from async_wf._errors import ResourceError, TaskTimeoutError
+from async_wf._extension import compiled
 from async_wf._futures import with_input
 from async_wf._options import ASYNC, THREAD
 from async_wf._resources import RESOURCE_THREADS, Allocator, Declared, Grant, pinned
@@ -96,12 +98,19 @@ class _Run(Attempt):
         self.early: tuple[int, Any, float, float] | None = None
 
 
+_ext = compiled()
+# the runner's loop over coroutines that end in their first step
+_run_firsts = _ext.run_firsts if _ext is not None else run_firsts
+del _ext
+
 _INLINE = object()  # the attempt of an inline task: run and over within dispatch
 # the attempt of an async def task with no timeout waiting in the runner's
 # queue (it gets a _Run only if it suspends: most never do)
 _AQUEUED = object()
 # a runner gives the loop a turn after this long (I/O and timers wait meanwhile)
 _RUNNER_SLICE = 2e-3
+#: coroutine tasks the runner starts between two looks at the clock
+_RUNNER_BURST = 64
 # a blocking function whose calls average less than this many seconds is
 # quick: its calls go to the threads in batches of about _QUICK_BATCH_S
 QUICK_BELOW = 200e-6
@@ -498,11 +507,11 @@ class LocalTransport(Transport):
         loop = self._loop
         assert sched is not None and loop is not None
         q = self._runq
-        popleft = q.popleft
         copy_context = contextvars.copy_context
+        run_firsts = _run_firsts
         end = time.perf_counter() + _RUNNER_SLICE
-        n = 0
         fut: Any = None  # the task to start next, when it did not come from the queue
+        run: Any
         # outcomes go to the scheduler without a pump scheduled for each: this
         # runner pumps when its queue runs dry, and schedules the pump before
         # the loop gets a turn (in the finally clause at the latest)
@@ -516,7 +525,52 @@ class LocalTransport(Transport):
                         if not q:
                             return
                         sched.defer_pump()
-                    fut = popleft()
+                    # the common case, a coroutine ending in its first step,
+                    # a whole run of them at a time (compiled: _core.run_firsts)
+                    got = run_firsts(q, self, _task_var, sched._done_buf, _AQUEUED, _INLINE,
+                                     _RUNNER_BURST)
+                    if got is None:
+                        if time.perf_counter() > end:
+                            sched.pump_soon()
+                            await asyncio.sleep(0)  # the loop's turn: I/O, timers
+                            sched.defer_pump()
+                            end = time.perf_counter() + _RUNNER_SLICE
+                        continue
+                    why, fut, value, rest = got
+                    if why == 0:
+                        # it returned and has a successor: one waiting for it
+                        # alone starts next, in this same loop iteration,
+                        # without a dispatch
+                        nxt = fut._next
+                        if (not q and nxt._kind == ASYNC and nxt._att is None
+                                and sched.take_next(fut, value, nxt)):
+                            nxt._att = _AQUEUED
+                            q.appendleft(nxt)
+                        else:
+                            sched._done_buf.append((fut, value))
+                        fut = None
+                        continue
+                    if why == 1:
+                        # it waits for something: this runner is its task
+                        # from now on; another one takes the rest
+                        self._runner = None
+                        if q:
+                            self._runner = loop.create_task(self._drive())
+                        sched.pump_soon()
+                        run = fut._att = _Run(fut, _STARTED)
+                        run.task = asyncio.current_task()
+                        await self._finish_async(run, _Resume(value, rest[0], rest[1]))
+                        return
+                    if why == 2:
+                        failed, fut, exc = fut, None, value
+                        if isinstance(exc, asyncio.CancelledError):
+                            sched.task_cancelled(failed, exc.args[0] if exc.args else None)
+                        else:
+                            sched.task_error(failed, exc)
+                            if not isinstance(exc, Exception):
+                                raise exc  # KeyboardInterrupt, SystemExit: let the loop see them
+                        continue
+                    # why == 3: taken from the queue, not started; the general case
                     run = fut._att
                     if run is _AQUEUED:
                         fut._att = _INLINE  # started; from now on it cannot be stopped
@@ -539,8 +593,6 @@ class LocalTransport(Transport):
                     nxt = fut._next
                     if (nxt is not None and not q and nxt._kind == ASYNC and nxt._att is None
                             and sched.take_next(fut, stop.value, nxt)):
-                        # its successor was waiting for it alone: it starts
-                        # now, in this same loop iteration, without a dispatch
                         fut = nxt
                     else:
                         # task_ok without its test: this runner defers the pump
@@ -570,18 +622,6 @@ class LocalTransport(Transport):
                     run.task = asyncio.current_task()
                     await self._finish_async(run, _Resume(ctx, coro, first))
                     return
-                n += 1
-                if not n & 63 and time.perf_counter() > end:
-                    if fut is not None:
-                        # started (running in the core) but not begun: it
-                        # goes first when the runner goes on
-                        fut._att = _AQUEUED
-                        q.appendleft(fut)
-                        fut = None
-                    sched.pump_soon()
-                    await asyncio.sleep(0)  # the loop's turn: I/O, timers
-                    sched.defer_pump()
-                    end = time.perf_counter() + _RUNNER_SLICE
         finally:
             if fut is not None and fut._att is None and not fut.done():
                 # handed over by take_next (running in the core) but never
