@@ -258,6 +258,13 @@ class Scheduler:
             fut = self._new_future(TaskFuture, fn, args, kwargs, opts, kind, subst)
             fut._ckey = key
             fut._cparents = parents
+            if plan is None and not found and self._obs is None:
+                # the common recorded task, no inputs: _enqueue written out
+                h = fut._handle = self._core.add(_NO_INPUTS, opts.priority)
+                self._tasks[h] = fut
+                if not self._pump_pending:
+                    self._kick()
+                return fut
             if plan is not None and plan.outputs and parents is not None:
                 ck.expect_outputs(fut, plan.outputs)
         if plan is not None:
