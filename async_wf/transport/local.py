@@ -516,8 +516,20 @@ class LocalTransport(Transport):
         # runner pumps when its queue runs dry, and schedules the pump before
         # the loop gets a turn (in the finally clause at the latest)
         sched.defer_pump()
+        n = 0
         try:
             while True:
+                n += 1
+                if not n & 63 and time.perf_counter() > end:
+                    # tasks the burst below leaves to this loop (a chain, keyword
+                    # arguments, timers, failures) get the loop a turn too
+                    if fut is not None:
+                        # started (running in the core) but not begun: it
+                        # goes first when the runner goes on
+                        fut._att = _AQUEUED
+                        q.appendleft(fut)
+                        fut = None
+                    end = await self._turn(sched)
                 if fut is None:
                     if not q:
                         # run dry: the pump may release dependents of what just ended
@@ -531,10 +543,7 @@ class LocalTransport(Transport):
                                      _RUNNER_BURST)
                     if got is None:
                         if time.perf_counter() > end:
-                            sched.pump_soon()
-                            await asyncio.sleep(0)  # the loop's turn: I/O, timers
-                            sched.defer_pump()
-                            end = time.perf_counter() + _RUNNER_SLICE
+                            end = await self._turn(sched)
                         continue
                     why, fut, value, rest = got
                     if why == 0:
@@ -633,6 +642,14 @@ class LocalTransport(Transport):
                 self._runner = None
                 if q:
                     self._runner = loop.create_task(self._drive())
+
+    @staticmethod
+    async def _turn(sched: Scheduler) -> float:
+        """The runner gives the loop a turn (I/O, timers); when its next slice ends."""
+        sched.pump_soon()
+        await asyncio.sleep(0)
+        sched.defer_pump()
+        return time.perf_counter() + _RUNNER_SLICE
 
     async def _finish_async(self, run: _Run, rest: _Resume | None) -> None:
         """Await ``rest`` (the rest of a coroutine that suspended in its first step, or

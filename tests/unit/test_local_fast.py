@@ -292,3 +292,35 @@ async def test_a_link_that_cancels_the_next_one_cancels_the_rest() -> None:
             with pytest.raises(asyncio.CancelledError):
                 await f
         assert rt.statistics()["cancelled"] == 5
+
+
+async def kw_noop(i: int, *, k: int = 0) -> int:
+    return i + k
+
+
+async def test_coroutines_the_fast_loop_leaves_to_the_general_path_still_yield_the_loop() -> None:
+    # keyword arguments (and timers, chains, failures) take the runner's
+    # general path, one task per turn of its loop: a long queue of them
+    # must still give the loop a turn every few milliseconds
+    async with async_wf.Runtime() as rt:
+        gaps: list[float] = []
+        stop = False
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while not stop:
+                await asyncio.sleep(0)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        futs = [rt.submit(kw_noop, i, k=1) for i in range(100_000)]
+        t0 = time.perf_counter()
+        tick = asyncio.create_task(ticker())
+        got = await asyncio.gather(*futs)
+        took = time.perf_counter() - t0
+        stop = True
+        await tick
+        assert got[:3] == [1, 2, 3] and len(got) == 100_000
+        # the whole queue took `took`; the loop was never held for a fifth of it
+        assert max(gaps) < max(0.05, took / 5), (max(gaps), took)
