@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +191,12 @@ def test_invalid_max_workers() -> None:
 
 
 # ------------------------------------------- concurrent.futures semantics (17)
-def test_shutdown_cancel_futures_leaves_them_cancelled_not_failed() -> None:
+def _cancel_queued_behind_a_blocker(busy_loop: float) -> int:
+    """Queue 50 calls behind a running one, shutdown(cancel_futures=True), release it.
+
+    ``busy_loop``: seconds the loop thread is kept busy elsewhere just
+    before the shutdown. Returns how many of the 50 ended cancelled.
+    """
     started = threading.Event()
     release = threading.Event()
 
@@ -202,11 +208,20 @@ def test_shutdown_cancel_futures_leaves_them_cancelled_not_failed() -> None:
     ex.submit(blocker)
     assert started.wait(10)
     queued = [ex.submit(square, i) for i in range(50)]
+    if busy_loop:
+        time.sleep(0.05)  # the inbox is handed over before the loop is kept busy
+        loop = ex._svc.loop
+        assert loop is not None
+        loop.call_soon_threadsafe(time.sleep, busy_loop)
     ex.shutdown(wait=False, cancel_futures=True)
     release.set()
     ex.shutdown(wait=True)
-    cancelled = [f for f in queued if f.cancelled()]
-    assert len(cancelled) == 50, f"{len(cancelled)} of 50 cancelled"
+    return len([f for f in queued if f.cancelled()])
+
+
+def test_shutdown_cancel_futures_leaves_them_cancelled_not_failed() -> None:
+    n = _cancel_queued_behind_a_blocker(0.0)
+    assert n == 50, f"{n} of 50 cancelled"
 
 
 def test_shutdown_cancel_futures_cancels_before_it_returns_even_with_a_busy_loop() -> None:
@@ -214,29 +229,8 @@ def test_shutdown_cancel_futures_cancels_before_it_returns_even_with_a_busy_loop
     # concurrent.futures allows: the queued calls are cancelled by then). A
     # loop thread slow to react (a loaded machine) must not let the freed
     # thread start the queued calls in between: CI saw 35 of 50 run.
-    import time as _time
-
-    started = threading.Event()
-    release = threading.Event()
-
-    def blocker() -> None:
-        started.set()
-        release.wait(10)
-
-    ex = Executor(max_workers=1)
-    ex.submit(blocker)
-    assert started.wait(10)
-    queued = [ex.submit(square, i) for i in range(50)]
-    assert ex.submit(square, 3) is not None  # the inbox is handed over before the loop sleeps
-    _time.sleep(0.05)
-    loop = ex._svc.loop
-    assert loop is not None
-    loop.call_soon_threadsafe(_time.sleep, 0.3)  # the loop thread, busy elsewhere
-    ex.shutdown(wait=False, cancel_futures=True)
-    release.set()
-    ex.shutdown(wait=True)
-    cancelled = [f for f in queued if f.cancelled()]
-    assert len(cancelled) == 50, f"{len(cancelled)} of 50 cancelled"
+    n = _cancel_queued_behind_a_blocker(0.3)
+    assert n == 50, f"{n} of 50 cancelled"
 
 
 def test_cancel_succeeds_for_a_task_waiting_for_its_inputs() -> None:

@@ -23,6 +23,38 @@ import async_wf
 VAR: contextvars.ContextVar[str] = contextvars.ContextVar("VAR", default="unset")
 
 
+class LoopGaps:
+    """The gaps between the turns of a ticker on the running loop, while entered."""
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self.gaps: list[float] = []
+        self._stop = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def _tick(self) -> None:
+        last = time.perf_counter()
+        while not self._stop:
+            await asyncio.sleep(self.period)
+            now = time.perf_counter()
+            self.gaps.append(now - last)
+            last = now
+
+    async def __aenter__(self) -> LoopGaps:
+        self._task = asyncio.create_task(self._tick())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop = True
+        assert self._task is not None
+        await self._task
+
+    @property
+    def worst(self) -> float:
+        """The longest gap seen."""
+        return max(self.gaps, default=0.0)
+
+
 async def set_and_read(tag: str) -> str:
     before = VAR.get()
     VAR.set(tag)
@@ -117,24 +149,11 @@ async def test_a_quick_function_that_turns_slow_does_not_hold_the_loop() -> None
     async with async_wf.Runtime() as rt:
         for _ in range(3):
             await asyncio.gather(*[rt.submit(sometimes_slow, i, False) for i in range(50)])
-        gaps: list[float] = []
-        stop = False
-
-        async def ticker() -> None:
-            last = time.perf_counter()
-            while not stop:
-                await asyncio.sleep(0.005)
-                now = time.perf_counter()
-                gaps.append(now - last)
-                last = now
-
-        tick = asyncio.create_task(ticker())
-        futs = [rt.submit(sometimes_slow, i, i in (10, 200)) for i in range(400)]
-        assert await asyncio.gather(*futs) == list(range(400))
-        stop = True
-        await tick
+        async with LoopGaps(0.005) as gaps:
+            futs = [rt.submit(sometimes_slow, i, i in (10, 200)) for i in range(400)]
+            assert await asyncio.gather(*futs) == list(range(400))
         # the two slow calls took 0.5 s each, in threads: the loop went on
-        assert max(gaps) < 0.25, max(gaps)
+        assert gaps.worst < 0.25, gaps.worst
 
 
 async def test_cancelling_a_queued_quick_call_skips_it() -> None:
@@ -303,24 +322,11 @@ async def test_coroutines_the_fast_loop_leaves_to_the_general_path_still_yield_t
     # general path, one task per turn of its loop: a long queue of them
     # must still give the loop a turn every few milliseconds
     async with async_wf.Runtime() as rt:
-        gaps: list[float] = []
-        stop = False
-
-        async def ticker() -> None:
-            last = time.perf_counter()
-            while not stop:
-                await asyncio.sleep(0)
-                now = time.perf_counter()
-                gaps.append(now - last)
-                last = now
-
         futs = [rt.submit(kw_noop, i, k=1) for i in range(100_000)]
         t0 = time.perf_counter()
-        tick = asyncio.create_task(ticker())
-        got = await asyncio.gather(*futs)
+        async with LoopGaps(0.0) as gaps:
+            got = await asyncio.gather(*futs)
         took = time.perf_counter() - t0
-        stop = True
-        await tick
         assert got[:3] == [1, 2, 3] and len(got) == 100_000
         # the whole queue took `took`; the loop was never held for a fifth of it
-        assert max(gaps) < max(0.05, took / 5), (max(gaps), took)
+        assert gaps.worst < max(0.05, took / 5), (gaps.worst, took)
