@@ -16,6 +16,16 @@ warm-up, every run with a fresh log file:
             the log minus without, over n; on the local transport the
             tasks run inline, so that is all of it, and over TCP the
             workers are other processes, not counted)
+            On the default policy, "where": that figure in parts. "key" is
+            the scheduler's per-task key call at submit (``Recorder.key`` on
+            ``noop(i)``, timed in a loop of its own); "record" and "flush" are
+            the time inside ``Recorder.record`` (the records, made in one
+            compiled loop per batch) and inside the log's writes of its
+            buffer, both timed per call during the timed runs; "rest" is the
+            figure less those three: the scheduler's own work for a recorded
+            task (the slower submit and finish ways, the index). Noise moves
+            each part by a few hundredths of a microsecond and "rest" by the
+            whole figure's noise.
   payload   ``--payload-n`` tasks each returning a fresh 1 MiB NumPy array,
             MB/s of results without and with the log (every array recorded)
   rerun     ``--rerun-n`` noop tasks run once with the log (time T1), then the
@@ -54,6 +64,8 @@ from typing import Any
 import numpy as np
 
 import async_wf
+from async_wf._recorder import Recorder
+from async_wf._scheduler import Scheduler
 from async_wf.checkpoint import CheckpointLog, function_identity, task_key
 from async_wf.checkpoint._log import DEFAULT_FLUSH
 
@@ -75,11 +87,14 @@ def nap(i: int) -> int:
 
 
 async def _run(fn: Callable[[int], Any], n: int, transport: str, log: Path | None,
-               flush: str | None = None, cpu: list[float] | None = None) -> float:
+               flush: str | None = None, cpu: list[float] | None = None,
+               calls: _CallTimes | None = None) -> float:
     """Seconds from the first submit to the last result (start-up excluded).
 
     ``cpu``: the CPU seconds this process (the scheduler; workers are other
-    processes) spent in the same stretch are appended to it.
+    processes) spent in the same stretch are appended to it. ``calls``: made
+    active for the same stretch (from the second call on: the first is
+    ``_median``'s warm-up).
     """
     opts: dict[str, Any] = {}
     if log is not None:
@@ -93,6 +108,9 @@ async def _run(fn: Callable[[int], Any], n: int, transport: str, log: Path | Non
         if GC_OFF:
             gc.collect()
             gc.disable()
+        if calls is not None:
+            calls.runs += 1
+            calls.active = calls.runs > 1
         try:
             c0 = time.process_time()
             t0 = time.perf_counter()
@@ -104,7 +122,74 @@ async def _run(fn: Callable[[int], Any], n: int, transport: str, log: Path | Non
                 cpu.append(time.process_time() - c0)
         finally:
             gc.enable()
+            if calls is not None:
+                calls.active = False
     return took
+
+
+class _CallTimes:
+    """While active, the seconds spent inside ``Recorder.record`` and the log's buffer writes.
+
+    Both are called once per batch of finished tasks, so timing each call
+    adds nothing measurable per task. ``record`` includes the writes its
+    flush policy makes; ``flush`` counts every write, whoever calls it.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = {"record": 0.0, "flush": 0.0}
+        self.active = False
+        self.runs = 0
+
+    def __enter__(self) -> _CallTimes:
+        self._saved = (Recorder.record, CheckpointLog._flush_pending)
+        record, flush = self._saved
+        times = self.seconds
+
+        def timed_record(rec: Recorder, done: list[Any]) -> None:
+            if not self.active:
+                return record(rec, done)
+            t0 = time.perf_counter()
+            try:
+                return record(rec, done)
+            finally:
+                times["record"] += time.perf_counter() - t0
+
+        def timed_flush(log: CheckpointLog) -> None:
+            if not self.active:
+                return flush(log)
+            t0 = time.perf_counter()
+            try:
+                return flush(log)
+            finally:
+                times["flush"] += time.perf_counter() - t0
+
+        Recorder.record = timed_record  # type: ignore[method-assign]
+        CheckpointLog._flush_pending = timed_flush  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        Recorder.record, CheckpointLog._flush_pending = self._saved  # type: ignore[method-assign]
+
+
+def key_seconds(tmp: Path, n: int, repeat: int) -> float:
+    """Median seconds of ``n`` scheduler key calls for ``noop(i)`` (distinct i)."""
+
+    async def one(path: Path) -> float:
+        async with async_wf.Runtime(checkpoint=path) as rt:
+            await rt.submit(noop, -1)  # its identity is cached, as in a run
+            sched = rt._sched
+            assert isinstance(sched, Scheduler) and sched._ckpt is not None
+            key = sched._ckpt.key
+            opts = async_wf.task(noop)._opts
+            calls = [(i,) for i in range(n)]
+            empty: dict[str, Any] = {}
+            found: list[Any] = []
+            t0 = time.perf_counter()
+            for args in calls:
+                key(noop, opts, args, empty, found)
+            return time.perf_counter() - t0
+
+    return statistics.median(asyncio.run(one(tmp / f"keys-{r}.wfck")) for r in range(repeat))
 
 
 def _median(fn: Callable[[], float], repeat: int) -> tuple[float, list[float]]:
@@ -127,9 +212,11 @@ def run_pair(tmp: Path, fn: Callable[[int], Any], n: int, transport: str,
     bare, s_bare = _median(
         lambda: asyncio.run(_run(fn, n, transport, None, cpu=cpu_bare)), repeat
     )
-    logged, s_logged = _median(
-        lambda: asyncio.run(_run(fn, n, transport, fresh(), flush, cpu=cpu_logged)), repeat
-    )
+    with _CallTimes() as calls:
+        logged, s_logged = _median(
+            lambda: asyncio.run(_run(fn, n, transport, fresh(), flush, cpu=cpu_logged,
+                                     calls=calls)), repeat
+        )
     # the first sample of each is the warm-up
     cpu_without = statistics.median(cpu_bare[1:])
     cpu_with = statistics.median(cpu_logged[1:])
@@ -138,7 +225,11 @@ def run_pair(tmp: Path, fn: Callable[[int], Any], n: int, transport: str,
             "loss_pct": 100 * (1 - bare / logged),
             "sched_cpu_without_s": cpu_without, "sched_cpu_with_s": cpu_with,
             # what the log adds to the scheduler's CPU time per recorded task
-            "sched_us_per_task": 1e6 * (cpu_with - cpu_without) / n}
+            "sched_us_per_task": 1e6 * (cpu_with - cpu_without) / n,
+            # the time inside record and the writes per task, the mean over the
+            # timed runs (the warm-up left out)
+            "record_us_per_task": 1e6 * calls.seconds["record"] / (n * repeat),
+            "flush_us_per_task": 1e6 * calls.seconds["flush"] / (n * repeat)}
 
 
 def rerun(tmp: Path, fn: Callable[[int], Any], n: int, transport: str,
@@ -203,6 +294,18 @@ def main() -> int:
                       f"  scheduler +{r['sched_us_per_task']:.2f} us/task"
                       f"  flush={flush}{' (default)' if flush == DEFAULT_FLUSH else ''}",
                       flush=True)
+                if flush == DEFAULT_FLUSH:
+                    if "key_us_per_task" not in out:
+                        out["key_us_per_task"] = 1e6 * key_seconds(tmp, args.n,
+                                                                   args.repeat) / args.n
+                    key_us = out["key_us_per_task"]
+                    rec_us = r["record_us_per_task"]
+                    # record's time includes the writes its policy makes
+                    flush_us = r["flush_us_per_task"]
+                    rest = r["sched_us_per_task"] - key_us - rec_us
+                    print(f"  where  {transport:5}  key {key_us:.2f}  record "
+                          f"{rec_us - flush_us:.2f}  flush {flush_us:.2f}  rest {rest:+.2f}"
+                          " us/task", flush=True)
             r = run_pair(tmp, make_array, args.payload_n, transport, args.repeat)
             out[f"payload_{transport}"] = r
             mb = r["n"] * MIB / 1e6

@@ -139,6 +139,10 @@ def test_checkpoint_script_reports_every_figure() -> None:
         assert out[name]["with_s"] > 0 and out[name]["without_s"] > 0
     for name in ("noop_local", "noop_tcp"):  # the scheduler's CPU per recorded task
         assert out[name]["sched_cpu_with_s"] > 0 and "sched_us_per_task" in out[name]
+        # the figure in parts: time really spent making and writing records
+        assert out[name]["record_us_per_task"] > out[name]["flush_us_per_task"] > 0
+    assert out["key_us_per_task"] > 0
+    assert proc.stdout.count("  where  ") == 2
     assert out["rerun_noop"]["speedup"] > 0 and out["rerun_sleep1ms"]["n"] == 20
     assert out["index"]["n"] == 2000 and out["index"]["records_per_s"] > 0
 
