@@ -140,31 +140,25 @@ class _CallTimes:
         self.active = False
         self.runs = 0
 
+    def _timed(self, fn: Callable[..., Any], part: str) -> Callable[..., Any]:
+        """``fn``, adding the seconds of each call made while active to ``part``."""
+
+        def timed(*args: Any) -> Any:
+            if not self.active:
+                return fn(*args)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.seconds[part] += time.perf_counter() - t0
+
+        return timed
+
     def __enter__(self) -> _CallTimes:
         self._saved = (Recorder.record, CheckpointLog._flush_pending)
         record, flush = self._saved
-        times = self.seconds
-
-        def timed_record(rec: Recorder, done: list[Any]) -> None:
-            if not self.active:
-                return record(rec, done)
-            t0 = time.perf_counter()
-            try:
-                return record(rec, done)
-            finally:
-                times["record"] += time.perf_counter() - t0
-
-        def timed_flush(log: CheckpointLog) -> None:
-            if not self.active:
-                return flush(log)
-            t0 = time.perf_counter()
-            try:
-                return flush(log)
-            finally:
-                times["flush"] += time.perf_counter() - t0
-
-        Recorder.record = timed_record  # type: ignore[method-assign]
-        CheckpointLog._flush_pending = timed_flush  # type: ignore[method-assign]
+        Recorder.record = self._timed(record, "record")  # type: ignore[method-assign]
+        CheckpointLog._flush_pending = self._timed(flush, "flush")  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc: object) -> None:
