@@ -629,12 +629,13 @@ class Scheduler:
         ck = self._ckpt
         rec: list[tuple[TaskFuture[Any], Any]] | None = [] if ck is not None else None
         append = handles.append
-        for fut, value in buf:
+        for pair in buf:
+            fut, value = pair
             if fut.done():
                 continue  # resolved meanwhile (failed by a transport giving up)
             fut.set_result(value)
             if rec is not None and fut._cparents is not None:
-                rec.append((fut, value))
+                rec.append(pair)  # the pair itself: no tuple per task
             # let go of the arguments (the inputs' values) and the attempt
             fut._args = ()
             fut._kwargs = _DONE_KWARGS

@@ -31,6 +31,7 @@ from cpython.long cimport (
     PyLong_FromUnsignedLongLong,
 )
 from cpython.number cimport PyNumber_Index
+from cpython.object cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset, strcmp

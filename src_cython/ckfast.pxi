@@ -655,6 +655,7 @@ cdef extern from "Python.h":
     int PyByteArray_Resize(object ba, Py_ssize_t size) except -1
     char* PyByteArray_AS_STRING(object ba)
     Py_ssize_t PyByteArray_GET_SIZE(object ba)
+    PyObject* PyDict_SetDefault(object d, object key, object default) except NULL
 
 cdef enum:
     COMPRESS_MIN = 1 << 16
@@ -905,7 +906,9 @@ def append_done(list done, Py_ssize_t start, dict fn_names, Py_ssize_t big, doub
     ``done``: ``(future, value)`` pairs, as the scheduler hands them to its
     recorder. A future whose key (``_ckey``) is in ``results`` (the log's
     index, with the records this call appended) is skipped: an identical
-    task finished earlier. For the others, the record ``append_small_results``
+    task finished earlier (a skipped pair that this loop would not take is
+    left to the caller as below, whose general way skips it too). For the
+    others, the record ``append_small_results``
     makes of ``(_ckey, value, fn_names[_fn], _cparents)`` is appended the
     same way (the same arguments and result).
 
@@ -920,16 +923,13 @@ def append_done(list done, Py_ssize_t start, dict fn_names, Py_ssize_t big, doub
     cdef Py_ssize_t klen, plen, pblen, size
     cdef uint8_t sbuf[32]
     cdef const char* pay
-    cdef object pair, fut, value, key, fn, name, bname, parents, payload, bufs, t
+    cdef object pair, fut, value, key, fn, name, bname, parents, payload, bufs, t, at
     while i < n:
         pair = done[i]
         if type(pair) is not tuple or len(<tuple>pair) != 2:
             return i, end, appended, STOP_ITEM, None
         fut, value = <tuple>pair
         key = fut._ckey
-        if key in results:
-            i += 1
-            continue
         t = type(value)
         if not (value is None or t is int or t is float or t is bool or t is str
                 or t is tuple or t is list or t is dict or t is complex):
@@ -974,10 +974,15 @@ def append_done(list done, Py_ssize_t start, dict fn_names, Py_ssize_t big, doub
                 payload = PyBytes_FromStringAndSize(pay, plen)
                 bufs = []
             return i, end, appended, STOP_ITEM, (payload, bufs)
+        # the index entry and the test for an identical task that finished
+        # earlier (its key indexed already: nothing to append) in one probe
+        at = end
+        if <object>PyDict_SetDefault(results, key, at) is not at:
+            i += 1
+            continue
         _emit_small(pending, sizes, <bytes>key, now, <bytes>bname, <tuple>parents, pblen, pay,
                     plen)
         pkeys.append(key)
-        results[key] = end
         end += size
         appended += 1
         i += 1
