@@ -41,7 +41,7 @@ extensions = cythonize(
         Extension(
             "async_wf._core",
             ["src_cython/_core.pyx"],
-            depends=sorted(glob("src_cython/**/*.p*", recursive=True)),
+            depends=sorted(glob("src_cython/**/*.p*", recursive=True) + glob("src_cython/*.h")),
             define_macros=macros,
             extra_compile_args=["-O0", "-g"] if debug else ["-O3"],
         ),

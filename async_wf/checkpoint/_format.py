@@ -391,6 +391,12 @@ def _check_count(name: str, value: Any, lo: int, hi: int) -> None:
 _U32 = struct.Struct("<I")
 
 
+#: the CRC of a BLOCK's run: zlib's, or the compiled one (the same value,
+#: folded with carry-less multiplication where the CPU can: about three
+#: times faster on a buffer of a few hundred KiB)
+_run_crc: Callable[[bytearray], int] = zlib.crc32 if _ext is None else _ext.crc32
+
+
 def _flush_parts(data: bytearray, sizes: bytearray) -> list[Any]:
     """What a flush of the buffered records ``data`` writes: a BLOCK index first if it pays.
 
@@ -400,7 +406,7 @@ def _flush_parts(data: bytearray, sizes: bytearray) -> list[Any]:
     count = len(sizes) // 4
     if count < MIN_BLOCK:
         return [data]
-    index = _BLOCK.pack(count, zlib.crc32(data), len(data)) + sizes
+    index = _BLOCK.pack(count, _run_crc(data), len(data)) + sizes
     return [_frame(BLOCK, b"", index), data]
 
 

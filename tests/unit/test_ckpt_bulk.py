@@ -18,6 +18,7 @@ import hashlib
 import os
 import pickle
 import random
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -172,13 +173,51 @@ def test_the_compiled_blake2b_is_hashlibs(n: int) -> None:
 
 
 @compiled_only
-def test_the_compiled_crc32_is_zlibs_at_every_length_and_alignment() -> None:
+@pytest.mark.parametrize("table", [False, True], ids=["dispatched", "table"])
+def test_the_compiled_crc32_is_zlibs_at_every_length_and_alignment(table: bool) -> None:
+    # "dispatched" folds with carry-less multiplication where the CPU has it
+    # (lengths of 64 bytes and more), "table" is the way of other CPUs
     rnd = random.Random(1)
-    block = rnd.randbytes(400)
+    block = rnd.randbytes(70_000)
     for start in range(8):
-        for n in range(0, 300, 7):
+        for n in range(0, 300):
             chunk = block[start : start + n]
-            assert _core.crc32(chunk) == zlib.crc32(chunk), (start, n)
+            assert _core.crc32(chunk, table) == zlib.crc32(chunk), (start, n)
+    for n in (4096, 65_536 + 15, 69_000):
+        chunk = block[3 : 3 + n]
+        assert _core.crc32(chunk, table) == zlib.crc32(chunk), n
+    assert _core.crc32(bytearray(block), table) == zlib.crc32(block)
+
+
+def _x_pow_mod(e: int, poly: int = 0x104C11DB7) -> int:
+    r = 1
+    for _ in range(e):
+        r <<= 1
+        if r >> 32 & 1:
+            r ^= poly
+    return r
+
+
+def _reflect(v: int, bits: int) -> int:
+    return int(f"{v:0{bits}b}"[::-1], 2)
+
+
+def test_the_folding_constants_are_the_powers_of_x_they_claim() -> None:
+    # each constant of the carry-less CRC is x^e mod P, bit-reflected and
+    # shifted left once; the Barrett constant is floor(x^64 / P), reflected
+    header = Path(__file__).parents[2] / "src_cython" / "crc32_clmul.h"
+    consts = {m[0]: int(m[1], 16)
+              for m in re.findall(r"#define AWF_(\w+) (0x[0-9a-f]+)ULL", header.read_text())}
+    powers = {"K1": 4 * 128 + 32, "K2": 4 * 128 - 32, "K3": 128 + 32, "K4": 128 - 32, "K5": 64}
+    for name, e in powers.items():
+        assert consts[name] == _reflect(_x_pow_mod(e), 32) << 1, name
+    assert consts["POLY"] == _reflect(0x104C11DB7, 33)
+    q, a = 0, 1 << 64
+    while a.bit_length() >= 33:
+        shift = a.bit_length() - 33
+        q |= 1 << shift
+        a ^= 0x104C11DB7 << shift
+    assert consts["MU"] == _reflect(q, 33)
 
 
 @compiled_only
