@@ -53,6 +53,11 @@ _BIG_VALUE = 64 << 10
 _FID_CACHE = 10_000  # function identities kept per runtime (lambdas made in a loop)
 
 _ext = compiled()
+if _ext is not None:
+    # the compiled per-task loops read these classes' slots at their offsets
+    from async_wf._options import TaskOptions as _TaskOptions
+
+    _ext.bind_task_types(TaskFuture, _TaskOptions)
 
 
 def _leaf(obj: Any) -> bytes | None:

@@ -16,6 +16,7 @@
 # host's byte order.
 
 import struct as _struct
+import types as _types
 
 cdef uint32_t _CRC_TABLE[8][256]
 cdef uint64_t _NAN_BITS = _struct.unpack("<Q", _struct.pack("<d", float("nan")))[0]
@@ -928,6 +929,72 @@ def fix_results(dict results, list pkeys, bytearray data, bytearray sizes,
         pos += <Py_ssize_t>_rd(s + 4 * k, 4)
 
 
+# The runtime's futures and options keep their fields in __slots__. Read
+# through getattr, each field costs a type lookup and a descriptor call
+# (about 15 ns); append_done and RecorderFast.key read six per task. Once
+# bind_task_types has found where the slots lie in the two classes, they
+# are read at their offsets, for instances of those classes only; any
+# other object (the tests' stand-ins) still goes through getattr.
+cdef extern from "structmember.h":
+    ctypedef struct PyMemberDef:
+        int type
+        Py_ssize_t offset
+    enum:
+        T_OBJECT_EX
+
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef* d_member
+    ctypedef struct PyTypeObject:
+        pass
+    bint PyObject_TypeCheck(object o, PyTypeObject* t)
+
+cdef struct _TaskSlots:
+    Py_ssize_t ckey, fn, opts, cparents  # a future's
+    Py_ssize_t name, key, version        # its options'
+
+cdef _TaskSlots _SLOTS
+cdef object _FUT_TYPE = None
+cdef object _OPTS_TYPE = None
+
+
+cdef Py_ssize_t _slot_offset(type cls, str name) except -1:
+    d = getattr(cls, name)
+    if type(d) is not _types.MemberDescriptorType:
+        raise TypeError(f"{cls.__name__}.{name} is not a slot: {type(d).__name__}")
+    cdef PyMemberDef* m = (<PyMemberDescrObject*><PyObject*>d).d_member
+    if m.type != T_OBJECT_EX:
+        raise TypeError(f"{cls.__name__}.{name} is not an object slot (type {m.type})")
+    return m.offset
+
+
+def bind_task_types(type fut_type, type opts_type):
+    """Read the slots of ``fut_type`` and ``opts_type`` instances at their offsets from now on.
+
+    ``fut_type``: the runtime's future class, with object slots ``_ckey``,
+    ``_fn``, ``_opts`` and ``_cparents``; ``opts_type``: its options class,
+    with ``name``, ``key`` and ``version``. Raises TypeError, binding
+    nothing, if one of them is not such a slot.
+    """
+    global _SLOTS, _FUT_TYPE, _OPTS_TYPE
+    cdef _TaskSlots s
+    s.ckey = _slot_offset(fut_type, "_ckey")
+    s.fn = _slot_offset(fut_type, "_fn")
+    s.opts = _slot_offset(fut_type, "_opts")
+    s.cparents = _slot_offset(fut_type, "_cparents")
+    s.name = _slot_offset(opts_type, "name")
+    s.key = _slot_offset(opts_type, "key")
+    s.version = _slot_offset(opts_type, "version")
+    _SLOTS = s
+    _FUT_TYPE = fut_type
+    _OPTS_TYPE = opts_type
+
+
+cdef inline PyObject* _field(object o, Py_ssize_t off) noexcept:
+    # borrowed; NULL while the slot is unset
+    return (<PyObject**>((<char*><PyObject*>o) + off))[0]
+
+
 def append_done(list done, Py_ssize_t start, dict fn_names, Py_ssize_t big, double now,
                 dict names, pack, bytearray pending, bytearray sizes, list pkeys,
                 dict results, Py_ssize_t end, Py_ssize_t pending_max):
@@ -954,20 +1021,38 @@ def append_done(list done, Py_ssize_t start, dict fn_names, Py_ssize_t big, doub
     cdef uint8_t sbuf[32]
     cdef const char* pay
     cdef object pair, fut, value, key, fn, name, bname, parents, payload, bufs, t, at
+    cdef PyObject *pk
+    cdef PyObject *pf
+    cdef PyObject *po
+    cdef PyObject *pp
     while i < n:
         pair = done[i]
         if type(pair) is not tuple or len(<tuple>pair) != 2:
             return i, end, appended, STOP_ITEM, None
         fut, value = <tuple>pair
-        key = fut._ckey
         t = type(value)
         if not (value is None or t is int or t is float or t is bool or t is str
                 or t is tuple or t is list or t is dict or t is complex):
             if t is not bytes or PyBytes_GET_SIZE(value) >= big:
                 return i, end, appended, STOP_ITEM, None
-        if fut._opts.name is not None:
-            return i, end, appended, STOP_ITEM, None
-        fn = fut._fn
+        if _FUT_TYPE is not None and PyObject_TypeCheck(fut, <PyTypeObject*>_FUT_TYPE):
+            pk = _field(fut, _SLOTS.ckey)
+            pf = _field(fut, _SLOTS.fn)
+            po = _field(fut, _SLOTS.opts)
+            pp = _field(fut, _SLOTS.cparents)
+            if pk == NULL or pf == NULL or po == NULL or pp == NULL:
+                return i, end, appended, STOP_ITEM, None
+            if type(<object>po) is not _OPTS_TYPE or _field(<object>po, _SLOTS.name) != <PyObject*>None:
+                return i, end, appended, STOP_ITEM, None
+            key = <object>pk
+            fn = <object>pf
+            parents = <object>pp
+        else:
+            key = fut._ckey
+            if fut._opts.name is not None:
+                return i, end, appended, STOP_ITEM, None
+            fn = fut._fn
+            parents = fut._cparents
         try:
             name = fn_names.get(fn)
         except TypeError:  # an unhashable callable object
@@ -975,7 +1060,6 @@ def append_done(list done, Py_ssize_t start, dict fn_names, Py_ssize_t big, doub
         if name is None:
             return i, end, appended, STOP_ITEM, None
         bname = names.get(name)
-        parents = fut._cparents
         if (bname is None or type(bname) is not bytes or type(key) is not bytes
                 or type(parents) is not tuple):
             return i, end, appended, STOP_ITEM, None
@@ -1039,8 +1123,13 @@ cdef class RecorderFast:
     def key(self, fn, opts, args, kwargs, found, plan=None):
         """The task's key, or None when it cannot have one (``Recorder._key`` says when)."""
         cdef object fid, key
-        if (not found and not kwargs and type(args) is tuple and opts.key is None
-                and opts.version is None):
+        cdef bint plain
+        if type(opts) is _OPTS_TYPE:
+            plain = (_field(opts, _SLOTS.key) == <PyObject*>None
+                     and _field(opts, _SLOTS.version) == <PyObject*>None)
+        else:
+            plain = opts.key is None and opts.version is None
+        if plain and not found and not kwargs and type(args) is tuple:
             try:
                 fid = self._fids.get(fn)
             except TypeError:  # an unhashable callable object

@@ -398,3 +398,21 @@ def test_the_recorders_compiled_key_and_in_are_its_python_twins(tmp_path: Path) 
         rec.close()
     finally:
         loop.close()
+
+
+@compiled_only
+def test_binding_the_task_types_refuses_a_field_that_is_not_an_object_slot() -> None:
+    # the compiled loops read the futures' fields at the offsets of their
+    # slots; a class whose field is anything else is refused, and the
+    # binding made at import stays (the runtime's records are unchanged)
+    from async_wf._futures import TaskFuture
+    from async_wf._options import TaskOptions
+
+    class Plain:
+        _ckey = _fn = _opts = _cparents = None
+
+    with pytest.raises(TypeError, match=r"Plain\._ckey is not a slot: NoneType"):
+        _core.bind_task_types(Plain, TaskOptions)
+    with pytest.raises(TypeError, match=r"TaskFuture\.name is not a slot: property"):
+        _core.bind_task_types(TaskFuture, TaskFuture)
+    _core.bind_task_types(TaskFuture, TaskOptions)  # what _recorder binds: accepted
