@@ -5,7 +5,8 @@
                                [--policies POLICY,...] [--json]
 
 Measured in one run, each figure the median of ``--repeat`` runs after a
-warm-up, every run with a fresh log file:
+warm-up (the runs without and with the log alternated), every run with a
+fresh log file:
 
   noop      ``--n`` independent tasks ``noop(i)`` (distinct arguments, so
             distinct keys and records), tasks/s without and with the log,
@@ -186,15 +187,15 @@ def key_seconds(tmp: Path, n: int, repeat: int) -> float:
     return statistics.median(asyncio.run(one(tmp / f"keys-{r}.wfck")) for r in range(repeat))
 
 
-def _median(fn: Callable[[], float], repeat: int) -> tuple[float, list[float]]:
-    fn()  # warm-up
-    samples = [fn() for _ in range(repeat)]
-    return statistics.median(samples), samples
-
-
 def run_pair(tmp: Path, fn: Callable[[int], Any], n: int, transport: str,
              repeat: int, flush: str | None = None) -> dict[str, Any]:
-    """The same workload without and with a (fresh) log, with flush policy ``flush``."""
+    """The same workload without and with a (fresh) log, with flush policy ``flush``.
+
+    The runs alternate, without then with, after one warm-up of each: a
+    drift of the machine or of this process's heap over the runs then
+    weighs on both sides alike, where running all of one side first put
+    it all on one.
+    """
     counter = [0]
 
     def fresh() -> Path:
@@ -203,14 +204,17 @@ def run_pair(tmp: Path, fn: Callable[[int], Any], n: int, transport: str,
 
     cpu_bare: list[float] = []
     cpu_logged: list[float] = []
-    bare, s_bare = _median(
-        lambda: asyncio.run(_run(fn, n, transport, None, cpu=cpu_bare)), repeat
-    )
+    s_bare: list[float] = []
+    s_logged: list[float] = []
     with _CallTimes() as calls:
-        logged, s_logged = _median(
-            lambda: asyncio.run(_run(fn, n, transport, fresh(), flush, cpu=cpu_logged,
-                                     calls=calls)), repeat
-        )
+        for r in range(repeat + 1):
+            took_bare = asyncio.run(_run(fn, n, transport, None, cpu=cpu_bare))
+            took_logged = asyncio.run(_run(fn, n, transport, fresh(), flush, cpu=cpu_logged,
+                                           calls=calls))
+            if r:
+                s_bare.append(took_bare)
+                s_logged.append(took_logged)
+    bare, logged = statistics.median(s_bare), statistics.median(s_logged)
     # the first sample of each is the warm-up
     cpu_without = statistics.median(cpu_bare[1:])
     cpu_with = statistics.median(cpu_logged[1:])
