@@ -3,7 +3,8 @@
 The one compilation unit of async_wf: this file includes readyq.pxi and
 deptrack.pxi (the core), ckfast.pxi (the checkpoint log's per-task hot
 paths, see its head; its CRC folds with crc32_clmul.h where the CPU can)
-and runner.pxi (the in-process runner's per-task loop). ``async_wf._extension.compiled()`` loads it for all three.
+and runner.pxi (the in-process runner's per-task loop).
+``async_wf._extension.compiled()`` loads it for all three.
 
 The core is a dependency tracker and ready queue over integer task handles.
 

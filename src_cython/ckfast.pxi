@@ -141,6 +141,7 @@ def crc32(const uint8_t[::1] data, bint table=False):
     return _crc32(p, data.shape[0])
 
 
+# ------------------------------------------------------------------- keys
 cdef struct Buf:
     uint8_t* p
     Py_ssize_t n
