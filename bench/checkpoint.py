@@ -26,7 +26,9 @@ fresh log file:
             figure less those three: the scheduler's own work for a recorded
             task (the slower submit and finish ways, the index). Noise moves
             each part by a few hundredths of a microsecond and "rest" by the
-            whole figure's noise.
+            whole figure's noise. "tasks a batch": finished tasks per
+            ``Recorder.record`` call (one per loop iteration that had any),
+            over which the per-call costs of record and flush spread.
   payload   ``--payload-n`` tasks each returning a fresh 1 MiB NumPy array,
             MB/s of results without and with the log (every array recorded)
   rerun     ``--rerun-n`` noop tasks run once with the log (time T1), then the
@@ -138,6 +140,7 @@ class _CallTimes:
 
     def __init__(self) -> None:
         self.seconds = {"record": 0.0, "flush": 0.0}
+        self.calls = {"record": 0, "flush": 0}
         self.active = False
         self.runs = 0
 
@@ -152,6 +155,7 @@ class _CallTimes:
                 return fn(*args)
             finally:
                 self.seconds[part] += time.perf_counter() - t0
+                self.calls[part] += 1
 
         return timed
 
@@ -227,7 +231,9 @@ def run_pair(tmp: Path, fn: Callable[[int], Any], n: int, transport: str,
             # the time inside record and the writes per task, the mean over the
             # timed runs (the warm-up left out)
             "record_us_per_task": 1e6 * calls.seconds["record"] / (n * repeat),
-            "flush_us_per_task": 1e6 * calls.seconds["flush"] / (n * repeat)}
+            "flush_us_per_task": 1e6 * calls.seconds["flush"] / (n * repeat),
+            # finished tasks per record call: what its per-call costs spread over
+            "record_batch": n * repeat / max(calls.calls["record"], 1)}
 
 
 def rerun(tmp: Path, fn: Callable[[int], Any], n: int, transport: str,
@@ -303,7 +309,7 @@ def main() -> int:
                     rest = r["sched_us_per_task"] - key_us - rec_us
                     print(f"  where  {transport:5}  key {key_us:.2f}  record "
                           f"{rec_us - flush_us:.2f}  flush {flush_us:.2f}  rest {rest:+.2f}"
-                          " us/task", flush=True)
+                          f" us/task; {r['record_batch']:,.0f} tasks a batch", flush=True)
             r = run_pair(tmp, make_array, args.payload_n, transport, args.repeat)
             out[f"payload_{transport}"] = r
             mb = r["n"] * MIB / 1e6

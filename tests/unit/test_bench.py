@@ -141,7 +141,10 @@ def test_checkpoint_script_reports_every_figure() -> None:
         assert out[name]["sched_cpu_with_s"] > 0 and "sched_us_per_task" in out[name]
         # the figure in parts: time really spent making and writing records
         assert out[name]["record_us_per_task"] > out[name]["flush_us_per_task"] > 0
+        # tasks per Recorder.record call: the batch its per-call costs spread over
+        assert 1 <= out[name]["record_batch"] <= 300
     assert out["key_us_per_task"] > 0
+    assert proc.stdout.count(" tasks a batch") == 2
     assert proc.stdout.count("  where  ") == 2
     assert out["rerun_noop"]["speedup"] > 0 and out["rerun_sleep1ms"]["n"] == 20
     assert out["index"]["n"] == 2000 and out["index"]["records_per_s"] > 0
