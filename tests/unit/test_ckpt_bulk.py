@@ -401,7 +401,9 @@ def test_the_recorders_compiled_key_and_in_are_its_python_twins(tmp_path: Path) 
 
 
 @compiled_only
-def test_binding_the_task_types_refuses_a_field_that_is_not_an_object_slot() -> None:
+def test_binding_the_task_types_refuses_a_field_that_is_not_an_object_slot(
+    tmp_path: Path,
+) -> None:
     # the compiled loops read the futures' fields at the offsets of their
     # slots; a class whose field is anything else is refused, and the
     # binding made at import stays (the runtime's records are unchanged)
@@ -415,4 +417,16 @@ def test_binding_the_task_types_refuses_a_field_that_is_not_an_object_slot() -> 
         _core.bind_task_types(Plain, TaskOptions)
     with pytest.raises(TypeError, match=r"TaskFuture\.name is not a slot: property"):
         _core.bind_task_types(TaskFuture, TaskFuture)
+
+    # the refused calls left the binding made at import: a run records its
+    # tasks (the compiled loop reads the real futures' slots) as before
+    async def main() -> list[Any]:
+        async with async_wf.Runtime(checkpoint=tmp_path / "after.wfck") as rt:
+            # x % 7 == 1: plain returns x, an int the compiled loop records
+            return await asyncio.gather(*(rt.submit(plain, i) for i in range(1, 40, 7)))
+
+    assert asyncio.run(main()) == [1, 8, 15, 22, 29, 36]
+    with CheckpointLog(tmp_path / "after.wfck", readonly=True) as log:
+        assert not log.problems
+        assert sorted(log.get(key) for key in log) == [1, 8, 15, 22, 29, 36]
     _core.bind_task_types(TaskFuture, TaskOptions)  # what _recorder binds: accepted
