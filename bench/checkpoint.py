@@ -96,8 +96,7 @@ async def _run(fn: Callable[[int], Any], n: int, transport: str, log: Path | Non
 
     ``cpu``: the CPU seconds this process (the scheduler; workers are other
     processes) spent in the same stretch are appended to it. ``calls``: made
-    active for the same stretch (from the second call on: the first is
-    ``_median``'s warm-up).
+    active for the same stretch.
     """
     opts: dict[str, Any] = {}
     if log is not None:
@@ -112,8 +111,7 @@ async def _run(fn: Callable[[int], Any], n: int, transport: str, log: Path | Non
             gc.collect()
             gc.disable()
         if calls is not None:
-            calls.runs += 1
-            calls.active = calls.runs > 1
+            calls.active = True
         try:
             c0 = time.process_time()
             t0 = time.perf_counter()
@@ -142,7 +140,6 @@ class _CallTimes:
         self.seconds = {"record": 0.0, "flush": 0.0}
         self.calls = {"record": 0, "flush": 0}
         self.active = False
-        self.runs = 0
 
     def _timed(self, fn: Callable[..., Any], part: str) -> Callable[..., Any]:
         """``fn``, adding the seconds of each call made while active to ``part``."""
@@ -210,18 +207,16 @@ def run_pair(tmp: Path, fn: Callable[[int], Any], n: int, transport: str,
     cpu_logged: list[float] = []
     s_bare: list[float] = []
     s_logged: list[float] = []
+    asyncio.run(_run(fn, n, transport, None))  # the warm-ups: nothing of them is kept
+    asyncio.run(_run(fn, n, transport, fresh(), flush))
     with _CallTimes() as calls:
-        for r in range(repeat + 1):
-            took_bare = asyncio.run(_run(fn, n, transport, None, cpu=cpu_bare))
-            took_logged = asyncio.run(_run(fn, n, transport, fresh(), flush, cpu=cpu_logged,
-                                           calls=calls))
-            if r:
-                s_bare.append(took_bare)
-                s_logged.append(took_logged)
+        for _ in range(repeat):
+            s_bare.append(asyncio.run(_run(fn, n, transport, None, cpu=cpu_bare)))
+            s_logged.append(asyncio.run(_run(fn, n, transport, fresh(), flush, cpu=cpu_logged,
+                                             calls=calls)))
     bare, logged = statistics.median(s_bare), statistics.median(s_logged)
-    # the first sample of each is the warm-up
-    cpu_without = statistics.median(cpu_bare[1:])
-    cpu_with = statistics.median(cpu_logged[1:])
+    cpu_without = statistics.median(cpu_bare)
+    cpu_with = statistics.median(cpu_logged)
     return {"n": n, "flush": flush or DEFAULT_FLUSH, "without_s": bare, "with_s": logged,
             "samples_without": s_bare, "samples_with": s_logged,
             "loss_pct": 100 * (1 - bare / logged),
