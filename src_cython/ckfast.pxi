@@ -125,10 +125,6 @@ cdef inline uint32_t _crc32(const uint8_t* p, Py_ssize_t n) noexcept nogil:
     return _crc32_table(c, p, n) ^ 0xFFFFFFFFu
 
 
-#: whether _crc32 folds with carry-less multiplication on this CPU
-CRC_CLMUL = bool(_CLMUL)
-
-
 def crc32(const uint8_t[::1] data, bint table=False):
     """``zlib.crc32(data)``: the CRC of the log's records and blocks.
 

@@ -328,6 +328,7 @@ async def test_coroutines_the_fast_loop_leaves_to_the_general_path_still_yield_t
         # alive one full collection holds the loop 50-85 ms here (150 ms on
         # a CI machine), whatever the runner does, and that is not what
         # this test is about
+        gc_on = gc.isenabled()
         gc.collect()
         gc.disable()
         try:
@@ -336,7 +337,8 @@ async def test_coroutines_the_fast_loop_leaves_to_the_general_path_still_yield_t
                 got = await asyncio.gather(*futs)
             took = time.perf_counter() - t0
         finally:
-            gc.enable()
+            if gc_on:
+                gc.enable()
         assert got[:3] == [1, 2, 3] and len(got) == 100_000
         # the whole queue took `took`; the loop was never held for a fifth of it
         assert gaps.worst < max(0.05, took / 5), (gaps.worst, took)
