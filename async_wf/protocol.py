@@ -68,6 +68,7 @@ from async_wf._codec import CODEC_LZ4, CODEC_RAW, CodecError, compress, decompre
 # pack and unpack are the transports' (they pack arguments and results one by one)
 from async_wf._codec import pack as pack
 from async_wf._codec import unpack as unpack
+from async_wf._extension import compiled
 from async_wf._options import ASYNC, INLINE, THREAD
 
 log = logging.getLogger("async_wf")
@@ -212,7 +213,7 @@ _COLUMN_INT = 1 << 62
 _COLUMN_STR = 256
 
 
-def scalar_cost(value: Any) -> int:
+def _py_scalar_cost(value: Any) -> int:
     """An upper bound of the bytes ``value`` takes in a column; 0 if it cannot go in one.
 
     Only exact scalar types go (a subclass could pickle into anything, and
@@ -231,16 +232,25 @@ def scalar_cost(value: Any) -> int:
     return 0
 
 
-def column_cost(args: tuple[Any, ...]) -> int:
+def _py_column_cost(args: tuple[Any, ...]) -> int:
     """An upper bound of the bytes the argument tuple ``args`` takes in a TASKS column;
     0 if one of them cannot go in one (see ``scalar_cost``)."""
     n = 8
     for a in args:
-        c = scalar_cost(a)
+        c = _py_scalar_cost(a)
         if not c:
             return 0
         n += c
     return n
+
+
+# asked for every task sent and every scalar result: compiled where it can be
+# (src_cython/wire.pxi; the same answers, tests/unit/test_protocol.py)
+_ext = compiled()
+scalar_cost: Callable[[Any], int] = _py_scalar_cost if _ext is None else _ext.scalar_cost
+column_cost: Callable[[tuple[Any, ...]], int] = (
+    _py_column_cost if _ext is None else _ext.column_cost
+)
 
 
 def packed_size(blob: bytes, bufs: list[Any], start: int) -> int:

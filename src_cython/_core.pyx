@@ -2,9 +2,10 @@
 
 The one compilation unit of async_wf: this file includes readyq.pxi and
 deptrack.pxi (the core), ckfast.pxi (the checkpoint log's per-task hot
-paths, see its head; its CRC folds with crc32_clmul.h where the CPU can)
-and runner.pxi (the in-process runner's per-task loop).
-``async_wf._extension.compiled()`` loads it for all three.
+paths, see its head; its CRC folds with crc32_clmul.h where the CPU can),
+runner.pxi (the in-process runner's per-task loop) and wire.pxi (the wire
+protocol's column test, per task sent).
+``async_wf._extension.compiled()`` loads it for all four.
 
 The core is a dependency tracker and ready queue over integer task handles.
 
@@ -69,6 +70,7 @@ include "readyq.pxi"
 include "deptrack.pxi"
 include "ckfast.pxi"
 include "runner.pxi"
+include "wire.pxi"
 
 
 cdef int _get_int64_buffer(str name, object obj, Py_buffer* view) except -1:

@@ -602,3 +602,50 @@ def test_fuzz_valid_frames_split_anywhere(
             np.testing.assert_array_equal(back, msg)
         else:
             assert back == msg
+
+
+# ------------------------------------------------------ the column test, compiled
+class _Int(int):
+    pass
+
+
+class _Str(str):
+    pass
+
+
+_EDGE_SCALARS: list[Any] = [
+    0, 1, -1, (1 << 62) - 1, -(1 << 62) + 1, 1 << 62, -(1 << 62), 1 << 63, -(1 << 63),
+    1 << 64, -(1 << 200), 2.5, float("nan"), float("inf"), "", "a", "é" * 256, "é" * 257,
+    "x" * 256, "x" * 257, b"", b"x" * 256, b"x" * 257, None, True, False, _Int(3),
+    _Str("s"), bytearray(b"x"), (1,), [1], {}, 1j, object(),
+]
+
+
+def _compiled_costs() -> Any:
+    from async_wf._extension import compiled
+
+    ext = compiled()
+    if ext is None:
+        pytest.skip("the compiled extension is not in use")
+    return ext
+
+
+def test_the_compiled_column_test_answers_as_its_python_twin_on_the_edges() -> None:
+    ext = _compiled_costs()
+    for v in _EDGE_SCALARS:
+        assert ext.scalar_cost(v) == P._py_scalar_cost(v), repr(v)[:40]
+    for a, b in itertools.product(_EDGE_SCALARS, repeat=2):
+        assert ext.column_cost((a, b)) == P._py_column_cost((a, b)), (repr(a)[:40], repr(b)[:40])
+    assert ext.column_cost(()) == P._py_column_cost(()) == 8
+    # the transports use the compiled one when it is there
+    assert P.column_cost is ext.column_cost and P.scalar_cost is ext.scalar_cost
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.integers(), st.floats(), st.text(max_size=300),
+                          st.binary(max_size=300), st.none(), st.booleans()), max_size=6))
+def test_the_compiled_column_test_answers_as_its_python_twin(args: list[Any]) -> None:
+    ext = _compiled_costs()
+    assert ext.column_cost(tuple(args)) == P._py_column_cost(tuple(args))
+    for v in args:
+        assert ext.scalar_cost(v) == P._py_scalar_cost(v)
