@@ -1,9 +1,11 @@
 """Choosing between the compiled extension and its pure-Python twins, once for all.
 
 async_wf has one compiled extension, ``async_wf._core`` (src_cython/_core.pyx
-with its .pxi files): the task core and the checkpoint log's hot paths.
-Each part has a pure-Python twin that is its specification (``_pycore``,
-and functions of ``checkpoint/_keys.py`` and ``checkpoint/_format.py``).
+with its .pxi files): the task core, the checkpoint log's hot paths, the
+in-process runner's loop and the wire protocol's column test. Each part has
+a pure-Python twin that is its specification (``_pycore``, and functions
+of ``checkpoint/_keys.py``, ``checkpoint/_format.py``, ``_context.py`` and
+``protocol.py``).
 ``compiled()`` is the one place that decides which runs: the extension,
 unless ``ASYNC_WF_NO_EXTENSIONS`` is set to a non-empty value other than
 ``0`` (the twins, silently) or the extension cannot be imported (the twins,
