@@ -427,19 +427,22 @@ class RemoteTransport(Transport):
         i = 0
         n_futs = len(futs)
         while i < n_futs:
-            # the plain blocking tasks, a run at a time; the others one by one here
-            j = self._place_plain(futs, i, batches)
-            if j > i:
-                i = j
-                continue
             fut = futs[i]
-            i += 1
-            kind = fut._kind
             sent = fut._att
             if type(sent) is _Sent and sent.ahead:
                 # sent ahead, and now released by the core: it is there already
                 self._released(fut, sent)
+                i += 1
                 continue
+            if i + 1 < n_futs:
+                # two tasks or more: the plain ones a run at a time (for one
+                # task, reading every worker's credit costs more than it saves)
+                j = self._place_plain(futs, i, batches)
+                if j > i:
+                    i = j
+                    continue
+            i += 1
+            kind = fut._kind
             if fut._opts.request is not None:
                 self._seq += 1
                 bisect.insort(self._rq, (-fut._opts.priority, self._seq, fut, time.monotonic()))
@@ -463,14 +466,17 @@ class RemoteTransport(Transport):
             elif kind == ASYNC:
                 n_async += 1
                 w = self._pick(kind)
-            else:
-                # blamed once (the plain tasks went to _place_plain): alone on
-                # an idle worker, or to the backlog until one is
-                assert fut._lost
+            elif fut._lost:
+                # blamed once: alone on an idle worker, or to the backlog until one is
                 w = self._pick_alone()
                 if w is not None:
                     self._send_alone(w, fut)
                     continue
+            else:
+                # a plain task alone (_place_plain makes the same decision for a run)
+                w = self._pick(kind)
+                if w is not None and w.quick_fids:
+                    w = self._pick_quick(fut, w)
             if w is None:
                 self._seq += 1
                 heapq.heappush(self._backlog[kind != ASYNC],
