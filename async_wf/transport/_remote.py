@@ -434,7 +434,7 @@ class RemoteTransport(Transport):
                 self._released(fut, sent)
                 i += 1
                 continue
-            if i + 1 < n_futs:
+            if i + 1 < n_futs and fut._kind != ASYNC:
                 # two tasks or more: the plain ones a run at a time (for one
                 # task, reading every worker's credit costs more than it saves)
                 j = self._place_plain(futs, i, batches)
