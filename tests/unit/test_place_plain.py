@@ -13,6 +13,7 @@ budget, hysteresis state and round-robin position behind.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -89,9 +90,7 @@ def tasks(rng: random.Random, loop: asyncio.AbstractEventLoop, n: int) -> list[T
 
 def per_task(t: RemoteTransport, futs: list[TaskFuture[Any]],
              batches: dict[_Worker, list[Any]]) -> None:
-    """What ``dispatch`` did for each plain task before ``_place_plain``: the reference."""
-    import heapq
-
+    """What ``dispatch`` does for a lone plain task, for each of them: the reference."""
     for fut in futs:
         w = t._pick(fut._kind)
         if w is not None and w.quick_fids:
