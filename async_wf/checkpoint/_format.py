@@ -397,6 +397,11 @@ _U32 = struct.Struct("<I")
 _run_crc: Callable[[bytearray], int] = zlib.crc32 if _ext is None else _ext.crc32
 
 
+def _block_size(count: int) -> int:
+    """The bytes of the BLOCK index that a flush of ``count`` records writes first (0: none)."""
+    return HEADER_SIZE + _BLOCK.size + 4 * count if count >= MIN_BLOCK else 0
+
+
 def _flush_parts(data: bytearray, sizes: bytearray) -> list[Any]:
     """What a flush of the buffered records ``data`` writes: a BLOCK index first if it pays.
 

@@ -54,6 +54,7 @@ from async_wf.checkpoint._format import (
     _align,
     _append_done,
     _append_small,
+    _block_size,
     _check_count,
     _check_key,
     _decode_value,
@@ -332,7 +333,11 @@ class CheckpointLog:
         self._corrupt = 0
         self._tail_bytes = 0
         self._written = 0  # bytes in the file
-        self._end = 0  # bytes in the file plus buffered
+        self._end = 0  # bytes in the file plus buffered (plus _pshift)
+        #: the BLOCK index size that the offsets of the buffered records
+        #: already count (put_done's guess of its flush); the flush moves
+        #: them only if it wrote another size
+        self._pshift = 0
         self._pending = bytearray()
         # the size of each buffered record, a u32 little-endian each: the
         # table of the BLOCK that a flush writes before them
@@ -590,6 +595,7 @@ class CheckpointLog:
     def _flush_pending(self) -> None:
         data = self._pending
         if not data:
+            self._unguess()
             return
         parts = _flush_parts(data, self._psizes)
         shift = len(parts[0]) if len(parts) > 1 else 0
@@ -599,15 +605,17 @@ class CheckpointLog:
                 _datasync(self._fd)
         except OSError as exc:
             self._fail(exc)
-        if shift:
+        moved = shift - self._pshift
+        if moved:
             if self._pkeys:
-                _fix_results(self._results, self._pkeys, data, self._psizes, self._written,
-                             shift)
+                _fix_results(self._results, self._pkeys, data, self._psizes,
+                             self._written + self._pshift, moved)
             states = self._states
             for key, off, rank_step in self._pstates:
                 per_task = states.get(key)
                 if per_task is not None and per_task.get(rank_step) == off:
-                    per_task[rank_step] = off + shift
+                    per_task[rank_step] = off + moved
+        self._pshift = 0
         self._written += shift + len(data)
         self._end = self._written
         self._pending = bytearray()
@@ -615,6 +623,25 @@ class CheckpointLog:
         self._pkeys = []
         self._pstates = []
         self._last_flush = time.monotonic()
+
+    def _guess(self, count: int) -> None:
+        """Count the BLOCK index of ``count`` records in the offsets of the records buffered next.
+
+        Only with nothing buffered. Under the ``"record"`` policy ``put_done``
+        flushes its batch at its end, so the index it writes is known when
+        the batch starts, and the flush need not move the index entries of
+        its records (``_fix_results``, about 0.06 µs a record) unless the
+        guess was wrong: a pair skipped or with records of its own.
+        """
+        assert not self._pending
+        self._pshift = _block_size(count)
+        self._end = self._written + self._pshift
+
+    def _unguess(self) -> None:
+        """Drop a guess that nothing was buffered under (see ``_guess``)."""
+        if not self._pending:
+            self._pshift = 0
+            self._end = self._written
 
     def _direct(self, parts: list[Any]) -> int:
         """Write a large record (as parts) at once, after what is buffered; return its offset."""
@@ -744,7 +771,10 @@ class CheckpointLog:
                 count += self._put_general(task, value, general, now, failed, None)
         else:
             i, n = 0, len(done)
+            guess = self._every == 1  # "record": this call flushes what it buffers
             while i < n:
+                if guess and not self._pending:
+                    self._guess(n - i)
                 i, self._end, appended, why, packed = fast(
                     done, i, fn_names, big, now, self._names, pack, self._pending,
                     self._psizes, self._pkeys, self._results, self._end, PENDING_MAX,
@@ -757,6 +787,7 @@ class CheckpointLog:
                     task, value = done[i]
                     count += self._put_general(task, value, general, now, failed, packed)
                     i += 1
+            self._unguess()
         self._flush_by_policy()
         return count, failed
 

@@ -430,3 +430,42 @@ def test_binding_the_task_types_refuses_a_field_that_is_not_an_object_slot(
         assert not log.problems
         assert sorted(log.get(key) for key in log) == [1, 8, 15, 22, 29, 36]
     _core.bind_task_types(TaskFuture, TaskOptions)  # what _recorder binds: accepted
+
+
+@compiled_only
+def test_the_guessed_block_index_leaves_every_entry_at_its_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # under "record", put_done counts the BLOCK index its flush will write in
+    # the offsets it gives; batches with skipped keys, general pairs, big
+    # values and full buffers make the guess wrong, and the flush moves them
+    path = tmp_path / "guess.wfck"
+    _bytes, index, n = _record_batches(path, True, monkeypatch, "record")
+    with CheckpointLog(path, readonly=True) as log:
+        assert not log.problems and len(log) == n
+        assert log._results == index  # the offsets a scan of the file finds
+
+
+@compiled_only
+def test_a_batch_whose_guess_holds_is_not_moved_at_its_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    moved: list[int] = []
+    fix = L._fix_results
+    monkeypatch.setattr(L, "_fix_results", lambda *a: (moved.append(a[5]), fix(*a)))
+    loop = asyncio.new_event_loop()
+    try:
+        rec = _recorder.Recorder(async_wf.Checkpoint(tmp_path / "g.wfck"), loop)
+        pairs = [(_Done(plain, i, None, ()), i) for i in range(300)]
+        rec.record(pairs[:200])  # type: ignore[arg-type]  # a BLOCK, guessed right
+        rec.record(pairs[200:203])  # type: ignore[arg-type]  # too few for a BLOCK
+        assert moved == []
+        rec.record(pairs[:100] + pairs[203:253])  # type: ignore[arg-type]
+        assert moved == [-400]  # 100 pairs found recorded: 50 records, not 150
+        for i in (0, 150, 202, 252):
+            assert rec.log.get(k(i)) == i  # read in this process, at the offsets kept
+        rec.close()
+    finally:
+        loop.close()
+    with CheckpointLog(tmp_path / "g.wfck", readonly=True) as log:
+        assert len(log) == 253 and not log.problems
